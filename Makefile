@@ -1,0 +1,47 @@
+# resist_mpi: `make demo` trains ResIST on 4 ranks, `make test` runs the test suite.
+# Both run `make setup` first, which is idempotent (a stamp file skips work already done).
+SHELL := /bin/bash
+PY    ?= python3
+VENV  ?= .venv
+NP    ?= 4
+# Open MPI refuses to run as root and to oversubscribe cores unless told; CI and containers need both.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export OMPI_MCA_rmaps_base_oversubscribe := 1
+# Keep torch from spawning one thread per core in every rank (ranks share the cores).
+export OMP_NUM_THREADS ?= 1
+MPIRUN ?= mpirun --oversubscribe
+STAMP := $(VENV)/.resist-setup-stamp
+
+.PHONY: setup mpi demo test test-unit test-mpi horovod bench clean
+
+setup: $(STAMP)
+
+# MPI: use what the machine has (e.g. a cluster module); install Open MPI with apt only when absent.
+mpi:
+	@if command -v mpirun >/dev/null && command -v mpicc >/dev/null; then \
+	  echo "setup: using MPI at $$(command -v mpirun)"; \
+	elif command -v apt-get >/dev/null; then \
+	  echo "setup: no MPI found, installing Open MPI with apt"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openmpi-bin libopenmpi-dev; \
+	else \
+	  echo "setup: no mpirun/mpicc and no apt-get: load your cluster's MPI module (e.g. 'module load openmpi') and rerun" >&2; exit 1; \
+	fi
+
+$(STAMP): setup.py | mpi
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,plot]'
+	@touch $(STAMP)
+
+demo: setup
+	$(MPIRUN) -np $(NP) $(VENV)/bin/python -m resist_mpi.train --config configs/demo.yaml --out runs/demo
+
+test: setup
+	$(VENV)/bin/python -m pytest tests -q
+
+bench: setup
+	$(MPIRUN) -np $(NP) $(VENV)/bin/python benchmarks/comm_bench.py --json runs/comm_bench.json
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info

@@ -1,0 +1,222 @@
+"""The communication API every backend implements, and the byte accounting they share.
+
+Everything above this package speaks in flat float32 tensors and plans; only the backends know
+MPI or Horovod. Byte counters are *payload* bytes this rank put on / took off the wire:
+
+- ``allreduce_mean_`` of n bytes on S ranks counts the ring-algorithm volume, 2(S-1)/S * n sent and
+  the same received per rank (reduce-scatter then allgather), rounded down to whole bytes. This is
+  the bandwidth-optimal algorithmic count; the MPI library may pick another algorithm internally.
+- ``alltoallv`` counts exactly what goes to / comes from *other* ranks; the part a rank keeps for
+  itself never touches the wire and is not counted.
+- ``bcast_`` / ``bcast_object`` count a flat broadcast: the root sends n bytes to each of the S-1
+  others, each of them receives n bytes (for an object, n is its pickled size).
+
+Small bookkeeping traffic (the per-round metric reduction, the recv-count exchange of an
+alltoallv whose counts are not given) is counted separately in ``control_bytes`` so that the
+payload counters equal what a routing plan predicts, to the byte.
+"""
+from __future__ import annotations
+
+import contextlib
+import pickle
+import sys
+import traceback
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+ELEMENT_BYTES = 4  # payload is float32
+
+
+def ring_allreduce_bytes(nbytes: int, size: int) -> int:
+    """Bytes one rank sends (and receives) in a ring allreduce of an nbytes buffer over size ranks."""
+    return 2 * (size - 1) * nbytes // size if size > 1 else 0
+
+
+def check_flat(t: torch.Tensor, what: str) -> None:
+    """Raise a plain-words error unless t is a 1-D contiguous float32 tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32 or t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{what}: expected a 1-D contiguous float32 tensor, got dtype={t.dtype} "
+                         f"shape={tuple(t.shape)} contiguous={t.is_contiguous()} (use comm.pack)")
+
+
+class Comm:
+    """Base class of the backends: attributes, counters, argument checks and fail-fast handling.
+
+    Attributes:
+        rank, size: this process's rank and the number of ranks.
+        local_rank, local_size: rank and number of ranks on this node.
+        bytes_sent, bytes_recv: cumulative payload bytes (see the module docstring).
+        control_bytes: cumulative bytes of bookkeeping messages (sent + received).
+        name: backend name ("mpi" or "horovod").
+    """
+
+    name = "base"
+
+    def __init__(self, rank: int, size: int, local_rank: int, local_size: int):
+        self.rank, self.size = rank, size
+        self.local_rank, self.local_size = local_rank, local_size
+        self.bytes_sent = 0
+        self.bytes_recv = 0
+        self.control_bytes = 0
+
+    # -- the API (backends implement the underscored primitives) ---------------------------------
+    def allreduce_mean_(self, t: torch.Tensor) -> torch.Tensor:
+        """Average t over all ranks, in place. t: 1-D contiguous float32 tensor. Returns t."""
+        check_flat(t, "allreduce_mean_")
+        if self.size > 1 and t.numel() > 0:
+            self._allreduce_(t, "mean")
+            n = ring_allreduce_bytes(t.numel() * ELEMENT_BYTES, self.size)
+            self.bytes_sent += n
+            self.bytes_recv += n
+        return t
+
+    def alltoallv(self, send: torch.Tensor, send_counts: Sequence[int],
+                  recv_counts: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, List[int]]:
+        """Personalised all-to-all of float32 elements.
+
+        Args:
+            send: 1-D float32 tensor, the segments for rank 0, 1, ... laid end to end.
+            send_counts: elements for each destination rank (len == size, sum == send.numel()).
+            recv_counts: elements expected from each source rank, when the caller knows them (a
+                routing plan does); otherwise they are exchanged first (counted as control bytes).
+        Returns:
+            (recv, recv_counts): the received segments laid end to end by source rank, and counts.
+        """
+        check_flat(send, "alltoallv")
+        send_counts = [int(c) for c in send_counts]
+        if len(send_counts) != self.size or sum(send_counts) != send.numel() or min(send_counts) < 0:
+            raise ValueError(f"alltoallv: send_counts {send_counts} must have one non-negative entry "
+                             f"per rank ({self.size}) summing to send.numel() ({send.numel()})")
+        if recv_counts is None:
+            recv_counts = self._exchange_counts(send_counts)
+            self.control_bytes += 2 * 8 * (self.size - 1)
+        recv_counts = [int(c) for c in recv_counts]
+        if len(recv_counts) != self.size:
+            raise ValueError(f"alltoallv: recv_counts needs one entry per rank ({self.size})")
+        recv = self._alltoallv(send, send_counts, recv_counts)
+        self.bytes_sent += ELEMENT_BYTES * (sum(send_counts) - send_counts[self.rank])
+        self.bytes_recv += ELEMENT_BYTES * (sum(recv_counts) - recv_counts[self.rank])
+        return recv, recv_counts
+
+    def bcast_(self, t: torch.Tensor, root: int = 0) -> torch.Tensor:
+        """Broadcast t from root into t on every rank, in place. Returns t."""
+        check_flat(t, "bcast_")
+        if self.size > 1 and t.numel() > 0:
+            self._bcast_(t, root)
+            self._count_bcast(t.numel() * ELEMENT_BYTES, root)
+        return t
+
+    def bcast_object(self, obj: Any = None, root: int = 0) -> Any:
+        """Broadcast a small picklable object (metadata: assignments, configs) from root."""
+        if self.size == 1:
+            return obj
+        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == root else None
+        payload = self._bcast_bytes(payload, root)
+        self._count_bcast(len(payload), root)
+        return obj if self.rank == root else pickle.loads(payload)
+
+    def reduce_stats(self, values: Sequence[float], op: str = "sum") -> List[float]:
+        """Reduce a few float64 metrics over ranks (op: sum, max or min); counted as control bytes."""
+        if op not in ("sum", "max", "min"):
+            raise ValueError(f"reduce_stats: op must be sum, max or min, not {op!r}")
+        t = torch.tensor(list(values), dtype=torch.float64)
+        if self.size > 1 and t.numel() > 0:
+            self._reduce_stats_(t, op)
+            self.control_bytes += 2 * ring_allreduce_bytes(t.numel() * 8, self.size)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        """Block until every rank got here."""
+        if self.size > 1:
+            self._barrier()
+
+    def abort(self, code: int = 1) -> None:
+        """Terminate every rank of the job with exit status code (never returns)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._abort(code)
+
+    # -- counters ---------------------------------------------------------------------------------
+    def counters(self) -> Tuple[int, int]:
+        """(bytes_sent, bytes_recv) so far; subtract two snapshots to count one phase."""
+        return self.bytes_sent, self.bytes_recv
+
+    @contextlib.contextmanager
+    def as_control(self):
+        """Inside this block, payload counters are moved to control_bytes (for metadata calls)."""
+        sent, recv = self.bytes_sent, self.bytes_recv
+        try:
+            yield
+        finally:
+            self.control_bytes += (self.bytes_sent - sent) + (self.bytes_recv - recv)
+            self.bytes_sent, self.bytes_recv = sent, recv
+
+    def _count_bcast(self, nbytes: int, root: int) -> None:
+        if self.rank == root:
+            self.bytes_sent += nbytes * (self.size - 1)
+        else:
+            self.bytes_recv += nbytes
+
+    # -- fail fast --------------------------------------------------------------------------------
+    def install_excepthook(self) -> None:
+        """Make an uncaught exception on any rank print once (from that rank) and abort the job.
+
+        Without this, the other ranks would wait forever in their next collective.
+        """
+        previous = sys.excepthook
+
+        def hook(exc_type, exc, tb):
+            if issubclass(exc_type, KeyboardInterrupt):
+                previous(exc_type, exc, tb)
+            else:
+                text = "".join(traceback.format_exception(exc_type, exc, tb))
+                sys.stderr.write(f"[rank {self.rank}/{self.size}] uncaught exception, aborting the job:\n{text}")
+            self.abort(1)
+
+        sys.excepthook = hook
+
+    # -- primitives a backend provides --------------------------------------------------------------
+    def _allreduce_(self, t: torch.Tensor, op: str) -> None:
+        raise NotImplementedError
+
+    def _alltoallv(self, send, send_counts, recv_counts) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _exchange_counts(self, send_counts: List[int]) -> List[int]:
+        raise NotImplementedError
+
+    def _bcast_(self, t: torch.Tensor, root: int) -> None:
+        raise NotImplementedError
+
+    def _bcast_bytes(self, payload: Optional[bytes], root: int) -> bytes:
+        raise NotImplementedError
+
+    def _reduce_stats_(self, t: torch.Tensor, op: str) -> None:
+        raise NotImplementedError
+
+    def _barrier(self) -> None:
+        raise NotImplementedError
+
+    def _abort(self, code: int) -> None:
+        raise NotImplementedError
+
+
+class SelfComm(Comm):
+    """A world of one (plain `python`, no MPI needed): every collective is the identity."""
+
+    name = "self"
+
+    def __init__(self):
+        super().__init__(0, 1, 0, 1)
+
+    def _alltoallv(self, send, send_counts, recv_counts):
+        return send.clone()
+
+    def _exchange_counts(self, send_counts):
+        return list(send_counts)
+
+    def _abort(self, code):
+        sys.exit(code)

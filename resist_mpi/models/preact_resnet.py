@@ -1,0 +1,182 @@
+"""Pre-activation ResNets with switchable, scalable residual blocks (the ResIST model family).
+
+He, Zhang, Ren, Sun, "Identity Mappings in Deep Residual Networks", ECCV 2016: BN -> ReLU -> conv
+inside each block, identity shortcut added after the last conv. Pre-activation keeps the input
+distribution of a block stable when blocks before it are dropped, which is what ResIST relies on.
+
+Every block knows whether it is *active* (inactive blocks are skipped: identity, no compute) and
+its *residual scale* (1 while training; 1/S at test time, when all blocks run). The network lists
+its blocks flat and says which are partitionable: by default the non-strided blocks of stage 3.
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PreActBlock(nn.Module):
+    """Basic pre-activation block: two 3x3 convs."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+        self.active = True
+        self.res_scale = 1.0
+
+    def residual(self, out: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(out)
+        return self.conv2(F.relu(self.bn2(out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        branch = self.residual(out)
+        return shortcut + (branch if self.res_scale == 1.0 else branch * self.res_scale)
+
+
+class PreActBottleneck(PreActBlock):
+    """Bottleneck pre-activation block: 1x1 -> 3x3 -> 1x1 convs, 4x expansion."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        nn.Module.__init__(self)
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+        self.active = True
+        self.res_scale = 1.0
+
+    def residual(self, out: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return self.conv3(F.relu(self.bn3(out)))
+
+
+def _shortcut(in_planes: int, out_planes: int, stride: int):
+    if stride == 1 and in_planes == out_planes:
+        return None  # identity
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False))
+
+
+class PreActResNet(nn.Module):
+    """A pre-activation ResNet whose blocks can be switched off and rescaled.
+
+    Args:
+        block: PreActBlock or PreActBottleneck.
+        num_blocks: blocks per stage, e.g. [3, 4, 23, 3] for ResNet-101 (basic, CIFAR-style).
+        num_classes: outputs of the linear head.
+        width: channels of stage 1 (64 in the paper; stages double it).
+        stem: "cifar" (3x3 conv, for 32x32 inputs) or "imagenet" (7x7/2 conv + 3x3/2 max-pool).
+        partition_stages: 0-based stages whose non-first (non-strided) blocks are partitionable.
+    """
+
+    def __init__(self, block, num_blocks: Sequence[int], num_classes: int = 10, width: int = 64,
+                 stem: str = "cifar", partition_stages: Sequence[int] = (2,)):
+        super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', not {stem!r}")
+        bad = [s for s in partition_stages if not 0 <= s < len(num_blocks)]
+        if bad:
+            raise ValueError(f"partition_stages {list(partition_stages)}: the model has stages 0..{len(num_blocks) - 1}")
+        self.arch = dict(block=block.__name__, num_blocks=list(num_blocks), num_classes=num_classes,
+                         width=width, stem=stem, partition_stages=list(partition_stages))
+        if stem == "cifar":
+            self.stem = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
+                                      nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        self.in_planes = width
+        self.stages = nn.ModuleList(
+            self._make_stage(block, width * 2 ** i, n, 1 if i == 0 else 2) for i, n in enumerate(num_blocks))
+        final = self.in_planes
+        self.bn = nn.BatchNorm2d(final)
+        self.linear = nn.Linear(final, num_classes)
+        # Flat views: every block in order, and the partitionable ones (ids 0..P-1 in that order).
+        self.blocks: List[PreActBlock] = [b for stage in self.stages for b in stage]
+        self.partitionable: List[PreActBlock] = [
+            b for s, stage in enumerate(self.stages) if s in partition_stages for b in list(stage)[1:]]
+        del self.in_planes
+
+    def _make_stage(self, block, planes: int, n: int, stride: int) -> nn.ModuleList:
+        layers = []
+        for s in [stride] + [1] * (n - 1):
+            layers.append(block(self.in_planes, planes, s))
+            self.in_planes = planes * block.expansion
+        return nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            for blk in stage:
+                if blk.active:  # inactive blocks are skipped, not zeroed: they cost nothing
+                    x = blk(x)
+        x = F.relu(self.bn(x))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.linear(x)
+
+    # -- what ResIST needs to know ----------------------------------------------------------------
+    @property
+    def num_partitionable(self) -> int:
+        return len(self.partitionable)
+
+    def activate(self, block_ids: Sequence[int]) -> None:
+        """Make exactly the partitionable blocks block_ids active (shared blocks stay active)."""
+        wanted = set(block_ids)
+        for i, blk in enumerate(self.partitionable):
+            blk.active = i in wanted
+
+    def activate_all(self) -> None:
+        for blk in self.partitionable:
+            blk.active = True
+
+    def set_residual_scale(self, scale: float) -> None:
+        """Scale the residual branch of every partitionable block (1 for training)."""
+        for blk in self.partitionable:
+            blk.res_scale = float(scale)
+
+    def shared_modules(self) -> List[nn.Module]:
+        """The modules every rank holds and trains: all but the partitionable blocks."""
+        part = set(map(id, self.partitionable))
+        return [self.stem] + [b for b in self.blocks if id(b) not in part] + [self.bn, self.linear]
+
+    def shared_tensors(self) -> List[torch.Tensor]:
+        """Parameters and floating-point buffers of the shared layers, in a fixed order."""
+        return [t for m in self.shared_modules() for t in module_tensors(m)]
+
+    def block_tensors(self, i: int) -> List[torch.Tensor]:
+        """Parameters and floating-point buffers of partitionable block i, in a fixed order."""
+        return module_tensors(self.partitionable[i])
+
+    def block_numel(self, i: int) -> int:
+        return sum(t.numel() for t in self.block_tensors(i))
+
+    def shared_numel(self) -> int:
+        return sum(t.numel() for t in self.shared_tensors())
+
+
+def module_tensors(module: nn.Module) -> List[torch.Tensor]:
+    """Parameters then floating-point buffers (BN running stats) of module, in definition order.
+
+    BN's integer num_batches_tracked is left out: it is only read when momentum is None, and
+    keeping every exchanged tensor float32 lets one flat buffer carry a whole phase.
+    """
+    return list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
+
+
+def named_stage_blocks(model: PreActResNet) -> Iterator[Tuple[str, PreActBlock]]:
+    for s, stage in enumerate(model.stages):
+        for j, blk in enumerate(stage):
+            yield f"stage{s + 1}.block{j}", blk
