@@ -1,0 +1,614 @@
+"""Datasets and per-rank shard loaders.
+
+Datasets: ``digits`` (default: sklearn's embedded 8x8 digits, upscaled to 32x32, no download),
+``synthetic`` (learnable, seeded, for tests), ``cifar10`` / ``cifar100``, ``imagefolder`` and
+``hdf5`` (one file made by ``pack``, read lazily by every rank).
+
+Every dataset answers ``get_batch(indices, generator)``: one vectorised call per mini-batch, so
+4 ranks sharing 2 cores spend their time in the model, not in Python loops over samples.
+
+Randomness contract (bit-for-bit resume): the epoch permutation is a function of (seed, epoch);
+every random choice of batch b of epoch e on rank r, augmentation included, is a function of
+(seed, e, r, b). Both come from explicit torch.Generator objects, never from the global RNG and
+never from a DataLoader worker id, so ``epoch(e, start_batch=k)`` equals skipping k batches.
+
+Pack any supported dataset into one HDF5 file::
+
+    python -m resist_mpi.data pack digits digits.h5
+    python -m resist_mpi.data pack cifar10 cifar10.h5 --data-dir ~/data
+    python -m resist_mpi.data pack /data/imagenet imagenet64.h5 --image-size 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder", "hdf5")
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# Stream tags: keep the permutation, augmentation and synthetic-data streams independent.
+_PERM, _AUG, _SYNTH = 0x5045524D, 0x41554700, 0x53594E54
+
+
+class DataError(ValueError):
+    """A data problem the user can fix; the message is always one line."""
+
+    def __init__(self, msg: object):
+        super().__init__(" ".join(str(msg).split("\n")).strip())
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    name: str
+    num_classes: int
+    image_size: int
+    channels: int
+    num_train: int
+    num_test: int
+    class_names: tuple
+    mean: tuple
+    std: tuple
+
+
+def _generator(*parts: int) -> torch.Generator:
+    """A fresh generator whose seed depends only on the integers given (hashed, order-sensitive)."""
+    state = np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]) >> 1)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+@dataclass(frozen=True)
+class Augment:
+    """Batched CIFAR-style augmentation on float images in [0, 1]: zero-pad + random crop, flip."""
+    pad: int = 4
+    flip: bool = True
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if self.pad > 0:
+            # Pad once, then gather every sample's crop with its own offsets (no per-sample loop).
+            xp = F.pad(x, (self.pad,) * 4)
+            oy = torch.randint(0, 2 * self.pad + 1, (b,), generator=gen)
+            ox = torch.randint(0, 2 * self.pad + 1, (b,), generator=gen)
+            rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+            cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+            x = xp[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        if self.flip:
+            flip = torch.rand(b, generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x
+
+
+# ----------------------------------------------------------------------------- datasets
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base class: labels in memory, images produced a whole batch at a time.
+
+    Subclasses implement ``raw_batch(indices) -> uint8 [B, C, H, W]`` (used by pack) and may
+    override ``_float_batch`` when they hold floats.
+    """
+
+    def __init__(self, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 augment: Optional[Augment]):
+        self.labels = labels.to(torch.int64)
+        self.augment = augment
+        self._mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self._std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.get_batch(torch.tensor([i]))
+        return x[0], y[0]
+
+    def raw_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _float_batch(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.raw_batch(idx).float().div_(255)
+
+    def get_batch(self, indices, generator: Optional[torch.Generator] = None):
+        """(normalised float32 [B,C,H,W], int64 [B]); augmented iff a generator is given."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        x = self._float_batch(idx)
+        if generator is not None and self.augment is not None:
+            x = self.augment(x, generator)
+        return (x - self._mean) / self._std, self.labels[idx]
+
+
+class TensorImageDataset(ImageDataset):
+    """Images held in memory as uint8 or float32-in-[0,1] tensors [N, C, H, W]."""
+
+    def __init__(self, images: torch.Tensor, labels, mean, std, augment=None):
+        super().__init__(torch.as_tensor(labels), mean, std, augment)
+        if images.ndim != 4 or len(images) != len(self.labels):
+            raise DataError(f"images {tuple(images.shape)} do not match {len(self.labels)} labels")
+        self.images = images
+
+    def _float_batch(self, idx):
+        x = self.images[idx]
+        return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+    def raw_batch(self, idx):
+        x = self.images[torch.as_tensor(idx)]
+        return x if x.dtype == torch.uint8 else (x * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _open_h5(path: str):
+    import h5py
+    try:
+        # locking=False: many ranks read one file, and parallel file systems often lack flock.
+        return h5py.File(path, "r", locking=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot open HDF5 file {path}: {e}") from None
+
+
+class HDF5Dataset(ImageDataset):
+    """One split of a packed file; labels in memory, images read per batch by the reading process."""
+
+    def __init__(self, path: str, split: str, labels, mean, std, augment=None):
+        super().__init__(torch.as_tensor(labels), mean, std, augment)
+        self.path, self.split = path, split
+        self._file, self._pid = None, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+    def _images(self):
+        if self._file is None or self._pid != os.getpid():   # lazily, and again after a fork
+            self._file, self._pid = _open_h5(self.path), os.getpid()
+        return self._file[self.split + "/images"]
+
+    def raw_batch(self, idx):
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+        # Sort and deduplicate, read, restore the order. h5py's point-list indexing costs ~0.7 ms per
+        # index; slices are ~30x cheaper, so read a dense batch as one slice and a sparse one as
+        # one slice per run of consecutive indices.
+        uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        u = uniq.numpy()
+        try:
+            ds = self._images()
+            lo, hi = int(u[0]), int(u[-1]) + 1
+            if hi - lo <= 4 * len(u):
+                arr = ds[lo:hi][u - lo]
+            else:
+                runs = np.split(u, np.flatnonzero(np.diff(u) != 1) + 1)
+                arr = np.concatenate([ds[int(r[0]): int(r[-1]) + 1] for r in runs])
+        except (OSError, KeyError, IndexError) as e:
+            raise DataError(f"cannot read images from {self.path}: {e}") from None
+        return torch.from_numpy(arr)[inverse].permute(0, 3, 1, 2)
+
+
+class ImageFolderDataset(ImageDataset):
+    """torchvision ImageFolder, decoded per sample; per-sample randomness seeded from the batch."""
+
+    def __init__(self, root: str, image_size: int, train: bool, augment: bool):
+        from torchvision import datasets, transforms as T
+        try:
+            self.folder = datasets.ImageFolder(root)
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"cannot read image folder {root}: {e}") from None
+        super().__init__(torch.tensor(self.folder.targets), IMAGENET_MEAN, IMAGENET_STD, None)
+        self.image_size, self.randomised = image_size, train and augment
+        if self.randomised:
+            self.transform = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()])
+        else:
+            self.transform = T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size),
+                                        T.ToTensor()])
+        self._pack_transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
+
+    def _load(self, i: int):
+        path = self.folder.samples[i][0]
+        try:
+            return self.folder.loader(path)
+        except Exception as e:  # PIL raises many types for a broken file
+            raise DataError(f"cannot read image {path}: {e}") from None
+
+    def raw_batch(self, idx):
+        return torch.stack([self._pack_transform(self._load(i)) for i in torch.as_tensor(idx).tolist()])
+
+    def get_batch(self, indices, generator=None):
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        xs = []
+        if generator is not None and self.randomised:
+            # torchvision transforms draw from the global RNG: fork it and seed it per sample.
+            seeds = torch.randint(0, 2**62, (len(idx),), generator=generator).tolist()
+            for i, s in zip(idx.tolist(), seeds):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(s)
+                    xs.append(self.transform(self._load(i)))
+        else:
+            xs = [self.transform(self._load(i)) for i in idx.tolist()]
+        return (torch.stack(xs) - self._mean) / self._std, self.labels[idx]
+
+
+# ----------------------------------------------------------------------------- loaders per dataset
+
+def _stats(images: torch.Tensor) -> Tuple[tuple, tuple]:
+    """Per-channel mean/std of float images in [0, 1] [N, C, H, W]."""
+    x = images.transpose(0, 1).reshape(images.shape[1], -1).double()
+    std = x.std(1)
+    return tuple(x.mean(1).tolist()), tuple(torch.where(std > 0, std, 1.0).tolist())  # constant channel: no scaling
+
+
+def _info(name, train: ImageDataset, test: ImageDataset, image_size, channels, class_names, mean, std):
+    return DataInfo(name=name, num_classes=len(class_names), image_size=int(image_size), channels=int(channels),
+                    num_train=len(train), num_test=len(test), class_names=tuple(class_names),
+                    mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+
+
+def _digits(augment: bool):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp_(0, 1).repeat(1, 3, 1, 1)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    tr, te = train_test_split(np.arange(len(y)), test_size=360, random_state=0, stratify=d.target)
+    tr, te = torch.from_numpy(tr), torch.from_numpy(te)
+    mean, std = _stats(x[tr])
+    aug = Augment(pad=2, flip=False) if augment else None   # digits are not mirror-symmetric
+    train = TensorImageDataset(x[tr].contiguous(), y[tr], mean, std, aug)
+    test = TensorImageDataset(x[te].contiguous(), y[te], mean, std)
+    return train, test, _info("digits", train, test, 32, 3, [str(i) for i in range(10)], mean, std)
+
+
+def _synthetic(seed: int, augment: bool, num_train: int = 1024, num_test: int = 256):
+    g = _generator(seed, _SYNTH)
+    templates = F.interpolate(torch.rand(10, 3, 8, 8, generator=g), size=32, mode="bilinear", align_corners=False)
+    n = num_train + num_test
+    y = (torch.arange(n) % 10)[torch.randperm(n, generator=g)]
+    x = (0.2 + 0.6 * templates[y] + 0.15 * torch.randn(n, 3, 32, 32, generator=g)).clamp_(0, 1)
+    mean, std = _stats(x[:num_train])
+    aug = Augment(pad=2, flip=False) if augment else None
+    train = TensorImageDataset(x[:num_train].contiguous(), y[:num_train], mean, std, aug)
+    test = TensorImageDataset(x[num_train:].contiguous(), y[num_train:], mean, std)
+    return train, test, _info("synthetic", train, test, 32, 3, [f"class{i}" for i in range(10)], mean, std)
+
+
+def _cifar_files_present(base, root: str) -> bool:
+    files = [f for f, _ in base.train_list + base.test_list] + [base.meta["filename"]]
+    return all(os.path.isfile(os.path.join(root, base.base_folder, f)) for f in files)
+
+
+def _local_cifar(base):
+    """A CIFAR class that trusts files already on disk instead of re-hashing them.
+
+    torchvision checks the md5 of every file at every construction: that re-reads ~180 MB on every
+    rank at every start, and it rejects any other file with the right layout (e.g. test fixtures).
+    Without --download we only check the files exist; a damaged file still fails loudly when it is
+    unpickled or reshaped, and that error becomes a DataError. With --download the stock class
+    (full md5 verification) is used.
+    """
+    class LocalCIFAR(base):
+        def _check_integrity(self):
+            return _cifar_files_present(base, self.root)
+
+        def _load_meta(self):
+            import pickle
+            with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+    return LocalCIFAR
+
+
+def _cifar(name: str, data_dir: Optional[str], download: bool, augment: bool):
+    from torchvision import datasets
+    base = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    if not data_dir:
+        raise DataError(f"{name} needs --data-dir: the folder that holds (or will receive) {base.base_folder}/")
+    folder = os.path.join(data_dir, base.base_folder)
+    cls = base if download else _local_cifar(base)
+    if not download and not _cifar_files_present(base, data_dir):
+        raise DataError(f"{name} files not found in {folder}; pass --download to fetch them, or extract "
+                        f"{base.filename} into {data_dir}")
+    try:
+        sets = [cls(data_dir, train=t, download=download) for t in (True, False)]
+        for s in sets:
+            if len(s.targets) != len(s.data) or len(s.data) == 0:
+                raise ValueError(f"{len(s.data)} images but {len(s.targets)} labels")
+    except DataError:
+        raise
+    except Exception as e:  # unpickling, reshape, network: one line, not a traceback
+        raise DataError(f"cannot load {name} from {folder}: {type(e).__name__}: {e}") from None
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    aug = Augment(pad=4, flip=True) if augment else None
+    train, test = (TensorImageDataset(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
+                                      torch.tensor(s.targets), mean, std, a) for s, a in zip(sets, (aug, None)))
+    if int(torch.cat([train.labels, test.labels]).max()) >= len(sets[0].classes):
+        raise DataError(f"{folder}: labels exceed the {len(sets[0].classes)} class names")
+    return train, test, _info(name, train, test, 32, 3, sets[0].classes, mean, std)
+
+
+def _imagefolder(data_dir: Optional[str], image_size: Optional[int], augment: bool):
+    if not data_dir or not os.path.isdir(data_dir):
+        raise DataError(f"imagefolder needs --data-dir with train/ and val/ (or test/) subfolders; got {data_dir!r}")
+    test_dir = next((os.path.join(data_dir, d) for d in ("val", "test") if os.path.isdir(os.path.join(data_dir, d))),
+                    None)
+    if not os.path.isdir(os.path.join(data_dir, "train")) or test_dir is None:
+        raise DataError(f"{data_dir} must contain train/ and val/ (or test/) subfolders, one folder per class")
+    size = image_size or 224
+    train = ImageFolderDataset(os.path.join(data_dir, "train"), size, train=True, augment=augment)
+    test = ImageFolderDataset(test_dir, size, train=False, augment=False)
+    if test.folder.classes != train.folder.classes:
+        raise DataError(f"class folders differ between {data_dir}/train and {test_dir}")
+    return train, test, _info("imagefolder", train, test, size, 3, train.folder.classes, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _hdf5(path: Optional[str], augment: bool):
+    if not path:
+        raise DataError("hdf5 needs --data-dir pointing to a .h5 file made by `python -m resist_mpi.data pack`")
+    if not os.path.isfile(path):
+        raise DataError(f"HDF5 file not found: {path}")
+    f = _open_h5(path)
+    try:
+        shapes, labels = {}, {}
+        for split in ("train", "test"):
+            for key in ("images", "labels"):
+                if f"{split}/{key}" not in f:
+                    raise DataError(f"{path} lacks the dataset '{split}/{key}' (make it with `resist_mpi.data pack`)")
+            images = f[split + "/images"]
+            labels[split] = torch.from_numpy(np.asarray(f[split + "/labels"][:], dtype=np.int64))
+            shapes[split] = images.shape
+            if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
+                raise DataError(f"{path}: {split}/images must be uint8 N x H x W x C with H == W, "
+                                f"got {images.dtype} {images.shape}")
+            if labels[split].ndim != 1 or len(labels[split]) != images.shape[0] or images.shape[0] == 0:
+                raise DataError(f"{path}: {split} has {images.shape[0]} images but {len(labels[split])} labels")
+        if shapes["train"][1:] != shapes["test"][1:]:
+            raise DataError(f"{path}: train images {shapes['train'][1:]} and test images {shapes['test'][1:]} differ")
+        a = f.attrs
+        n_cls = int(a.get("num_classes", int(torch.cat(list(labels.values())).max()) + 1))
+        names = json.loads(a["class_names"]) if "class_names" in a else [str(i) for i in range(n_cls)]
+        _, size, _, channels = shapes["train"]
+        if "mean" in a and "std" in a:
+            mean, std = tuple(np.asarray(a["mean"]).tolist()), tuple(np.asarray(a["std"]).tolist())
+        else:  # a hand-made file: estimate from an evenly spaced sample of the training images
+            sample = f["train/images"][:: max(1, shapes["train"][0] // 4096)]
+            mean, std = _stats(torch.from_numpy(sample).permute(0, 3, 1, 2).float() / 255)
+        pad, flip = int(a.get("aug_pad", size // 8)), bool(a.get("aug_flip", True))
+        source = a.get("name", "custom")
+    except OSError as e:  # truncated or corrupt file: h5py raises OSError on the first read
+        raise DataError(f"cannot read HDF5 file {path}: {e}") from None
+    finally:
+        f.close()   # each reading process opens its own handle lazily
+    if len(mean) != channels or len(std) != channels or len(names) != n_cls:
+        raise DataError(f"{path}: attrs mean/std/class_names do not match {channels} channels and {n_cls} classes")
+    for split, y in labels.items():
+        if int(y.min()) < 0 or int(y.max()) >= n_cls:
+            raise DataError(f"{path}: {split}/labels fall outside [0, {n_cls})")
+    aug = Augment(pad=pad, flip=flip) if augment else None
+    train = HDF5Dataset(path, "train", labels["train"], mean, std, aug)
+    test = HDF5Dataset(path, "test", labels["test"], mean, std)
+    return train, test, _info(f"hdf5:{source}", train, test, size, channels, names, mean, std)
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = False, seed: int = 0,
+                 augment: bool = True, image_size: Optional[int] = None
+                 ) -> Tuple[ImageDataset, ImageDataset, DataInfo]:
+    """Build (train set, test set, info). The train set augments when ``augment`` is true.
+
+    Args:
+        name: one of DATASETS.
+        data_dir: root for cifar10/100 and imagefolder; the .h5 file for hdf5; unused otherwise.
+        download: let torchvision fetch CIFAR when absent (call it on one rank first).
+        seed: seeds the synthetic data (the digits split is fixed).
+        image_size: imagefolder output size (default 224); other datasets have a fixed size and
+            accept only None or that size.
+    Raises:
+        DataError with one line for every problem the user can fix.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if image_size is not None and image_size < 1:
+        raise DataError(f"image_size must be positive, got {image_size}")
+    if name == "digits":
+        out = _digits(augment)
+    elif name == "synthetic":
+        out = _synthetic(seed, augment)
+    elif name in ("cifar10", "cifar100"):
+        out = _cifar(name, data_dir, download, augment)
+    elif name == "imagefolder":
+        return _imagefolder(data_dir, image_size, augment)
+    else:
+        out = _hdf5(data_dir, augment)
+    if image_size is not None and image_size != out[2].image_size:
+        raise DataError(f"{name} images are {out[2].image_size}x{out[2].image_size}; image size {image_size} "
+                        f"only applies to imagefolder (pack a file at that size instead)")
+    return out
+
+
+def check_compatible(info: DataInfo, image_size_expected: Optional[int], num_classes: int) -> None:
+    """Raise DataError when a model built for (image size, classes) cannot consume this data."""
+    if info.num_classes != num_classes:
+        raise DataError(f"dataset {info.name} has {info.num_classes} classes but the model has {num_classes} "
+                        f"outputs; set num_classes to {info.num_classes}")
+    if image_size_expected is not None and info.image_size != image_size_expected:
+        raise DataError(f"dataset {info.name} has {info.image_size}x{info.image_size} images but the model "
+                        f"expects {image_size_expected}x{image_size_expected}")
+
+
+# ----------------------------------------------------------------------------- shards
+
+class _BatchView(torch.utils.data.Dataset):
+    """Maps a key (epoch, batch, indices) to a finished batch; runs in the main process or a worker."""
+
+    def __init__(self, dataset: ImageDataset, seed: int, rank: int, train: bool):
+        self.dataset, self.seed, self.rank, self.train = dataset, seed, rank, train
+
+    def __getitem__(self, key):
+        e, b, idx = key
+        gen = _generator(self.seed, e, self.rank, b, _AUG) if self.train else None
+        return self.dataset.get_batch(idx, gen)
+
+
+class _Keys(torch.utils.data.Sampler):
+    """The current epoch's batch keys; set before each iteration, so workers can persist."""
+
+    def __init__(self):
+        self.keys: list = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+
+class ShardLoader:
+    """This rank's mini-batches, epoch by epoch.
+
+    train=True: the epoch-e permutation of all N samples (seeded by (seed, e)), padded by
+    wrap-around to size * ceil(N / size), rank r takes every size-th element from r (as
+    torch's DistributedSampler). Every rank has ceil(N / size) samples and steps_per_epoch
+    batches; every sample appears at least once per epoch across ranks.
+
+    train=False: no shuffle, no padding, no augmentation: rank r gets r, r + size, ... so the
+    shards cover the set exactly once and accuracy summed over ranks is exact. A rank may then
+    hold one sample fewer, and so one batch fewer than steps_per_epoch (len(loader) is exact).
+    """
+
+    def __init__(self, dataset: ImageDataset, rank: int, size: int, batch_size: int, seed: int = 0,
+                 train: bool = True, workers: int = 0):
+        if size < 1 or not 0 <= rank < size:
+            raise DataError(f"rank {rank} is outside a world of size {size}")
+        if batch_size < 1 or workers < 0:
+            raise DataError(f"batch_size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
+        n = len(dataset)
+        if n == 0:
+            raise DataError("cannot shard an empty dataset")
+        self.dataset, self.rank, self.size, self.batch_size = dataset, rank, size, batch_size
+        self.seed, self.train, self.workers = seed, train, workers
+        per_rank = math.ceil(n / size)
+        self.num_samples = per_rank if train else len(range(rank, n, size))
+        self.steps_per_epoch = math.ceil(per_rank / batch_size)
+        self._view = _BatchView(dataset, seed, rank, train)
+        self._keys, self._loader = _Keys(), None
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch."""
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self, e: int) -> torch.Tensor:
+        """This rank's sample indices for epoch e, in order."""
+        n = len(self.dataset)
+        if not self.train:
+            return torch.arange(n)[self.rank:: self.size]
+        perm = torch.randperm(n, generator=_generator(self.seed, e, _PERM))
+        total = math.ceil(n / self.size) * self.size
+        if total > n:
+            perm = torch.cat([perm, perm.repeat(math.ceil((total - n) / n))[: total - n]])
+        return perm[self.rank: total: self.size]
+
+    def batch_indices(self, e: int) -> List[torch.Tensor]:
+        idx = self.indices(e)
+        return list(idx.split(self.batch_size)) if len(idx) else []
+
+    def epoch(self, e: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images float32 [B,C,H,W], labels int64 [B]) from batch start_batch of epoch e."""
+        batches = self.batch_indices(e)
+        if not 0 <= start_batch <= max(len(batches), self.steps_per_epoch):
+            raise DataError(f"start_batch {start_batch} is outside epoch of {len(batches)} batches")
+        keys = [(e, b, batches[b]) for b in range(start_batch, len(batches))]
+        if self.workers == 0:
+            return (self._view[k] for k in keys)
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(
+                self._view, batch_size=None, sampler=self._keys, num_workers=self.workers,
+                persistent_workers=True)
+        self._keys.keys = keys
+        return iter(self._loader)
+
+
+# ----------------------------------------------------------------------------- pack
+
+def _write_split(f, split: str, ds: ImageDataset, compress: bool, block: int = 256) -> None:
+    first = ds.raw_batch(torch.tensor([0]))
+    _, c, h, w = first.shape
+    chunk = max(1, min(64, len(ds), (1 << 20) // (h * w * c)))   # ~64 small images, <= 1 MiB per chunk
+    images = f.create_dataset(f"{split}/images", shape=(len(ds), h, w, c), dtype=np.uint8,
+                              chunks=(chunk, h, w, c), compression="gzip" if compress else None)
+    for lo in range(0, len(ds), block):
+        idx = torch.arange(lo, min(lo + block, len(ds)))
+        images[lo: lo + len(idx)] = ds.raw_batch(idx).permute(0, 2, 3, 1).numpy()
+    f.create_dataset(f"{split}/labels", data=ds.labels.numpy().astype(np.int64))
+
+
+def pack(name: str, out: str, data_dir: Optional[str] = None, image_size: Optional[int] = None,
+         seed: int = 0, download: bool = False, force: bool = False, compress: bool = False) -> DataInfo:
+    """Write dataset ``name`` to one HDF5 file at ``out``, atomically (out.tmp, then rename)."""
+    import h5py
+    if os.path.exists(out) and not force:
+        raise DataError(f"{out} exists; pass --force to overwrite it")
+    if name == "imagefolder":
+        image_size = image_size or 224
+    train, test, info = load_dataset(name, data_dir, download=download, seed=seed, augment=False,
+                                     image_size=image_size)
+    pad, flip = {"digits": (2, False), "synthetic": (2, False)}.get(name, (info.image_size // 8, True))
+    tmp = out + ".tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
+            _write_split(f, "train", train, compress)
+            _write_split(f, "test", test, compress)
+            f.attrs.update(name=info.name, num_classes=info.num_classes, image_size=info.image_size,
+                           class_names=json.dumps(list(info.class_names)), mean=np.array(info.mean),
+                           std=np.array(info.std), aug_pad=pad, aug_flip=flip)
+        os.replace(tmp, out)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise DataError(f"cannot write {out}: {e}") from None
+        raise
+    return info
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m resist_mpi.data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pack", help="convert a dataset into one HDF5 file")
+    p.add_argument("src", help="a dataset name (digits, synthetic, cifar10, cifar100) or an image folder")
+    p.add_argument("out", help="output .h5 path")
+    p.add_argument("--dataset", choices=DATASETS, help="dataset kind of SRC (default: inferred)")
+    p.add_argument("--data-dir", help="where cifar10/100 files are (default: SRC when it is a folder)")
+    p.add_argument("--image-size", type=int, help="imagefolder: resize + centre-crop to this size (default 224)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: data seed")
+    p.add_argument("--download", action="store_true", help="cifar: download when absent")
+    p.add_argument("--compress", action="store_true", help="gzip the images (smaller, slower to read)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    args = parser.parse_args(argv)
+    try:
+        name, data_dir = args.dataset, args.data_dir
+        if name is None and args.src in DATASETS:
+            name = args.src
+        elif name is None and os.path.isdir(args.src):
+            name = "imagefolder"
+        elif name is None:
+            raise DataError(f"{args.src!r} is neither a dataset name ({', '.join(DATASETS)}) nor a directory")
+        if data_dir is None and args.src != name:
+            data_dir = args.src
+        info = pack(name, args.out, data_dir, args.image_size, args.seed, args.download, args.force, args.compress)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"packed {info.name}: {info.num_train} train + {info.num_test} test images, "
+          f"{info.image_size}x{info.image_size}x{info.channels}, {info.num_classes} classes -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
