@@ -147,6 +147,23 @@ class PreActResNet(nn.Module):
         for blk in self.partitionable:
             blk.res_scale = float(scale)
 
+    # -- holding only a sub-ResNet: released blocks keep their shapes on the meta device ----------
+    def holds_block(self, i: int) -> bool:
+        return not self.partitionable[i].bn1.weight.is_meta
+
+    def release_block(self, i: int) -> None:
+        """Free block i's memory (its tensors move to the meta device, which keeps only shapes)."""
+        self.partitionable[i].active = False
+        self.partitionable[i].to_empty(device="meta")
+
+    def materialize_block(self, i: int, device) -> None:
+        """Allocate (uninitialised) storage for released block i on device; the caller fills it."""
+        blk = self.partitionable[i]
+        blk.to_empty(device=device)
+        for m in blk.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.num_batches_tracked.zero_()
+
     def shared_modules(self) -> List[nn.Module]:
         """The modules every rank holds and trains: all but the partitionable blocks."""
         part = set(map(id, self.partitionable))

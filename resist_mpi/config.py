@@ -1,0 +1,170 @@
+"""One Config dataclass: every CLI flag is a field (--local-steps <-> local_steps), a YAML/JSON file may set them."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Sequence
+
+
+class ConfigError(ValueError):
+    """A bad setting, reported as one line before any training starts."""
+
+
+def _f(default, help: str, group: str, choices: Optional[Sequence[str]] = None):
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
+
+
+STRATEGY_NAMES = ("resist", "local_sgd", "data_parallel")
+
+
+@dataclass
+class Config:
+    # -- what to train ---------------------------------------------------------------------------
+    strategy: str = _f("resist", "training strategy", "model", STRATEGY_NAMES)
+    model: str = _f("preact_resnet101", "registered model name (see --list-models)", "model")
+    width: int = _f(64, "channels of the first stage (64 in the paper; 8/16 for thin CPU models)", "model")
+    partition_stages: str = _f("3", "1-based stages whose non-strided blocks are partitioned, e.g. '3' or '2,3'", "model")
+    # -- data ------------------------------------------------------------------------------------
+    dataset: str = _f("digits", "digits (embedded), synthetic, cifar10, cifar100, imagefolder, hdf5", "data")
+    data_dir: Optional[str] = _f(None, "dataset directory (or the .h5 file for hdf5)", "data")
+    download: bool = _f(False, "download CIFAR when absent (needs network)", "data")
+    workers: int = _f(0, "DataLoader worker processes per rank", "data")
+    # -- optimisation --------------------------------------------------------------------------------
+    epochs: int = _f(160, "training epochs", "optim")
+    batch_size: int = _f(128, "mini-batch size per rank", "optim")
+    lr: float = _f(0.1, "initial learning rate", "optim")
+    momentum: float = _f(0.9, "SGD momentum", "optim")
+    weight_decay: float = _f(5e-4, "SGD weight decay", "optim")
+    schedule: str = _f("step", "step (/10 at 50%% and 75%% of epochs) or cosine", "optim", ("step", "cosine"))
+    local_steps: int = _f(50, "SGD steps per round between synchronisations (l)", "optim")
+    min_depth: int = _f(0, "minimum blocks per sub-ResNet (blocks overlap when needed); 0: none", "optim")
+    keep_shared_momentum: bool = _f(False, "keep the shared layers' momentum across rounds (paper: fresh)", "optim")
+    warmup_epochs: int = _f(0, "epochs of local SGD before ResIST takes over (the paper's ImageNet recipe)", "optim")
+    # -- evaluation --------------------------------------------------------------------------------------
+    eval_every: int = _f(1, "evaluate every N epochs (0: only at the end)", "eval")
+    eval_bn: str = _f("recalibrate", "BN statistics for the full model at test time", "eval",
+                      ("recalibrate", "running", "batch"))
+    bn_batches: int = _f(20, "training batches per rank used to recalibrate BN statistics", "eval")
+    # -- run ---------------------------------------------------------------------------------------------
+    seed: int = _f(0, "random seed (model init, data order, partitions)", "run")
+    out: str = _f("runs/resist", "output directory (metrics.jsonl, config.json, checkpoints)", "run")
+    backend: str = _f("auto", "communication backend", "run", ("auto", "mpi", "horovod", "self"))
+    device: str = _f("auto", "auto, cpu, cuda (one GPU per local rank) or cuda:N", "run")
+    checkpoint_every: int = _f(0, "write a checkpoint every N epochs (0: off)", "run")
+    checkpoint_minutes: float = _f(0.0, "also write a checkpoint every M minutes (0: off)", "run")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", "run")
+    resume: Optional[str] = _f(None, "checkpoint path, or 'auto' for the newest in --out", "run")
+    progress: str = _f("auto", "progress bar on rank 0: auto (when a terminal), on, off", "run", ("auto", "on", "off"))
+    tensorboard: bool = _f(False, "also log to TensorBoard under OUT/tb", "run")
+
+    def stages(self) -> List[int]:
+        """partition_stages as 0-based stage indices."""
+        try:
+            stages = [int(s) - 1 for s in str(self.partition_stages).split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--partition-stages {self.partition_stages!r}: expected stage numbers like '3' or '2,3'")
+        if not stages or min(stages) < 0:
+            raise ConfigError(f"--partition-stages {self.partition_stages!r}: stages are numbered from 1")
+        return stages
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validate(cfg: Config) -> Config:
+    """Check settings that need no model or data; raise ConfigError with one line."""
+    from .models import list_models
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: choose one of {', '.join(choices)}")
+    if cfg.model not in list_models():
+        raise ConfigError(f"unknown model {cfg.model!r}; available: {', '.join(list_models())}")
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "local_steps": cfg.local_steps,
+                "width": cfg.width, "keep_checkpoints": cfg.keep_checkpoints}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    non_negative = {"min_depth": cfg.min_depth, "warmup_epochs": cfg.warmup_epochs, "eval_every": cfg.eval_every,
+                    "workers": cfg.workers, "checkpoint_every": cfg.checkpoint_every, "bn_batches": cfg.bn_batches,
+                    "checkpoint_minutes": cfg.checkpoint_minutes, "weight_decay": cfg.weight_decay}
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.warmup_epochs and cfg.strategy != "resist":
+        raise ConfigError("--warmup-epochs applies to --strategy resist only")
+    if cfg.warmup_epochs >= cfg.epochs:
+        if cfg.warmup_epochs:
+            raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} leaves no ResIST epochs out of {cfg.epochs}")
+    cfg.stages()
+    return cfg
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a YAML or JSON config whose keys are Config fields (dashes or underscores)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found")
+    with open(path) as fh:
+        text = fh.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml/json errors are multi-line; keep the first line
+        raise ConfigError(f"cannot parse config file {path}: {str(e).splitlines()[0]}")
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    known = {f.name for f in fields(Config)}
+    clean = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(clean) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return clean
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, raised, so every rank exits the same way
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse parser with one flag per Config field, grouped."""
+    parser = _Parser(
+        prog="python -m resist_mpi.train",
+        description="Train a pre-activation ResNet with ResIST (or a baseline) across MPI ranks.")
+    parser.add_argument("--config", help="YAML or JSON file with settings (flags given too override it)")
+    parser.add_argument("--list-models", action="store_true", help="print the registered models and exit")
+    groups = {g: parser.add_argument_group(g) for g in ("model", "data", "optim", "eval", "run")}
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kw: Dict[str, Any] = {"dest": f.name, "help": f.metadata["help"] + " (default: %(default)s)"}
+        if f.type in ("bool", bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float}.get(str(f.type), str)
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+        groups[f.metadata["group"]].add_argument(flag, default=f.default, **kw)
+    return parser
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
+    """Config from a config file (if --config) overridden by command-line flags."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_config_file(pre.config))
+    args = parser.parse_args(argv)
+    if args.list_models:
+        from .models import list_models
+        print("\n".join(list_models()))
+        raise SystemExit(0)
+    return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})

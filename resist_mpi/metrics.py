@@ -1,0 +1,110 @@
+"""Run records: JSONL metrics and the resolved config on rank 0, one log line per event, a progress bar."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+
+class Timer:
+    """Accumulates wall-clock seconds of the phases it wraps: `with timer: ...`."""
+
+    def __init__(self):
+        self.total = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.total += time.perf_counter() - self._t0
+
+
+class RunLog:
+    """Everything a run writes; only rank 0 writes, other ranks are quiet.
+
+    Files in out/: config.json (the resolved Config and world), metrics.jsonl (one JSON record per
+    round, evaluation and event), and TensorBoard events under out/tb when asked.
+    """
+
+    def __init__(self, out: str, is_root: bool, progress: str = "auto", total_rounds: int = 0,
+                 tensorboard: bool = False, resume_round: int = 0):
+        self.is_root = is_root
+        self.out = out
+        self.start = time.perf_counter()
+        self._fh = None
+        self._bar = None
+        self._tb = None
+        if not is_root:
+            return
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "metrics.jsonl")
+        kept = []
+        if resume_round and os.path.exists(path):
+            # a resumed run continues the record: keep what happened before the checkpoint only
+            kept = [r for r in read_metrics(path) if r.get("round", -1) < resume_round and r.get("event") != "done"]
+        self._fh = open(path, "w")
+        for rec in kept:
+            self._fh.write(json.dumps(rec) + "\n")
+        show = progress == "on" or (progress == "auto" and sys.stderr.isatty())
+        if show and total_rounds:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_rounds, unit="round", dynamic_ncols=True, leave=False)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(out, "tb"))
+
+    def wallclock(self) -> float:
+        return time.perf_counter() - self.start
+
+    def write_config(self, config: Dict[str, Any]) -> None:
+        if self.is_root:
+            path = os.path.join(self.out, "config.json")
+            with open(path + ".tmp", "w") as fh:
+                json.dump(config, fh, indent=2, sort_keys=True)
+            os.replace(path + ".tmp", path)
+
+    def record(self, event: str, **fields: Any) -> None:
+        """Append one JSON record {"event": event, ...} to metrics.jsonl (rank 0)."""
+        if not self.is_root:
+            return
+        rec = {"event": event, **fields}
+        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            step = fields.get("round", 0)
+            for k, v in fields.items():
+                if isinstance(v, (int, float)) and k != "round":
+                    self._tb.add_scalar(f"{event}/{k}", v, step)
+        if self._bar is not None and event == "round":
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{fields.get('train_loss', 0):.3f}", acc=f"{fields.get('train_acc', 0):.3f}")
+
+    def info(self, line: str) -> None:
+        """One line for a human, on rank 0."""
+        if not self.is_root:
+            return
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._fh is not None:
+            self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str, event: Optional[str] = None):
+    """The records of a metrics.jsonl (or a run directory), optionally of one event type."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    with open(path) as fh:
+        recs = [json.loads(line) for line in fh if line.strip()]
+    return [r for r in recs if event is None or r.get("event") == event]

@@ -1,0 +1,134 @@
+"""ResIST: each rank trains a shallow sub-ResNet; blocks move sparsely, shared layers are averaged.
+
+A round, as the trainer sees it:
+
+    begin_round: rank 0 draws the assignment and broadcasts it; one alltoallv brings every rank the
+                 blocks it will train (averaging blocks that several ranks trained last round)
+    local steps: no communication at all, inactive blocks skipped
+    end_round:   one fused allreduce averages the shared layers (parameters and BN buffers)
+
+A rank only ever holds the shared layers plus its own blocks; released blocks live on the meta
+device (shapes only). Ranks other than 0 even build the model on the meta device, so the full
+model is never in their memory except during evaluation or a checkpoint (full_model()).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .. import partition
+from ..exchange import block_sizes, run_exchange
+from ..routing import everyone, needers_from_assignment, plan_exchange
+from .base import Strategy, allreduce_tensors_, bcast_tensors_
+
+
+class ResIST(Strategy):
+    name = "resist"
+    fresh_optimizer = True  # the paper's reference code builds a fresh optimizer every round
+
+    def __init__(self, comm, cfg, device):
+        super().__init__(comm, cfg, device)
+        self.assignment: Optional[partition.Assignment] = None
+        self.holders: List[Tuple[int, ...]] = []
+        self.divergent: set = set()
+        self.last_plan = None
+
+    # -- model ------------------------------------------------------------------------------------
+    def build_model(self, factory):
+        c = self.comm
+        if c.rank == 0:
+            model = factory().to(self.device)
+        else:
+            with torch.device("meta"):
+                model = factory()
+            for m in model.shared_modules():
+                m.to_empty(device=self.device)
+                for bn in m.modules():
+                    if isinstance(bn, torch.nn.BatchNorm2d):
+                        bn.num_batches_tracked.zero_()
+        partition.check_partition(model.num_partitionable, c.size, self.cfg.min_depth)
+        # ---- distributed step: shared layers from rank 0 (its blocks follow in the first exchange) ----
+        bcast_tensors_(c, model.shared_tensors())
+        for b in range(model.num_partitionable):
+            if c.rank != 0:
+                model.release_block(b)
+        self.model = model
+        self.holders = [(0,)] * model.num_partitionable
+        self.divergent = set()
+        return model
+
+    def adopt(self, model) -> None:
+        """Take over a full model that every rank holds identically (after local-SGD warm-up)."""
+        partition.check_partition(model.num_partitionable, self.comm.size, self.cfg.min_depth)
+        self.model = model
+        self.holders = everyone(model.num_partitionable, self.comm.size)
+        self.divergent = set()
+
+    # -- a round ------------------------------------------------------------------------------------
+    def draw(self, round_index: int) -> partition.Assignment:
+        """Rank 0 draws this round's assignment; every rank receives it."""
+        c = self.comm
+        drawn = None
+        if c.rank == 0:
+            drawn = partition.draw_assignment(self.model.num_partitionable, c.size, self.cfg.min_depth,
+                                              partition.round_rng(self.cfg.seed, round_index))
+        # ---- distributed step: broadcast of the assignment (metadata: control bytes) ----
+        with c.as_control():
+            return c.bcast_object(drawn, root=0)
+
+    def exchange_to(self, needers) -> None:
+        """One alltoallv that leaves needers[b] holding an up-to-date copy of block b."""
+        plan = plan_exchange(self.holders, needers, self.comm.size, self.divergent, block_sizes(self.model))
+        run_exchange(self.comm, self.model, plan, self.device)
+        self.last_plan = plan
+        self.holders = list(plan.holders_after)
+        self.divergent = set()
+
+    def begin_round(self, round_index: int) -> None:
+        self.assignment = self.draw(round_index)
+        self.exchange_to(needers_from_assignment(self.assignment, self.model.num_partitionable))
+        self.model.activate(self.assignment[self.comm.rank])
+
+    def param_groups(self) -> List[Dict]:
+        mine = self.assignment[self.comm.rank]
+        blocks = [p for b in mine for p in self.model.partitionable[b].parameters()]
+        ids = {id(p) for p in blocks}
+        shared = [p for m in self.model.shared_modules() for p in m.parameters() if id(p) not in ids]
+        return [{"params": shared, "name": "shared"}, {"params": blocks, "name": "blocks"}]
+
+    def end_round(self) -> None:
+        # ---- distributed step: one fused allreduce of the shared layers ----
+        allreduce_tensors_(self.comm, self.model.shared_tensors())
+        # Blocks trained by several ranks now differ; they are averaged in the next exchange.
+        self.divergent = {b for b, h in enumerate(self.holders) if len(h) > 1}
+
+    # -- evaluation / checkpoints ----------------------------------------------------------------------
+    def eval_scale(self) -> float:
+        return partition.eval_residual_scale(self.model.num_partitionable, self.comm.size, self.cfg.min_depth)
+
+    @contextlib.contextmanager
+    def full_model(self):
+        """Gather the blocks this rank lacks (averaging divergent ones), run all blocks at 1/S scale.
+
+        Afterwards every rank holds every block, identical everywhere, so the next round's exchange
+        moves nothing and only releases what the new assignment does not need.
+        """
+        self.exchange_to(everyone(self.model.num_partitionable, self.comm.size))
+        self.model.activate_all()
+        self.model.set_residual_scale(self.eval_scale())
+        try:
+            yield self.model
+        finally:
+            self.model.set_residual_scale(1.0)
+            if self.assignment is not None:
+                self.model.activate(self.assignment[self.comm.rank])
+
+    def state_dict(self) -> Dict:
+        return {"assignment": self.assignment}
+
+    def load_state_dict(self, state: Dict) -> None:
+        assignment = state.get("assignment")
+        if assignment is not None and len(assignment) == self.comm.size:
+            self.assignment = tuple(tuple(a) for a in assignment)
