@@ -40,6 +40,11 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest tests -q
 
+# Horovod backend (optional): built from source once, the wheel cached outside the repo
+# (RESIST_WHEEL_CACHE, default ~/.cache/resist_mpi/wheels); see scripts/build_horovod.sh.
+horovod: setup
+	VENV=$(VENV) scripts/build_horovod.sh
+
 bench: setup
 	$(MPIRUN) -np $(NP) $(VENV)/bin/python benchmarks/comm_bench.py --json runs/comm_bench.json
 

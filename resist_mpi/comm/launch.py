@@ -45,8 +45,8 @@ def _slurm_local_size(env: Mapping[str, str], size: int) -> int:
 def world_info_from_env(env: Optional[Mapping[str, str]] = None) -> WorldInfo:
     """Rank, world size and local rank as the launcher announced them.
 
-    Checked in order: horovodrun (HOROVOD_RANK/SIZE/LOCAL_RANK/LOCAL_SIZE, set by its Gloo
-    controller and passed on by its MPI controller), Open MPI's mpirun (OMPI_COMM_WORLD_*),
+    Checked in order: horovodrun's Gloo controller (HOROVOD_RANK/SIZE/LOCAL_RANK/LOCAL_SIZE),
+    Open MPI's mpirun (OMPI_COMM_WORLD_*; also what horovodrun's MPI controller provides),
     PMIx (PMIX_RANK), MPICH/Intel MPI hydra (PMI_RANK/PMI_SIZE, MPI_LOCALRANKID), SLURM srun
     (SLURM_PROCID/SLURM_NTASKS inside a job step only: a batch script run by plain python is one
     process even though SLURM_NTASKS says more). Anything else is a world of one.
@@ -60,7 +60,7 @@ def world_info_from_env(env: Optional[Mapping[str, str]] = None) -> WorldInfo:
                          local_size if local_size is not None else size, "horovodrun")
     if _int(env, "OMPI_COMM_WORLD_RANK") is not None:
         rank, size = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE") or 1
-        launcher = "horovodrun" if "HOROVOD_HOSTNAME" in env or "HOROVOD_CONTROLLER" in env else "openmpi"
+        launcher = "horovodrun" if launched_by_horovodrun(env) else "openmpi"
         return WorldInfo(rank, size, _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0,
                          _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or size, launcher)
     if _int(env, "PMI_RANK") is not None and _int(env, "PMI_SIZE") is not None:
@@ -84,10 +84,22 @@ def world_info_from_env(env: Optional[Mapping[str, str]] = None) -> WorldInfo:
     return WorldInfo(0, 1, 0, 1, "none")
 
 
+# horovodrun's MPI controller sets no HOROVOD_* variable at all (checked with Horovod 0.28.1); it
+# runs `mpirun --tag-output -mca pml ob1 -mca btl ^openib ...` with Open MPI, which ranks see as:
+_HOROVODRUN_OMPI_MCA = {"OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "^openib", "OMPI_MCA_orte_tag_output": "1"}
+
+
 def launched_by_horovodrun(env: Optional[Mapping[str, str]] = None) -> bool:
-    """True when horovodrun started this process (either controller)."""
+    """True when horovodrun started this process (either controller).
+
+    Gloo controller: HOROVOD_RANK, HOROVOD_HOSTNAME, HOROVOD_CONTROLLER=gloo, ... are set.
+    MPI controller (Open MPI): only the MCA settings horovodrun always passes to mpirun tell. Under
+    MPICH/Intel MPI the MPI controller is not recognised: ask for the backend by name there.
+    """
     env = os.environ if env is None else env
-    return any(k in env for k in ("HOROVOD_RANK", "HOROVOD_HOSTNAME", "HOROVOD_CONTROLLER"))
+    if any(k in env for k in ("HOROVOD_RANK", "HOROVOD_HOSTNAME", "HOROVOD_CONTROLLER")):
+        return True
+    return "OMPI_COMM_WORLD_RANK" in env and all(env.get(k) == v for k, v in _HOROVODRUN_OMPI_MCA.items())
 
 
 def select_device(local_rank: int, requested: str = "auto", cuda_count: Optional[int] = None) -> str:
