@@ -38,7 +38,7 @@ def list_checkpoints(out: str):
     return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)))
 
 
-def save(cfg, c, model, strategy, next_round: int, optimizer, log) -> Optional[str]:
+def save(cfg, c, model, strategy, next_round: int, optimizer, log, epoch: float) -> Optional[str]:
     """Write a checkpoint of model (the full, synchronised model) on rank 0; returns its path there."""
     if c.rank != 0:
         return None
@@ -48,6 +48,7 @@ def save(cfg, c, model, strategy, next_round: int, optimizer, log) -> Optional[s
         "model": cfg.model,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "round": next_round,
+        "epoch": epoch,  # progress in epochs: what a resume on another number of ranks continues from
         "world_size": c.size,
         "strategy": strategy.name,
         "strategy_state": strategy.state_dict(),
@@ -106,13 +107,19 @@ def resolve_and_load(cfg, probe) -> Optional[Dict[str, Any]]:
     return state
 
 
-def restore(state: Dict[str, Any], model, strategy, main, warmup_steps: int, cfg) -> int:
-    """Load state into model on every rank and hand it to the strategy that resumes; returns the round."""
+def restore(state: Dict[str, Any], model, strategy, main, warmup_steps: int, cfg, world_size: int,
+            steps_per_epoch: int) -> int:
+    """Load state into model on every rank and hand it to the strategy that resumes; returns the round.
+
+    With the checkpoint's world size the run continues at its round; with another one a round has
+    another length in epochs, so the run continues at the round that starts at the same epoch."""
     for b in range(getattr(model, "num_partitionable", 0)):
         if not model.holds_block(b):
             model.materialize_block(b, next(model.parameters()).device)
     model.load_state_dict(state["state_dict"])
     start_round = int(state["round"])
+    if int(state["world_size"]) != world_size:
+        start_round = int(float(state["epoch"]) * steps_per_epoch) // cfg.local_steps
     if start_round * cfg.local_steps >= warmup_steps:
         main.adopt(model)  # every rank holds the identical full model
         main.load_state_dict(state.get("strategy_state", {}))

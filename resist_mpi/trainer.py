@@ -157,7 +157,7 @@ class Trainer:
         model = (warm or main).build_model(self.build_net)
         start_round = 0
         if self.resume_state is not None:
-            start_round = ckpt.restore(self.resume_state, model, warm or main, main, warmup_steps, cfg)
+            start_round = ckpt.restore(self.resume_state, model, warm or main, main, warmup_steps, cfg, c.size, spe)
         log = RunLog(cfg.out, c.rank == 0, cfg.progress, num_rounds - start_round, cfg.tensorboard,
                      resume_round=start_round)
         log.write_config({"config": cfg.to_dict(), "world_size": c.size, "backend": c.name,
@@ -230,7 +230,7 @@ class Trainer:
                     due = c.bcast_object(due or time.perf_counter() - last_ckpt_time >= 60 * cfg.checkpoint_minutes)
             if due or (last and (cfg.checkpoint_every or cfg.checkpoint_minutes)):
                 with strategy.full_model() as full:
-                    ckpt.save(cfg, c, full, strategy, r + 1, opt, log)
+                    ckpt.save(cfg, c, full, strategy, r + 1, opt, log, epoch)
                 last_ckpt_time = time.perf_counter()
         log.close()
         return result

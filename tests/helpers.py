@@ -1,0 +1,31 @@
+"""Launching multi-rank commands from single-process tests."""
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mpi_env(**extra):
+    env = dict(os.environ)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.update(extra)
+    return env
+
+
+def have_mpirun():
+    return shutil.which("mpirun") is not None
+
+
+def mpirun(np_, args, timeout=600, **env):
+    """Run `mpirun -np np_ python args...` from the repo root; returns CompletedProcess (text)."""
+    cmd = ["mpirun", "--oversubscribe", "-np", str(np_), sys.executable] + list(args)
+    return subprocess.run(cmd, cwd=ROOT, env=mpi_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def mpi_pytest(np_, test_file, timeout=600):
+    """Run a tests/mpi file with pytest on np_ ranks."""
+    return mpirun(np_, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file], timeout=timeout)

@@ -1,0 +1,20 @@
+"""Under mpirun every rank runs the same tests. A failure on one rank would leave the others waiting
+in their next collective, so a failing rank prints its report and aborts the whole job."""
+import os
+import sys
+
+import pytest
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", "?"))
+        sys.stderr.write(f"\n[rank {rank}] FAILED {item.nodeid}\n{report.longreprtext}\n")
+        sys.stderr.flush()
+        if "OMPI_COMM_WORLD_SIZE" in os.environ:
+            from mpi4py import MPI
+            MPI.COMM_WORLD.Abort(1)
+        os._exit(1)

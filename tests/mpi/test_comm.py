@@ -1,0 +1,115 @@
+"""The comm API on real ranks: exact values and exact byte counts for every call.
+
+Run: mpirun -np 4 python -m pytest tests/mpi/test_comm.py. Each test body runs on COMM_SELF and
+on COMM_WORLD (the mpi4py test-suite pattern).
+"""
+import pickle
+
+import pytest
+import torch
+from mpi4py import MPI
+
+from resist_mpi.comm import ring_allreduce_bytes
+from resist_mpi.comm.mpi import MPIComm
+
+
+@pytest.fixture(params=["self", "world"])
+def c(request):
+    return MPIComm(MPI.COMM_SELF if request.param == "self" else MPI.COMM_WORLD)
+
+
+def test_identity(c):
+    assert c.size == (1 if c.comm == MPI.COMM_SELF else MPI.COMM_WORLD.Get_size())
+    assert 0 <= c.local_rank < c.local_size <= c.size
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 1 << 18])
+def test_allreduce_mean_exact(c, n):
+    t = torch.arange(n, dtype=torch.float32) + 1000 * c.rank
+    ptr = t.data_ptr()
+    before = c.counters()
+    out = c.allreduce_mean_(t)
+    assert out is t and t.data_ptr() == ptr  # in place
+    expected = torch.arange(n, dtype=torch.float32) + 1000 * (c.size - 1) / 2
+    assert torch.equal(t, expected)
+    moved = ring_allreduce_bytes(4 * n, c.size)
+    assert (c.bytes_sent - before[0], c.bytes_recv - before[1]) == (moved, moved)
+
+
+def _segment(src, dst, k):
+    return torch.tensor([src * 10000 + dst * 100 + i for i in range(k)], dtype=torch.float32)
+
+
+def _count(src, dst):
+    return (src + 2 * dst) % 3 + 1 if src != dst or src % 2 == 0 else 0
+
+
+@pytest.mark.parametrize("give_counts", [True, False])
+def test_alltoallv_exact(c, give_counts):
+    S, r = c.size, c.rank
+    send = torch.cat([_segment(r, d, _count(r, d)) for d in range(S)])
+    send_counts = [_count(r, d) for d in range(S)]
+    expect_counts = [_count(s, r) for s in range(S)]
+    before, ctrl = c.counters(), c.control_bytes
+    recv, counts = c.alltoallv(send, send_counts, expect_counts if give_counts else None)
+    assert counts == expect_counts
+    assert torch.equal(recv, torch.cat([_segment(s, r, _count(s, r)) for s in range(S)]))
+    assert c.bytes_sent - before[0] == 4 * (sum(send_counts) - send_counts[r])
+    assert c.bytes_recv - before[1] == 4 * (sum(expect_counts) - expect_counts[r])
+    assert c.control_bytes - ctrl == (0 if give_counts else 16 * (S - 1))
+
+
+def test_alltoallv_empty_segments(c):
+    recv, counts = c.alltoallv(torch.empty(0), [0] * c.size, [0] * c.size)
+    assert recv.numel() == 0 and counts == [0] * c.size
+
+
+def test_bcast_exact(c):
+    root = c.size - 1
+    t = torch.arange(10, dtype=torch.float32) * (7 if c.rank == root else 0)
+    before = c.counters()
+    c.bcast_(t, root=root)
+    assert torch.equal(t, torch.arange(10, dtype=torch.float32) * 7)
+    sent, recv = c.bytes_sent - before[0], c.bytes_recv - before[1]
+    assert (sent, recv) == ((40 * (c.size - 1), 0) if c.rank == root else (0, 40))
+
+
+def test_bcast_object_exact(c):
+    obj = {"assignment": ((0, 3), (1,), (2,)), "round": 5}
+    n = len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    before = c.counters()
+    got = c.bcast_object(obj if c.rank == 0 else None, root=0)
+    assert got == obj
+    sent, recv = c.bytes_sent - before[0], c.bytes_recv - before[1]
+    if c.size == 1:
+        assert (sent, recv) == (0, 0)
+    else:
+        assert (sent, recv) == ((n * (c.size - 1), 0) if c.rank == 0 else (0, n))
+
+
+def test_as_control_moves_counts(c):
+    before, ctrl = c.counters(), c.control_bytes
+    with c.as_control():
+        c.bcast_object("x" * 100)
+    assert c.counters() == before
+    assert c.control_bytes - ctrl == (0 if c.size == 1 else
+                                      len(pickle.dumps("x" * 100, protocol=pickle.HIGHEST_PROTOCOL))
+                                      * (c.size - 1 if c.rank == 0 else 1))
+
+
+def test_reduce_stats_and_barrier(c):
+    before = c.counters()
+    assert c.reduce_stats([c.rank, 1.5], "sum") == [c.size * (c.size - 1) / 2, 1.5 * c.size]
+    assert c.reduce_stats([c.rank], "max") == [c.size - 1]
+    assert c.reduce_stats([c.rank], "min") == [0]
+    c.barrier()
+    assert c.counters() == before  # metrics traffic is control, not payload
+
+
+def test_misuse_is_reported(c):
+    with pytest.raises(ValueError, match="float32"):
+        c.allreduce_mean_(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="1-D"):
+        c.allreduce_mean_(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="send_counts"):
+        c.alltoallv(torch.zeros(3), [3] * (c.size + 1))

@@ -1,0 +1,80 @@
+"""Pure parts of the comm package: fusion, launch detection, device choice, the world of one."""
+import pytest
+import torch
+
+from resist_mpi import comm
+from resist_mpi.comm import pack, ring_allreduce_bytes, select_device, unpack_, world_info_from_env
+
+
+def test_pack_unpack_roundtrip_in_place():
+    ts = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 2, 2)]
+    flat = pack(ts)
+    assert flat.shape == (12 + 5 + 8,) and flat.dtype == torch.float32
+    assert torch.equal(flat[:12], ts[0].reshape(-1)) and torch.equal(flat[17:], ts[2].reshape(-1))
+    targets = [torch.zeros_like(t) for t in ts]
+    ids = [t.data_ptr() for t in targets]
+    unpack_(flat * 2, targets)
+    assert all(torch.equal(a, 2 * b) for a, b in zip(targets, ts))
+    assert ids == [t.data_ptr() for t in targets]
+    out = torch.empty(25)
+    assert pack(ts, out=out) is out
+    with pytest.raises(ValueError):
+        unpack_(torch.zeros(3), targets)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, (0, 1, 0, 1, "none")),
+    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, (3, 8, 1, 2, "openmpi")),
+    ({"PMI_RANK": "5", "PMI_SIZE": "6", "MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "3"}, (5, 6, 2, 3, "pmi")),
+    ({"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "SLURM_STEP_ID": "0",
+      "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}, (7, 8, 3, 4, "slurm")),
+    ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "4", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "4"},
+     (1, 4, 1, 4, "horovodrun")),
+    ({"PMIX_RANK": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "0"}, (2, 4, 0, 4, "pmix")),
+])
+def test_launch_detection(env, expected):
+    w = world_info_from_env(env)
+    assert (w.rank, w.size, w.local_rank, w.local_size, w.launcher) == expected
+
+
+def test_sbatch_script_without_srun_is_one_process():
+    # inside a batch script SLURM_NTASKS says 4, but a plain `python` there is a world of one
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "12"}
+    assert world_info_from_env(env).size == 1
+
+
+def test_device_selection():
+    assert select_device(3, "auto", cuda_count=0) == "cpu"
+    assert select_device(3, "auto", cuda_count=2) == "cuda:1"
+    assert select_device(5, "cuda", cuda_count=4) == "cuda:1"
+    assert select_device(0, "cpu", cuda_count=4) == "cpu"
+    assert select_device(2, "cuda:0", cuda_count=1) == "cuda:0"
+    with pytest.raises(ValueError, match="no GPU"):
+        select_device(0, "cuda", cuda_count=0)
+    with pytest.raises(ValueError, match="only 1"):
+        select_device(0, "cuda:3", cuda_count=1)
+    with pytest.raises(ValueError, match="unknown device"):
+        select_device(0, "tpu", cuda_count=1)
+
+
+def test_ring_bytes():
+    assert ring_allreduce_bytes(400, 4) == 600
+    assert ring_allreduce_bytes(400, 1) == 0
+    assert ring_allreduce_bytes(10, 3) == 13
+
+
+def test_world_of_one_is_identity():
+    c = comm.init("self", fail_fast=False)
+    t = torch.arange(5.0)
+    assert torch.equal(c.allreduce_mean_(t), torch.arange(5.0))
+    recv, counts = c.alltoallv(torch.arange(3.0), [3])
+    assert torch.equal(recv, torch.arange(3.0)) and counts == [3]
+    assert c.bcast_object({"a": 1}) == {"a": 1}
+    assert (c.bytes_sent, c.bytes_recv) == (0, 0)
+    with pytest.raises(ValueError, match="float32"):
+        c.allreduce_mean_(torch.arange(3))
+    with pytest.raises(ValueError, match="send_counts"):
+        c.alltoallv(torch.arange(3.0), [2])
+    with pytest.raises(ValueError, match="unknown backend"):
+        comm.resolve_backend("nccl")

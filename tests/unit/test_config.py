@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from resist_mpi.config import Config, ConfigError, parse_config, validate
+from resist_mpi.trainer import lr_at
+
+
+def test_flags_map_to_fields_and_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("local-steps: 7\nmodel: preact_resnet34\nwidth: 8\n")
+    cfg = parse_config(["--config", str(path), "--width", "16", "--keep-shared-momentum"])
+    assert (cfg.local_steps, cfg.model, cfg.width, cfg.keep_shared_momentum) == (7, "preact_resnet34", 16, True)
+    jpath = tmp_path / "c.json"
+    jpath.write_text(json.dumps({"min_depth": 3, "epochs": 2}))
+    cfg = parse_config(["--config", str(jpath)])
+    assert (cfg.min_depth, cfg.epochs) == (3, 2)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "nope"], "unknown model"),
+    (["--strategy", "sgd"], "invalid choice"),
+    (["--epochs", "0"], "at least 1"),
+    (["--min-depth", "-2"], ">= 0"),
+    (["--lr", "-1"], "positive"),
+    (["--partition-stages", "x"], "stage numbers"),
+    (["--warmup-epochs", "5", "--epochs", "5"], "leaves no ResIST"),
+    (["--warmup-epochs", "1", "--strategy", "local_sgd"], "resist only"),
+    (["--batch-size", "abc"], "invalid int"),
+])
+def test_bad_settings_one_line(argv, msg):
+    with pytest.raises(ConfigError, match=msg) as e:
+        validate(parse_config(argv))
+    assert "\n" not in str(e.value)
+
+
+def test_bad_config_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lokal_steps: 3\n")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        parse_config(["--config", str(p)])
+    with pytest.raises(ConfigError, match="not found"):
+        parse_config(["--config", str(tmp_path / "none.yaml")])
+
+
+def test_lr_schedules():
+    cfg = Config(lr=0.1, epochs=100)
+    assert lr_at(cfg, 0) == 0.1 and lr_at(cfg, 49.9) == 0.1
+    assert lr_at(cfg, 50) == pytest.approx(0.01) and lr_at(cfg, 75) == pytest.approx(0.001)
+    cfg.schedule = "cosine"
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 50) == pytest.approx(0.05)
+    assert lr_at(cfg, 100) == pytest.approx(0.0, abs=1e-12)

@@ -1,0 +1,101 @@
+import copy
+
+import pytest
+import torch
+
+from resist_mpi.models import PreActBlock, PreActResNet, create_model, list_models
+
+
+def test_registry_and_paper_size():
+    assert {"preact_resnet18", "preact_resnet34", "preact_resnet50", "preact_resnet101", "preact_resnet152",
+            "preact_resnet200", "preact_resnet50_imagenet", "preact_resnet101_imagenet",
+            "preact_resnet152_imagenet"} <= set(list_models())
+    with torch.device("meta"):
+        m = create_model("preact_resnet101", 100)
+    assert sum(p.numel() for p in m.parameters()) == 41_397_924  # ~41.4 M as in the paper
+    assert m.num_partitionable == 22
+    with torch.device("meta"):
+        assert create_model("preact_resnet152", 10).num_partitionable == 35
+        assert create_model("preact_resnet200", 10).num_partitionable == 49
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("resnet9000")
+
+
+def test_partitionable_are_non_strided_stage3_blocks():
+    m = create_model("preact_resnet34", 10, width=4)
+    assert m.partitionable == list(m.stages[2])[1:]
+    assert all(b.conv1.stride == (1, 1) and b.shortcut is None for b in m.partitionable)
+    m2 = create_model("preact_resnet34", 10, width=4, partition_stages=(1, 2))
+    assert m2.num_partitionable == 3 + 5
+
+
+def _thin(num_blocks, width=4):
+    torch.manual_seed(0)
+    return PreActResNet(PreActBlock, num_blocks, 10, width)
+
+
+def test_switched_off_blocks_equal_model_built_without_them():
+    torch.manual_seed(0)
+    full = _thin([2, 2, 6, 2])
+    keep = [1, 3]  # partitionable ids kept (stage-3 blocks 2 and 4)
+    full.activate(keep)
+    small = _thin([2, 2, 3, 2])  # stage 3: first block + the two kept ones
+    src = [full.stages[2][0]] + [full.partitionable[i] for i in keep]
+    sd = {}
+    for name, t in full.state_dict().items():
+        if not name.startswith("stages.2."):
+            sd[name] = t
+    for j, blk in enumerate(src):
+        for name, t in blk.state_dict().items():
+            sd[f"stages.2.{j}.{name}"] = t
+    small.load_state_dict(sd)
+    x = torch.randn(4, 3, 32, 32)
+    full.eval(), small.eval()
+    assert torch.equal(full(x), small(x))
+    full.train(), small.train()
+    assert torch.equal(full(x), small(x))
+
+
+def test_inactive_block_costs_nothing_and_scale_applies():
+    m = _thin([1, 1, 3, 1])
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    m.partitionable[0].register_forward_hook(lambda *a: calls.append(1))
+    m.activate([1])
+    m(x)
+    assert calls == []
+    m.activate_all()
+    m.eval()
+    # residual scale 0 makes every partitionable block the identity
+    m.set_residual_scale(0.0)
+    y0 = m(x)
+    m.activate([])
+    assert torch.allclose(y0, m(x), atol=1e-6)
+
+
+def test_release_and_materialize_keep_shapes():
+    m = _thin([1, 1, 3, 1])
+    shapes = [t.shape for t in m.block_tensors(0)]
+    n = m.block_numel(0)
+    m.release_block(0)
+    assert not m.holds_block(0) and all(t.is_meta for t in m.block_tensors(0))
+    assert [t.shape for t in m.block_tensors(0)] == shapes and m.block_numel(0) == n
+    m.materialize_block(0, "cpu")
+    assert m.holds_block(0) and m.partitionable[0].bn1.num_batches_tracked.item() == 0
+
+
+def test_shared_and_block_tensors_partition_the_model():
+    m = _thin([2, 2, 4, 2])
+    ids = {id(t) for t in m.shared_tensors()}
+    for b in range(m.num_partitionable):
+        bt = {id(t) for t in m.block_tensors(b)}
+        assert not bt & ids
+        ids |= bt
+    floats = [t for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()]
+    assert ids == {id(t) for t in floats}
+
+
+def test_imagenet_variant_runs_small_input():
+    m = create_model("preact_resnet50_imagenet", 5, width=4)
+    assert m.num_partitionable == 5
+    assert m(torch.randn(2, 3, 64, 64)).shape == (2, 5)
