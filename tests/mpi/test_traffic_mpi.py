@@ -1,0 +1,119 @@
+"""traffic.py's wire bytes equal the backend's counters, to the byte, on real strategy rounds.
+
+Run under mpirun (tests/test_traffic_launch.py does, with 2 and 4 ranks):
+
+    mpirun -np 4 python -m pytest -q -p no:cacheprovider tests/mpi/test_traffic_mpi.py
+
+Every rank runs the same tests in the same order. Each test runs a few real rounds of a strategy
+(ResIST: begin_round, one SGD step on the sub-ResNet so copies diverge, end_round), sums the
+payload counter deltas over ranks and compares them with what resist_mpi.traffic predicts for the
+very assignments rank 0 drew.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resist_mpi import comm as C
+from resist_mpi import traffic as T
+
+if C.world_info_from_env().launcher == "none":
+    pytest.skip("run under mpirun -np 2|4 (tests/test_traffic_launch.py does)", allow_module_level=True)
+
+from resist_mpi.config import Config  # noqa: E402
+from resist_mpi.models import create_model  # noqa: E402
+from resist_mpi.strategies import DataParallel, LocalSGD, ResIST  # noqa: E402
+
+MODEL, CLASSES, WIDTH = "preact_resnet101", 10, 2  # 22 partitionable blocks, tiny tensors
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def comm():
+    return C.init("mpi", fail_fast=False)
+
+
+def factory():
+    return create_model(MODEL, CLASSES, WIDTH)
+
+
+def summed(c, before):
+    """(sent, recv) since before, summed over ranks (the reduction itself is control traffic)."""
+    sent, recv = c.bytes_sent - before[0], c.bytes_recv - before[1]
+    return tuple(int(v) for v in c.reduce_stats([sent, recv], "sum"))
+
+
+def one_step(model, params, rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    y = torch.randint(0, CLASSES, (4,), generator=g)
+    opt = torch.optim.SGD(params, lr=0.1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["min_depth0", "overlap"])
+def test_resist_rounds_match_traffic(comm, overlap):
+    S, R, seed = comm.size, 5, 3
+    P = 22
+    min_depth = P // S + 1 if overlap else 0  # S * m > P: blocks are shared by several ranks
+    cfg = Config(strategy="resist", model=MODEL, width=WIDTH, min_depth=min_depth, seed=seed)
+    strategy = ResIST(comm, cfg, CPU)
+    model = strategy.build_model(factory)
+    with torch.device("meta"):
+        sizes = T.model_sizes(factory())
+    assert sizes.shared == model.shared_numel() and len(sizes.blocks) == P
+
+    measured, drawn = [], []
+    for r in range(R):
+        before = comm.counters()
+        strategy.begin_round(r)
+        groups = strategy.param_groups()
+        one_step(model, [p for g in groups for p in g["params"]], comm.rank, r)
+        strategy.end_round()
+        measured.append(summed(comm, before))
+        drawn.append(strategy.assignment)
+
+    assert drawn == T.draw_rounds(P, S, min_depth, seed, R)  # traffic.py draws what rank 0 drew
+    expected = T.resist_wire_rounds(sizes, S, drawn)
+    assert measured == [(e["sent"], e["recv"]) for e in expected]
+    if overlap:
+        assert any(e["exchange_sent"] > 0 for e in expected[1:])
+    # and the report's steady-state mean (rounds 1..R-1) is the measured mean, to the byte
+    report = T.traffic(sizes, S, min_depth, rounds=R - 1, seed=seed)
+    assert report["resist"]["wire_bytes"] == sum(s + v for s, v in measured[1:]) / (R - 1)
+    assert report["resist"]["wire_sent"] == sum(s for s, _ in measured[1:]) / (R - 1)
+
+
+def test_local_sgd_round_matches_traffic(comm):
+    S = comm.size
+    strategy = LocalSGD(comm, Config(strategy="local_sgd", model=MODEL, width=WIDTH), CPU)
+    model = strategy.build_model(factory)
+    sizes = T.model_sizes(model)
+    before = comm.counters()
+    strategy.begin_round(0)
+    one_step(model, list(model.parameters()), comm.rank, 0)
+    strategy.end_round()
+    sent, recv = summed(comm, before)
+    assert sent + recv == T.local_sgd_wire_round(sizes, S)
+    assert sent == recv == T.traffic(sizes, S, rounds=1)["local_sgd"]["wire_sent"]
+
+
+def test_data_parallel_round_matches_traffic(comm):
+    S, l = comm.size, 3
+    strategy = DataParallel(comm, Config(strategy="data_parallel", model=MODEL, width=WIDTH), CPU)
+    model = strategy.build_model(factory)
+    sizes = T.model_sizes(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = comm.counters()
+    strategy.begin_round(0)
+    for step in range(l):
+        g = torch.Generator().manual_seed(100 * comm.rank + step)
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(4, 3, 32, 32, generator=g)), torch.randint(0, CLASSES, (4,), generator=g)).backward()
+        strategy.after_backward()
+        opt.step()
+    strategy.end_round()
+    sent, recv = summed(comm, before)
+    assert sent + recv == T.data_parallel_wire_round(sizes, S, l)
+    assert sent + recv == T.traffic(sizes, S, local_steps=l, rounds=1)["data_parallel"]["wire_bytes"]
