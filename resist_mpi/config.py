@@ -32,6 +32,7 @@ class Config:
     data_dir: Optional[str] = _f(None, "dataset directory (or the .h5 file for hdf5)", "data")
     download: bool = _f(False, "download CIFAR when absent (needs network)", "data")
     workers: int = _f(0, "DataLoader worker processes per rank", "data")
+    image_size: Optional[int] = _f(None, "imagefolder: crop size fed to the model (default 224)", "data")
     # -- optimisation --------------------------------------------------------------------------------
     epochs: int = _f(160, "training epochs", "optim")
     batch_size: int = _f(128, "mini-batch size per rank", "optim")
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = {"int": int, "float": float}.get(str(f.type), str)
+            kw["type"] = {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), str)
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
         groups[f.metadata["group"]].add_argument(flag, default=f.default, **kw)

@@ -125,17 +125,23 @@ class Trainer:
         # Everything below up to `agree` is local (no collective), so a rank that fails here
         # cannot leave the others waiting: agree() makes every rank stop together.
         error = None
+        if cfg.download and c.rank != 0:
+            c.barrier()  # rank 0 downloads alone first; the others then find the files
         try:
-            self.train_set, self.test_set, self.info = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed)
+            self.train_set, self.test_set, self.info = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed,
+                                                                    image_size=cfg.image_size)
             with torch.device("meta"):
                 probe = self.build_net()
-            check_compatible(self.info, 224 if probe.arch["stem"] == "imagenet" else 32, self.info.num_classes)
+            # CIFAR-style models are built for 32x32; ImageNet-style ones take any size >= 32
+            check_compatible(self.info, None if probe.arch["stem"] == "imagenet" else 32, self.info.num_classes)
             from .partition import check_partition
             if cfg.strategy == "resist":
                 check_partition(probe.num_partitionable, c.size, cfg.min_depth)
             self.resume_state = ckpt.resolve_and_load(cfg, probe)
         except (ValueError, OSError) as e:  # DataError, PartitionError, CheckpointError are ValueErrors
             error = e
+        if cfg.download and c.rank == 0:
+            c.barrier()
         agree(c, error)
 
     def build_net(self) -> nn.Module:

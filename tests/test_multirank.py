@@ -138,3 +138,22 @@ def test_bad_input_one_line_nonzero_everywhere(tmp_path, np_, args, message):
     assert len(errors) == 1 and message in errors[0], p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert before == {q: os.path.getsize(q) for q in before}  # the user's files are untouched
+
+
+def test_imagenet_style_model_trains_on_image_folder(tmp_path):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = tmp_path / "data" / split / cls
+            d.mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    p = _train(2, tmp_path / "run", "--model", "preact_resnet50_imagenet", "--width", "4", "--dataset",
+               "imagefolder", "--data-dir", str(tmp_path / "data"), "--image-size", "64", "--epochs", "1",
+               "--batch-size", "4", "--local-steps", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rounds = _records(tmp_path / "run", "round")
+    assert len(rounds) == 1 and rounds[0]["bytes_sent"] > 0  # 2 steps = one round (8 images per rank)
+    assert 0.0 <= _records(tmp_path / "run", "eval")[-1]["test_acc"] <= 1.0
