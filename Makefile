@@ -28,6 +28,23 @@ mpi:
 	  echo "setup: no mpirun/mpicc and no apt-get: load your cluster's MPI module (e.g. 'module load openmpi') and rerun" >&2; exit 1; \
 	fi
 
+# tests/test_scheduler.py starts a one-node SLURM (and its PBS qsub wrapper) on localhost. Where the
+# daemons are missing and apt-get exists (CI: a fresh machine, as root), install them; otherwise
+# that test skips itself and says why. Never fatal: `make test` runs the rest either way.
+SLURM_DEBS := slurmctld slurmd munge slurm-client slurm-wlm-torque
+.PHONY: scheduler-deps
+scheduler-deps:
+	@export PATH="$$PATH:/usr/sbin:/sbin"; have() { command -v "$$1" >/dev/null; }; \
+	if have sbatch && have qsub && have slurmctld && have slurmd && have munged; then \
+	  :; \
+	elif have apt-get && [ "$$(id -u)" = 0 ]; then \
+	  echo "setup: installing SLURM and munge with apt for tests/test_scheduler.py"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_DEBS); } >/dev/null \
+	    || echo "setup: apt could not install $(SLURM_DEBS); tests/test_scheduler.py will skip" >&2; \
+	else \
+	  echo "setup: no SLURM here; tests/test_scheduler.py will skip (needs root + apt-get install $(SLURM_DEBS))"; \
+	fi
+
 $(STAMP): setup.py | mpi
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
@@ -37,7 +54,7 @@ $(STAMP): setup.py | mpi
 demo: setup
 	$(MPIRUN) -np $(NP) $(VENV)/bin/python -m resist_mpi.train --config configs/demo.yaml --out runs/demo
 
-test: setup
+test: setup scheduler-deps
 	$(VENV)/bin/python -m pytest tests -q
 
 # Horovod backend (optional): built from source once, the wheel cached outside the repo

@@ -1,0 +1,135 @@
+# Shared by jobs/slurm/*.sbatch and jobs/pbs/*.pbs (sourced, never run): the RESIST_* settings
+# with their defaults, and `resist_launch`, which starts NODES x RANKS_PER_NODE ranks of a Python
+# program with srun, mpirun or horovodrun. See jobs/README.md for the variables.
+#
+#   source "$RESIST_HOME/jobs/common.sh"
+#   resist_launch -m resist_mpi.train --out "$RESIST_OUT" ...    # arguments after the interpreter
+#
+# RESIST_DRY_RUN=1 prints the command instead of running it (used by tests/test_scheduler.py).
+
+# The repository: where the batch script was submitted from, unless told otherwise. Batch systems
+# run a copy of the script from a spool directory, so its own location says nothing.
+RESIST_HOME=${RESIST_HOME:-$PWD}
+export PYTHONPATH="$RESIST_HOME${PYTHONPATH:+:$PYTHONPATH}"
+
+# -- the allocation ------------------------------------------------------------------------------
+_resist_pbs_nodes() {  # unique hosts in the PBS node file (one line per rank slot there)
+    if [ -r "${PBS_NODEFILE:-}" ]; then sort -u "$PBS_NODEFILE" | grep -c .; fi
+}
+_resist_pbs_ppn() {  # slots of the first host in the PBS node file (Torque: ppn, PBS Pro: mpiprocs)
+    if [ -r "${PBS_NODEFILE:-}" ]; then awk 'NR == 1 {h = $0} $0 == h {n++} END {if (n) print n}' "$PBS_NODEFILE"; fi
+}
+_resist_first_int() {  # "4(x2),2" -> 4: SLURM_TASKS_PER_NODE's first entry
+    if [ -n "$1" ]; then echo "${1%%[(,]*}"; fi
+}
+
+RESIST_NODES=${RESIST_NODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-$(_resist_pbs_nodes)}}}
+RESIST_NODES=${RESIST_NODES:-1}
+# SLURM_GPUS_ON_NODE is set when the job asked for GPUs (--gpus-per-node, --gres=gpu:N).
+RESIST_GPUS_PER_NODE=${RESIST_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+# Ranks per node: what the job asked for (--ntasks-per-node), else one per GPU, else the tasks or
+# PBS slots the allocation has on a node.
+RESIST_RANKS_PER_NODE=${RESIST_RANKS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-}}
+if [ -z "$RESIST_RANKS_PER_NODE" ] && [ "$RESIST_GPUS_PER_NODE" -gt 0 ]; then
+    RESIST_RANKS_PER_NODE=$RESIST_GPUS_PER_NODE
+fi
+RESIST_RANKS_PER_NODE=${RESIST_RANKS_PER_NODE:-$(_resist_first_int "${SLURM_TASKS_PER_NODE:-}")}
+RESIST_RANKS_PER_NODE=${RESIST_RANKS_PER_NODE:-${PBS_NUM_PPN:-$(_resist_pbs_ppn)}}
+RESIST_RANKS_PER_NODE=${RESIST_RANKS_PER_NODE:-1}
+RESIST_NP=$((RESIST_NODES * RESIST_RANKS_PER_NODE))
+
+# -- what to run ---------------------------------------------------------------------------------
+RESIST_JOB_ID=${SLURM_JOB_ID:-${PBS_JOBID:-local}}
+RESIST_JOB_ID=${RESIST_JOB_ID%%.*}                      # PBS: 1234.server -> 1234
+if [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
+    RESIST_LAUNCHER=${RESIST_LAUNCHER:-srun}
+else
+    RESIST_LAUNCHER=${RESIST_LAUNCHER:-mpirun}
+fi
+if [ -z "${RESIST_PYTHON:-}" ]; then
+    if [ -x "$RESIST_HOME/.venv/bin/python" ]; then RESIST_PYTHON=$RESIST_HOME/.venv/bin/python
+    else RESIST_PYTHON=$(command -v python3 || echo python); fi
+fi
+RESIST_DATASET=${RESIST_DATASET:-cifar10}
+RESIST_DATA_DIR=${RESIST_DATA_DIR:-$RESIST_HOME/data/$RESIST_DATASET}
+RESIST_EPOCHS=${RESIST_EPOCHS:-160}
+RESIST_CHECKPOINT_MINUTES=${RESIST_CHECKPOINT_MINUTES:-20}
+RESIST_EXTRA_ARGS=${RESIST_EXTRA_ARGS:-}
+# One thread per rank unless the job asked for more cores per task (ranks share a node's cores).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+
+# The train flags every job passes: data, length, and what makes a requeued job continue
+# (--resume auto picks the newest checkpoint in --out; none yet means a fresh start).
+resist_train_args() {
+    local args=(--dataset "$RESIST_DATASET" --epochs "$RESIST_EPOCHS" --progress off
+                --resume auto --checkpoint-minutes "$RESIST_CHECKPOINT_MINUTES")
+    case $RESIST_DATASET in
+        digits|synthetic) ;;                                  # built in, no files
+        *) args+=(--data-dir "$RESIST_DATA_DIR") ;;
+    esac
+    printf '%s\n' "${args[@]}"
+}
+
+# -- launch --------------------------------------------------------------------------------------
+_resist_hosts() {  # host1,host2,... of the allocation
+    if [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scontrol >/dev/null; then
+        scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd, -
+    elif [ -n "${PBS_NODEFILE:-}" ] && [ -r "$PBS_NODEFILE" ]; then
+        awk '!seen[$0]++' "$PBS_NODEFILE" | paste -sd, -
+    else
+        hostname -s
+    fi
+}
+
+_resist_srun_mpi() {  # the PMI flavour srun offers MPI with: pmix, else pmi2 (RESIST_SRUN_MPI overrides)
+    if [ -n "${RESIST_SRUN_MPI:-}" ]; then echo "$RESIST_SRUN_MPI"; return; fi
+    local list; list=$(srun --mpi=list 2>&1)
+    if grep -qw pmix <<<"$list"; then echo pmix
+    elif grep -qw pmi2 <<<"$list"; then echo pmi2
+    else echo none; fi
+}
+
+# resist_launch ARGS...: run "$RESIST_PYTHON ARGS..." on RESIST_NP ranks; returns its exit status.
+resist_launch() {
+    local cmd
+    case $RESIST_LAUNCHER in
+        srun)
+            cmd=(srun --nodes="$RESIST_NODES" --ntasks="$RESIST_NP" --ntasks-per-node="$RESIST_RANKS_PER_NODE"
+                 --mpi="$(_resist_srun_mpi)" --kill-on-bad-exit=1) ;;
+        mpirun)
+            cmd=(mpirun -np "$RESIST_NP")
+            if [[ $(mpirun --version 2>&1) == *"Open MPI"* ]]; then  # (no pipe: grep -q + pipefail misfires)
+                cmd+=(--map-by "ppr:$RESIST_RANKS_PER_NODE:node")
+                # Open MPI reads SLURM allocations itself; a PBS one only when built with tm.
+                if [ -z "${SLURM_JOB_ID:-}" ] && [ -n "${PBS_NODEFILE:-}" ]; then cmd+=(--hostfile "$PBS_NODEFILE"); fi
+            else                                              # MPICH / Intel MPI (hydra)
+                cmd+=(-ppn "$RESIST_RANKS_PER_NODE")
+                if [ -n "${PBS_NODEFILE:-}" ]; then cmd+=(-f "$PBS_NODEFILE"); fi
+            fi ;;
+        horovodrun)
+            local hosts h spec=""
+            hosts=$(_resist_hosts)
+            for h in ${hosts//,/ }; do spec+="${spec:+,}$h:$RESIST_RANKS_PER_NODE"; done
+            cmd=(horovodrun -np "$RESIST_NP" -H "$spec") ;;
+        *)
+            echo "resist: RESIST_LAUNCHER=$RESIST_LAUNCHER: choose srun, mpirun or horovodrun" >&2
+            return 2 ;;
+    esac
+    # shellcheck disable=SC2206  # launcher options are meant to be split into words
+    cmd+=(${RESIST_LAUNCHER_ARGS:-} "$RESIST_PYTHON" "$@")
+    echo "resist: $RESIST_NP ranks ($RESIST_NODES nodes x $RESIST_RANKS_PER_NODE, $RESIST_GPUS_PER_NODE GPUs/node)" \
+         "on $(_resist_hosts) via $RESIST_LAUNCHER"
+    echo "resist: ${cmd[*]}"
+    if [ "${RESIST_DRY_RUN:-0}" = 1 ]; then return 0; fi
+    "${cmd[@]}"
+}
+
+# resist_train OUT [FLAGS...]: one training run into OUT with the job's settings, FLAGS, then
+# RESIST_EXTRA_ARGS (last, so they override anything before them).
+resist_train() {
+    local out=$1; shift
+    local common
+    mapfile -t common < <(resist_train_args)
+    # shellcheck disable=SC2086  # RESIST_EXTRA_ARGS is a list of flags
+    resist_launch -m resist_mpi.train "${common[@]}" --out "$out" "$@" $RESIST_EXTRA_ARGS
+}
