@@ -197,7 +197,7 @@ def format_table(report: Dict) -> str:
              f"{e['num_partitionable']} partitionable blocks of {min(e['blocks']):,}..{max(e['blocks']):,}",
              f"S={report['world_size']} ranks, min depth {report['min_depth']}, l={report['local_steps']} steps/round; "
              f"bytes per round, up+down summed over workers (ResIST: mean of rounds 1..{report['rounds']}, "
-             f"round 0 excluded)",
+             f"round 0 excluded); MB = 10^6 bytes",
              f"{'strategy':>14} | {'paper MB':>12} | {'wire MB':>12} | {'wire sent MB':>12}",
              "-" * 62]
     for name in ("resist", "local_sgd", "data_parallel"):

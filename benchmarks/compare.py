@@ -1,0 +1,230 @@
+"""Train ResIST and its baselines on the same data and seeds; compare time-to-accuracy, accuracy, bytes.
+
+    python benchmarks/compare.py                                   # 3 strategies x seeds 0,1,2, 4 ranks, demo config
+    python benchmarks/compare.py --epochs 2 --seeds 0 --out runs/bench/compare-quick   # a quick check
+    python benchmarks/compare.py --np 2 --extra-args "--width 4 --local-steps 5"
+    python benchmarks/compare.py --report-only --out runs/bench/compare                # re-read finished runs
+
+Each run is one job, started one after another (the runs would otherwise compete for the cores):
+
+    mpirun --oversubscribe -np N python -m resist_mpi.train --config CONFIG --strategy X --seed s \\
+        --out OUT/X-s --progress off [--epochs E] [EXTRA ARGS]
+
+Runs are ordered seed by seed, all strategies within a seed, so slow phases of a shared machine
+spread over the strategies. Then every OUT/X-s/metrics.jsonl is read and, per strategy, reported:
+
+  time_to_target   wall-clock (the run's own clock, at the evaluation) when test accuracy first
+                   reached each --targets value; mean over the seeds that reached it, and how many did
+  final_acc        test accuracy of the last evaluation, mean and std over seeds
+  bytes            payload bytes sent + received by all ranks in training rounds (evaluation's
+                   gathers and statistics are reported apart as eval_bytes)
+  step_time        sum over rounds of (t_compute + t_comm), each the max over ranks, / training steps
+
+Writes OUT/compare.json and OUT/compare.png (test accuracy vs wall-clock, seed 0 bold, other seeds faint).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout
+
+from resist_mpi.metrics import read_metrics  # noqa: E402
+
+
+def mpi_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p))
+    return env
+
+
+def train_command(args, strategy: str, seed: int, out: str) -> List[str]:
+    cmd = shlex.split(args.mpirun) + ["-np", str(args.np), sys.executable, "-m", "resist_mpi.train",
+                                      "--config", args.config, "--strategy", strategy, "--seed", str(seed),
+                                      "--out", out, "--progress", "off"]
+    if args.epochs:
+        cmd += ["--epochs", str(args.epochs)]
+    return cmd + shlex.split(args.extra_args)
+
+
+def run_one(args, strategy: str, seed: int) -> Dict:
+    out = os.path.join(args.out, f"{strategy}-{seed}")
+    cmd = train_command(args, strategy, seed, out)
+    os.makedirs(out, exist_ok=True)
+    print(f"compare: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    t0 = time.perf_counter()
+    with open(os.path.join(out, "train.log"), "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), stdout=log, stderr=subprocess.STDOUT,
+                              timeout=args.timeout)
+    elapsed = time.perf_counter() - t0
+    with open(os.path.join(out, "launch.json"), "w") as fh:
+        json.dump({"cmd": cmd, "returncode": proc.returncode, "elapsed_s": elapsed}, fh, indent=2)
+    tail = open(os.path.join(out, "train.log")).read().strip().splitlines()[-1:] or [""]
+    print(f"compare: {strategy} seed {seed}: exit {proc.returncode} in {elapsed:.0f}s | {tail[0]}", flush=True)
+    return {"returncode": proc.returncode, "elapsed_s": elapsed}
+
+
+def summarise_run(path: str, targets: List[float]) -> Optional[Dict]:
+    """Per-run numbers from OUT/X-s/metrics.jsonl (None when the run left no evaluation)."""
+    if not os.path.exists(os.path.join(path, "metrics.jsonl")):
+        return None
+    recs = read_metrics(path)
+    evals = [r for r in recs if r.get("event") == "eval"]
+    rounds = [r for r in recs if r.get("event") == "round"]
+    if not evals or not rounds:
+        return None
+    steps = rounds[-1]["step"]
+    reached = {}
+    for t in targets:
+        hit = next((e for e in evals if e["test_acc"] >= t), None)
+        reached[str(t)] = None if hit is None else {"wallclock": hit["wallclock"], "epoch": hit["epoch"]}
+    launch = os.path.join(path, "launch.json")
+    return {
+        "final_acc": evals[-1]["test_acc"], "final_epoch": evals[-1]["epoch"],
+        "time_to_target": reached,
+        "bytes": sum(r["bytes_sent"] + r["bytes_recv"] for r in rounds),
+        "eval_bytes": sum(e["bytes_sent"] + e["bytes_recv"] for e in evals),
+        "steps": steps,
+        "step_time": sum(r["t_compute"] + r["t_comm"] for r in rounds) / steps,
+        "comm_time": sum(r["t_comm"] for r in rounds),
+        "wallclock": evals[-1]["wallclock"],
+        "launch": json.load(open(launch)) if os.path.exists(launch) else None,
+        "curve": [(e["wallclock"], e["test_acc"]) for e in evals],
+    }
+
+
+def mean_std(values: List[float]):
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(runs: Dict[str, Dict[int, Dict]], targets: List[float]) -> Dict:
+    summary = {}
+    for strategy, by_seed in runs.items():
+        done = {s: r for s, r in by_seed.items() if r is not None}
+        if not done:
+            summary[strategy] = {"seeds": []}
+            continue
+        acc_mean, acc_std = mean_std([r["final_acc"] for r in done.values()])
+        ttt = {}
+        for t in targets:
+            hits = [r["time_to_target"][str(t)]["wallclock"] for r in done.values() if r["time_to_target"][str(t)]]
+            ttt[str(t)] = {"mean_s": mean_std(hits)[0], "std_s": mean_std(hits)[1],
+                           "reached": len(hits), "of": len(done)}
+        summary[strategy] = {
+            "seeds": sorted(done), "final_acc_mean": acc_mean, "final_acc_std": acc_std,
+            "time_to_target": ttt,
+            "bytes_mean": statistics.fmean(r["bytes"] for r in done.values()),
+            "eval_bytes_mean": statistics.fmean(r["eval_bytes"] for r in done.values()),
+            "step_time_mean_s": statistics.fmean(r["step_time"] for r in done.values()),
+            "wallclock_mean_s": statistics.fmean(r["wallclock"] for r in done.values()),
+        }
+    return summary
+
+
+def format_table(summary: Dict, targets: List[float]) -> str:
+    head = f"{'strategy':>14} | {'seeds':>5} | {'final acc':>15} | " + " | ".join(
+        f"{'t@' + format(t, '.0%'):>12}" for t in targets) + f" | {'bytes (train)':>13} | {'step':>8} | {'wall':>7}"
+    lines = [head, "-" * len(head)]
+    for strategy, s in summary.items():
+        if not s.get("seeds"):
+            lines.append(f"{strategy:>14} | {0:>5} | (no finished run)")
+            continue
+        cells = []
+        for t in targets:
+            d = s["time_to_target"][str(t)]
+            cells.append(f"{d['mean_s']:7.1f}s {d['reached']}/{d['of']}" if d["reached"] else f"{'-':>8} 0/{d['of']}")
+        lines.append(f"{strategy:>14} | {len(s['seeds']):>5} | {100 * s['final_acc_mean']:6.2f}% ± {100 * s['final_acc_std']:4.2f} | "
+                     + " | ".join(f"{c:>12}" for c in cells)
+                     + f" | {s['bytes_mean'] / 1e6:10.1f} MB | {1e3 * s['step_time_mean_s']:6.1f}ms | "
+                     f"{s['wallclock_mean_s']:6.1f}s")
+    return "\n".join(lines)
+
+
+def plot(runs: Dict[str, Dict[int, Dict]], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (strategy, by_seed) in enumerate(runs.items()):
+        color = f"C{i}"
+        for seed, r in sorted(by_seed.items()):
+            if r is None:
+                continue
+            xs, ys = zip(*r["curve"])
+            first = seed == min(s for s, v in by_seed.items() if v is not None)
+            ax.plot(xs, ys, color=color, marker="o" if first else None, ms=3,
+                    lw=2 if first else 0.8, alpha=1.0 if first else 0.35,
+                    label=f"{strategy} (seed {seed})" if first else None)
+    ax.set_xlabel("wall-clock (s)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--strategies", default="resist,local_sgd,data_parallel", help="(default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="(default: %(default)s)")
+    p.add_argument("--np", type=int, default=4, help="ranks per run (default: %(default)s)")
+    p.add_argument("--config", default="configs/demo.yaml", help="training config (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=0, help="override the config's epochs (0: keep)")
+    p.add_argument("--extra-args", default="", help="more resist_mpi.train flags, one string")
+    p.add_argument("--targets", default="0.9,0.95,0.97", help="test-accuracy targets (default: %(default)s)")
+    p.add_argument("--out", default="runs/bench/compare", help="run directories and results (default: %(default)s)")
+    p.add_argument("--mpirun", default="mpirun --oversubscribe", help="launcher (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run (default: %(default)s)")
+    p.add_argument("--skip-existing", action="store_true", help="do not rerun runs whose launch.json says exit 0")
+    p.add_argument("--report-only", action="store_true", help="only read the runs already in --out")
+    p.add_argument("--json", help="results file (default: OUT/compare.json)")
+    p.add_argument("--plot", help="plot file (default: OUT/compare.png)")
+    args = p.parse_args(argv)
+    strategies = [s for s in args.strategies.split(",") if s]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    targets = [float(t) for t in args.targets.split(",") if t.strip()]
+    os.makedirs(args.out, exist_ok=True)
+
+    if not args.report_only:
+        for seed in seeds:
+            for strategy in strategies:
+                launch = os.path.join(args.out, f"{strategy}-{seed}", "launch.json")
+                if args.skip_existing and os.path.exists(launch) and json.load(open(launch))["returncode"] == 0:
+                    continue
+                run_one(args, strategy, seed)
+
+    runs = {s: {seed: summarise_run(os.path.join(args.out, f"{s}-{seed}"), targets) for seed in seeds}
+            for s in strategies}
+    summary = aggregate(runs, targets)
+    print(format_table(summary, targets), flush=True)
+    result = {"benchmark": "compare", "argv": sys.argv, "np": args.np, "config": args.config,
+              "epochs": args.epochs or None, "extra_args": args.extra_args, "seeds": seeds,
+              "targets": targets, "summary": summary,
+              "runs": {s: {str(seed): r for seed, r in by.items()} for s, by in runs.items()}}
+    path = args.json or os.path.join(args.out, "compare.json")
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=2)
+    if any(r for by in runs.values() for r in by.values()):
+        png = args.plot or os.path.join(args.out, "compare.png")
+        plot(runs, png, f"{args.np} ranks, {os.path.basename(args.config)}, seeds {args.seeds}")
+        print(f"compare: wrote {path} and {png}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
