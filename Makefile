@@ -54,7 +54,7 @@ $(STAMP): setup.py | mpi
 demo: setup
 	$(MPIRUN) -np $(NP) $(VENV)/bin/python -m resist_mpi.train --config configs/demo.yaml --out runs/demo
 
-test: setup scheduler-deps
+test: setup scheduler-deps horovod
 	$(VENV)/bin/python -m pytest tests -q
 
 # Horovod backend (optional): built from source once, the wheel cached outside the repo
