@@ -54,7 +54,8 @@ $(STAMP): setup.py | mpi
 demo: setup
 	$(MPIRUN) -np $(NP) $(VENV)/bin/python -m resist_mpi.train --config configs/demo.yaml --out runs/demo
 
-test: setup scheduler-deps horovod
+test: setup scheduler-deps
+	@$(MAKE) --no-print-directory horovod || echo "make test: WARNING: the Horovod build failed (see above); its tests will be skipped" >&2
 	$(VENV)/bin/python -m pytest tests -q
 
 # Horovod backend (optional): built from source once, the wheel cached outside the repo
