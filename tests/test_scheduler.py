@@ -27,7 +27,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
-TINY = "--model preact_resnet18 --width 4 --batch-size 32 --local-steps 5 --min-depth 1"
+TINY = "--model preact_resnet18 --width 4 --batch-size 32 --local-steps 5 --min-depth 1 --bn-batches 2"
 JOB_TIMEOUT = 150  # seconds per job; a tiny run takes ~10 s when the machine is quiet
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
