@@ -11,4 +11,4 @@ class LocalSGD(Strategy):
 
     def end_round(self) -> None:
         # ---- distributed step: one fused allreduce of the whole model ----
-        allreduce_tensors_(self.comm, module_tensors(self.model))
+        allreduce_tensors_(self.comm, module_tensors(self.model), self.buffers)

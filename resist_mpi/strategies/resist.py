@@ -100,7 +100,7 @@ class ResIST(Strategy):
 
     def end_round(self) -> None:
         # ---- distributed step: one fused allreduce of the shared layers ----
-        allreduce_tensors_(self.comm, self.model.shared_tensors())
+        allreduce_tensors_(self.comm, self.model.shared_tensors(), self.buffers)
         # Blocks trained by several ranks now differ; they are averaged in the next exchange.
         self.divergent = {b for b, h in enumerate(self.holders) if len(h) > 1}
 
