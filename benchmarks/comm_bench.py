@@ -202,6 +202,16 @@ def main(argv=None) -> int:
                       f"({type(e).__name__}: {e}); build it with `make horovod`", flush=True)
             return 0
     c = C.init(args.backend)
+    from mpi4py import MPI
+    if MPI.COMM_WORLD.Get_size() != c.size:  # e.g. horovodrun --gloo: no MPI world to compare with
+        if c.rank == 0:
+            print(f"comm_bench: the {c.name} backend sees {c.size} ranks but MPI.COMM_WORLD has "
+                  f"{MPI.COMM_WORLD.Get_size()}: raw mpi4py needs the same world (horovodrun --mpi or "
+                  f"mpirun); skipped", flush=True)
+        return 0
+    if c.size == 1 and c.rank == 0:
+        print("comm_bench: a world of one rank: the package skips collectives (nothing to move); "
+              "launch with mpirun -np N", flush=True)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     rows = bench(c, sizes, args.iters, args.warmup, args.reps)
     if c.rank == 0:
