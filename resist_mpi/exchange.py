@@ -1,11 +1,12 @@
-"""Executing a routing Plan on a model: one fused alltoallv moves every block that must move."""
+"""Executing a routing Plan on a model: one collective moves every block that must move."""
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional
 
 import torch
 
-from .comm import Comm, pack, unpack_
+from .comm import Comm
+from .comm.fusion import empty_flat, pack, unpack_
 from .routing import Plan
 
 
@@ -14,51 +15,87 @@ def block_sizes(model) -> List[int]:
     return [model.block_numel(b) for b in range(model.num_partitionable)]
 
 
-def run_exchange(c: Comm, model, plan: Plan, device) -> None:
+def _workspace(buffers: Dict, key: str, n: int, device) -> torch.Tensor:
+    """A float32 tensor of n elements from buffers[key], grown when too small (reused across rounds)."""
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < n or buf.device != torch.device(device):
+        buf = empty_flat(n, device)
+        buffers[key] = buf
+    return buf[:n]
+
+
+def _pieces(model, b: int) -> List[torch.Tensor]:
+    """Block b as contiguous float32 tensors: its slab, or its tensors one by one."""
+    slab = model.block_slab(b)
+    return [slab] if slab is not None else model.block_tensors(b)
+
+
+def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = None) -> None:
     """Carry out plan on this rank: send, receive, average, and drop blocks no longer needed.
 
-    Every rank calls this with the identical plan. Blocks are packed into one flat buffer in the
-    plan's order (by destination, then block id); the receiver slices by (source, block id). An
-    averaged block sums its copies in ascending source-rank order, so the result is the same as a
-    single-process computation that averages in that order.
+    Every rank calls this with the identical plan. Blocks go in the plan's order (by destination,
+    then block id) straight from their storage: a block with a single source is received straight
+    into its new storage; copies to be averaged land in a workspace and are summed in ascending
+    source-rank order, so the result equals a single-process computation that averages in that
+    order.
+
+    Args:
+        buffers: a dict the caller keeps between rounds; the averaging workspace is reused from it.
     """
+    buffers = {} if buffers is None else buffers
     rank = c.rank
     numel = block_sizes(model)
-    send_tensors = [t for _dst, blocks in plan.sends(rank) for b in blocks for t in model.block_tensors(b)]
-    send = pack(send_tensors) if send_tensors else torch.empty(0, dtype=torch.float32, device=device)
-
-    # Own copies that take part in an average must be read before anything is overwritten.
     needed = plan.needed(rank)
-    own = {b: pack(model.block_tensors(b)) for b in needed
-           if len(plan.sources[(rank, b)]) > 1 and rank in plan.sources[(rank, b)]}
 
-    # ---- distributed step: the one collective of the exchange ----
-    recv, _ = c.alltoallv(send, plan.send_counts(rank, numel), plan.recv_counts(rank, numel))
+    # New blocks get storage before the collective (spare slabs from earlier rounds first). Blocks
+    # being dropped are released only afterwards: they may still be sent in this very exchange.
+    for b in needed:
+        if plan.sources[(rank, b)] != (rank,) and not model.holds_block(b):
+            model.materialize_block(b, device)
 
-    offsets = {}
+    sends: List[List[torch.Tensor]] = [[] for _ in range(c.size)]
+    for dst, blocks in plan.sends(rank):
+        sends[dst] = [t for b in blocks for t in _pieces(model, b)]
+    recvs: List[List[torch.Tensor]] = [[] for _ in range(c.size)]
+    averaged_elems = sum(numel[b] for (src, b) in _averaged(plan, rank))
+    work = _workspace(buffers, "average", averaged_elems, device)
+    landing: Dict = {}  # (src, block) -> workspace slice holding src's copy
     offset = 0
     for src, blocks in plan.recvs(rank):
         for b in blocks:
-            offsets[(src, b)] = offset
-            offset += numel[b]
+            if len(plan.sources[(rank, b)]) == 1:
+                recvs[src].extend(_pieces(model, b))  # straight into the block
+            else:
+                landing[(src, b)] = work[offset:offset + numel[b]]
+                recvs[src].append(landing[(src, b)])
+                offset += numel[b]
 
-    for b in needed:
-        srcs = plan.sources[(rank, b)]
-        if srcs == (rank,):
-            continue  # kept as is: the block does not move
-        parts = [own[b] if s == rank else recv[offsets[(s, b)]:offsets[(s, b)] + numel[b]] for s in srcs]
-        if len(parts) == 1:
-            value = parts[0]
-        else:
+    # ---- distributed step: the one collective of the exchange ----
+    c.alltoallv_tensors(sends, recvs)
+
+    with torch.no_grad():
+        for b in needed:
+            srcs = plan.sources[(rank, b)]
+            if len(srcs) == 1:
+                continue  # kept, or received in place
+            own = pack(_pieces(model, b)) if rank in srcs else None
+            parts = [own if s == rank else landing[(s, b)] for s in srcs]
             value = parts[0].clone()
             for p in parts[1:]:
                 value.add_(p)
             value.div_(len(parts))
-        if not model.holds_block(b):
-            model.materialize_block(b, device)
-        unpack_(value, model.block_tensors(b))
-
+            pieces = _pieces(model, b)
+            if len(pieces) == 1:
+                pieces[0].copy_(value)
+            else:
+                unpack_(value, pieces)
     keep = set(needed)
     for b in range(model.num_partitionable):
         if b not in keep and model.holds_block(b):
             model.release_block(b)
+    model.trim_spares(len(needed))
+
+
+def _averaged(plan: Plan, rank: int):
+    """(src, block) pairs this rank receives for an average (they land in the workspace)."""
+    return [(src, b) for src, blocks in plan.recvs(rank) for b in blocks if len(plan.sources[(rank, b)]) > 1]

@@ -74,7 +74,8 @@ class Comm:
         return t
 
     def alltoallv(self, send: torch.Tensor, send_counts: Sequence[int],
-                  recv_counts: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, List[int]]:
+                  recv_counts: Optional[Sequence[int]] = None,
+                  out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[int]]:
         """Personalised all-to-all of float32 elements.
 
         Args:
@@ -82,6 +83,9 @@ class Comm:
             send_counts: elements for each destination rank (len == size, sum == send.numel()).
             recv_counts: elements expected from each source rank, when the caller knows them (a
                 routing plan does); otherwise they are exchanged first (counted as control bytes).
+            out: a 1-D float32 tensor of exactly sum(recv_counts) elements to receive into, reused
+                between calls to spare the allocation; backends that cannot receive in place
+                (Horovod) return a new tensor instead.
         Returns:
             (recv, recv_counts): the received segments laid end to end by source rank, and counts.
         """
@@ -96,10 +100,53 @@ class Comm:
         recv_counts = [int(c) for c in recv_counts]
         if len(recv_counts) != self.size:
             raise ValueError(f"alltoallv: recv_counts needs one entry per rank ({self.size})")
-        recv = self._alltoallv(send, send_counts, recv_counts)
+        if out is not None and hasattr(self, "_alltoallv_into"):
+            check_flat(out, "alltoallv out")
+            if out.numel() != sum(recv_counts):
+                raise ValueError(f"alltoallv: out has {out.numel()} elements, recv_counts sum to {sum(recv_counts)}")
+            recv = self._alltoallv_into(send, send_counts, recv_counts, out)
+        else:
+            recv = self._alltoallv(send, send_counts, recv_counts)
         self.bytes_sent += ELEMENT_BYTES * (sum(send_counts) - send_counts[self.rank])
         self.bytes_recv += ELEMENT_BYTES * (sum(recv_counts) - recv_counts[self.rank])
         return recv, recv_counts
+
+    def alltoallv_tensors(self, sends: Sequence[Sequence[torch.Tensor]],
+                          recvs: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Personalised all-to-all straight from and into tensors: one collective, no staging buffer
+        the caller has to manage.
+
+        Args:
+            sends: sends[d] = contiguous float32 tensors for rank d, in order (sends[self.rank] empty).
+            recvs: recvs[s] = contiguous float32 tensors to fill from rank s, in the order s sends
+                them (recvs[self.rank] empty); their sizes must match what s sends.
+        The mpi backend describes the tensors with MPI datatypes (Alltoallw over absolute addresses),
+        so nothing is packed; other backends pack into one buffer and use alltoallv. Bytes are
+        counted as for alltoallv.
+        """
+        if len(sends) != self.size or len(recvs) != self.size:
+            raise ValueError(f"alltoallv_tensors: need one send and one receive list per rank ({self.size})")
+        if sends[self.rank] or recvs[self.rank]:
+            raise ValueError("alltoallv_tensors: a rank sends nothing to itself (copy it locally)")
+        for t in [t for ts in list(sends) + list(recvs) for t in ts]:
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError(f"alltoallv_tensors: tensors must be contiguous float32, got {t.dtype}")
+        self._alltoallv_tensors(sends, recvs)
+        self.bytes_sent += ELEMENT_BYTES * sum(t.numel() for ts in sends for t in ts)
+        self.bytes_recv += ELEMENT_BYTES * sum(t.numel() for ts in recvs for t in ts)
+
+    def _alltoallv_tensors(self, sends, recvs) -> None:
+        """Fallback: pack into one flat buffer, alltoallv, unpack."""
+        from .fusion import pack, unpack_
+        flat_send = [t for ts in sends for t in ts]
+        device = (flat_send or [t for ts in recvs for t in ts] or [torch.empty(0)])[0].device
+        send = pack(flat_send) if flat_send else torch.empty(0, dtype=torch.float32, device=device)
+        send_counts = [sum(t.numel() for t in ts) for ts in sends]
+        recv_counts = [sum(t.numel() for t in ts) for ts in recvs]
+        recv = self._alltoallv(send, send_counts, recv_counts)
+        targets = [t for ts in recvs for t in ts]
+        if targets:
+            unpack_(recv, targets)
 
     def bcast_(self, t: torch.Tensor, root: int = 0) -> torch.Tensor:
         """Broadcast t from root into t on every rank, in place. Returns t."""

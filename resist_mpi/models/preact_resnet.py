@@ -10,11 +10,13 @@ its blocks flat and says which are partitionable: by default the non-strided blo
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..comm.fusion import empty_flat
 
 
 class PreActBlock(nn.Module):
@@ -109,6 +111,7 @@ class PreActResNet(nn.Module):
         self.partitionable: List[PreActBlock] = [
             b for s, stage in enumerate(self.stages) if s in partition_stages for b in list(stage)[1:]]
         del self.in_planes
+        self._spares = {}
 
     def _make_stage(self, block, planes: int, n: int, stride: int) -> nn.ModuleList:
         layers = []
@@ -147,22 +150,44 @@ class PreActResNet(nn.Module):
         for blk in self.partitionable:
             blk.res_scale = float(scale)
 
-    # -- holding only a sub-ResNet: released blocks keep their shapes on the meta device ----------
+    # -- holding only a sub-ResNet ------------------------------------------------------------------
+    # A held block's float tensors are views of one flat *slab* (parameters, then float buffers, in
+    # block_tensors order): it is sent, received and averaged as one piece. A released block's
+    # tensors live on the meta device (shapes, no storage); its slab goes to a small spare pool so
+    # the next round's new blocks reuse memory instead of faulting in fresh pages.
     def holds_block(self, i: int) -> bool:
         return not self.partitionable[i].bn1.weight.is_meta
 
-    def release_block(self, i: int) -> None:
-        """Free block i's memory (its tensors move to the meta device, which keeps only shapes)."""
-        self.partitionable[i].active = False
-        self.partitionable[i].to_empty(device="meta")
+    def block_slab(self, i: int) -> Optional[torch.Tensor]:
+        """The flat tensor block i's tensors are views of, or None (e.g. a freshly built block)."""
+        slab = getattr(self.partitionable[i], "_slab", None)
+        return slab if slab is not None and module_views_of(self.partitionable[i], slab) else None
 
-    def materialize_block(self, i: int, device) -> None:
-        """Allocate (uninitialised) storage for released block i on device; the caller fills it."""
+    def release_block(self, i: int) -> None:
+        """Free block i (its tensors move to the meta device); its slab is kept as a spare."""
         blk = self.partitionable[i]
-        blk.to_empty(device=device)
-        for m in blk.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.num_batches_tracked.zero_()
+        slab = self.block_slab(i)
+        blk.active = False
+        blk._slab = None
+        _rebind(blk, None, "meta")
+        if slab is not None:
+            self._spares.setdefault((slab.numel(), slab.device), []).append(slab)
+
+    def materialize_block(self, i: int, device) -> torch.Tensor:
+        """Give released block i storage on device (a spare slab when one fits; contents
+        uninitialised: the caller fills them) and return its slab."""
+        blk = self.partitionable[i]
+        n = self.block_numel(i)
+        spares = self._spares.get((n, torch.device(device)), [])
+        slab = spares.pop() if spares else empty_flat(n, device)
+        _rebind(blk, slab, device)
+        blk._slab = slab
+        return slab
+
+    def trim_spares(self, keep: int) -> None:
+        """Drop spare slabs beyond keep (memory goes back once evaluation's extra blocks are released)."""
+        for key, spares in self._spares.items():
+            del spares[keep:]
 
     def shared_modules(self) -> List[nn.Module]:
         """The modules every rank holds and trains: all but the partitionable blocks."""
@@ -197,3 +222,44 @@ def named_stage_blocks(model: PreActResNet) -> Iterator[Tuple[str, PreActBlock]]
     for s, stage in enumerate(model.stages):
         for j, blk in enumerate(stage):
             yield f"stage{s + 1}.block{j}", blk
+
+
+def module_views_of(module: nn.Module, slab: torch.Tensor) -> bool:
+    """Whether module_tensors(module) are, in order, consecutive views of slab."""
+    offset, base = 0, slab.data_ptr()
+    for t in module_tensors(module):
+        if t.is_meta or t.device != slab.device or t.data_ptr() != base + 4 * offset:
+            return False
+        offset += t.numel()
+    return offset == slab.numel()
+
+
+def _rebind(module: nn.Module, slab: Optional[torch.Tensor], device) -> None:
+    """Point module's tensors at consecutive views of slab (None: at empty meta tensors).
+
+    New Parameter objects are made (a meta tensor cannot become a CPU/GPU one in place); the
+    optimizer is rebuilt each round, so nothing holds the old ones.
+    """
+    offset = 0
+
+    def take(t):
+        nonlocal offset
+        if slab is None:
+            return torch.empty(t.shape, dtype=t.dtype, device="meta")
+        view = slab[offset:offset + t.numel()].view(t.shape)
+        offset += t.numel()
+        return view
+
+    mods = list(module.modules())
+    for m in mods:
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = nn.Parameter(take(p), requires_grad=p.requires_grad)
+    for m in mods:
+        for name, b in list(m._buffers.items()):
+            if b is None:
+                continue
+            if b.is_floating_point():
+                m._buffers[name] = take(b)
+            else:  # BN's num_batches_tracked: not exchanged, restarts at 0
+                m._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device="meta" if slab is None else device)

@@ -6,29 +6,19 @@ strategy's name. Each distributed step is inside a hook.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 
 from ..comm import Comm, pack, unpack_
+from ..comm.fusion import flatten_, is_view_of
 from ..models import module_tensors
 
 
-def allreduce_tensors_(c: Comm, tensors: List[torch.Tensor], pool: Optional[Dict] = None) -> None:
-    """Average tensors over ranks with one fused allreduce (pack, reduce, unpack).
-
-    pool: a dict in which the flat buffer is kept between calls. Reusing it matters: a fresh
-    buffer of tens of MB per round costs page faults and MPI's re-registration of new memory,
-    which measured 3x slower than raw MPI on ResNet-101's shared layers.
-    """
+def allreduce_tensors_(c: Comm, tensors: List[torch.Tensor]) -> None:
+    """Average tensors over ranks with one fused allreduce (pack, reduce, unpack)."""
     if tensors:
-        n = sum(t.numel() for t in tensors)
-        key = (n, tensors[0].device)
-        out = pool.get(key) if pool is not None else None
-        flat = pack(tensors, out=out)
-        if pool is not None:
-            pool.clear()
-            pool[key] = flat
+        flat = pack(tensors)
         c.allreduce_mean_(flat)
         unpack_(flat, tensors)
 
@@ -56,7 +46,7 @@ class Strategy:
     def __init__(self, comm: Comm, cfg, device):
         self.comm, self.cfg, self.device = comm, cfg, device
         self.model = None
-        self.buffers: Dict = {}  # flat buffers reused round after round (see allreduce_tensors_)
+        self._flats: Dict[str, torch.Tensor] = {}
 
     def build_model(self, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         """Create the model on every rank and give all ranks rank 0's initial weights."""
@@ -68,6 +58,20 @@ class Strategy:
     def adopt(self, model) -> None:
         """Continue with an already synchronised full model (e.g. after a warm-up strategy)."""
         self.model = model
+
+    def average_(self, key: str, tensors: List[torch.Tensor]) -> None:
+        """Average tensors over ranks in place with one allreduce and no copies.
+
+        The first call moves the tensors into one flat buffer and makes them views of it, so later
+        rounds reduce that buffer directly (packing 60 MB of ResNet-101 shared layers into a fresh
+        buffer and back made the average 1.5-3x slower than raw MPI). If something replaced the
+        tensors since, the buffer is rebuilt.
+        """
+        flat = self._flats.get(key)
+        if flat is None or not is_view_of(tensors, flat):
+            flat = flatten_(tensors)
+            self._flats[key] = flat
+        self.comm.allreduce_mean_(flat)
 
     def begin_round(self, round_index: int) -> None:
         """Called before the round's local steps."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..models import module_tensors
-from .base import Strategy, allreduce_tensors_
+from .base import Strategy
 
 
 class LocalSGD(Strategy):
@@ -11,4 +11,4 @@ class LocalSGD(Strategy):
 
     def end_round(self) -> None:
         # ---- distributed step: one fused allreduce of the whole model ----
-        allreduce_tensors_(self.comm, module_tensors(self.model), self.buffers)
+        self.average_("model", module_tensors(self.model))

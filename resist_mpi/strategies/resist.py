@@ -21,7 +21,7 @@ import torch
 from .. import partition
 from ..exchange import block_sizes, run_exchange
 from ..routing import everyone, needers_from_assignment, plan_exchange
-from .base import Strategy, allreduce_tensors_, bcast_tensors_
+from .base import Strategy, bcast_tensors_
 
 
 class ResIST(Strategy):
@@ -34,6 +34,7 @@ class ResIST(Strategy):
         self.holders: List[Tuple[int, ...]] = []
         self.divergent: set = set()
         self.last_plan = None
+        self._exchange_buffers: Dict = {}  # send/receive buffers reused round after round
 
     # -- model ------------------------------------------------------------------------------------
     def build_model(self, factory):
@@ -81,7 +82,7 @@ class ResIST(Strategy):
     def exchange_to(self, needers) -> None:
         """One alltoallv that leaves needers[b] holding an up-to-date copy of block b."""
         plan = plan_exchange(self.holders, needers, self.comm.size, self.divergent, block_sizes(self.model))
-        run_exchange(self.comm, self.model, plan, self.device)
+        run_exchange(self.comm, self.model, plan, self.device, self._exchange_buffers)
         self.last_plan = plan
         self.holders = list(plan.holders_after)
         self.divergent = set()
@@ -100,7 +101,7 @@ class ResIST(Strategy):
 
     def end_round(self) -> None:
         # ---- distributed step: one fused allreduce of the shared layers ----
-        allreduce_tensors_(self.comm, self.model.shared_tensors(), self.buffers)
+        self.average_("shared", self.model.shared_tensors())
         # Blocks trained by several ranks now differ; they are averaged in the next exchange.
         self.divergent = {b for b, h in enumerate(self.holders) if len(h) > 1}
 
