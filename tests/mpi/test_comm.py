@@ -113,3 +113,40 @@ def test_misuse_is_reported(c):
         c.allreduce_mean_(torch.zeros(2, 2))
     with pytest.raises(ValueError, match="send_counts"):
         c.alltoallv(torch.zeros(3), [3] * (c.size + 1))
+
+
+def test_alltoallv_into_out_buffer(c):
+    S, r = c.size, c.rank
+    send = torch.cat([_segment(r, d, _count(r, d)) for d in range(S)])
+    counts = [_count(s, r) for s in range(S)]
+    out = torch.full((sum(counts),), -1.0)
+    recv, _ = c.alltoallv(send, [_count(r, d) for d in range(S)], counts, out=out)
+    assert recv.data_ptr() == out.data_ptr()
+    assert torch.equal(out, torch.cat([_segment(s, r, _count(s, r)) for s in range(S)]))
+    with pytest.raises(ValueError, match="out has"):
+        c.alltoallv(send, [_count(r, d) for d in range(S)], counts, out=torch.empty(sum(counts) + 1))
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_alltoallv_tensors_in_place(c, fallback):
+    """Each rank sends two tensors of different shapes to every other rank, received in place."""
+    S, r = c.size, c.rank
+    sends = [[] if d == r else [_segment(r, d, 3).reshape(3, 1), _segment(r, d, d + 2) + 0.5] for d in range(S)]
+    recvs = [[] if s == r else [torch.empty(3, 1), torch.empty(r + 2)] for s in range(S)]
+    ptrs = [t.data_ptr() for ts in recvs for t in ts]
+    before = c.counters()
+    if fallback:  # the pack/alltoallv path other backends use
+        from resist_mpi.comm.base import Comm
+        Comm._alltoallv_tensors(c, sends, recvs)
+    else:
+        c.alltoallv_tensors(sends, recvs)
+    for s in range(S):
+        if s != r:
+            assert torch.equal(recvs[s][0], _segment(s, r, 3).reshape(3, 1))
+            assert torch.equal(recvs[s][1], _segment(s, r, r + 2) + 0.5)
+    assert ptrs == [t.data_ptr() for ts in recvs for t in ts]
+    if not fallback:
+        assert c.bytes_sent - before[0] == 4 * sum(3 + d + 2 for d in range(S) if d != r)
+        assert c.bytes_recv - before[1] == 4 * (S - 1) * (3 + r + 2)
+    with pytest.raises(ValueError, match="itself"):
+        c.alltoallv_tensors([[torch.zeros(1)]] * S, [[]] * S)

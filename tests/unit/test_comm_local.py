@@ -78,3 +78,21 @@ def test_world_of_one_is_identity():
         c.alltoallv(torch.arange(3.0), [2])
     with pytest.raises(ValueError, match="unknown backend"):
         comm.resolve_backend("nccl")
+
+
+def test_flatten_makes_views_that_follow_in_place_updates():
+    from resist_mpi.comm.fusion import empty_flat, flatten_, is_view_of
+    lin, bn = torch.nn.Linear(3, 2), torch.nn.BatchNorm2d(3)
+    ts = list(lin.parameters()) + list(bn.parameters()) + [bn.running_mean, bn.running_var]
+    values = [t.detach().clone() for t in ts]
+    flat = flatten_(ts)
+    assert is_view_of(ts, flat) and all(torch.equal(a, b) for a, b in zip(ts, values))
+    flat.mul_(2)  # a collective on flat acts on the tensors themselves
+    assert torch.equal(lin.weight, 2 * values[0]) and torch.equal(bn.running_var, 2 * values[-1])
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
+    lin(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert is_view_of(ts, flat)
+    lin.weight.data = torch.zeros(2, 3)  # replaced, not updated in place: no longer a view
+    assert not is_view_of(ts, flat)
+    assert empty_flat(10).shape == (10,) and empty_flat(10).dtype == torch.float32

@@ -99,3 +99,22 @@ def test_imagenet_variant_runs_small_input():
     m = create_model("preact_resnet50_imagenet", 5, width=4)
     assert m.num_partitionable == 5
     assert m(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_slabs_are_reused_and_trimmed():
+    m = _thin([1, 1, 4, 1])
+    m.release_block(0)
+    slab = m.materialize_block(0, "cpu")
+    assert m.block_slab(0) is slab and slab.numel() == m.block_numel(0)
+    slab.fill_(3.0)
+    assert all(torch.all(t == 3.0) for t in m.block_tensors(0))  # tensors are views of the slab
+    ptr = slab.data_ptr()
+    m.release_block(0)
+    assert m.block_slab(0) is None and not m.holds_block(0)
+    m.release_block(1)
+    again = m.materialize_block(1, "cpu")
+    assert again.data_ptr() == ptr  # the spare slab came back instead of a new allocation
+    m.release_block(1)
+    assert sum(len(v) for v in m._spares.values()) == 1
+    m.trim_spares(0)  # memory goes back: no spare is kept
+    assert sum(len(v) for v in m._spares.values()) == 0
