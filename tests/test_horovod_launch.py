@@ -1,18 +1,42 @@
-"""Run the Horovod backend's multi-rank tests under horovodrun, both controllers.
+"""The Horovod backend under horovodrun, both controllers (MPI and Gloo).
 
-Skipped when Horovod (make horovod) or horovodrun is missing. Each case starts a fresh job and
-passes only if every rank's pytest passed: horovodrun's exit status is non-zero when any rank
-fails, and each rank must report its own "N passed" line.
+Skipped when Horovod (make horovod) or horovodrun is missing.
+
+- test_horovod_backend_under_horovodrun: runs tests/mpi/test_comm_horovod.py on every rank. Each
+  case starts a fresh job and passes only if every rank's pytest passed: horovodrun's exit status
+  is non-zero when any rank fails, and each rank must report its own "N passed" line.
+- test_train_matches_mpi_backend: every strategy trained under horovodrun (default --backend auto,
+  which must pick horovod), MPI and Gloo controllers, on 2 ranks, checked against the same
+  settings under `mpirun --backend mpi`: same seed, same ranks, so the same per-round train loss
+  and final test loss (rel 1e-4) and the same bytes_sent/bytes_recv, to the byte.
+
+Why the bytes can be equal to the byte even for data_parallel, where Horovod's
+DistributedOptimizer (not the strategy) allreduces the gradients, in fused buffers of its own
+choosing: the strategy counts, per step, ring_allreduce_bytes(4 * all gradient elements, size),
+the formula the mpi backend applies to its one fused gradient allreduce, once for the total. How
+Horovod splits the gradients into fused allreduces does not enter it.
+
+Why 2 ranks: a sum of two addends does not depend on the reduction algorithm, so the two
+backends agree bit for bit. On 4 ranks Gloo's allreduce adds in another order than Open MPI's,
+and data-parallel training on these thin nets amplifies last-bit differences within a few
+steps: there, the mpi backend itself differs from itself by up to 4e-3 in train loss when Open
+MPI is made to use another allreduce algorithm (coll_tuned_allreduce_algorithm), as much as
+horovodrun --gloo differs from it.
 """
 import importlib.util
+import json
+import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import have_mpirun, mpi_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST = "tests/mpi/test_comm_horovod.py"
@@ -36,27 +60,161 @@ pytestmark = [
 ]
 
 
+def _horovodrun_cmd(np_, controller, args):
+    """(command, environment) of `horovodrun -np np_ [--gloo|--mpi] python args...`.
+
+    The environment is helpers.mpi_env's (Open MPI behind the MPI controller refuses root and more
+    ranks than cores otherwise), plus the repo on PYTHONPATH and mpi_yield_when_idle: horovodrun
+    tells mpirun there are np_ slots on localhost, so Open MPI would busy-poll even when the
+    ranks outnumber the cores (plain mpirun --oversubscribe yields by itself); on 2 cores that
+    halves the MPI controller's run time.
+    """
+    env = mpi_env(OMPI_MCA_mpi_yield_when_idle="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    cmd = [_horovodrun(), "-np", str(np_), "-H", f"localhost:{np_}"]
+    cmd += ["--gloo"] if controller == "gloo" else ["--mpi"]
+    return cmd + [sys.executable] + list(args), env
+
+
+def horovodrun(np_, controller, args, timeout=300):
+    """Run _horovodrun_cmd(...) from the repo root; returns CompletedProcess (text)."""
+    cmd, env = _horovodrun_cmd(np_, controller, args)
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s (a rank hung?):\n{out[-6000:]}")
+
+
 @pytest.mark.parametrize("np_, controller", [(2, "mpi"), (2, "gloo"), (4, "mpi")],
                          ids=["np2-mpi", "np2-gloo", "np4-mpi"])
 def test_horovod_backend_under_horovodrun(np_, controller):
-    env = dict(os.environ)
-    env.update(
-        # Open MPI (behind horovodrun's MPI controller) refuses root and more ranks than cores.
-        OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        OMPI_MCA_rmaps_base_oversubscribe="1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
-    )
-    cmd = [_horovodrun(), "-np", str(np_), "-H", f"localhost:{np_}"]
-    cmd += ["--gloo"] if controller == "gloo" else ["--mpi"]
     # No cache plugin: N ranks writing one .pytest_cache at once would race.
-    cmd += [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TEST]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{' '.join(cmd)} timed out after 300 s (a rank hung?):\n{e.stdout or ''}")
+    proc = horovodrun(np_, controller, ["-m", "pytest", "-q", "-p", "no:cacheprovider", TEST])
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-6000:]}"
+    assert proc.returncode == 0, f"horovodrun exited {proc.returncode}:\n{out[-6000:]}"
     passed = re.findall(r"(\d+) passed", out)
     assert len(passed) == np_ and all(int(n) > 0 for n in passed), \
         f"expected one 'N passed' line per rank:\n{out[-6000:]}"
+
+
+# -- training end to end: horovod backend == mpi backend ------------------------------------------------
+NP = 2
+STRATEGIES = ("resist", "local_sgd", "data_parallel")
+# Short on purpose (digits, a thin ResNet-34, 3 steps per rank in 2 rounds): the point is the
+# equality of the two backends, not what is learnt.
+TRAIN = ["--model", "preact_resnet34", "--width", "2", "--epochs", "1", "--batch-size", "256",
+         "--local-steps", "2", "--bn-batches", "1", "--seed", "3", "--progress", "off"]
+REL = 1e-4
+# One job per launcher trains every strategy in turn, through the CLI's own entry point
+# (resist_mpi.train.main: config, comm.init, Trainer), each into OUT/<strategy>. Six horovodrun
+# and three mpirun start-ups would be most of this file's time on a small machine.
+DRIVER = """\
+import sys
+from resist_mpi.train import main
+out, args = sys.argv[1], sys.argv[2:]
+for strategy in {strategies!r}:
+    rc = main(args + ["--strategy", strategy, "--out", out + "/" + strategy])
+    if rc:
+        sys.exit(rc)
+"""
+
+
+def _read(out):
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    config = json.load(open(os.path.join(out, "config.json")))
+    return config, [r for r in records if r["event"] == "round"], [r for r in records if r["event"] == "eval"]
+
+
+class _Job:
+    """A launch running in the background; result() waits for it (and kills it on timeout)."""
+
+    def __init__(self, cmd, env, out, timeout=300):
+        self.cmd, self.out, self.timeout = cmd, out, timeout
+        self.log = open(out / "launch.log", "w+")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.rc = None
+
+    def result(self):
+        if self.rc is None:
+            try:
+                self.rc = self.proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # this job's own process group only
+                self.proc.wait()
+                self.rc = "timeout"
+        self.log.seek(0)
+        return self.rc, self.log.read()
+
+
+@pytest.fixture(scope="module")
+def train_jobs(tmp_path_factory):
+    """launch -> _Job: "reference" (mpirun --backend mpi), "hvd-mpi" and "hvd-gloo" (horovodrun).
+
+    The mpi reference starts at once and runs beside the first horovodrun job; the horovodrun jobs
+    start when first asked for, one at a time.
+    """
+    base = tmp_path_factory.mktemp("train")
+    driver = base / "driver.py"
+    driver.write_text(DRIVER.format(strategies=STRATEGIES))
+    jobs = {}
+
+    def launch(kind):
+        out = base / kind
+        out.mkdir()
+        args = [str(driver), str(out)] + TRAIN
+        if kind == "reference":
+            cmd = ["mpirun", "--oversubscribe", "-np", str(NP), sys.executable] + args + ["--backend", "mpi"]
+            env = mpi_env()
+        else:  # no --backend: "auto" must pick horovod under horovodrun, whichever controller
+            cmd, env = _horovodrun_cmd(NP, kind[len("hvd-"):], args)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        return _Job(cmd, env, out)
+
+    def get(kind):
+        if kind not in jobs:
+            jobs[kind] = launch(kind)
+        return jobs[kind]
+
+    if have_mpirun():
+        get("reference")
+    yield get
+    for job in jobs.values():
+        if job.rc is None and job.proc.poll() is None:
+            os.killpg(job.proc.pid, signal.SIGKILL)
+            job.proc.wait()
+        job.log.close()
+
+
+def _finished(job, what):
+    rc, log = job.result()
+    assert rc == 0, f"{what}: {' '.join(job.cmd)} exited {rc}:\n{log[-6000:]}"
+    return log
+
+
+@pytest.mark.skipif(not have_mpirun(), reason="mpirun not found: no mpi backend run to compare with")
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("controller", ["mpi", "gloo"])
+def test_train_matches_mpi_backend(train_jobs, controller, strategy):
+    hvd_job, ref_job = train_jobs(f"hvd-{controller}"), train_jobs("reference")
+    log = _finished(hvd_job, f"horovodrun ({controller} controller)")
+    config, rounds, evals = _read(hvd_job.out / strategy)
+    assert config["backend"] == "horovod" and config["world_size"] == NP
+    assert config["config"]["strategy"] == strategy
+    assert log.count("final test accuracy") == len(STRATEGIES)
+    _finished(ref_job, "the mpi backend reference")
+    ref_config, ref_rounds, ref_evals = _read(ref_job.out / strategy)
+    assert ref_config["backend"] == "mpi"
+
+    assert [r["round"] for r in rounds] == [r["round"] for r in ref_rounds] and len(rounds) >= 2
+    for got, ref in zip(rounds, ref_rounds):
+        assert got["strategy"] == strategy
+        assert math.isclose(got["train_loss"], ref["train_loss"], rel_tol=REL), (got, ref)
+        assert (got["bytes_sent"], got["bytes_recv"]) == (ref["bytes_sent"], ref["bytes_recv"]), (got, ref)
+        assert got["bytes_sent"] > 0
+    got, ref = evals[-1], ref_evals[-1]
+    assert got["round"] == ref["round"] == rounds[-1]["round"]
+    assert math.isclose(got["test_loss"], ref["test_loss"], rel_tol=REL), (got, ref)
+    assert abs(got["test_acc"] - ref["test_acc"]) <= 0.01, (got, ref)
+    assert (got["bytes_sent"], got["bytes_recv"]) == (ref["bytes_sent"], ref["bytes_recv"]), (got, ref)

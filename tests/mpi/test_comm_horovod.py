@@ -8,7 +8,9 @@ Run under horovodrun (either controller), any number of ranks:
 tests/test_horovod_launch.py does this from the plain test session. Every rank runs the same
 tests in the same order, so each test is one collective conversation.
 """
+import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -170,3 +172,53 @@ def test_repeated_calls_with_changing_sizes(comm):
         counts = [n + d for d in range(S)]
         recv, _ = comm.alltoallv(torch.full((sum(counts),), float(r)), counts)
         assert torch.equal(recv, torch.cat([torch.full((n + r,), float(s)) for s in range(S)]))
+
+
+# -- strategies on the Horovod backend ---------------------------------------------------------------
+def _rank_input(r):
+    return torch.arange(6, dtype=torch.float32).reshape(2, 3) * (r + 1) - r
+
+
+def test_only_data_parallel_wraps_in_distributed_optimizer(comm):
+    from resist_mpi.strategies import DataParallel, LocalSGD, ResIST
+    for cls in (ResIST, LocalSGD):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        assert cls(comm, None, "cpu").wrap_optimizer(opt) is opt
+    torch.manual_seed(0)  # the same weights on every rank
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    dp = DataParallel(comm, None, "cpu")
+    dp.model = model
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    wrapped = dp.wrap_optimizer(opt)
+    assert wrapped is not opt and isinstance(wrapped, torch.optim.SGD) and hasattr(wrapped, "synchronize")
+    with pytest.raises(RuntimeError, match="already created"):
+        dp.wrap_optimizer(opt)
+
+    # The expected step: every rank's gradient, averaged, computed here on a copy.
+    ref = copy.deepcopy(model)
+    grads = []
+    for s in range(comm.size):
+        ref.zero_grad(set_to_none=True)
+        ref(_rank_input(s)).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in ref.parameters()])
+    mean = [sum(g[i] for g in grads) / comm.size for i in range(len(grads[0]))]
+
+    numel = sum(p.numel() for p in model.parameters())
+    for step in range(2):  # the trainer's order of calls, twice (the second with momentum state)
+        before = snapshot(comm)
+        wrapped.zero_grad(set_to_none=True)
+        model(_rank_input(comm.rank)).pow(2).sum().backward()
+        dp.after_backward()
+        moved = ring_allreduce_bytes(4 * numel, comm.size)
+        assert delta(comm, before) == (moved, moved, 0)
+        if step == 0:
+            for p, m in zip(model.parameters(), mean):
+                assert torch.allclose(p.grad, m, rtol=1e-6, atol=1e-7)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "step() after synchronize()" warning
+            wrapped.step()
+    # every replica took the same steps
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    check = flat.clone()
+    comm.allreduce_mean_(check)
+    assert torch.allclose(flat, check, rtol=1e-6, atol=1e-7)
