@@ -82,10 +82,12 @@ def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: i
         return d
 
     displacements = [(displs(s), displs(r)) for s, r in counts]
-    sbuf = np.ones(max(int(s.sum()) for s, _ in counts) or 1, dtype=np.float32)
-    rbuf = np.empty(max(int(r.sum()) for _, r in counts) or 1, dtype=np.float32)
-    shared_buf = np.ones(sizes.shared, dtype=np.float32)
-    full_buf = np.ones(sizes.full, dtype=np.float32)
+    # raw buffers are allocated by torch like the package's (a np.empty receive buffer measured
+    # slower at these sizes: the comparison would flatter the package)
+    sbuf = torch.ones(max(int(s.sum()) for s, _ in counts) or 1).numpy()
+    rbuf = torch.empty(max(int(r.sum()) for _, r in counts) or 1).numpy()
+    shared_buf = torch.ones(sizes.shared).numpy()
+    full_buf = torch.ones(sizes.full).numpy()
 
     # round 0 (not timed): blocks leave rank 0's fresh model; also warms up every code path
     resist.begin_round(0)
