@@ -6,7 +6,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .comm import Comm
-from .comm.fusion import empty_flat, pack, unpack_
+from .comm.fusion import empty_flat
 from .routing import Plan
 
 
@@ -24,10 +24,6 @@ def _workspace(buffers: Dict, key: str, n: int, device) -> torch.Tensor:
     return buf[:n]
 
 
-def _pieces(model, b: int) -> List[torch.Tensor]:
-    """Block b as contiguous float32 tensors: its slab, or its tensors one by one."""
-    slab = model.block_slab(b)
-    return [slab] if slab is not None else model.block_tensors(b)
 
 
 def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = None) -> None:
@@ -55,7 +51,7 @@ def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = N
 
     sends: List[List[torch.Tensor]] = [[] for _ in range(c.size)]
     for dst, blocks in plan.sends(rank):
-        sends[dst] = [t for b in blocks for t in _pieces(model, b)]
+        sends[dst] = [model.slab_of(b) for b in blocks]  # one message per block
     recvs: List[List[torch.Tensor]] = [[] for _ in range(c.size)]
     averaged_elems = sum(numel[b] for (src, b) in _averaged(plan, rank))
     work = _workspace(buffers, "average", averaged_elems, device)
@@ -64,7 +60,7 @@ def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = N
     for src, blocks in plan.recvs(rank):
         for b in blocks:
             if len(plan.sources[(rank, b)]) == 1:
-                recvs[src].extend(_pieces(model, b))  # straight into the block
+                recvs[src].append(model.slab_of(b))  # straight into the block
             else:
                 landing[(src, b)] = work[offset:offset + numel[b]]
                 recvs[src].append(landing[(src, b)])
@@ -78,17 +74,14 @@ def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = N
             srcs = plan.sources[(rank, b)]
             if len(srcs) == 1:
                 continue  # kept, or received in place
-            own = pack(_pieces(model, b)) if rank in srcs else None
+            slab = model.slab_of(b)
+            own = slab.clone() if rank in srcs else None
             parts = [own if s == rank else landing[(s, b)] for s in srcs]
             value = parts[0].clone()
             for p in parts[1:]:
                 value.add_(p)
             value.div_(len(parts))
-            pieces = _pieces(model, b)
-            if len(pieces) == 1:
-                pieces[0].copy_(value)
-            else:
-                unpack_(value, pieces)
+            slab.copy_(value)
     keep = set(needed)
     for b in range(model.num_partitionable):
         if b not in keep and model.holds_block(b):

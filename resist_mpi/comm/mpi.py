@@ -33,6 +33,9 @@ def cuda_aware() -> bool:
         return False
 
 
+_TAG = 7100  # tags of alltoallv_tensors messages: _TAG + position in the per-peer list
+
+
 def _displs(counts: List[int]) -> List[int]:
     # a plain list: building a numpy array per call measured as real overhead on small messages
     return list(itertools.accumulate(counts[:-1], initial=0))
@@ -97,28 +100,20 @@ class MPIComm(Comm):
         tensors = [t for ts in list(sends) + list(recvs) for t in ts]
         if any(t.device.type != "cpu" for t in tensors):
             return super()._alltoallv_tensors(sends, recvs)  # staged through one host buffer
-        MPI = self.MPI
-        types = []
-
-        def describe(ts):
-            # one datatype over the tensors' absolute addresses: MPI reads/writes them in place
-            ts = [t for t in ts if t.numel()]
-            if not ts:
-                return 0, MPI.FLOAT
-            dtype = MPI.FLOAT.Create_hindexed([t.numel() for t in ts], [MPI.Get_address(t.detach().numpy()) for t in ts])
-            dtype.Commit()
-            types.append(dtype)
-            return 1, dtype
-
-        send = [describe(ts) for ts in sends]
-        recv = [describe(ts) for ts in recvs]
-        try:
-            zeros = [0] * self.size
-            self.comm.Alltoallw([MPI.BOTTOM, [n for n, _ in send], zeros, [d for _, d in send]],
-                                [MPI.BOTTOM, [n for n, _ in recv], zeros, [d for _, d in recv]])
-        finally:
-            for dtype in types:
-                dtype.Free()
+        # Every tensor is its own contiguous message, all posted at once and completed together
+        # (what MPI's linear alltoallv does inside): large contiguous messages take Open MPI's
+        # single-copy path, which a derived datatype over several blocks (Alltoallw) did not.
+        MPI, comm = self.MPI, self.comm
+        requests = []
+        for src, ts in enumerate(recvs):
+            for k, t in enumerate(ts):
+                if t.numel():
+                    requests.append(comm.Irecv([t.detach().numpy(), MPI.FLOAT], source=src, tag=_TAG + k))
+        for dst, ts in enumerate(sends):
+            for k, t in enumerate(ts):
+                if t.numel():
+                    requests.append(comm.Isend([t.detach().numpy(), MPI.FLOAT], dest=dst, tag=_TAG + k))
+        MPI.Request.Waitall(requests)
 
     def _exchange_counts(self, send_counts):
         recv = np.empty(self.size, dtype=np.int64)

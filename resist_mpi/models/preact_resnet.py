@@ -163,6 +163,18 @@ class PreActResNet(nn.Module):
         slab = getattr(self.partitionable[i], "_slab", None)
         return slab if slab is not None and module_views_of(self.partitionable[i], slab) else None
 
+    def slab_of(self, i: int) -> torch.Tensor:
+        """Block i's slab; a held block that has none (freshly built) is moved into one first."""
+        slab = self.block_slab(i)
+        if slab is None:
+            blk = self.partitionable[i]
+            device = blk.bn1.weight.device
+            slab = empty_flat(self.block_numel(i), device)
+            torch.cat([t.detach().reshape(-1) for t in module_tensors(blk)], out=slab)
+            _rebind(blk, slab, device)
+            blk._slab = slab
+        return slab
+
     def release_block(self, i: int) -> None:
         """Free block i (its tensors move to the meta device); its slab is kept as a spare."""
         blk = self.partitionable[i]
