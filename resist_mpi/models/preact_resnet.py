@@ -273,5 +273,6 @@ def _rebind(module: nn.Module, slab: Optional[torch.Tensor], device) -> None:
                 continue
             if b.is_floating_point():
                 m._buffers[name] = take(b)
-            else:  # BN's num_batches_tracked: not exchanged, restarts at 0
+            elif slab is None or b.is_meta:  # BN's num_batches_tracked: not exchanged, restarts at 0
                 m._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device="meta" if slab is None else device)
+            # else: a held block moving into a slab keeps its counter

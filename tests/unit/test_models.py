@@ -118,3 +118,15 @@ def test_slabs_are_reused_and_trimmed():
     assert sum(len(v) for v in m._spares.values()) == 1
     m.trim_spares(0)  # memory goes back: no spare is kept
     assert sum(len(v) for v in m._spares.values()) == 0
+
+
+def test_moving_a_built_block_into_a_slab_keeps_its_values_and_counters():
+    m = _thin([1, 1, 3, 1])
+    m.train()
+    m(torch.randn(2, 3, 32, 32))
+    before = {k: v.clone() for k, v in m.partitionable[0].state_dict().items()}
+    assert m.block_slab(0) is None
+    slab = m.slab_of(0)
+    assert m.block_slab(0) is slab
+    after = m.partitionable[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # num_batches_tracked included
