@@ -13,7 +13,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .base import Comm
+from .base import ELEMENT_BYTES, Comm
 from .fusion import empty_flat
 
 
@@ -56,6 +56,7 @@ class MPIComm(Comm):
         node.Free()
         super().__init__(self.comm.Get_rank(), self.comm.Get_size(), local_rank, local_size)
         self._cuda_aware = None
+        self._displs_cache = {}
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
     # Host staging for device tensors ----------------------------------------------------------
@@ -80,6 +81,45 @@ class MPIComm(Comm):
         if staged is not None:
             t.copy_(staged)
 
+    def alltoallv(self, send, send_counts, recv_counts=None, out=None):
+        """Comm.alltoallv; CPU tensors with known recv_counts take a lean path (measured: the
+        general path's Python checks cost ~5 us, 10% of a 1 MB exchange between two ranks)."""
+        if recv_counts is None or send.device.type != "cpu" or (out is not None and out.device.type != "cpu"):
+            return super().alltoallv(send, send_counts, recv_counts, out)
+        try:
+            sbuf = send.numpy()
+        except RuntimeError:  # requires grad: let the general path say so
+            return super().alltoallv(send, send_counts, recv_counts, out)
+        sc = send_counts if type(send_counts) is list else [int(c) for c in send_counts]
+        rc = recv_counts if type(recv_counts) is list else [int(c) for c in recv_counts]
+        n_recv = sum(rc)
+        if (sbuf.dtype != np.float32 or sbuf.ndim != 1 or not sbuf.flags.c_contiguous or len(sc) != self.size
+                or len(rc) != self.size or sum(sc) != sbuf.size or min(sc) < 0 or min(rc) < 0
+                or (out is not None and out.numel() != n_recv)):
+            return super().alltoallv(send, send_counts, recv_counts, out)  # raises the plain-words error
+        if out is None:
+            rbuf = np.empty(n_recv, dtype=np.float32)
+            out = torch.from_numpy(rbuf)
+        else:
+            rbuf = out.numpy()
+            if rbuf.dtype != np.float32 or rbuf.ndim != 1 or not rbuf.flags.c_contiguous:
+                return super().alltoallv(send, send_counts, recv_counts, out)
+        self.comm.Alltoallv([sbuf, (sc, self._displs(sc)), self.MPI.FLOAT],
+                            [rbuf, (rc, self._displs(rc)), self.MPI.FLOAT])
+        me = self.rank
+        self.bytes_sent += ELEMENT_BYTES * (sbuf.size - sc[me])
+        self.bytes_recv += ELEMENT_BYTES * (n_recv - rc[me])
+        return out, rc
+
+    def _displs(self, counts: List[int]) -> List[int]:
+        key = tuple(counts)
+        d = self._displs_cache.get(key)
+        if d is None:
+            if len(self._displs_cache) > 64:
+                self._displs_cache.clear()
+            d = self._displs_cache[key] = _displs(counts)
+        return d
+
     def _alltoallv(self, send, send_counts, recv_counts):
         _, staged = self._host(send)
         # receive on the host when the send side had to be staged there, and move once at the end
@@ -90,8 +130,8 @@ class MPIComm(Comm):
     def _alltoallv_into(self, send, send_counts, recv_counts, out):
         sbuf, _ = self._host(send)
         rbuf, staged = self._host(out)
-        self.comm.Alltoallv([sbuf, (send_counts, _displs(send_counts)), self.MPI.FLOAT],
-                            [rbuf, (recv_counts, _displs(recv_counts)), self.MPI.FLOAT])
+        self.comm.Alltoallv([sbuf, (send_counts, self._displs(send_counts)), self.MPI.FLOAT],
+                            [rbuf, (recv_counts, self._displs(recv_counts)), self.MPI.FLOAT])
         if staged is not None:  # out is a device tensor and MPI is not CUDA-aware
             out.copy_(staged)
         return out
