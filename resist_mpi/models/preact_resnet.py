@@ -112,6 +112,7 @@ class PreActResNet(nn.Module):
             b for s, stage in enumerate(self.stages) if s in partition_stages for b in list(stage)[1:]]
         del self.in_planes
         self._spares = {}
+        self._block_numel = None
 
     def _make_stage(self, block, planes: int, n: int, stride: int) -> nn.ModuleList:
         layers = []
@@ -159,9 +160,20 @@ class PreActResNet(nn.Module):
         return not self.partitionable[i].bn1.weight.is_meta
 
     def block_slab(self, i: int) -> Optional[torch.Tensor]:
-        """The flat tensor block i's tensors are views of, or None (e.g. a freshly built block)."""
-        slab = getattr(self.partitionable[i], "_slab", None)
-        return slab if slab is not None and module_views_of(self.partitionable[i], slab) else None
+        """The flat tensor block i's tensors are views of, or None (e.g. a freshly built block).
+
+        Checked cheaply (first and last tensor still at the slab's two ends): tensors are only
+        ever replaced all together (to_empty, .to(), _rebind), never one by one.
+        """
+        blk = self.partitionable[i]
+        slab = getattr(blk, "_slab", None)
+        if slab is None:
+            return None
+        first, last = blk._ends
+        if first.is_meta or first.data_ptr() != slab.data_ptr() or \
+                last.data_ptr() + 4 * last.numel() != slab.data_ptr() + 4 * slab.numel():
+            return None
+        return slab
 
     def slab_of(self, i: int) -> torch.Tensor:
         """Block i's slab; a held block that has none (freshly built) is moved into one first."""
@@ -172,7 +184,7 @@ class PreActResNet(nn.Module):
             slab = empty_flat(self.block_numel(i), device)
             torch.cat([t.detach().reshape(-1) for t in module_tensors(blk)], out=slab)
             _rebind(blk, slab, device)
-            blk._slab = slab
+            _bind_slab(blk, slab)
         return slab
 
     def release_block(self, i: int) -> None:
@@ -180,7 +192,7 @@ class PreActResNet(nn.Module):
         blk = self.partitionable[i]
         slab = self.block_slab(i)
         blk.active = False
-        blk._slab = None
+        blk._slab = blk._ends = None  # the views would keep the slab's memory alive
         _rebind(blk, None, "meta")
         if slab is not None:
             self._spares.setdefault((slab.numel(), slab.device), []).append(slab)
@@ -193,7 +205,7 @@ class PreActResNet(nn.Module):
         spares = self._spares.get((n, torch.device(device)), [])
         slab = spares.pop() if spares else empty_flat(n, device)
         _rebind(blk, slab, device)
-        blk._slab = slab
+        _bind_slab(blk, slab)
         return slab
 
     def trim_spares(self, keep: int) -> None:
@@ -215,7 +227,9 @@ class PreActResNet(nn.Module):
         return module_tensors(self.partitionable[i])
 
     def block_numel(self, i: int) -> int:
-        return sum(t.numel() for t in self.block_tensors(i))
+        if self._block_numel is None:  # shapes never change: count once
+            self._block_numel = [sum(t.numel() for t in module_tensors(b)) for b in self.partitionable]
+        return self._block_numel[i]
 
     def shared_numel(self) -> int:
         return sum(t.numel() for t in self.shared_tensors())
@@ -236,14 +250,10 @@ def named_stage_blocks(model: PreActResNet) -> Iterator[Tuple[str, PreActBlock]]
             yield f"stage{s + 1}.block{j}", blk
 
 
-def module_views_of(module: nn.Module, slab: torch.Tensor) -> bool:
-    """Whether module_tensors(module) are, in order, consecutive views of slab."""
-    offset, base = 0, slab.data_ptr()
-    for t in module_tensors(module):
-        if t.is_meta or t.device != slab.device or t.data_ptr() != base + 4 * offset:
-            return False
-        offset += t.numel()
-    return offset == slab.numel()
+def _bind_slab(block: nn.Module, slab: torch.Tensor) -> None:
+    tensors = module_tensors(block)
+    block._slab = slab
+    block._ends = (tensors[0], tensors[-1])
 
 
 def _rebind(module: nn.Module, slab: Optional[torch.Tensor], device) -> None:
