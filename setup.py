@@ -22,6 +22,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout"],
         "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
         "horovod": ["horovod==0.28.1"],  # build it with `make horovod` (see README)
     },
     entry_points={"console_scripts": [

@@ -102,6 +102,10 @@ def validate(cfg: Config) -> Config:
     if cfg.warmup_epochs >= cfg.epochs:
         if cfg.warmup_epochs:
             raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} leaves no ResIST epochs out of {cfg.epochs}")
+    if cfg.tensorboard:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard")
     cfg.stages()
     return cfg
 

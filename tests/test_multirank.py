@@ -118,6 +118,28 @@ def _bad_checkpoint(tmp_path, kind):
     return str(path)
 
 
+def _truncated_h5(tmp_path):
+    """A real packed dataset cut in half, as an interrupted copy leaves it."""
+    from resist_mpi.data import main as data_main
+    full = tmp_path / "digits.h5"
+    assert data_main(["pack", "digits", str(full)]) == 0
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(full.read_bytes()[: os.path.getsize(full) // 2])
+    return str(cut)
+
+
+def _image_folder(tmp_path, size):
+    from PIL import Image
+    import numpy as np
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = tmp_path / "folder" / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return str(tmp_path / "folder")
+
+
 @pytest.mark.parametrize("np_,args,message", [
     (2, ["--min-depth", "99"], "exceeds the 22 partitionable blocks"),
     (2, ["--model", "resnet_nope"], "unknown model"),
@@ -126,9 +148,14 @@ def _bad_checkpoint(tmp_path, kind):
     (2, ["--epochs", "0"], "--epochs must be at least 1"),
     (2, ["--resume", "CORRUPT"], "corrupt or truncated"),
     (2, ["--resume", "OTHER"], "holds preact_resnet18"),
+    (2, ["--dataset", "hdf5", "--data-dir", "TRUNCATED_H5"], "TRUNCATED_H5"),
+    (2, ["--dataset", "imagefolder", "--data-dir", "FOLDER64"], "expects 32x32"),
 ])
 def test_bad_input_one_line_nonzero_everywhere(tmp_path, np_, args, message):
-    args = [_bad_checkpoint(tmp_path, a.lower()) if a in ("CORRUPT", "OTHER") else a for a in args]
+    made = {"TRUNCATED_H5": lambda: _truncated_h5(tmp_path), "FOLDER64": lambda: _image_folder(tmp_path, 64),
+            "CORRUPT": lambda: _bad_checkpoint(tmp_path, "corrupt"), "OTHER": lambda: _bad_checkpoint(tmp_path, "other")}
+    args = [made[a]() if a in made else a for a in args]
+    message = str(args[-1]) if message in made else message
     before = {p: os.path.getsize(p) for p in args if os.path.isfile(p)}
     t0 = time.time()
     p = _train(np_, tmp_path / "run", "--width", "4", "--epochs", "1", *args, timeout=120)
