@@ -38,8 +38,39 @@ def list_checkpoints(out: str):
     return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)))
 
 
+def rank_path(path: str, rank: int) -> str:
+    """The per-rank companion of checkpoint path (optimizer state that differs between ranks)."""
+    return path[:-len(".pt")] + f".rank{rank}.pt"
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def shared_momentum(optimizer) -> list:
+    """Momentum buffers of the optimizer's 'shared' group, in parameter order (None where unset)."""
+    return [optimizer.state.get(p, {}).get("momentum_buffer") for g in optimizer.param_groups
+            if g.get("name") == "shared" for p in g["params"]]
+
+
 def save(cfg, c, model, strategy, next_round: int, optimizer, log, epoch: float) -> Optional[str]:
-    """Write a checkpoint of model (the full, synchronised model) on rank 0; returns its path there."""
+    """Write a checkpoint of model (the full, synchronised model); returns its path on rank 0.
+
+    Every rank calls this. With --keep-shared-momentum each rank's momentum of the shared layers
+    differs, so every rank first writes its own companion file; the main file, written by rank 0
+    after all of them, is what makes the checkpoint exist.
+    """
+    os.makedirs(checkpoint_dir(cfg.out), exist_ok=True)
+    path = os.path.join(checkpoint_dir(cfg.out), f"ckpt-{next_round:06d}.pt")
+    per_rank = optimizer is not None and strategy.fresh_optimizer and cfg.keep_shared_momentum
+    if per_rank:
+        _atomic_save({"shared_momentum": [None if m is None else m.detach().cpu() for m in shared_momentum(optimizer)],
+                      "rank": c.rank}, rank_path(path, c.rank))
+        c.barrier()  # every companion is in place before the main file commits the checkpoint
     if c.rank != 0:
         return None
     state = {
@@ -54,23 +85,21 @@ def save(cfg, c, model, strategy, next_round: int, optimizer, log, epoch: float)
         "strategy_state": strategy.state_dict(),
         # data-parallel keeps one optimizer for the run, identical on every rank
         "optimizer": optimizer.state_dict() if (optimizer is not None and not strategy.fresh_optimizer) else None,
+        "per_rank_optimizer": per_rank,
         "config": cfg.to_dict(),
     }
-    os.makedirs(checkpoint_dir(cfg.out), exist_ok=True)
-    path = os.path.join(checkpoint_dir(cfg.out), f"ckpt-{next_round:06d}.pt")
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _atomic_save(state, path)
     for old in list_checkpoints(cfg.out)[:-cfg.keep_checkpoints]:
         os.remove(old)
+        for companion in glob.glob(old[:-len(".pt")] + ".rank*.pt"):
+            os.remove(companion)
     log.record("checkpoint", round=next_round - 1, path=path)
     return path
 
 
-def load(path: str) -> Dict[str, Any]:
-    """Read and sanity-check a checkpoint file; CheckpointError with one line when unusable."""
+def load(path: str, companion: bool = False) -> Dict[str, Any]:
+    """Read and sanity-check a checkpoint file (or a per-rank companion); CheckpointError with one
+    line when unusable."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
     try:
@@ -78,12 +107,16 @@ def load(path: str) -> Dict[str, Any]:
     except Exception as e:  # truncated zip, bad pickle, not a torch file...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first[:120]})")
+    if companion:
+        if not isinstance(state, dict) or "shared_momentum" not in state:
+            raise CheckpointError(f"{path} is not a resist_mpi checkpoint companion")
+        return state
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a resist_mpi checkpoint")
     return state
 
 
-def resolve_and_load(cfg, probe) -> Optional[Dict[str, Any]]:
+def resolve_and_load(cfg, probe, rank: int = 0, world_size: int = 1) -> Optional[Dict[str, Any]]:
     """The checkpoint cfg.resume names ('auto': newest in cfg.out, None when there is none),
     checked against the model about to be trained (probe: the model built on the meta device)."""
     if not cfg.resume:
@@ -104,6 +137,10 @@ def resolve_and_load(cfg, probe) -> Optional[Dict[str, Any]]:
     if expected != got:
         raise CheckpointError(f"checkpoint {path} does not match the model's tensors")
     state["path"] = path
+    state["momentum"] = None
+    if state.get("per_rank_optimizer") and int(state["world_size"]) == world_size:
+        companion = load(rank_path(path, rank), companion=True)
+        state["momentum"] = companion["shared_momentum"]
     return state
 
 
@@ -126,4 +163,5 @@ def restore(state: Dict[str, Any], model, strategy, main, warmup_steps: int, cfg
     else:
         strategy.adopt(model)
     main.resume_optimizer = state.get("optimizer")
+    main.resume_momentum = state.get("momentum")  # None with another world size: momentum restarts
     return start_round

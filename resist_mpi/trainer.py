@@ -43,16 +43,22 @@ def batch_stream(loader: ShardLoader, start_step: int) -> Iterator[Tuple[torch.T
         epoch, batch = epoch + 1, 0
 
 
-def make_optimizer(cfg: Config, groups: List[Dict], previous: Optional[torch.optim.Optimizer]) -> torch.optim.SGD:
-    """SGD over this round's parameters; carries the shared layers' momentum over when asked."""
+def make_optimizer(cfg: Config, groups: List[Dict], previous: Optional[torch.optim.Optimizer],
+                   resumed_momentum: Optional[List] = None) -> torch.optim.SGD:
+    """SGD over this round's parameters; carries the shared layers' momentum over when asked
+    (from the previous round's optimizer, or from a checkpoint's per-rank momentum)."""
     opt = torch.optim.SGD([{"params": g["params"], "name": g["name"]} for g in groups if g["params"]],
                           lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if previous is not None and cfg.keep_shared_momentum:
-        for group in opt.param_groups:
-            if group["name"] == "shared":
-                for p in group["params"]:
-                    if p in previous.state:
-                        opt.state[p] = previous.state[p]
+    if cfg.keep_shared_momentum:
+        shared = [p for g in opt.param_groups if g["name"] == "shared" for p in g["params"]]
+        if previous is not None:
+            for p in shared:
+                if p in previous.state:
+                    opt.state[p] = previous.state[p]
+        elif resumed_momentum is not None and len(resumed_momentum) == len(shared):
+            for p, m in zip(shared, resumed_momentum):
+                if m is not None:
+                    opt.state[p] = {"momentum_buffer": m.to(p.device).clone()}
     return opt
 
 
@@ -137,7 +143,7 @@ class Trainer:
             from .partition import check_partition
             if cfg.strategy == "resist":
                 check_partition(probe.num_partitionable, c.size, cfg.min_depth)
-            self.resume_state = ckpt.resolve_and_load(cfg, probe)
+            self.resume_state = ckpt.resolve_and_load(cfg, probe, c.rank, c.size)
         except (ValueError, OSError) as e:  # DataError, PartitionError, CheckpointError are ValueErrors
             error = e
         if cfg.download and c.rank == 0:
@@ -194,7 +200,8 @@ class Trainer:
                 with comm_t:
                     strategy.begin_round(r)
                 if opt is None or strategy.fresh_optimizer:
-                    opt = make_optimizer(cfg, strategy.param_groups(), opt)
+                    opt = make_optimizer(cfg, strategy.param_groups(), opt, strategy.resume_momentum)
+                    strategy.resume_momentum = None
                     if strategy.resume_optimizer is not None and not strategy.fresh_optimizer:
                         opt.load_state_dict(strategy.resume_optimizer)  # data-parallel resume
                     strategy.resume_optimizer = None

@@ -84,16 +84,22 @@ def test_warmup_switches_to_resist(tmp_path):
     assert rounds[0]["strategy"] == "local_sgd" and rounds[-1]["strategy"] == "resist"
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--keep-shared-momentum"], ["--strategy", "data_parallel"]],
+                         ids=["resist", "resist-momentum", "data_parallel"])
+def test_resume_continues_bit_for_bit(tmp_path, extra):
+    """Optimizer state that outlives a round (shared momentum per rank, data-parallel's optimizer)
+    must come back too, or the resumed run drifts."""
     args = ["--model", "preact_resnet34", "--width", "4", "--epochs", "2", "--batch-size", "64",
-            "--local-steps", "4", "--checkpoint-every", "1", "--keep-checkpoints", "5"]
+            "--local-steps", "4", "--checkpoint-every", "1", "--keep-checkpoints", "5", *extra]
     full, part = tmp_path / "full", tmp_path / "part"
     assert _train(2, full, *args).returncode == 0
-    ckpts = sorted(os.listdir(full / "checkpoints"))
+    ckpts = sorted(p for p in os.listdir(full / "checkpoints") if ".rank" not in p)
     assert len(ckpts) == 2  # after epoch 1 and at the end
     os.makedirs(part / "checkpoints")
     import shutil
-    shutil.copy(full / "checkpoints" / ckpts[0], part / "checkpoints" / ckpts[0])
+    for name in os.listdir(full / "checkpoints"):  # the epoch-1 checkpoint and its per-rank companions
+        if name.startswith(ckpts[0][:-3]):
+            shutil.copy(full / "checkpoints" / name, part / "checkpoints" / name)
     p = _train(2, part, *args, "--resume", "auto")
     assert p.returncode == 0, p.stderr[-3000:]
     import torch

@@ -42,6 +42,7 @@ class Strategy:
     name = "base"
     fresh_optimizer = False
     resume_optimizer = None  # optimizer state a checkpoint handed over, loaded at the next round
+    resume_momentum = None   # this rank's shared-layer momentum from a checkpoint (--keep-shared-momentum)
 
     def __init__(self, comm: Comm, cfg, device):
         self.comm, self.cfg, self.device = comm, cfg, device
