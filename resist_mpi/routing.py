@@ -1,7 +1,7 @@
 """The exchange plan: from who holds each block now to who needs it next, who sends what to whom.
 
 Pure and deterministic, so every rank computes the identical plan from the broadcast assignments
-and no extra metadata moves. One plan = one alltoallv:
+and no extra metadata moves. One plan = one all-to-all exchange:
 
 - a block whose copies are identical (synced) and that its next owner already holds does not move;
   otherwise one holder sends it, the holder with the least load so far (ties: lowest rank);

@@ -2,7 +2,7 @@
 
 A round, as the trainer sees it:
 
-    begin_round: rank 0 draws the assignment and broadcasts it; one alltoallv brings every rank the
+    begin_round: rank 0 draws the assignment and broadcasts it; one all-to-all brings every rank the
                  blocks it will train (averaging blocks that several ranks trained last round)
     local steps: no communication at all, inactive blocks skipped
     end_round:   one fused allreduce averages the shared layers (parameters and BN buffers)
@@ -80,7 +80,7 @@ class ResIST(Strategy):
             return c.bcast_object(drawn, root=0)
 
     def exchange_to(self, needers) -> None:
-        """One alltoallv that leaves needers[b] holding an up-to-date copy of block b."""
+        """One all-to-all exchange that leaves needers[b] holding an up-to-date copy of block b."""
         plan = plan_exchange(self.holders, needers, self.comm.size, self.divergent, block_sizes(self.model))
         run_exchange(self.comm, self.model, plan, self.device, self._exchange_buffers)
         self.last_plan = plan
