@@ -200,29 +200,8 @@ class Trainer:
                 with comm_t:
                     strategy.begin_round(r)
                 if opt is None or strategy.fresh_optimizer:
-                    opt = make_optimizer(cfg, strategy.param_groups(), opt, strategy.resume_momentum)
-                    strategy.resume_momentum = None
-                    if strategy.resume_optimizer is not None and not strategy.fresh_optimizer:
-                        opt.load_state_dict(strategy.resume_optimizer)  # data-parallel resume
-                    strategy.resume_optimizer = None
-                    opt = strategy.wrap_optimizer(opt)
-                loss_sum, correct, seen = 0.0, 0, 0
-                for i in range(steps):
-                    x, y = next(batches)
-                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    lr = lr_at(cfg, (step0 + i) / spe)
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                    out = model(x)
-                    loss = F.cross_entropy(out, y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    with comm_t:
-                        strategy.after_backward()
-                    opt.step()
-                    loss_sum += loss.item() * y.numel()
-                    correct += (out.argmax(1) == y).sum().item()
-                    seen += y.numel()
+                    opt = self.optimizer_for_round(strategy, opt)
+                loss_sum, correct, seen, lr = self.local_steps(model, strategy, opt, batches, step0, steps, spe, comm_t)
                 with comm_t:
                     strategy.end_round()
             sent, recv = c.bytes_sent - sent0, c.bytes_recv - recv0
@@ -247,6 +226,36 @@ class Trainer:
                 last_ckpt_time = time.perf_counter()
         log.close()
         return result
+
+    def optimizer_for_round(self, strategy: Strategy, previous: Optional[torch.optim.Optimizer]):
+        """A new optimizer over the round's parameters, with whatever state a checkpoint handed over."""
+        opt = make_optimizer(self.cfg, strategy.param_groups(), previous, strategy.resume_momentum)
+        if strategy.resume_optimizer is not None and not strategy.fresh_optimizer:
+            opt.load_state_dict(strategy.resume_optimizer)  # data-parallel resume
+        strategy.resume_momentum = strategy.resume_optimizer = None
+        return strategy.wrap_optimizer(opt)
+
+    def local_steps(self, model, strategy: Strategy, opt, batches, step0: int, steps: int, spe: int,
+                    comm_t: Timer) -> Tuple[float, int, int, float]:
+        """The round's SGD steps on this rank; returns (loss sum, correct, samples, last lr)."""
+        loss_sum, correct, seen, lr = 0.0, 0, 0, self.cfg.lr
+        for i in range(steps):
+            x, y = next(batches)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            lr = lr_at(self.cfg, (step0 + i) / spe)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            with comm_t:
+                strategy.after_backward()  # data-parallel's gradient average; nothing for the others
+            opt.step()
+            loss_sum += loss.item() * y.numel()
+            correct += (out.argmax(1) == y).sum().item()
+            seen += y.numel()
+        return loss_sum, correct, seen, lr
 
     def eval_and_log(self, strategy, model, test_loader, train_loader, log, r, epoch, train_loss):
         c = self.c
