@@ -7,13 +7,14 @@
 On the real parameter sizes it times, per repetition and interleaved (the order rotates):
 
   resist          ResIST.begin_round(r) + end_round(): rank 0 draws the assignment and broadcasts
-                  it, the routing plan's block exchange (run_exchange: pack, one Alltoallv, average,
-                  unpack, drop blocks) and the fused shared-layer allreduce (pack, allreduce, unpack).
+                  it, the routing plan's block exchange (run_exchange: one message per block
+                  straight from and into block slabs, averages, dropped blocks) and the shared-layer
+                  allreduce (in place on the flat buffer the shared layers are views of).
                   Steady state: round 0 (blocks coming from rank 0's fresh model) is not timed.
   resist_raw      raw mpi4py moving the identical bytes: an Alltoallv with the same round's plan
                   counts on preallocated buffers, then Allreduce(IN_PLACE) + division of a buffer of
-                  the shared-layer size.
-  local_sgd       LocalSGD.end_round(): the fused allreduce of the full model (params + BN buffers).
+                  the shared-layer size (buffers allocated like the package's).
+  local_sgd       LocalSGD.end_round(): the in-place allreduce of the full model (params + BN buffers).
   local_sgd_raw   raw Allreduce(IN_PLACE) + division of a buffer of the full-model size.
 
 No training happens between rounds (communication only). Each time is the maximum over ranks of

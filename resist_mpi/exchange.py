@@ -1,4 +1,4 @@
-"""Executing a routing Plan on a model: one collective moves every block that must move."""
+"""Executing a routing Plan on a model: one all-to-all exchange moves every block that must move."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -53,20 +53,19 @@ def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = N
     for dst, blocks in plan.sends(rank):
         sends[dst] = [model.slab_of(b) for b in blocks]  # one message per block
     recvs: List[List[torch.Tensor]] = [[] for _ in range(c.size)]
-    averaged_elems = sum(numel[b] for (src, b) in _averaged(plan, rank))
-    work = _workspace(buffers, "average", averaged_elems, device)
+    to_average = [(src, b) for src, blocks in plan.recvs(rank) for b in blocks if len(plan.sources[(rank, b)]) > 1]
+    work = _workspace(buffers, "average", sum(numel[b] for _src, b in to_average), device)
     landing: Dict = {}  # (src, block) -> workspace slice holding src's copy
     offset = 0
+    for src, b in to_average:
+        landing[(src, b)] = work[offset:offset + numel[b]]
+        offset += numel[b]
     for src, blocks in plan.recvs(rank):
         for b in blocks:
-            if len(plan.sources[(rank, b)]) == 1:
-                recvs[src].append(model.slab_of(b))  # straight into the block
-            else:
-                landing[(src, b)] = work[offset:offset + numel[b]]
-                recvs[src].append(landing[(src, b)])
-                offset += numel[b]
+            # a single-source block goes straight into its storage; copies to average land aside
+            recvs[src].append(landing[(src, b)] if (src, b) in landing else model.slab_of(b))
 
-    # ---- distributed step: the one collective of the exchange ----
+    # ---- distributed step: the exchange (MPI: every message posted at once, one wait) ----
     c.alltoallv_tensors(sends, recvs)
 
     with torch.no_grad():
@@ -74,9 +73,8 @@ def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = N
             srcs = plan.sources[(rank, b)]
             if len(srcs) == 1:
                 continue  # kept, or received in place
-            slab = model.slab_of(b)
-            own = slab.clone() if rank in srcs else None
-            parts = [own if s == rank else landing[(s, b)] for s in srcs]
+            slab = model.slab_of(b)  # not written to until the average is complete
+            parts = [slab if s == rank else landing[(s, b)] for s in srcs]
             value = parts[0].clone()
             for p in parts[1:]:
                 value.add_(p)
@@ -88,7 +86,3 @@ def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = N
             model.release_block(b)
     model.trim_spares(len(needed))
 
-
-def _averaged(plan: Plan, rank: int):
-    """(src, block) pairs this rank receives for an average (they land in the workspace)."""
-    return [(src, b) for src, blocks in plan.recvs(rank) for b in blocks if len(plan.sources[(rank, b)]) > 1]

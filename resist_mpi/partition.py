@@ -5,7 +5,7 @@ ranks never rely on sharing its random stream).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -84,17 +84,3 @@ def eval_residual_scale(num_blocks: int, world_size: int, min_depth: int = 0) ->
     if min_depth:
         scale = max(scale, min_depth / num_blocks)
     return min(scale, 1.0)
-
-
-def validate_assignment(assignment: Sequence[Sequence[int]], num_blocks: int, world_size: int) -> None:
-    """Raise PartitionError unless assignment covers every block and names only valid ids/ranks."""
-    if len(assignment) != world_size:
-        raise PartitionError(f"assignment has {len(assignment)} ranks, expected {world_size}")
-    seen = set()
-    for blocks in assignment:
-        for b in blocks:
-            if not 0 <= b < num_blocks:
-                raise PartitionError(f"assignment names block {b}, the model has blocks 0..{num_blocks - 1}")
-            seen.add(b)
-    if len(seen) != num_blocks:
-        raise PartitionError(f"assignment leaves blocks {sorted(set(range(num_blocks)) - seen)} untrained")

@@ -24,7 +24,7 @@ class Plan:
 
     Attributes:
         size: number of ranks.
-        transfers: (src, dst) -> block ids src sends to dst, ascending (the packing order).
+        transfers: (src, dst) -> block ids src sends to dst, ascending (the order of the messages).
         sources: (dst, block) -> ranks whose copies dst averages into block, ascending; (dst,) alone
             means dst keeps its own copy untouched.
         holders_after: block -> ranks holding it after the exchange (its next owners).
@@ -48,11 +48,11 @@ class Plan:
         return sorted(b for (dst, b) in self.sources if dst == rank)
 
     def send_counts(self, rank: int, block_numel: Sequence[int]) -> List[int]:
-        """Elements this rank sends to each rank (alltoallv send counts)."""
+        """Elements this rank sends to each rank (for byte accounting and alltoallv counts)."""
         return [sum(block_numel[b] for b in self.transfers.get((rank, dst), ())) for dst in range(self.size)]
 
     def recv_counts(self, rank: int, block_numel: Sequence[int]) -> List[int]:
-        """Elements this rank receives from each rank (alltoallv recv counts)."""
+        """Elements this rank receives from each rank (for byte accounting and alltoallv counts)."""
         return [sum(block_numel[b] for b in self.transfers.get((src, rank), ())) for src in range(self.size)]
 
     def bytes_sent(self, rank: int, block_numel: Sequence[int], element_bytes: int = 4) -> int:

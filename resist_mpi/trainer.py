@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -188,10 +187,10 @@ class Trainer:
         for r in range(start_round, num_rounds):
             step0 = r * cfg.local_steps
             steps = min(cfg.local_steps, total_steps - step0)
-            if strategy is warm and step0 >= warmup_steps:
+            if warm is not None and strategy is warm and step0 >= warmup_steps:
                 # switch: every rank holds the identical averaged model, ResIST takes it over
                 main.adopt(model)
-                strategy, opt = main, None
+                strategy, opt, warm = main, None, None  # drop local SGD's flat buffer with it
                 log.record("switch", round=r, epoch=step0 / spe, to=main.name)
                 log.info(f"round {r}: warm-up done, switching to {main.name}")
             comm_t, round_t = Timer(), Timer()

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from .base import ELEMENT_BYTES, Comm, SelfComm, check_flat, ring_allreduce_bytes
-from .fusion import flat_size, pack, split_sizes, unpack_
+from .fusion import flat_size, pack, unpack_
 from .launch import WorldInfo, launched_by_horovodrun, select_device, world_info_from_env
 
 BACKENDS = ("auto", "mpi", "horovod", "self")
@@ -47,6 +47,6 @@ def init(backend: str = "auto", fail_fast: bool = True) -> Comm:
     return c
 
 
-__all__ = ["Comm", "SelfComm", "init", "resolve_backend", "pack", "unpack_", "flat_size", "split_sizes",
+__all__ = ["Comm", "SelfComm", "init", "resolve_backend", "pack", "unpack_", "flat_size",
            "world_info_from_env", "WorldInfo", "select_device", "launched_by_horovodrun",
            "check_flat", "ring_allreduce_bytes", "ELEMENT_BYTES", "BACKENDS"]

@@ -113,16 +113,15 @@ class Comm:
 
     def alltoallv_tensors(self, sends: Sequence[Sequence[torch.Tensor]],
                           recvs: Sequence[Sequence[torch.Tensor]]) -> None:
-        """Personalised all-to-all straight from and into tensors: one collective, no staging buffer
-        the caller has to manage.
+        """Personalised all-to-all straight from and into tensors, with no buffer the caller manages.
 
         Args:
             sends: sends[d] = contiguous float32 tensors for rank d, in order (sends[self.rank] empty).
             recvs: recvs[s] = contiguous float32 tensors to fill from rank s, in the order s sends
                 them (recvs[self.rank] empty); their sizes must match what s sends.
-        The mpi backend describes the tensors with MPI datatypes (Alltoallw over absolute addresses),
-        so nothing is packed; other backends pack into one buffer and use alltoallv. Bytes are
-        counted as for alltoallv.
+        The mpi backend sends every tensor as its own message, all posted at once and completed
+        with one wait, so nothing is packed; other backends (and device tensors without CUDA-aware
+        MPI) pack into one buffer and use alltoallv. Bytes are counted as for alltoallv.
         """
         if len(sends) != self.size or len(recvs) != self.size:
             raise ValueError(f"alltoallv_tensors: need one send and one receive list per rank ({self.size})")

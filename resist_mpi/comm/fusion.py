@@ -1,7 +1,7 @@
 """Tensor fusion: many tensors <-> one flat float32 buffer, so a phase costs one collective."""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,11 +53,6 @@ def unpack_(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
             offset += k
 
 
-def split_sizes(tensors: Sequence[torch.Tensor]) -> List[int]:
-    """numel of each tensor, in order."""
-    return [t.numel() for t in tensors]
-
-
 def flatten_(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Move tensors into one new flat float32 buffer and make each of them a view of it.
 
@@ -66,12 +61,13 @@ def flatten_(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     copy_) keep the views; anything that *replaces* a tensor (module.to(), to_empty()) breaks them,
     so call this after the model is placed on its device. All tensors must be float32 on one device.
     """
+    bad = [t.dtype for t in tensors if t.dtype != torch.float32]
+    if bad:  # checked before anything is rebound: a failure leaves the tensors as they were
+        raise ValueError(f"flatten_: tensors must be float32, got {bad[0]}")
     flat = pack(tensors)
     offset = 0
     with torch.no_grad():
         for t in tensors:
-            if t.dtype != torch.float32:
-                raise ValueError(f"flatten_: tensors must be float32, got {t.dtype}")
             k = t.numel()
             t.data = flat[offset:offset + k].view_as(t)
             offset += k

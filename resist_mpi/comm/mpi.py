@@ -62,12 +62,8 @@ class MPIComm(Comm):
     # Host staging for device tensors ----------------------------------------------------------
     def _host(self, t: torch.Tensor):
         """(buffer MPI can use, tensor to copy back into afterwards or None)."""
-        if t.device.type == "cpu":
-            return t.numpy(), None
-        if self._cuda_aware is None:
-            self._cuda_aware = cuda_aware()
-        if self._cuda_aware:
-            return t, None
+        if self._direct(t):
+            return (t.numpy() if t.device.type == "cpu" else t), None
         staged = t.cpu()
         return staged.numpy(), staged
 
@@ -122,10 +118,17 @@ class MPIComm(Comm):
             d = self._displs_cache[key] = _displs(counts)
         return d
 
+    def _direct(self, t: torch.Tensor) -> bool:
+        """Whether MPI can use t's memory as it is (a CPU tensor, or CUDA-aware MPI)."""
+        if t.device.type == "cpu":
+            return True
+        if self._cuda_aware is None:
+            self._cuda_aware = cuda_aware()
+        return self._cuda_aware
+
     def _alltoallv(self, send, send_counts, recv_counts):
-        _, staged = self._host(send)
-        # receive on the host when the send side had to be staged there, and move once at the end
-        recv = empty_flat(sum(recv_counts), "cpu" if staged is not None else send.device)
+        # receive on the host when the send side has to be staged there, and move once at the end
+        recv = empty_flat(sum(recv_counts), send.device if self._direct(send) else "cpu")
         recv = self._alltoallv_into(send, send_counts, recv_counts, recv)
         return recv if recv.device == send.device else recv.to(send.device)
 

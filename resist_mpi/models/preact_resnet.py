@@ -10,7 +10,7 @@ its blocks flat and says which are partitionable: by default the non-strided blo
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -243,11 +243,6 @@ def module_tensors(module: nn.Module) -> List[torch.Tensor]:
     """
     return list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
 
-
-def named_stage_blocks(model: PreActResNet) -> Iterator[Tuple[str, PreActBlock]]:
-    for s, stage in enumerate(model.stages):
-        for j, blk in enumerate(stage):
-            yield f"stage{s + 1}.block{j}", blk
 
 
 def _bind_slab(block: nn.Module, slab: torch.Tensor) -> None:

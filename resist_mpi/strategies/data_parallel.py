@@ -70,7 +70,7 @@ class DataParallel(Strategy):
 
     def end_round(self) -> None:
         # Parameters stay identical; BN running statistics are per-rank, so average them for eval.
-        allreduce_tensors_(self.comm, [b for b in self.model.buffers() if b.is_floating_point()])
+        self.average_("bn", [b for b in self.model.buffers() if b.is_floating_point()])
 
 
 def _accept_zero_grad_set_to_none(dist) -> None:

@@ -34,7 +34,7 @@ class ResIST(Strategy):
         self.holders: List[Tuple[int, ...]] = []
         self.divergent: set = set()
         self.last_plan = None
-        self._exchange_buffers: Dict = {}  # send/receive buffers reused round after round
+        self._exchange_buffers: Dict = {}  # the averaging workspace, reused round after round
 
     # -- model ------------------------------------------------------------------------------------
     def build_model(self, factory):
@@ -64,6 +64,8 @@ class ResIST(Strategy):
         """Take over a full model that every rank holds identically (after local-SGD warm-up)."""
         partition.check_partition(model.num_partitionable, self.comm.size, self.cfg.min_depth)
         self.model = model
+        for b in range(model.num_partitionable):
+            model.slab_of(b)  # own storage per block: nothing may stay a view of another strategy's buffer
         self.holders = everyone(model.num_partitionable, self.comm.size)
         self.divergent = set()
 
@@ -79,10 +81,14 @@ class ResIST(Strategy):
         with c.as_control():
             return c.bcast_object(drawn, root=0)
 
-    def exchange_to(self, needers) -> None:
-        """One all-to-all exchange that leaves needers[b] holding an up-to-date copy of block b."""
+    def exchange_to(self, needers, keep_workspace: bool = True) -> None:
+        """One all-to-all exchange that leaves needers[b] holding an up-to-date copy of block b.
+
+        keep_workspace: reuse the averaging workspace across rounds; the evaluation gather, which
+        can need far more of it, uses a throwaway one instead.
+        """
         plan = plan_exchange(self.holders, needers, self.comm.size, self.divergent, block_sizes(self.model))
-        run_exchange(self.comm, self.model, plan, self.device, self._exchange_buffers)
+        run_exchange(self.comm, self.model, plan, self.device, self._exchange_buffers if keep_workspace else {})
         self.last_plan = plan
         self.holders = list(plan.holders_after)
         self.divergent = set()
@@ -95,8 +101,7 @@ class ResIST(Strategy):
     def param_groups(self) -> List[Dict]:
         mine = self.assignment[self.comm.rank]
         blocks = [p for b in mine for p in self.model.partitionable[b].parameters()]
-        ids = {id(p) for p in blocks}
-        shared = [p for m in self.model.shared_modules() for p in m.parameters() if id(p) not in ids]
+        shared = [p for m in self.model.shared_modules() for p in m.parameters()]
         return [{"params": shared, "name": "shared"}, {"params": blocks, "name": "blocks"}]
 
     def end_round(self) -> None:
@@ -116,7 +121,7 @@ class ResIST(Strategy):
         Afterwards every rank holds every block, identical everywhere, so the next round's exchange
         moves nothing and only releases what the new assignment does not need.
         """
-        self.exchange_to(everyone(self.model.num_partitionable, self.comm.size))
+        self.exchange_to(everyone(self.model.num_partitionable, self.comm.size), keep_workspace=False)
         self.model.activate_all()
         self.model.set_residual_scale(self.eval_scale())
         try:

@@ -1,5 +1,3 @@
-import copy
-
 import pytest
 import torch
 
@@ -130,3 +128,25 @@ def test_moving_a_built_block_into_a_slab_keeps_its_values_and_counters():
     assert m.block_slab(0) is slab
     after = m.partitionable[0].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # num_batches_tracked included
+
+
+def test_resist_takes_over_from_local_sgd_without_sharing_its_buffer():
+    """After warm-up every block gets storage of its own, so dropping local SGD's flat buffer frees it."""
+    from resist_mpi import comm
+    from resist_mpi.config import Config
+    from resist_mpi.strategies import LocalSGD, ResIST
+    c = comm.init("self", fail_fast=False)
+    warm = LocalSGD(c, Config(), torch.device("cpu"))
+    model = warm.build_model(lambda: _thin([1, 1, 4, 1]))
+    warm.end_round()  # the whole model becomes views of one flat buffer
+    flat = warm._flats["model"]
+    base, end = flat.data_ptr(), flat.data_ptr() + 4 * flat.numel()
+    s = ResIST(c, Config(), torch.device("cpu"))
+    s.adopt(model)
+    for b in range(model.num_partitionable):
+        slab = model.block_slab(b)
+        assert slab is not None and not base <= slab.data_ptr() < end
+    s.begin_round(0)
+    s.end_round()
+    shared = s._flats["shared"]
+    assert not base <= shared.data_ptr() < end

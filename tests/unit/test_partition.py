@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from resist_mpi.partition import (PartitionError, check_partition, draw_assignment, eval_residual_scale,
-                                  round_rng, validate_assignment)
+                                  round_rng)
 from resist_mpi.routing import needers_from_assignment
 
 
@@ -65,11 +65,3 @@ def test_eval_scale():
     assert eval_residual_scale(22, 8, 4) == pytest.approx(4 / 22)
     assert eval_residual_scale(22, 2, 4) == 0.5
     assert eval_residual_scale(22, 1) == 1.0
-
-
-def test_validate_assignment():
-    validate_assignment([(0, 1), (2,)], 3, 2)
-    with pytest.raises(PartitionError, match="untrained"):
-        validate_assignment([(0,), (2,)], 3, 2)
-    with pytest.raises(PartitionError, match="block 5"):
-        validate_assignment([(0, 5), (1, 2)], 3, 2)
