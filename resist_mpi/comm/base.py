@@ -95,8 +95,7 @@ class Comm:
             raise ValueError(f"alltoallv: send_counts {send_counts} must have one non-negative entry "
                              f"per rank ({self.size}) summing to send.numel() ({send.numel()})")
         if recv_counts is None:
-            recv_counts = self._exchange_counts(send_counts)
-            self.control_bytes += 2 * 8 * (self.size - 1)
+            recv_counts = self._exchange_counts_counted(send_counts)
         recv_counts = [int(c) for c in recv_counts]
         if len(recv_counts) != self.size:
             raise ValueError(f"alltoallv: recv_counts needs one entry per rank ({self.size})")
@@ -107,9 +106,13 @@ class Comm:
             recv = self._alltoallv_into(send, send_counts, recv_counts, out)
         else:
             recv = self._alltoallv(send, send_counts, recv_counts)
+        self._count_alltoallv(send_counts, recv_counts)
+        return recv, recv_counts
+
+    def _count_alltoallv(self, send_counts: List[int], recv_counts: List[int]) -> None:
+        """Payload of an alltoallv: what goes to and comes from other ranks (not the own segment)."""
         self.bytes_sent += ELEMENT_BYTES * (sum(send_counts) - send_counts[self.rank])
         self.bytes_recv += ELEMENT_BYTES * (sum(recv_counts) - recv_counts[self.rank])
-        return recv, recv_counts
 
     def alltoallv_tensors(self, sends: Sequence[Sequence[torch.Tensor]],
                           recvs: Sequence[Sequence[torch.Tensor]]) -> None:
@@ -199,6 +202,11 @@ class Comm:
         finally:
             self.control_bytes += (self.bytes_sent - sent) + (self.bytes_recv - recv)
             self.bytes_sent, self.bytes_recv = sent, recv
+
+    def _exchange_counts_counted(self, send_counts: List[int]) -> List[int]:
+        """The recv counts of an alltoallv whose caller did not give them (control traffic)."""
+        self.control_bytes += 2 * 8 * (self.size - 1)
+        return self._exchange_counts(send_counts)
 
     def _count_bcast(self, nbytes: int, root: int) -> None:
         if self.rank == root:

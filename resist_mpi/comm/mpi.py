@@ -13,7 +13,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .base import ELEMENT_BYTES, Comm
+from .base import Comm
 from .fusion import empty_flat
 
 
@@ -91,8 +91,7 @@ class MPIComm(Comm):
                 and len(sc) == self.size and n_send == sbuf.size and min(sc) >= 0):
             return super().alltoallv(send, send_counts, recv_counts, out)  # raises the plain-words error
         if recv_counts is None:
-            rc = self._exchange_counts(sc)
-            self.control_bytes += 2 * 8 * (self.size - 1)
+            rc = self._exchange_counts_counted(sc)
         else:
             rc = recv_counts if type(recv_counts) is list else [int(c) for c in recv_counts]
         n_recv = sum(rc)
@@ -104,9 +103,7 @@ class MPIComm(Comm):
             out = torch.from_numpy(rbuf)
         self.comm.Alltoallv([sbuf, (sc, self._displs(sc)), self.MPI.FLOAT],
                             [rbuf, (rc, self._displs(rc)), self.MPI.FLOAT])
-        me = self.rank
-        self.bytes_sent += ELEMENT_BYTES * (n_send - sc[me])
-        self.bytes_recv += ELEMENT_BYTES * (n_recv - rc[me])
+        self._count_alltoallv(sc, rc)
         return out, rc
 
     def _displs(self, counts: List[int]) -> List[int]:
