@@ -102,9 +102,21 @@ class RunLog:
 
 
 def read_metrics(path: str, event: Optional[str] = None):
-    """The records of a metrics.jsonl (or a run directory), optionally of one event type."""
+    """The records of a metrics.jsonl (or a run directory), optionally of one event type.
+
+    A line that is not JSON raises ValueError naming the file and line; non-object lines are skipped.
+    """
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
+    recs = []
     with open(path) as fh:
-        recs = [json.loads(line) for line in fh if line.strip()]
-    return [r for r in recs if event is None or r.get("event") == event]
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON record ({e.msg})") from None
+            if isinstance(rec, dict) and (event is None or rec.get("event") == event):
+                recs.append(rec)
+    return recs

@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from .metrics import read_metrics
+
 
 class PlotError(ValueError):
     """A run directory that cannot be plotted; reported as one line."""
@@ -39,18 +41,10 @@ class Run:
 
 
 def _read_records(path: str) -> List[Dict]:
-    recs = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PlotError(f"{path}:{n}: not a JSON record ({e.msg})") from None
-            if isinstance(rec, dict):
-                recs.append(rec)
-    return recs
+    try:
+        return read_metrics(path)
+    except ValueError as e:
+        raise PlotError(str(e)) from None
 
 
 def _continuous_wallclock(recs: List[Dict]) -> List[Dict]:
