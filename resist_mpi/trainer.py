@@ -24,6 +24,7 @@ from .config import Config
 from .data import ShardLoader, check_compatible, load_dataset
 from .metrics import RunLog, Timer
 from .models import create_model
+from .partition import check_partition
 from .strategies import LocalSGD, Strategy, allreduce_tensors_, create_strategy
 
 
@@ -139,7 +140,6 @@ class Trainer:
                 probe = self.build_net()
             # CIFAR-style models are built for 32x32; ImageNet-style ones take any size >= 32
             check_compatible(self.info, None if probe.arch["stem"] == "imagenet" else 32, self.info.num_classes)
-            from .partition import check_partition
             if cfg.strategy == "resist":
                 check_partition(probe.num_partitionable, c.size, cfg.min_depth)
             self.resume_state = ckpt.resolve_and_load(cfg, probe, c.rank, c.size)
