@@ -1,16 +1,19 @@
 """Synchronisation benchmark: one ResIST round's communication vs one local-SGD average, and raw mpi4py.
 
     mpirun -np 4 python benchmarks/sync_bench.py                       # ResNet-101, 100 classes, width 64
-    mpirun -np 4 python benchmarks/sync_bench.py --rounds 20 --json runs/bench/sync_np4.json
-    mpirun -np 2 python benchmarks/sync_bench.py --width 16 --rounds 5  # a quick look
+    mpirun -np 4 python benchmarks/sync_bench.py --rounds 60 --json runs/bench/sync_np4.json
+    mpirun -np 2 python benchmarks/sync_bench.py --width 16 --rounds 5 --warmup 2  # a quick look
 
 On the real parameter sizes it times, per repetition and interleaved (the order rotates):
 
-  resist          ResIST.begin_round(r) + end_round(): rank 0 draws the assignment and broadcasts
-                  it, the routing plan's block exchange (run_exchange: one message per block
-                  straight from and into block slabs, averages, dropped blocks) and the shared-layer
-                  allreduce (in place on the flat buffer the shared layers are views of).
-                  Steady state: round 0 (blocks coming from rank 0's fresh model) is not timed.
+  resist          ResIST.begin_round(r) + end_round(): the round's assignment (rank 0 broadcasts
+                  those of 32 rounds at once: one timed round in 32 has the broadcast), the routing
+                  plan's block exchange (run_exchange: one message per block straight from and into
+                  block slabs, averages, dropped blocks) and the shared-layer allreduce (in place on
+                  the flat buffer the shared layers are views of).
+                  Steady state: round 0 (blocks coming from rank 0's fresh model) and --warmup
+                  repetitions of every variant (a rank's first rounds allocate block slabs until
+                  its spare pool covers a round) are not reported.
   resist_raw      raw mpi4py moving the identical bytes: an Alltoallv with the same round's plan
                   counts on preallocated buffers, then Allreduce(IN_PLACE) + division of a buffer of
                   the shared-layer size (buffers allocated like the package's).
@@ -57,7 +60,8 @@ def planned_rounds(sizes: T.ModelSizes, S: int, min_depth: int, seed: int, count
     return plans
 
 
-def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: int, seed: int) -> Dict:
+def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: int, seed: int,
+        warmup: int = 10) -> Dict:
     from mpi4py import MPI
     mpicomm = MPI.COMM_WORLD
     c = C.init("mpi")
@@ -74,7 +78,7 @@ def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: i
     local.build_model(factory)
     sizes = T.model_sizes(local.model)
 
-    plans = planned_rounds(sizes, S, min_depth, seed, rounds + 1)
+    plans = planned_rounds(sizes, S, min_depth, seed, warmup + rounds + 1)
     counts = [(np.asarray(p.send_counts(rank, sizes.blocks), dtype=np.int64),
                np.asarray(p.recv_counts(rank, sizes.blocks), dtype=np.int64)) for p in plans]
 
@@ -154,10 +158,13 @@ def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: i
         times["local_sgd_raw"].append(MPI.Wtime() - t0)
 
     variants = [t_resist, t_resist_raw, t_local, t_local_raw]
-    for r in range(1, rounds + 1):
+    for r in range(1, warmup + rounds + 1):
         k = r % len(variants)  # rotate: no variant always runs first or after the same one
         for fn in variants[k:] + variants[:k]:
             fn(r)
+        if r == warmup:  # warm-up repetitions are not reported
+            for recorded in list(times.values()) + [exchange_bytes, resist_bytes, local_bytes]:
+                recorded.clear()
 
     med = {}
     for name, values in times.items():
@@ -171,7 +178,7 @@ def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: i
     report = T.traffic(sizes, S, min_depth, rounds=rounds, seed=seed)
     return {
         "benchmark": "sync_bench", "world_size": S, "model": model_name, "num_classes": num_classes,
-        "width": width, "min_depth": min_depth, "seed": seed, "rounds_timed": rounds,
+        "width": width, "min_depth": min_depth, "seed": seed, "rounds_timed": rounds, "warmup_rounds": warmup,
         "elements": {"shared": sizes.shared, "block": list(sizes.blocks), "full": sizes.full},
         "median_s": med,
         "resist_over_local_sgd": med["resist"] / med["local_sgd"],
@@ -217,10 +224,15 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=64, help="(default: %(default)s)")
     p.add_argument("--min-depth", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="assignment seed (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=15, help="timed rounds per variant (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=30, help="timed rounds per variant (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed rounds of every variant first (default: %(default)s): a rank's first rounds "
+                        "allocate and fault in block slabs until its spare pool covers a round")
     p.add_argument("--json", help="write the result to this JSON file (rank 0)")
     args = p.parse_args(argv)
-    res = run(args.model, args.num_classes, args.width, args.rounds, args.min_depth, args.seed)
+    if args.rounds < 1 or args.warmup < 0:
+        p.error("--rounds must be >= 1 and --warmup >= 0")
+    res = run(args.model, args.num_classes, args.width, args.rounds, args.min_depth, args.seed, args.warmup)
     from mpi4py import MPI
     if MPI.COMM_WORLD.Get_rank() == 0:
         print(format_result(res), flush=True)

@@ -1,7 +1,7 @@
 """The training loop: rounds of local SGD steps around a strategy's synchronisation hooks.
 
     for each round:
-        strategy.begin_round(r)        # ResIST: draw + broadcast assignment, one block all-to-all
+        strategy.begin_round(r)        # ResIST: the round's assignment from rank 0, one block all-to-all
         l local SGD steps              # on this rank's shard; no communication (but data-parallel's)
         strategy.end_round()           # averages (shared layers / whole model / BN buffers)
         evaluate at epoch boundaries, checkpoint when due

@@ -190,3 +190,29 @@ def test_imagenet_style_model_trains_on_image_folder(tmp_path):
     rounds = _records(tmp_path / "run", "round")
     assert len(rounds) == 1 and rounds[0]["bytes_sent"] > 0  # 2 steps = one round (8 images per rank)
     assert 0.0 <= _records(tmp_path / "run", "eval")[-1]["test_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("np_", [2, 4])
+def test_sync_bench_times_what_it_says(tmp_path, np_):
+    """sync_bench on a thin ResNet-101: the payload it measured equals the plans' and the ring's bytes."""
+    import json
+
+    from resist_mpi import traffic
+    from resist_mpi.comm import ring_allreduce_bytes
+    from resist_mpi.models import create_model
+
+    out = tmp_path / "sync.json"
+    p = mpirun(np_, ["benchmarks/sync_bench.py", "--width", "4", "--rounds", "4", "--warmup", "2",
+                     "--json", str(out)], timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "efficiency_vs_raw" in p.stdout
+    res = json.loads(out.read_text())
+    sizes = traffic.model_sizes(create_model("preact_resnet101", 100, 4))
+    assert res["elements"]["full"] == sizes.full and res["warmup_rounds"] == 2 and res["rounds_timed"] == 4
+    # the package's counters: the local-SGD allreduce, and ResIST's exchange equal to the plans' bytes
+    # (resist_exchange is what the raw Alltoallv moved, from the plans' counts) plus the shared allreduce
+    b = res["bytes_sent_per_round_all_ranks"]
+    assert b["local_sgd"] == np_ * ring_allreduce_bytes(4 * sizes.full, np_)
+    shared = np_ * ring_allreduce_bytes(4 * sizes.shared, np_)
+    assert b["resist_total"] - b["resist_exchange"] == pytest.approx(shared, rel=1e-12)
+    assert 0 < res["efficiency_vs_raw"] and 0 < res["resist_over_local_sgd"]

@@ -33,6 +33,7 @@ def cuda_aware() -> bool:
         return False
 
 
+_FRAME = 1024  # bytes of bcast_object's first broadcast (below Open MPI's shared-memory eager limit)
 _TAG = 7100  # tags of alltoallv_tensors messages: _TAG + position in the per-peer list
 
 
@@ -170,11 +171,21 @@ class MPIComm(Comm):
             t.copy_(staged)
 
     def _bcast_bytes(self, payload: Optional[bytes], root: int) -> bytes:
-        n = np.array([len(payload) if self.rank == root else 0], dtype=np.int64)
-        self.comm.Bcast([n, self.MPI.INT64_T], root=root)
-        buf = bytearray(payload) if self.rank == root else bytearray(int(n[0]))
-        self.comm.Bcast([buf, self.MPI.BYTE], root=root)
-        return bytes(buf)
+        # One fixed-size frame (length + the first bytes) and, only for a longer payload, a second
+        # broadcast of the rest: an assignment fits in the frame, so a round's draw costs one
+        # collective (two, length then payload, measured 0.1-1.7 ms of skew on 4 oversubscribed ranks).
+        frame = np.zeros(_FRAME, dtype=np.uint8)
+        if self.rank == root:
+            head = payload[:_FRAME - 8]
+            frame[:8] = np.frombuffer(np.int64(len(payload)).tobytes(), dtype=np.uint8)
+            frame[8:8 + len(head)] = np.frombuffer(head, dtype=np.uint8)
+        self.comm.Bcast([frame, self.MPI.BYTE], root=root)
+        n = int(frame[:8].view(np.int64)[0])
+        if n <= _FRAME - 8:
+            return payload if self.rank == root else frame[8:8 + n].tobytes()
+        rest = bytearray(payload[_FRAME - 8:]) if self.rank == root else bytearray(n - (_FRAME - 8))
+        self.comm.Bcast([rest, self.MPI.BYTE], root=root)
+        return payload if self.rank == root else frame[8:].tobytes() + bytes(rest)
 
     def _reduce_stats_(self, t, op):
         self.comm.Allreduce(self.MPI.IN_PLACE, [t.numpy(), self.MPI.DOUBLE], op=self._ops[op])

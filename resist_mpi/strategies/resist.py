@@ -2,8 +2,9 @@
 
 A round, as the trainer sees it:
 
-    begin_round: rank 0 draws the assignment and broadcasts it; one all-to-all brings every rank the
-                 blocks it will train (averaging blocks that several ranks trained last round)
+    begin_round: the round's assignment (rank 0 draws and broadcasts those of 32 rounds at a time);
+                 one all-to-all brings every rank the blocks it will train (averaging blocks that
+                 several ranks trained last round)
     local steps: no communication at all, inactive blocks skipped
     end_round:   one fused allreduce averages the shared layers (parameters and BN buffers)
 
@@ -24,6 +25,9 @@ from ..routing import everyone, needers_from_assignment, plan_exchange
 from .base import Strategy, bcast_tensors_
 
 
+ASSIGNMENTS_PER_BROADCAST = 32  # rounds whose assignments rank 0 broadcasts together
+
+
 class ResIST(Strategy):
     name = "resist"
     fresh_optimizer = True  # the paper's reference code builds a fresh optimizer every round
@@ -35,6 +39,7 @@ class ResIST(Strategy):
         self.divergent: set = set()
         self.last_plan = None
         self._exchange_buffers: Dict = {}  # the averaging workspace, reused round after round
+        self._drawn: Dict[int, partition.Assignment] = {}  # round -> assignment, from rank 0's last broadcast
 
     # -- model ------------------------------------------------------------------------------------
     def build_model(self, factory):
@@ -71,15 +76,28 @@ class ResIST(Strategy):
 
     # -- a round ------------------------------------------------------------------------------------
     def draw(self, round_index: int) -> partition.Assignment:
-        """Rank 0 draws this round's assignment; every rank receives it."""
-        c = self.comm
-        drawn = None
-        if c.rank == 0:
-            drawn = partition.draw_assignment(self.model.num_partitionable, c.size, self.cfg.min_depth,
-                                              partition.round_rng(self.cfg.seed, round_index))
-        # ---- distributed step: broadcast of the assignment (metadata: control bytes) ----
-        with c.as_control():
-            return c.bcast_object(drawn, root=0)
+        """This round's assignment, drawn by rank 0 and received by every rank.
+
+        Rank 0 draws the assignments of ASSIGNMENTS_PER_BROADCAST consecutive rounds at once and
+        broadcasts them together, so only one round in that many has a broadcast (on 4 ranks sharing
+        2 cores, the extra synchronisation measured 0.2-1.7 ms a round). Each round's assignment
+        depends only on (seed, round), so batching changes no draw, and a round outside the batch
+        (after a resume) simply starts a new one.
+        """
+        drawn = self._drawn.get(round_index)
+        if drawn is None:
+            c = self.comm
+            batch = None
+            if c.rank == 0:
+                batch = [partition.draw_assignment(self.model.num_partitionable, c.size, self.cfg.min_depth,
+                                                   partition.round_rng(self.cfg.seed, round_index + k))
+                         for k in range(ASSIGNMENTS_PER_BROADCAST)]
+            # ---- distributed step: broadcast of the assignments (metadata: control bytes) ----
+            with c.as_control():
+                batch = c.bcast_object(batch, root=0)
+            self._drawn = {round_index + k: a for k, a in enumerate(batch)}
+            drawn = self._drawn[round_index]
+        return drawn
 
     def exchange_to(self, needers, keep_workspace: bool = True) -> None:
         """One all-to-all exchange that leaves needers[b] holding an up-to-date copy of block b.

@@ -87,6 +87,22 @@ def test_bcast_object_exact(c):
         assert (sent, recv) == ((n * (c.size - 1), 0) if c.rank == 0 else (0, n))
 
 
+@pytest.mark.parametrize("length", [1015, 1016, 1017, 5000])
+def test_bcast_object_any_length(c, length):
+    """Objects that fill the first broadcast frame exactly, or need the second one, arrive whole."""
+    overhead = len(pickle.dumps(b"x" * 1000, protocol=pickle.HIGHEST_PROTOCOL)) - 1000
+    obj = bytes(range(256)) * 20
+    obj = obj[:length - overhead]  # pickles to exactly `length` bytes (the frame holds 1016)
+    n = len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    assert n == length
+    before = c.counters()
+    got = c.bcast_object(obj if c.rank == 1 % c.size else None, root=1 % c.size)
+    assert got == obj
+    sent, recv = c.bytes_sent - before[0], c.bytes_recv - before[1]
+    if c.size > 1:
+        assert (sent, recv) == ((n * (c.size - 1), 0) if c.rank == 1 else (0, n))
+
+
 def test_as_control_moves_counts(c):
     before, ctrl = c.counters(), c.control_bytes
     with c.as_control():

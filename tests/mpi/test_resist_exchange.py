@@ -131,3 +131,27 @@ def test_full_model_gathers_and_scales(c):
     s.begin_round(1)  # after the gather nothing needs to move
     assert c.counters() == before
     assert sum(model.holds_block(b) for b in range(model.num_partitionable)) == len(s.assignment[c.rank])
+
+
+def test_assignments_come_from_rank_0_a_batch_per_broadcast(c, monkeypatch):
+    """Every rank gets rank 0's draw for each round, even where its own random stream differs, and
+    the assignments of ASSIGNMENTS_PER_BROADCAST rounds travel in one broadcast."""
+    import numpy as np
+
+    from resist_mpi import partition
+    from resist_mpi.strategies.resist import ASSIGNMENTS_PER_BROADCAST as K
+
+    s = ResIST(c, Config(seed=3, min_depth=2), torch.device("cpu"))
+    P = s.build_model(factory).num_partitionable
+    rounds = list(range(2 * K + 6)) + [500, 501]
+    expected = {r: partition.draw_assignment(P, c.size, 2, partition.round_rng(3, r)) for r in rounds}
+    if c.rank != 0:  # a rank drawing for itself would now get other assignments
+        monkeypatch.setattr(partition, "round_rng", lambda seed, r: np.random.default_rng(10_000 + r))
+    broadcasts = []
+    for r in rounds:
+        before = c.control_bytes
+        assert s.draw(r) == expected[r]
+        if c.control_bytes != before:
+            broadcasts.append(r)
+    # a round outside the current batch (a resume) starts a new one
+    assert broadcasts == ([0, K, 2 * K, 500] if c.size > 1 else [])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from resist_mpi.models import PreActBlock, PreActResNet, create_model, list_models
+from resist_mpi.models import PreActBlock, PreActResNet, create_model, list_models, module_tensors
 
 
 def test_registry_and_paper_size():
@@ -82,6 +82,27 @@ def test_release_and_materialize_keep_shapes():
     assert m.holds_block(0) and m.partitionable[0].bn1.num_batches_tracked.item() == 0
 
 
+def test_a_block_brought_back_computes_and_trains_on_its_slab():
+    """Release + materialize (the per-round rebinding) leaves a block that is its slab's values, in
+    module_tensors order, and whose weights are trainable Parameters of the model."""
+    m = _thin([1, 1, 3, 1])
+    m.eval()
+    x = torch.randn(2, 3, 32, 32)
+    y = m(x)
+    values = torch.cat([t.detach().reshape(-1) for t in m.block_tensors(1)])
+    for _ in range(3):  # repeated cycles reuse the same slots
+        m.release_block(1)
+        m.materialize_block(1, "cpu").copy_(values)
+    m.activate_all()  # a released block is switched off
+    assert torch.equal(m(x), y)
+    m.train()
+    m(x).sum().backward()
+    block_params = list(m.partitionable[1].parameters())
+    assert all(p.requires_grad and p.grad is not None for p in block_params)
+    model_params = {id(p) for p in m.parameters()}
+    assert all(id(p) in model_params for p in block_params)
+
+
 def test_shared_and_block_tensors_partition_the_model():
     m = _thin([2, 2, 4, 2])
     ids = {id(t) for t in m.shared_tensors()}
@@ -91,6 +112,16 @@ def test_shared_and_block_tensors_partition_the_model():
         ids |= bt
     floats = [t for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()]
     assert ids == {id(t) for t in floats}
+
+
+def test_shared_tensors_follow_replaced_tensors():
+    """shared_tensors() reads cached slots; tensors replaced afterwards (to_empty) are what it returns."""
+    m = _thin([2, 2, 4, 2])
+    order = [t.shape for mod in m.shared_modules() for t in module_tensors(mod)]
+    assert [t.shape for t in m.shared_tensors()] == order
+    m.to_empty(device="cpu")
+    now = [t for mod in m.shared_modules() for t in module_tensors(mod)]
+    assert [id(t) for t in m.shared_tensors()] == [id(t) for t in now]
 
 
 def test_imagenet_variant_runs_small_input():
