@@ -109,10 +109,15 @@ class Comm:
         self._count_alltoallv(send_counts, recv_counts)
         return recv, recv_counts
 
-    def _count_alltoallv(self, send_counts: List[int], recv_counts: List[int]) -> None:
+    def _alltoallv_bytes(self, send_counts: List[int], recv_counts: List[int]) -> Tuple[int, int]:
         """Payload of an alltoallv: what goes to and comes from other ranks (not the own segment)."""
-        self.bytes_sent += ELEMENT_BYTES * (sum(send_counts) - send_counts[self.rank])
-        self.bytes_recv += ELEMENT_BYTES * (sum(recv_counts) - recv_counts[self.rank])
+        return (ELEMENT_BYTES * (sum(send_counts) - send_counts[self.rank]),
+                ELEMENT_BYTES * (sum(recv_counts) - recv_counts[self.rank]))
+
+    def _count_alltoallv(self, send_counts: List[int], recv_counts: List[int]) -> None:
+        sent, recvd = self._alltoallv_bytes(send_counts, recv_counts)
+        self.bytes_sent += sent
+        self.bytes_recv += recvd
 
     def alltoallv_tensors(self, sends: Sequence[Sequence[torch.Tensor]],
                           recvs: Sequence[Sequence[torch.Tensor]]) -> None:

@@ -5,6 +5,7 @@ on COMM_WORLD (the mpi4py test-suite pattern).
 """
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
@@ -36,6 +37,37 @@ def test_allreduce_mean_exact(c, n):
     assert (c.bytes_sent - before[0], c.bytes_recv - before[1]) == (moved, moved)
 
 
+def test_allreduce_mean_repeated_calls_reuse_nothing_stale(c):
+    """Averaging the same tensor again reuses the prepared buffer; new values, the tensor moved to
+    new memory, another tensor at its address, and a freed tensor are all handled exactly."""
+    import gc
+    import weakref
+
+    S, r = c.size, c.rank
+    moved = ring_allreduce_bytes(4 * 64, S)
+
+    def check(t, base):
+        for k in range(3):  # values change between repeats: each call reduces what t holds now
+            t.copy_(torch.arange(64, dtype=torch.float32) * (k + 1) + 1000 * r + base)
+            before = c.counters()
+            assert c.allreduce_mean_(t) is t
+            want = torch.arange(64, dtype=torch.float32) * (k + 1) + 1000 * (S - 1) / 2 + base
+            assert torch.equal(t, want)
+            assert (c.bytes_sent - before[0], c.bytes_recv - before[1]) == (moved, moved)
+
+    t = torch.empty(64)
+    check(t, 0)
+    t.set_(torch.empty(64))  # the same tensor object, moved to new memory
+    check(t, 5)
+    with pytest.raises(ValueError, match="float32"):  # another tensor at the same address
+        c.allreduce_mean_(t.view(torch.int32))
+    ref = weakref.ref(t)
+    del t
+    gc.collect()
+    assert ref() is None  # the prepared buffer holds no reference to the tensor
+    check(torch.empty(64), 7)
+
+
 def _segment(src, dst, k):
     return torch.tensor([src * 10000 + dst * 100 + i for i in range(k)], dtype=torch.float32)
 
@@ -57,6 +89,59 @@ def test_alltoallv_exact(c, give_counts):
     assert c.bytes_sent - before[0] == 4 * (sum(send_counts) - send_counts[r])
     assert c.bytes_recv - before[1] == 4 * (sum(expect_counts) - expect_counts[r])
     assert c.control_bytes - ctrl == (0 if give_counts else 16 * (S - 1))
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+def test_alltoallv_repeated_calls_reuse_nothing_stale(c, with_out):
+    """A call repeating the previous one reuses its prepared MPI arguments; every way a repeat can
+    differ (new values, count lists changed in place, another tensor at the same address, the same
+    tensor moved, a freed one) still gives what raw MPI gives, with exact byte counts, and the
+    reuse keeps no tensor alive."""
+    import gc
+    import weakref
+
+    S, r = c.size, c.rank
+    counts = [_count(r, d) for d in range(S)]
+    expect = [_count(s, r) for s in range(S)]
+
+    def raw(send, sc, rc):
+        got = np.empty(sum(rc), dtype=np.float32)
+        sd, rd = np.cumsum([0] + sc[:-1]), np.cumsum([0] + rc[:-1])
+        c.comm.Alltoallv([send.numpy(), (sc, sd), MPI.FLOAT], [got, (rc, rd), MPI.FLOAT])
+        return torch.from_numpy(got)
+
+    def check(send):
+        out = torch.full((sum(expect),), -1.0) if with_out else None
+        for _ in range(3):  # the second and third calls repeat the first
+            want = raw(send, counts, expect)
+            before = c.counters()
+            recv, got = c.alltoallv(send, counts, expect, out=out)
+            assert got == expect and (out is None or recv is out)
+            assert torch.equal(recv, want)
+            assert (c.bytes_sent - before[0], c.bytes_recv - before[1]) == (
+                4 * (sum(counts) - counts[r]), 4 * (sum(expect) - expect[r]))
+
+    send = torch.cat([_segment(r, d, counts[d]) for d in range(S)])
+    check(send)
+    send.mul_(2)  # new values in the same tensor
+    check(send)
+    if S > 1:  # the same tensor, its count lists changed in place: one element moves from rank 0's
+        counts[0] -= 1  # segment to rank 1's on every rank (every rank sends rank 0 at least one)
+        counts[1] += 1
+        expect[:] = [n - (r == 0) + (r == 1) for n in expect]
+        check(send)
+    with pytest.raises(ValueError, match="float32"):  # another tensor at the same address, not float32
+        c.alltoallv(send.view(torch.int32), counts, expect)
+    send.set_(send.clone().mul_(5))  # the same tensor object, moved to new memory
+    check(send)
+    other = send.clone()  # another tensor with the same counts
+    del send
+    check(other)
+    ref = weakref.ref(other)
+    del other
+    gc.collect()
+    assert ref() is None  # the prepared arguments hold no reference to the tensor
+    check(torch.cat([_segment(r, d, counts[d]) * 3 for d in range(S)]))
 
 
 def test_alltoallv_empty_segments(c):
