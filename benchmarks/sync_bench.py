@@ -15,10 +15,11 @@ On the real parameter sizes it times, per repetition and interleaved (the order 
                   repetitions of every variant (a rank's first rounds allocate block slabs until
                   its spare pool covers a round) are not reported.
   resist_raw      raw mpi4py moving the identical bytes: an Alltoallv with the same round's plan
-                  counts on preallocated buffers, then Allreduce(IN_PLACE) + division of a buffer of
-                  the shared-layer size (buffers allocated like the package's).
+                  counts on preallocated buffers (allocated like the package's), then
+                  Allreduce(IN_PLACE) + division of the shared layers' flat buffer (the package's
+                  own; --raw-allreduce-buffers separate: a buffer of that size of its own).
   local_sgd       LocalSGD.end_round(): the in-place allreduce of the full model (params + BN buffers).
-  local_sgd_raw   raw Allreduce(IN_PLACE) + division of a buffer of the full-model size.
+  local_sgd_raw   raw Allreduce(IN_PLACE) + division of the full model's flat buffer (or its own).
 
 No training happens between rounds (communication only). Each time is the maximum over ranks of
 one call (a barrier first); the medians over --rounds repetitions are reported, with
@@ -61,7 +62,7 @@ def planned_rounds(sizes: T.ModelSizes, S: int, min_depth: int, seed: int, count
 
 
 def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: int, seed: int,
-        warmup: int = 10) -> Dict:
+        warmup: int = 10, same_buffers: bool = True) -> Dict:
     from mpi4py import MPI
     mpicomm = MPI.COMM_WORLD
     c = C.init("mpi")
@@ -88,9 +89,13 @@ def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: i
         return d
 
     displacements = [(displs(s), displs(r)) for s, r in counts]
-    # raw buffers come from the package's own allocator (comm.fusion.empty_flat) and are touched
+    # Raw buffers come from the package's own allocator (comm.fusion.empty_flat) and are touched
     # before timing, so both sides use identically allocated memory and the ratio measures only
     # the package's overhead (torch- and numpy-allocated buffers measured 15-20% apart here).
+    # The raw allreduces run, by default, on the very buffers the package reduces (the flat
+    # buffers the shared layers / the full model are views of), as comm_bench does: the same
+    # Allreduce on two equally allocated 62 MB buffers still measured up to 10% apart within one
+    # run here (memory placement), which would swamp the package's own overhead.
     def buffer(n, value):
         b = empty_flat(n)
         b.fill_(value)
@@ -98,13 +103,16 @@ def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: i
 
     sbuf = buffer(max(int(s.sum()) for s, _ in counts) or 1, 1.0)
     rbuf = buffer(max(int(r.sum()) for _, r in counts) or 1, 0.0)
-    shared_buf = buffer(sizes.shared, 1.0)
-    full_buf = buffer(sizes.full, 1.0)
+    if not same_buffers:
+        shared_buf, full_buf = buffer(sizes.shared, 1.0), buffer(sizes.full, 1.0)
 
     # round 0 (not timed): blocks leave rank 0's fresh model; also warms up every code path
     resist.begin_round(0)
     resist.end_round()
     local.end_round()
+    if same_buffers:  # the flat buffers Strategy.average_ reduces
+        shared_buf, full_buf = resist._flats["shared"].numpy(), local._flats["model"].numpy()
+        assert shared_buf.size == sizes.shared and full_buf.size == sizes.full
     for buf in (shared_buf, full_buf):
         mpicomm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         np.divide(buf, S, out=buf)
@@ -179,6 +187,7 @@ def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: i
     return {
         "benchmark": "sync_bench", "world_size": S, "model": model_name, "num_classes": num_classes,
         "width": width, "min_depth": min_depth, "seed": seed, "rounds_timed": rounds, "warmup_rounds": warmup,
+        "raw_allreduce_buffers": "same" if same_buffers else "separate",
         "elements": {"shared": sizes.shared, "block": list(sizes.blocks), "full": sizes.full},
         "median_s": med,
         "resist_over_local_sgd": med["resist"] / med["local_sgd"],
@@ -200,7 +209,8 @@ def format_result(res: Dict) -> str:
     return "\n".join([
         f"sync_bench: {res['world_size']} ranks, {res['model']} width {res['width']}, {res['num_classes']} classes: "
         f"shared {res['elements']['shared']:,} + {len(res['elements']['block'])} blocks of "
-        f"{res['elements']['block'][0]:,} elements; median of {res['rounds_timed']} rounds, max over ranks",
+        f"{res['elements']['block'][0]:,} elements; median of {res['rounds_timed']} rounds, max over ranks; "
+        f"raw allreduces on {'the package' + chr(39) + 's own' if res['raw_allreduce_buffers'] == 'same' else 'separate'} buffers",
         f"{'':>24} {'package':>10} {'raw mpi4py':>11} {'raw/pkg':>8}",
         f"{'ResIST sync':>24} {m['resist']:8.1f}ms {m['resist_raw']:9.1f}ms {res['efficiency_vs_raw']:8.3f}",
         f"{'  block exchange':>24} {m['resist_exchange']:8.1f}ms {m['resist_raw_alltoallv']:9.1f}ms "
@@ -228,11 +238,15 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=10,
                    help="untimed rounds of every variant first (default: %(default)s): a rank's first rounds "
                         "allocate and fault in block slabs until its spare pool covers a round")
+    p.add_argument("--raw-allreduce-buffers", choices=("same", "separate"), default="same",
+                   help="raw allreduces on the package's own flat buffers, or on separately allocated "
+                        "ones (default: %(default)s)")
     p.add_argument("--json", help="write the result to this JSON file (rank 0)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0:
         p.error("--rounds must be >= 1 and --warmup >= 0")
-    res = run(args.model, args.num_classes, args.width, args.rounds, args.min_depth, args.seed, args.warmup)
+    res = run(args.model, args.num_classes, args.width, args.rounds, args.min_depth, args.seed, args.warmup,
+              args.raw_allreduce_buffers == "same")
     from mpi4py import MPI
     if MPI.COMM_WORLD.Get_rank() == 0:
         print(format_result(res), flush=True)
