@@ -96,3 +96,16 @@ def test_flatten_makes_views_that_follow_in_place_updates():
     lin.weight.data = torch.zeros(2, 3)  # replaced, not updated in place: no longer a view
     assert not is_view_of(ts, flat)
     assert empty_flat(10).shape == (10,) and empty_flat(10).dtype == torch.float32
+
+
+def test_large_flat_buffers_start_on_a_huge_page():
+    """Buffers of 4 MB and more start on a 2 MiB boundary (whole transparent huge pages for MPI's
+    single-copy transfers); each is its own memory, of exactly the size asked for."""
+    from resist_mpi.comm.fusion import HUGE_PAGE, empty_flat
+    bufs = [empty_flat(n) for n in (1_181_696, 1_181_697, 15_433_252, 1 << 20)]
+    for b, n in zip(bufs, (1_181_696, 1_181_697, 15_433_252, 1 << 20)):
+        assert b.shape == (n,) and b.dtype == torch.float32 and b.is_contiguous()
+        assert b.data_ptr() % HUGE_PAGE == 0
+    for k, b in enumerate(bufs):
+        b.fill_(k)
+    assert all(torch.all(b == k) for k, b in enumerate(bufs))  # no two overlap
