@@ -174,13 +174,14 @@ class MPIComm(Comm):
             # counts. Weak references and raw addresses: the cache keeps no tensor alive, and a
             # tensor that died never matches.
             fromaddress, FLOAT = self.MPI.buffer.fromaddress, self.MPI.FLOAT
+            sc, rc_copy = list(sc), list(rc)  # the caller's lists may change in place
+            rcd = (rc_copy, rcd[1])
             self._last_alltoallv = _Prepared(
-                send=weakref.ref(send), sptr=send.data_ptr(), n_send=n_send, sc=list(sc),
-                sspec=[fromaddress(send.data_ptr(), ELEMENT_BYTES * n_send), (list(sc), scd[1]), FLOAT],
-                rc=list(rc), n_recv=n_recv, rcd=(list(rc), rcd[1]),
+                send=weakref.ref(send), sptr=send.data_ptr(), n_send=n_send, sc=sc,
+                sspec=[fromaddress(send.data_ptr(), ELEMENT_BYTES * n_send), (sc, scd[1]), FLOAT],
+                rc=rc_copy, n_recv=n_recv, rcd=rcd,
                 out=weakref.ref(out) if given_out else None, optr=out.data_ptr() if given_out else 0,
-                rspec=[fromaddress(out.data_ptr(), ELEMENT_BYTES * n_recv), (list(rc), rcd[1]), FLOAT]
-                if given_out else None,
+                rspec=[fromaddress(out.data_ptr(), ELEMENT_BYTES * n_recv), rcd, FLOAT] if given_out else None,
                 sent=sent, recvd=recvd)
         return out, rc
 
