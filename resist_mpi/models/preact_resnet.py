@@ -273,18 +273,14 @@ class _BlockSlots:
 
     def __init__(self, block: nn.Module):
         self.block = block
-        mods = list(block.modules())
-        self.params = [(m._parameters, n, p.shape, p.requires_grad)
-                       for m in mods for n, p in m._parameters.items() if p is not None]
-        self.floats = [(m._buffers, n, b.shape) for m in mods for n, b in m._buffers.items()
-                       if b is not None and b.is_floating_point()]
-        # BN's num_batches_tracked: not exchanged (module_tensors leaves it out), restarts at 0
-        self.counters = [(m._buffers, n, b.shape, b.dtype) for m in mods for n, b in m._buffers.items()
-                         if b is not None and not b.is_floating_point()]
-        self.numels = [math.prod(shape) for _, _, shape, _ in self.params] + \
-                      [math.prod(shape) for _, _, shape in self.floats]
-        slots = tensor_slots(block)
+        slots = tensor_slots(block)  # parameters first, then float buffers
         self.ends = (slots[0], slots[-1])
+        self.params = [(d, n, d[n].shape, d[n].requires_grad) for d, n in slots if isinstance(d[n], nn.Parameter)]
+        self.floats = [(d, n, d[n].shape) for d, n in slots if not isinstance(d[n], nn.Parameter)]
+        # BN's num_batches_tracked: not exchanged (module_tensors leaves it out), restarts at 0
+        self.counters = [(m._buffers, n, b.shape, b.dtype) for m in block.modules() for n, b in m._buffers.items()
+                         if b is not None and not b.is_floating_point()]
+        self.numels = [math.prod(d[n].shape) for d, n in slots]
         self.meta_params = [nn.Parameter(torch.empty(shape, dtype=torch.float32, device="meta"), requires_grad=rg)
                             for _, _, shape, rg in self.params]
         self.meta_floats = [torch.empty(shape, dtype=torch.float32, device="meta") for _, _, shape in self.floats]
