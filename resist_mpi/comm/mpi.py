@@ -55,6 +55,15 @@ class _Prepared(NamedTuple):
     recvd: int
 
 
+class _PreparedReduce(NamedTuple):
+    """The checked buffer of the last allreduce_mean_ (see MPIComm.allreduce_mean_)."""
+    t: Any               # weakref to the tensor
+    ptr: int
+    n: int
+    arr: np.ndarray      # a view of the tensor's memory made from its raw address (keeps nothing alive)
+    moved: int           # payload bytes to count, each way
+
+
 def _displs(counts: List[int]) -> List[int]:
     # a plain list: building a numpy array per call measured as real overhead on small messages
     return list(itertools.accumulate(counts[:-1], initial=0))
@@ -77,7 +86,7 @@ class MPIComm(Comm):
         self._cuda_aware = None
         self._displs_cache = {}
         self._last_alltoallv: Optional[_Prepared] = None
-        self._last_allreduce: Optional[tuple] = None  # (weakref, address, numel, array view, bytes)
+        self._last_allreduce: Optional[_PreparedReduce] = None
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
     # Host staging for device tensors ----------------------------------------------------------
@@ -92,12 +101,12 @@ class MPIComm(Comm):
         """Comm.allreduce_mean_; averaging the same CPU tensor again (a strategy's flat buffer,
         every round) reuses the previous call's checked buffer, like alltoallv."""
         last = self._last_allreduce
-        if last is not None and last[0]() is t and t.data_ptr() == last[1] and t.numel() == last[2]:
-            arr = last[3]
+        if last is not None and last.t() is t and t.data_ptr() == last.ptr and t.numel() == last.n:
+            arr = last.arr
             self.comm.Allreduce(self.MPI.IN_PLACE, [arr, self.MPI.FLOAT], op=self.MPI.SUM)
             np.divide(arr, self.size, out=arr)
-            self.bytes_sent += last[4]
-            self.bytes_recv += last[4]
+            self.bytes_sent += last.moved
+            self.bytes_recv += last.moved
             return t
         self._last_allreduce = None
         super().allreduce_mean_(t)  # checks, reduces, counts
@@ -105,7 +114,8 @@ class MPIComm(Comm):
         if self.size > 1 and n and t.device.type == "cpu":
             # weak reference and raw address: no tensor is kept alive, a dead one never matches
             arr = np.frombuffer(self.MPI.buffer.fromaddress(t.data_ptr(), ELEMENT_BYTES * n), dtype=np.float32)
-            self._last_allreduce = (weakref.ref(t), t.data_ptr(), n, arr, ring_allreduce_bytes(ELEMENT_BYTES * n, self.size))
+            self._last_allreduce = _PreparedReduce(weakref.ref(t), t.data_ptr(), n, arr,
+                                                   ring_allreduce_bytes(ELEMENT_BYTES * n, self.size))
         return t
 
     def _allreduce_(self, t, op):
