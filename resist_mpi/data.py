@@ -456,19 +456,6 @@ class _BatchView(torch.utils.data.Dataset):
         return self.dataset.get_batch(idx, gen)
 
 
-class _Keys(torch.utils.data.Sampler):
-    """The current epoch's batch keys; set before each iteration, so workers can persist."""
-
-    def __init__(self):
-        self.keys: list = []
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self):
-        return len(self.keys)
-
-
 class ShardLoader:
     """This rank's mini-batches, epoch by epoch.
 
@@ -497,7 +484,6 @@ class ShardLoader:
         self.num_samples = per_rank if train else len(range(rank, n, size))
         self.steps_per_epoch = math.ceil(per_rank / batch_size)
         self._view = _BatchView(dataset, seed, rank, train)
-        self._keys, self._loader = _Keys(), None
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
@@ -526,12 +512,12 @@ class ShardLoader:
         keys = [(e, b, batches[b]) for b in range(start_batch, len(batches))]
         if self.workers == 0:
             return (self._view[k] for k in keys)
-        if self._loader is None:
-            self._loader = torch.utils.data.DataLoader(
-                self._view, batch_size=None, sampler=self._keys, num_workers=self.workers,
-                persistent_workers=True)
-        self._keys.keys = keys
-        return iter(self._loader)
+        # Every iteration has its own DataLoader and workers, so iterations interleave freely:
+        # evaluation reads epoch 0 for BN recalibration while training is inside another epoch.
+        # (One persistent loader, re-aimed at each call's keys, handed training the wrong batches
+        # after every evaluation.) Workers start once per epoch: a fork, small next to an epoch.
+        loader = torch.utils.data.DataLoader(self._view, batch_size=None, sampler=keys, num_workers=self.workers)
+        return iter(loader)
 
 
 # ----------------------------------------------------------------------------- pack

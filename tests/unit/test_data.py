@@ -182,7 +182,27 @@ def test_workers_give_identical_batches(synthetic):
     pooled = list(loader.epoch(1, start_batch=2))
     assert len(inline) == len(pooled) == loader.steps_per_epoch - 2
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(inline, pooled))
-    assert len(list(loader.epoch(2))) == loader.steps_per_epoch      # persistent workers, next epoch
+    assert len(list(loader.epoch(2))) == loader.steps_per_epoch      # the next epoch
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_interleaved_iterations_each_get_their_own_batches(synthetic, workers):
+    """Evaluation reads epoch 0 (BN recalibration) while training is inside another epoch: two
+    batches of epoch 1, three of epoch 0, then epoch 1 must go on with its third batch."""
+    train = synthetic[0]
+    want = list(ShardLoader(train, 0, 2, 32, seed=5).epoch(1))
+    want0 = list(ShardLoader(train, 0, 2, 32, seed=5).epoch(0))
+    loader = ShardLoader(train, 0, 2, 32, seed=5, workers=workers)
+    training = loader.epoch(1)
+    got = [next(training), next(training)]
+    recalibration = loader.epoch(0)
+    got0 = [next(recalibration) for _ in range(3)]
+    got.append(next(training))
+    del recalibration  # abandoned mid-epoch, as evaluation does after --bn-batches
+    got += list(training)
+    assert len(got) == len(want) and len(want) > 3
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(got, want))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(got0, want0[:3]))
 
 
 def test_bad_shard_arguments(digits):
