@@ -6,10 +6,11 @@
 Two accountings, both float32 and both counting what leaves *and* what reaches every worker
 (up + down, sent + received), summed over the S workers:
 
-paper   the ResIST paper's view (a parameter server in spirit). ResIST: every worker uploads its
-        trained sub-model (shared layers + the blocks it trained this round) and downloads its
-        next sub-model (shared layers + its next blocks). Local SGD: the full model up and down
-        per worker. Data-parallel: the full gradient up and down per worker per step, l steps.
+paper   the ResIST paper's view (a parameter server in spirit), in trainable parameters only, as
+        the paper counts them. ResIST: every worker uploads its trained sub-model (shared layers +
+        the blocks it trained this round) and downloads its next sub-model (shared layers + its
+        next blocks). Local SGD: the full model up and down per worker. Data-parallel: the full
+        gradient up and down per worker per step, l steps.
 wire    what this package moves per round, with the backend counters' own formulas (comm/base.py):
         a ring allreduce of n bytes costs every rank 2(S-1)/S * n sent and as much received;
         an alltoallv counts what goes to other ranks (routing.Plan send counts, self excluded).
@@ -18,9 +19,10 @@ wire    what this package moves per round, with the backend counters' own formul
         the shared-layer allreduce. Local SGD: one allreduce of the full model. Data-parallel: l
         gradient allreduces plus one allreduce of the BN buffers per round.
 
-Tensors: a model transfer (sub-model, block, shared layers, full model) is its parameters AND its
-floating-point BatchNorm buffers (running mean / variance), as the package moves them; a gradient
-is parameters only. The integer num_batches_tracked never moves. The assignment broadcast and the
+Tensors: in the wire accounting a model transfer (sub-model, block, shared layers, full model) is
+its parameters AND its floating-point BatchNorm buffers (running mean / variance), as the package
+moves them; the paper accounting counts parameters only; a gradient is parameters only. The integer
+num_batches_tracked never moves. The assignment broadcast and the
 per-round metric reduction are control traffic, not counted.
 
 ResIST's wire bytes depend on the drawn assignments: they are averaged over --rounds rounds drawn
@@ -54,12 +56,15 @@ class ModelSizes:
         blocks: per partitionable block, parameters + float BN buffers (ResIST's exchange unit).
         params: all parameters (a data-parallel gradient).
         buffers: all float BN buffers (data-parallel's per-round allreduce).
+        shared_params, block_params: the parameters alone (the paper's accounting).
     """
 
     shared: int
     blocks: Tuple[int, ...]
     params: int
     buffers: int
+    shared_params: int
+    block_params: Tuple[int, ...]
 
     @property
     def full(self) -> int:
@@ -69,10 +74,13 @@ class ModelSizes:
 
 def model_sizes(model) -> ModelSizes:
     """ModelSizes of a PreActResNet (any device, meta included)."""
+    params = sum(p.numel() for p in model.parameters())
+    block_params = tuple(sum(p.numel() for p in b.parameters()) for b in model.partitionable)
     return ModelSizes(shared=model.shared_numel(),
                       blocks=tuple(model.block_numel(b) for b in range(model.num_partitionable)),
-                      params=sum(p.numel() for p in model.parameters()),
-                      buffers=sum(t.numel() for t in module_tensors(model)) - sum(p.numel() for p in model.parameters()))
+                      params=params,
+                      buffers=sum(t.numel() for t in module_tensors(model)) - params,
+                      shared_params=params - sum(block_params), block_params=block_params)
 
 
 def build_sizes(name: str, num_classes: int, width: int = 64, partition_stages: Sequence[int] = (2,)) -> ModelSizes:
@@ -82,20 +90,20 @@ def build_sizes(name: str, num_classes: int, width: int = 64, partition_stages: 
     return model_sizes(model)
 
 
-# -- paper accounting ----------------------------------------------------------------------------------
-def submodel_numel(sizes: ModelSizes, blocks: Sequence[int]) -> int:
-    return sizes.shared + sum(sizes.blocks[b] for b in blocks)
+# -- paper accounting (trainable parameters only) --------------------------------------------------------
+def submodel_params(sizes: ModelSizes, blocks: Sequence[int]) -> int:
+    return sizes.shared_params + sum(sizes.block_params[b] for b in blocks)
 
 
 def resist_paper_round(sizes: ModelSizes, trained, nxt) -> Dict[str, int]:
     """Bytes up (trained sub-models) and down (next sub-models), summed over workers."""
-    up = ELEMENT_BYTES * sum(submodel_numel(sizes, blocks) for blocks in trained)
-    down = ELEMENT_BYTES * sum(submodel_numel(sizes, blocks) for blocks in nxt)
+    up = ELEMENT_BYTES * sum(submodel_params(sizes, blocks) for blocks in trained)
+    down = ELEMENT_BYTES * sum(submodel_params(sizes, blocks) for blocks in nxt)
     return {"up": up, "down": down, "total": up + down}
 
 
 def local_sgd_paper_round(sizes: ModelSizes, size: int) -> int:
-    return 2 * size * ELEMENT_BYTES * sizes.full
+    return 2 * size * ELEMENT_BYTES * sizes.params
 
 
 def data_parallel_paper_round(sizes: ModelSizes, size: int, local_steps: int) -> int:
@@ -184,7 +192,8 @@ def traffic(sizes: ModelSizes, size: int, min_depth: int = 0, local_steps: int =
               for other, d in (("local_sgd", local), ("data_parallel", dp))}
     return {"world_size": size, "min_depth": min_depth, "local_steps": local_steps, "rounds": rounds,
             "seed": seed, "element_bytes": ELEMENT_BYTES,
-            "elements": {**asdict(sizes), "blocks": list(sizes.blocks), "full": sizes.full,
+            "elements": {**asdict(sizes), "blocks": list(sizes.blocks), "block_params": list(sizes.block_params),
+                         "full": sizes.full,
                          "num_partitionable": P},
             "resist": resist, "local_sgd": local, "data_parallel": dp, "ratios": ratios}
 
@@ -216,8 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m resist_mpi.traffic",
         description="Bytes per round of resist, local_sgd and data_parallel (float32), in the paper's "
-                    "accounting and as this package moves them (wire). Model transfers count parameters "
-                    "AND floating-point BatchNorm buffers (running mean/var), as the package moves them; "
+                    "accounting (trainable parameters only) and as this package moves them (wire: model "
+                    "transfers count parameters AND floating-point BatchNorm buffers, running mean/var); "
                     "gradients count parameters only; data_parallel also allreduces the BN buffers once "
                     "per round. Up and down (sent and received) are both counted, summed over workers. "
                     "ResIST is averaged over --rounds drawn rounds, round 0 (blocks from rank 0's "

@@ -66,6 +66,8 @@ def test_model_sizes(name, stages, width, classes):
     sizes = T.build_sizes(name, classes, width)
     assert sizes.params == params and sizes.buffers == buffers
     assert list(sizes.blocks) == part
+    assert list(sizes.block_params) == [n - 2 * bn(width * 4)[1] for n in part]  # two BNs of width*4 channels
+    assert sizes.shared_params == params - sum(sizes.block_params)
     assert sizes.shared == params + buffers - sum(part)
     if name == "preact_resnet101":
         assert params == 41_397_924  # "about 41.4 M parameters with 100 classes"
@@ -80,8 +82,8 @@ def test_resnet18_two_ranks_full_overlap():
     shared = params + buffers - block  # 10273
     sizes = T.build_sizes("preact_resnet18", 3, 2)
     report = T.traffic(sizes, S, min_depth=1, local_steps=l, rounds=4)
-    # paper: each of 2 workers uploads and downloads shared + the block
-    assert report["resist"]["paper_bytes"] == 2 * 2 * F32 * (shared + block) == 183824
+    # paper (parameters only): each of 2 workers uploads and downloads shared + the block
+    assert report["resist"]["paper_bytes"] == 2 * 2 * F32 * params == 179920  # shared + the block: every parameter
     # wire: exchange 2 x 1216 floats; ring allreduce with S=2 sends n and receives n per rank
     exchange = 2 * block * F32
     shared_ar = S * 2 * (shared * F32)
@@ -90,7 +92,7 @@ def test_resnet18_two_ranks_full_overlap():
     assert report["resist"]["wire_bytes"] == 2 * exchange + shared_ar == 183824
     assert report["resist"]["wire_sent"] == exchange + shared_ar // 2
     # local SGD: full model (params + buffers)
-    assert report["local_sgd"]["paper_bytes"] == 2 * S * F32 * (params + buffers) == 183824
+    assert report["local_sgd"]["paper_bytes"] == 2 * S * F32 * params == 179920
     assert report["local_sgd"]["wire_bytes"] == S * 2 * F32 * (params + buffers)
     # data parallel: l gradient allreduces (params only) + one BN buffer allreduce
     assert report["data_parallel"]["paper_bytes"] == 2 * S * F32 * params * l == 539760
@@ -107,8 +109,10 @@ def test_resnet34_four_ranks_no_overlap():
     shared = params + buffers - 5 * 1216
     sizes = T.build_sizes("preact_resnet34", 5, 2)
     report = T.traffic(sizes, S, min_depth=0, local_steps=2, rounds=10, seed=7)
-    # without overlap every block is uploaded once and downloaded once, whatever the draw
-    assert report["resist"]["paper_bytes"] == F32 * (2 * S * shared + 2 * 5 * 1216)
+    # without overlap every block is uploaded once and downloaded once, whatever the draw; the
+    # paper counts parameters only (a block: 1184 parameters + 32 BN buffer elements)
+    assert report["resist"]["paper_bytes"] == F32 * (2 * S * (params - 5 * 1184) + 2 * 5 * 1184)
+    assert report["local_sgd"]["paper_bytes"] == 2 * S * F32 * params
     ring = 2 * (S - 1) * (shared * F32) // S  # per rank, each direction
     assert report["resist"]["shared_allreduce"] == 2 * S * ring
     assert report["local_sgd"]["wire_bytes"] == 2 * S * (2 * (S - 1) * F32 * (params + buffers) // S)
