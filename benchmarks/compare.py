@@ -51,7 +51,7 @@ def mpi_env() -> Dict[str, str]:
 def train_command(args, strategy: str, seed: int, out: str) -> List[str]:
     cmd = shlex.split(args.mpirun) + ["-np", str(args.np), sys.executable, "-m", "resist_mpi.train",
                                       "--config", args.config, "--strategy", strategy, "--seed", str(seed),
-                                      "--out", out, "--progress", "off"]
+                                      "--out", out, "--progress", "off", "--overwrite"]
     if args.epochs:
         cmd += ["--epochs", str(args.epochs)]
     return cmd + shlex.split(args.extra_args)

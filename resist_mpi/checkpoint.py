@@ -97,6 +97,28 @@ def save(cfg, c, model, strategy, next_round: int, optimizer, log, epoch: float)
     return path
 
 
+def check_out_dir(cfg) -> None:
+    """Refuse to start a new run over the records of another one (CheckpointError, one line).
+
+    An --out that holds metrics.jsonl or checkpoints is continued only when --resume says so, and
+    started afresh only with --overwrite; nothing a user had is replaced without being asked.
+    """
+    if cfg.resume or cfg.overwrite:
+        return
+    if os.path.isfile(os.path.join(cfg.out, "metrics.jsonl")) or list_checkpoints(cfg.out):
+        raise CheckpointError(f"--out {cfg.out} holds a run; pass --resume auto to continue it, or --overwrite")
+
+
+def clear_out_dir(cfg) -> None:
+    """--overwrite: delete the old run's checkpoints (with their per-rank companions) and records,
+    so --resume auto and the --keep-checkpoints pruning never mistake them for the new run's."""
+    for path in glob.glob(os.path.join(checkpoint_dir(cfg.out), "ckpt-*.pt")):
+        os.remove(path)
+    for name in ("metrics.jsonl", "config.json"):
+        if os.path.isfile(os.path.join(cfg.out, name)):
+            os.remove(os.path.join(cfg.out, name))
+
+
 def load(path: str, companion: bool = False) -> Dict[str, Any]:
     """Read and sanity-check a checkpoint file (or a per-rank companion); CheckpointError with one
     line when unusable."""

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -58,6 +59,7 @@ class Config:
     checkpoint_minutes: float = _f(0.0, "also write a checkpoint every M minutes (0: off)", "run")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", "run")
     resume: Optional[str] = _f(None, "checkpoint path, or 'auto' for the newest in --out", "run")
+    overwrite: bool = _f(False, "start afresh in an --out that holds a run (its records and checkpoints are deleted)", "run")
     progress: str = _f("auto", "progress bar on rank 0: auto (when a terminal), on, off", "run", ("auto", "on", "off"))
     tensorboard: bool = _f(False, "also log to TensorBoard under OUT/tb", "run")
 
@@ -102,6 +104,10 @@ def validate(cfg: Config) -> Config:
     if cfg.warmup_epochs >= cfg.epochs:
         if cfg.warmup_epochs:
             raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} leaves no ResIST epochs out of {cfg.epochs}")
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError("--overwrite starts afresh and --resume continues a run: pass one of them")
+    if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+", str(cfg.device)):
+        raise ConfigError(f"--device {cfg.device!r}: use auto, cpu, cuda (one GPU per local rank) or cuda:N")
     if cfg.tensorboard:
         import importlib.util
         if importlib.util.find_spec("tensorboard") is None:

@@ -125,15 +125,16 @@ class Trainer:
 
     def __init__(self, cfg: Config, c: Comm):
         self.cfg, self.c = cfg, c
-        self.device = torch.device(select_device(c.local_rank, cfg.device))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         # Everything below up to `agree` is local (no collective), so a rank that fails here
         # cannot leave the others waiting: agree() makes every rank stop together.
         error = None
         if cfg.download and c.rank != 0:
             c.barrier()  # rank 0 downloads alone first; the others then find the files
         try:
+            self.device = torch.device(select_device(c.local_rank, cfg.device))
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            ckpt.check_out_dir(cfg)
             self.train_set, self.test_set, self.info = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed,
                                                                     image_size=cfg.image_size)
             with torch.device("meta"):
@@ -148,6 +149,8 @@ class Trainer:
         if cfg.download and c.rank == 0:
             c.barrier()
         agree(c, error)
+        if cfg.overwrite and c.rank == 0:  # only once every rank is ready to start
+            ckpt.clear_out_dir(cfg)
 
     def build_net(self) -> nn.Module:
         return create_model(self.cfg.model, self.info.num_classes, self.cfg.width,
@@ -213,16 +216,23 @@ class Trainer:
                        bytes_recv=int(recv), t_compute=t_compute, t_comm=t_comm, wallclock=log.wallclock())
             done = (step0 + steps) // spe
             last = r == num_rounds - 1
-            if last or (cfg.eval_every and done // cfg.eval_every > step0 // spe // cfg.eval_every):
-                result = self.eval_and_log(strategy, model, test_loader, train_loader, log, r, epoch, loss_sum / seen)
-            due = bool(cfg.checkpoint_every) and done // cfg.checkpoint_every > step0 // spe // cfg.checkpoint_every
+            eval_due = last or (cfg.eval_every and done // cfg.eval_every > step0 // spe // cfg.eval_every)
+            ckpt_due = bool(cfg.checkpoint_every) and done // cfg.checkpoint_every > step0 // spe // cfg.checkpoint_every
             if cfg.checkpoint_minutes:  # clocks differ across ranks: rank 0 decides for all
                 with c.as_control():
-                    due = c.bcast_object(due or time.perf_counter() - last_ckpt_time >= 60 * cfg.checkpoint_minutes)
-            if due or (last and (cfg.checkpoint_every or cfg.checkpoint_minutes)):
+                    ckpt_due = c.bcast_object(ckpt_due or time.perf_counter() - last_ckpt_time >= 60 * cfg.checkpoint_minutes)
+            ckpt_due = ckpt_due or (last and bool(cfg.checkpoint_every or cfg.checkpoint_minutes))
+            if eval_due or ckpt_due:
+                # One full model for both: ResIST gathers it (counted in the eval record) and
+                # afterwards every rank goes back to its own sub-ResNet.
+                before = (*c.counters(), time.perf_counter())
                 with strategy.full_model() as full:
-                    ckpt.save(cfg, c, full, strategy, r + 1, opt, log, epoch)
-                last_ckpt_time = time.perf_counter()
+                    if eval_due:
+                        result = self.eval_and_log(strategy, full, test_loader, train_loader, log, r, epoch,
+                                                   loss_sum / seen, before)
+                    if ckpt_due:
+                        ckpt.save(cfg, c, full, strategy, r + 1, opt, log, epoch)
+                        last_ckpt_time = time.perf_counter()
         log.close()
         return result
 
@@ -256,12 +266,12 @@ class Trainer:
             seen += y.numel()
         return loss_sum, correct, seen, lr
 
-    def eval_and_log(self, strategy, model, test_loader, train_loader, log, r, epoch, train_loss):
+    def eval_and_log(self, strategy, full, test_loader, train_loader, log, r, epoch, train_loss, before):
+        """Evaluate the full model and write the eval record; its bytes and time count from
+        `before` = (bytes_sent, bytes_recv, perf_counter) taken before the full model was gathered."""
         c = self.c
-        sent0, recv0 = c.counters()
-        t0 = time.perf_counter()
-        with strategy.full_model() as full:
-            test_loss, test_acc = evaluate(full, c, self.cfg, test_loader, train_loader, self.device)
+        sent0, recv0, t0 = before
+        test_loss, test_acc = evaluate(full, c, self.cfg, test_loader, train_loader, self.device)
         sent, recv = c.reduce_stats([c.bytes_sent - sent0, c.bytes_recv - recv0], "sum")
         log.record("eval", round=r, epoch=epoch, strategy=strategy.name, world_size=c.size, test_loss=test_loss,
                    test_acc=test_acc, bytes_sent=int(sent), bytes_recv=int(recv),

@@ -1,4 +1,5 @@
 """Drivers: run the tests/mpi files on 2 and 4 ranks, and whole-job behaviour under mpirun."""
+import json
 import os
 import re
 import time
@@ -58,7 +59,6 @@ def test_demo_resist_4_ranks_reaches_95_percent(tmp_path):
     assert [r["round"] for r in rounds] == list(range(len(rounds)))
     # every round moves blocks and the shared layers; sent == received over the whole job
     assert all(r["bytes_sent"] == r["bytes_recv"] > 0 for r in rounds)
-    import json
     cfg = json.load(open(tmp_path / "config.json"))
     assert cfg["config"]["strategy"] == "resist" and cfg["world_size"] == 4
 
@@ -156,6 +156,10 @@ def _image_folder(tmp_path, size):
     (2, ["--resume", "OTHER"], "holds preact_resnet18"),
     (2, ["--dataset", "hdf5", "--data-dir", "TRUNCATED_H5"], "TRUNCATED_H5"),
     (2, ["--dataset", "imagefolder", "--data-dir", "FOLDER64"], "expects 32x32"),
+    (2, ["--device", "cuda:7"], "device cuda:7 requested but only"),
+    (2, ["--device", "cuda"], "no GPU is visible"),
+    (2, ["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda"),
+    (2, ["--overwrite", "--resume", "auto"], "--overwrite starts afresh and --resume continues"),
 ])
 def test_bad_input_one_line_nonzero_everywhere(tmp_path, np_, args, message):
     made = {"TRUNCATED_H5": lambda: _truncated_h5(tmp_path), "FOLDER64": lambda: _image_folder(tmp_path, 64),
@@ -171,6 +175,56 @@ def test_bad_input_one_line_nonzero_everywhere(tmp_path, np_, args, message):
     assert len(errors) == 1 and message in errors[0], p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert before == {q: os.path.getsize(q) for q in before}  # the user's files are untouched
+
+
+def test_out_dir_holding_a_run_is_never_overwritten_unasked(tmp_path):
+    """A second run into the same --out stops with one line and leaves the first run's files as
+    they were; --overwrite starts afresh (old checkpoints gone), --resume auto continues."""
+    args = ["--model", "preact_resnet18", "--width", "4", "--epochs", "1", "--batch-size", "256",
+            "--min-depth", "1", "--checkpoint-every", "1"]
+    out = tmp_path / "run"
+    assert _train(2, out, *args).returncode == 0
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    p = _train(2, out, *args, "--seed", "1")
+    assert p.returncode == 2
+    errors = [line for line in p.stderr.splitlines() if line.startswith("resist_mpi: error:")]
+    assert errors == [f"resist_mpi: error: --out {out} holds a run; pass --resume auto to continue it, or --overwrite"]
+    assert files == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    p = _train(2, out, *args, "--resume", "auto")  # finished: loads its last checkpoint, trains nothing
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _records(out, "round") == [r for r in (json.loads(line) for line in files[out / "metrics.jsonl"].decode()
+                                                  .splitlines()) if r["event"] == "round"]
+    (out / "checkpoints" / "ckpt-000099.pt").write_bytes(files[next(iter(sorted((out / "checkpoints").glob("*.pt"))))])
+    p = _train(2, out, *args, "--seed", "1", "--overwrite")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(q.name for q in (out / "checkpoints").iterdir()) == ["ckpt-000001.pt"]  # the old run's are gone
+    assert json.load(open(out / "config.json"))["config"]["seed"] == 1
+
+
+def _round_records(out, *keys):
+    return [{k: r[k] for k in keys} for r in _records(out, "round")]
+
+
+def test_round_records_do_not_depend_on_evaluation_or_loader_workers(tmp_path):
+    """Evaluation gathers every block, then each rank goes back to its own sub-ResNet: the next
+    round moves (and its record counts) what it would have without the evaluation. DataLoader
+    workers (--workers 2) deliver the very batches of --workers 0, evaluation's reads included."""
+    args = ["--model", "preact_resnet34", "--width", "4", "--epochs", "3", "--batch-size", "64",
+            "--local-steps", "4", "--bn-batches", "2"]
+    keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
+    assert _train(2, tmp_path / "final", *args, "--eval-every", "0").returncode == 0
+    p = _train(2, tmp_path / "every", *args, "--eval-every", "1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(_records(tmp_path / "every", "eval")) == 3 and len(_records(tmp_path / "final", "eval")) == 1
+    assert _round_records(tmp_path / "every", *keys) == _round_records(tmp_path / "final", *keys)
+    assert all(r["bytes_sent"] > 0 for r in _round_records(tmp_path / "every", *keys)[1:])
+    evals = _records(tmp_path / "every", "eval")
+    assert all(e["bytes_sent"] > 0 for e in evals)  # the gather is counted where it happens
+    p = _train(2, tmp_path / "workers", *args, "--eval-every", "1", "--workers", "2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _round_records(tmp_path / "workers", *keys) == _round_records(tmp_path / "every", *keys)
+    assert [(e["test_loss"], e["test_acc"]) for e in _records(tmp_path / "workers", "eval")] == \
+        [(e["test_loss"], e["test_acc"]) for e in evals]
 
 
 def test_imagenet_style_model_trains_on_image_folder(tmp_path):

@@ -136,8 +136,10 @@ class ResIST(Strategy):
     def full_model(self):
         """Gather the blocks this rank lacks (averaging divergent ones), run all blocks at 1/S scale.
 
-        Afterwards every rank holds every block, identical everywhere, so the next round's exchange
-        moves nothing and only releases what the new assignment does not need.
+        Afterwards every rank goes back to its own sub-ResNet: it keeps the blocks of the round just
+        trained (now identical copies wherever several ranks trained one) and releases the rest, so
+        the memory a rank needs stays that of one sub-ResNet, and the next round's exchange moves
+        what it would have moved without the evaluation (its record states the round's real traffic).
         """
         self.exchange_to(everyone(self.model.num_partitionable, self.comm.size), keep_workspace=False)
         self.model.activate_all()
@@ -146,13 +148,28 @@ class ResIST(Strategy):
             yield self.model
         finally:
             self.model.set_residual_scale(1.0)
-            if self.assignment is not None:
-                self.model.activate(self.assignment[self.comm.rank])
+            self._back_to_own_blocks()
+
+    def _back_to_own_blocks(self) -> None:
+        """From holding every (synchronised) block to holding only this round's own ones."""
+        if self.assignment is None:
+            return
+        P, mine = self.model.num_partitionable, self.assignment[self.comm.rank]
+        for b in range(P):
+            if b not in mine and self.model.holds_block(b):
+                self.model.release_block(b)
+        self.model.trim_spares(len(mine))
+        self.model.activate(mine)
+        self.holders = needers_from_assignment(self.assignment, P)  # identical copies: no average due
+        self.divergent = set()
 
     def state_dict(self) -> Dict:
         return {"assignment": self.assignment}
 
     def load_state_dict(self, state: Dict) -> None:
+        """Continue after the checkpointed round: with the same world size, every rank goes back to
+        the sub-ResNet it trained then, as the uninterrupted run did after saving."""
         assignment = state.get("assignment")
         if assignment is not None and len(assignment) == self.comm.size:
             self.assignment = tuple(tuple(a) for a in assignment)
+            self._back_to_own_blocks()

@@ -127,9 +127,19 @@ def test_full_model_gathers_and_scales(c):
         c.allreduce_mean_(mean)
         assert torch.allclose(flat, mean, atol=1e-6)
     assert model.partitionable[0].res_scale == 1.0
+    # back to its own sub-ResNet: only round 0's blocks are held (and active)
+    a0, P = s.assignment, model.num_partitionable
+    assert [b for b in range(P) if model.holds_block(b)] == list(a0[c.rank])
+    assert [b for b in range(P) if model.partitionable[b].active] == list(a0[c.rank])
+    # so round 1 moves what it would have moved without the evaluation: round 0's trainers send
+    from resist_mpi.routing import plan_exchange
     before = c.counters()
-    s.begin_round(1)  # after the gather nothing needs to move
-    assert c.counters() == before
+    s.begin_round(1)
+    plan = plan_exchange(needers_from_assignment(a0, P), needers_from_assignment(s.assignment, P), c.size,
+                         set(), block_sizes(model))
+    numel = block_sizes(model)
+    assert c.counters() == (before[0] + plan.bytes_sent(c.rank, numel), before[1] + plan.bytes_recv(c.rank, numel))
+    assert c.size == 1 or c.reduce_stats([c.bytes_sent - before[0]], "sum")[0] > 0
     assert sum(model.holds_block(b) for b in range(model.num_partitionable)) == len(s.assignment[c.rank])
 
 
