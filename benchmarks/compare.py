@@ -16,8 +16,9 @@ spread over the strategies. Then every OUT/X-s/metrics.jsonl is read and, per st
   time_to_target   wall-clock (the run's own clock, at the evaluation) when test accuracy first
                    reached each --targets value; mean over the seeds that reached it, and how many did
   final_acc        test accuracy of the last evaluation, mean and std over seeds
-  bytes            payload bytes sent + received by all ranks in training rounds (evaluation's
-                   gathers and statistics are reported apart as eval_bytes)
+  bytes            payload bytes sent + received by all ranks in training rounds
+  eval_bytes       the same for evaluations (ResIST's gather of the full model, BN statistics), apart,
+                   so that neither hides in the other
   step_time        sum over rounds of (t_compute + t_comm), each the max over ranks, / training steps
 
 Writes OUT/compare.json and OUT/compare.png (test accuracy vs wall-clock, seed 0 bold, other seeds faint).
@@ -135,7 +136,8 @@ def aggregate(runs: Dict[str, Dict[int, Dict]], targets: List[float]) -> Dict:
 
 def format_table(summary: Dict, targets: List[float]) -> str:
     head = f"{'strategy':>14} | {'seeds':>5} | {'final acc':>15} | " + " | ".join(
-        f"{'t@' + format(t, '.0%'):>12}" for t in targets) + f" | {'bytes (train)':>13} | {'step':>8} | {'wall':>7}"
+        f"{'t@' + format(t, '.0%'):>12}" for t in targets) + \
+        f" | {'bytes (train)':>13} | {'bytes (eval)':>13} | {'step':>8} | {'wall':>7}"
     lines = [head, "-" * len(head)]
     for strategy, s in summary.items():
         if not s.get("seeds"):
@@ -147,7 +149,8 @@ def format_table(summary: Dict, targets: List[float]) -> str:
             cells.append(f"{d['mean_s']:7.1f}s {d['reached']}/{d['of']}" if d["reached"] else f"{'-':>8} 0/{d['of']}")
         lines.append(f"{strategy:>14} | {len(s['seeds']):>5} | {100 * s['final_acc_mean']:6.2f}% ± {100 * s['final_acc_std']:4.2f} | "
                      + " | ".join(f"{c:>12}" for c in cells)
-                     + f" | {s['bytes_mean'] / 1e6:10.1f} MB | {1e3 * s['step_time_mean_s']:6.1f}ms | "
+                     + f" | {s['bytes_mean'] / 1e6:10.1f} MB | {s['eval_bytes_mean'] / 1e6:10.1f} MB"
+                     f" | {1e3 * s['step_time_mean_s']:6.1f}ms | "
                      f"{s['wallclock_mean_s']:6.1f}s")
     return "\n".join(lines)
 

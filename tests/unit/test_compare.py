@@ -1,0 +1,33 @@
+"""benchmarks/compare.py's report from finished runs: training and evaluation traffic apart."""
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "benchmarks", "compare.py"))
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def _run(path, rounds, evals):
+    os.makedirs(path)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as fh:
+        for r in rounds + evals:
+            fh.write(json.dumps(r) + "\n")
+
+
+def test_train_and_eval_bytes_reported_apart(tmp_path):
+    rounds = [{"event": "round", "round": i, "step": 10 * (i + 1), "bytes_sent": 100, "bytes_recv": 100,
+               "t_compute": 1.0, "t_comm": 0.5} for i in range(3)]
+    evals = [{"event": "eval", "round": 2, "epoch": 1.0, "test_acc": 0.96, "wallclock": 4.5,
+              "bytes_sent": 7_000_000, "bytes_recv": 7_000_000}]
+    _run(tmp_path / "resist-0", rounds, evals)
+    run = compare.summarise_run(str(tmp_path / "resist-0"), [0.95, 0.97])
+    assert run["bytes"] == 600 and run["eval_bytes"] == 14_000_000
+    assert run["time_to_target"] == {"0.95": {"wallclock": 4.5, "epoch": 1.0}, "0.97": None}
+    summary = compare.aggregate({"resist": {0: run}}, [0.95, 0.97])
+    assert summary["resist"]["bytes_mean"] == 600 and summary["resist"]["eval_bytes_mean"] == 14_000_000
+    table = compare.format_table(summary, [0.95, 0.97])
+    assert "bytes (train)" in table and "bytes (eval)" in table
+    cells = [c.strip() for c in table.splitlines()[-1].split("|")]
+    assert cells[-4:-2] == ["0.0 MB", "14.0 MB"]  # training, then evaluation
