@@ -178,6 +178,10 @@ class Trainer:
                           "device": str(self.device), "steps_per_epoch": spe, "num_rounds": num_rounds,
                           "dataset": self.info.name, "num_classes": self.info.num_classes,
                           "parameters": sum(t.numel() for t in model.state_dict().values())})
+        if self.resume_state is not None:
+            log.record("resume", round=start_round, epoch=start_round * cfg.local_steps / spe,
+                       path=self.resume_state["path"], world_size=c.size)
+            log.info(f"resumed from {self.resume_state['path']} at round {start_round}")
         log.info(f"resist_mpi: {cfg.strategy} | {cfg.model} width {cfg.width} | {self.info.name} "
                  f"({self.info.num_train} train / {self.info.num_test} test) | {c.size} ranks, {c.name} backend, "
                  f"{self.device} | {cfg.epochs} epochs = {num_rounds} rounds of {cfg.local_steps} steps")

@@ -107,6 +107,11 @@ def test_resume_continues_bit_for_bit(tmp_path, extra):
     b = torch.load(part / "checkpoints" / ckpts[1], weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _records(full, "eval")[-1]["test_loss"] == _records(part, "eval")[-1]["test_loss"]
+    # the resumed rounds are the uninterrupted run's rounds, their traffic included
+    keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
+    resumed = _round_records(part, *keys)
+    assert resumed and resumed == _round_records(full, *keys)[-len(resumed):]
+    assert _records(part, "resume")[0]["round"] == resumed[0]["round"] > 0
     # and another world size trains on from the same checkpoint (a new partition is drawn)
     p = _train(4, tmp_path / "np4", *args, "--resume", str(full / "checkpoints" / ckpts[0]))
     assert p.returncode == 0, p.stderr[-3000:]

@@ -307,7 +307,14 @@ def test_requeued_job_resumes(cluster):
     assert info["Restarts"] == "1", info
     recs = _check_run(out, log)
     rounds = [r["round"] for r in recs if r["event"] == "round"]
-    assert rounds == list(range(len(rounds))), rounds  # resumed after the checkpoint, nothing repeated
+    assert rounds == list(range(len(rounds))), rounds  # nothing repeated, nothing missing
+    # ... and the restarted job continued from its checkpoint: a run restarted from round 0 would
+    # rewrite the log just as consistently, but without this record, or with it at round 0
+    resumed = [i for i, r in enumerate(recs) if r["event"] == "resume"]
+    assert len(resumed) == 1, recs
+    resume = recs[resumed[0]]
+    assert resume["round"] == int(Path(resume["path"]).stem.split("-")[1]) > 0, resume
+    assert next(r for r in recs[resumed[0]:] if r["event"] == "round")["round"] == resume["round"]
     assert [r for r in recs if r["event"] == "eval"][-1]["epoch"] == 3.0
     assert log.read_text().count("resist: 2 ranks") == 2  # the script ran twice
 

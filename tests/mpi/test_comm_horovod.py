@@ -64,7 +64,9 @@ def test_allreduce_mean(comm, n):
 
 
 def _counts(src, dst):
-    return (src + 2 * dst) % 3  # includes zeros, and a rank's share for itself
+    # zeros between some pairs (1 -> 0 among them), and a non-empty share for itself on every rank,
+    # so a backend that counted bytes sent to itself, or dropped its own segment, is caught
+    return (src + 2 * dst + 1) % 3
 
 
 def _segment(src, dst):
@@ -81,6 +83,7 @@ def test_alltoallv(comm, known):
     recv, recv_counts = comm.alltoallv(send, send_counts, expected_counts if known else None)
     assert recv_counts == expected_counts
     assert torch.equal(recv, torch.cat([_segment(s, r) for s in range(S)]).to(torch.float32))
+    assert send_counts[r] > 0 and (S == 1 or 0 in [_counts(s, d) for s in range(S) for d in range(S)])
     sent = 4 * (sum(send_counts) - send_counts[r])
     got = 4 * (sum(expected_counts) - expected_counts[r])
     assert delta(comm, before) == (sent, got, 0 if known else 2 * 8 * (S - 1))
