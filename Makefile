@@ -71,6 +71,13 @@ horovod-or-warn:
 horovod: setup
 	VENV=$(VENV) scripts/build_horovod.sh
 
+# The CUDA path in one command (exchange test + short demo on cuda vs cpu, mpi and horovod, 1 and
+# 2 ranks on one GPU); one summary line. On a machine without CUDA it fails with one line.
+.PHONY: gpu-check
+gpu-check:
+	@test -x $(VENV)/bin/python || $(MAKE) -s setup
+	@$(VENV)/bin/python scripts/gpu_check.py
+
 bench: setup
 	$(MPIRUN) -np $(NP) $(VENV)/bin/python benchmarks/comm_bench.py --json runs/comm_bench.json
 

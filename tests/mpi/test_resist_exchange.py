@@ -4,8 +4,13 @@ Every rank also computes the reference: it simulates all S ranks sequentially fr
 weights, assignments and batches, then averages the way the method says (shared layers over all
 ranks, each block over the ranks that trained it). Then it checks its own sub-ResNet, and that the
 bytes the backend counted equal what the plan says.
+
+RESIST_TEST_DEVICE=cuda runs the same checks on the GPU (`make gpu-check`: the reference is then
+computed on the GPU too, with deterministic algorithms); RESIST_TEST_BACKEND picks the backend
+(default mpi; horovod under horovodrun).
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -19,6 +24,10 @@ from resist_mpi.routing import needers_from_assignment
 from resist_mpi.strategies import ResIST
 
 STEPS = 2
+DEVICE = torch.device(os.environ.get("RESIST_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":  # one GPU shared by the ranks; bit-for-bit block copies need determinism
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def factory():
@@ -28,7 +37,8 @@ def factory():
 
 def batches(rank):
     g = torch.Generator().manual_seed(100 + rank)
-    return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(STEPS)]
+    return [(torch.randn(8, 3, 32, 32, generator=g).to(DEVICE), torch.randint(0, 10, (8,), generator=g).to(DEVICE))
+            for _ in range(STEPS)]
 
 
 def local_train(model, params, data):
@@ -48,18 +58,18 @@ def mean_in_rank_order(tensors):
 
 @pytest.fixture(scope="module")
 def c():
-    return comm.init("mpi", fail_fast=False)
+    return comm.init(os.environ.get("RESIST_TEST_BACKEND", "mpi"), fail_fast=False)
 
 
 @pytest.mark.parametrize("min_depth", [0, 3])  # 3 with 5 blocks forces overlap on >= 2 ranks
 def test_round_matches_single_process(c, min_depth):
     torch.set_num_threads(1)
     cfg = Config(seed=7, min_depth=min_depth)
-    s = ResIST(c, cfg, torch.device("cpu"))
+    s = ResIST(c, cfg, DEVICE)
     model = s.build_model(factory)
     P = model.num_partitionable
     numel = block_sizes(model)
-    init = factory()
+    init = factory().to(DEVICE)
 
     # round 0: blocks come from rank 0's initial model
     before = c.counters()
@@ -114,7 +124,7 @@ def test_round_matches_single_process(c, min_depth):
 
 def test_full_model_gathers_and_scales(c):
     cfg = Config(seed=3)
-    s = ResIST(c, cfg, torch.device("cpu"))
+    s = ResIST(c, cfg, DEVICE)
     model = s.build_model(factory)
     s.begin_round(0)
     s.end_round()
@@ -151,7 +161,7 @@ def test_assignments_come_from_rank_0_a_batch_per_broadcast(c, monkeypatch):
     from resist_mpi import partition
     from resist_mpi.strategies.resist import ASSIGNMENTS_PER_BROADCAST as K
 
-    s = ResIST(c, Config(seed=3, min_depth=2), torch.device("cpu"))
+    s = ResIST(c, Config(seed=3, min_depth=2), DEVICE)
     P = s.build_model(factory).num_partitionable
     rounds = list(range(2 * K + 6)) + [500, 501]
     expected = {r: partition.draw_assignment(P, c.size, 2, partition.round_rng(3, r)) for r in rounds}
