@@ -121,7 +121,37 @@ resist_launch() {
          "on $(_resist_hosts) via $RESIST_LAUNCHER"
     echo "resist: ${cmd[*]}"
     if [ "${RESIST_DRY_RUN:-0}" = 1 ]; then return 0; fi
-    "${cmd[@]}"
+    # The launcher runs in the background so this shell can pass a stop signal on: SLURM's
+    # --signal=B:USR1@T signals the batch shell alone, and a preempting SIGTERM becomes a USR1 for
+    # the launcher (mpirun would kill its ranks on TERM at once). The ranks then stop after the
+    # round, save a checkpoint and exit with $RESIST_REQUEUE_EXIT (resist_mpi/preempt.py).
+    "${cmd[@]}" &
+    local pid=$! rc=0
+    trap 'echo "resist: stop signal: asking the ranks to checkpoint and stop"; kill -USR1 '"$pid"' 2>/dev/null' USR1 TERM
+    wait "$pid" || rc=$?
+    while kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends `wait` early: wait for the launcher itself
+        rc=0; wait "$pid" || rc=$?
+    done
+    trap - USR1 TERM
+    return "$rc"
+}
+
+RESIST_REQUEUE_EXIT=99  # resist_mpi.preempt.REQUEUE_EXIT: stopped on a signal, checkpoint written
+
+# resist_finish STATUS: end the job script; a run that stopped on a signal requeues the job.
+resist_finish() {
+    local rc=$1
+    if [ "$rc" -eq "$RESIST_REQUEUE_EXIT" ]; then
+        if [ -n "${SLURM_JOB_ID:-}" ] && command -v scontrol >/dev/null; then
+            echo "resist: stopped with a checkpoint; requeueing job $SLURM_JOB_ID (it resumes with --resume auto)"
+            scontrol requeue "$SLURM_JOB_ID" && exit 0
+        elif [ -n "${PBS_JOBID:-}" ] && command -v qrerun >/dev/null; then
+            echo "resist: stopped with a checkpoint; rerunning job $PBS_JOBID (it resumes with --resume auto)"
+            qrerun "$PBS_JOBID" && exit 0
+        fi
+        echo "resist: stopped with a checkpoint; exit $rc asks the scheduler for a requeue (PBS Pro does)"
+    fi
+    exit "$rc"
 }
 
 # resist_train OUT [FLAGS...]: one training run into OUT with the job's settings, FLAGS, then

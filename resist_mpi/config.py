@@ -60,6 +60,8 @@ class Config:
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", "run")
     resume: Optional[str] = _f(None, "checkpoint path, or 'auto' for the newest in --out", "run")
     overwrite: bool = _f(False, "start afresh in an --out that holds a run (its records and checkpoints are deleted)", "run")
+    comm_timeout: float = _f(300.0, "seconds without progress before peers are probed; an unreachable one "
+                             "(lost node or link) aborts the job with one line (0: never)", "run")
     progress: str = _f("auto", "progress bar on rank 0: auto (when a terminal), on, off", "run", ("auto", "on", "off"))
     tensorboard: bool = _f(False, "also log to TensorBoard under OUT/tb", "run")
 
@@ -93,7 +95,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     non_negative = {"min_depth": cfg.min_depth, "warmup_epochs": cfg.warmup_epochs, "eval_every": cfg.eval_every,
                     "workers": cfg.workers, "checkpoint_every": cfg.checkpoint_every, "bn_batches": cfg.bn_batches,
-                    "checkpoint_minutes": cfg.checkpoint_minutes, "weight_decay": cfg.weight_decay}
+                    "checkpoint_minutes": cfg.checkpoint_minutes, "weight_decay": cfg.weight_decay,
+                    "comm_timeout": cfg.comm_timeout}
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")

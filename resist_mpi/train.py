@@ -13,6 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 from .config import ConfigError, parse_config, validate
+from .preempt import REQUEUE_EXIT
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -30,7 +31,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import comm
     from .trainer import Trainer
     c = comm.init(cfg.backend)
-    result = Trainer(cfg, c).run()
+    trainer = Trainer(cfg, c)
+    result = trainer.run()
+    if trainer.stopped:
+        return REQUEUE_EXIT  # a stop signal: checkpoint written, the job script requeues the job
     if c.rank == 0 and result:
         print(f"final test accuracy: {100 * result['test_acc']:.2f}% (test loss {result['test_loss']:.4f}, "
               f"epoch {result['epoch']:.2f}); metrics in {cfg.out}/metrics.jsonl", flush=True)

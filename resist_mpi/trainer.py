@@ -25,6 +25,8 @@ from .data import ShardLoader, check_compatible, load_dataset
 from .metrics import RunLog, Timer
 from .models import create_model
 from .partition import check_partition
+from .preempt import REQUEUE_EXIT, StopRequest
+from .watchdog import Watchdog
 from .strategies import LocalSGD, Strategy, allreduce_tensors_, create_strategy
 
 
@@ -125,6 +127,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, c: Comm):
         self.cfg, self.c = cfg, c
+        self.stopped = False  # True when a stop signal ended the run early (checkpoint written)
         # Everything below up to `agree` is local (no collective), so a rank that fails here
         # cannot leave the others waiting: agree() makes every rank stop together.
         error = None
@@ -159,6 +162,8 @@ class Trainer:
     def run(self) -> Dict[str, float]:
         cfg, c = self.cfg, self.c
         seed_everything(cfg.seed)
+        stop_request = StopRequest()  # SIGTERM/SIGUSR1: stop after this round, save, ask for a requeue
+        self.watchdog = Watchdog(c, cfg.comm_timeout)  # a lost peer ends the job instead of hanging it
         train_loader = ShardLoader(self.train_set, c.rank, c.size, cfg.batch_size, cfg.seed, True, cfg.workers)
         test_loader = ShardLoader(self.test_set, c.rank, c.size, max(cfg.batch_size, 256), cfg.seed, False, cfg.workers)
         spe = train_loader.steps_per_epoch
@@ -203,17 +208,21 @@ class Trainer:
             comm_t, round_t = Timer(), Timer()
             sent0, recv0 = c.counters()
             with round_t:
+                self.watchdog.beat(f"round {r}: the exchange")
                 with comm_t:
                     strategy.begin_round(r)
                 if opt is None or strategy.fresh_optimizer:
                     opt = self.optimizer_for_round(strategy, opt)
                 loss_sum, correct, seen, lr = self.local_steps(model, strategy, opt, batches, step0, steps, spe, comm_t)
+                self.watchdog.beat(f"round {r}: the round's averages")
                 with comm_t:
                     strategy.end_round()
             sent, recv = c.bytes_sent - sent0, c.bytes_recv - recv0
             # ---- distributed step: the round's metrics (control traffic) ----
             loss_sum, correct, seen, sent, recv = c.reduce_stats([loss_sum, correct, seen, sent, recv], "sum")
-            t_comm, t_compute = c.reduce_stats([comm_t.total, round_t.total - comm_t.total], "max")
+            # the stop flag rides along: every rank learns whether any rank got a stop signal
+            t_comm, t_compute, stop = c.reduce_stats([comm_t.total, round_t.total - comm_t.total,
+                                                      float(stop_request.requested)], "max")
             epoch = (step0 + steps) / spe
             log.record("round", round=r, epoch=epoch, step=step0 + steps, strategy=strategy.name, world_size=c.size,
                        train_loss=loss_sum / seen, train_acc=correct / seen, lr=lr, bytes_sent=int(sent),
@@ -225,8 +234,10 @@ class Trainer:
             if cfg.checkpoint_minutes:  # clocks differ across ranks: rank 0 decides for all
                 with c.as_control():
                     ckpt_due = c.bcast_object(ckpt_due or time.perf_counter() - last_ckpt_time >= 60 * cfg.checkpoint_minutes)
-            ckpt_due = ckpt_due or (last and bool(cfg.checkpoint_every or cfg.checkpoint_minutes))
+            stop = bool(stop) and not last
+            ckpt_due = ckpt_due or stop or (last and bool(cfg.checkpoint_every or cfg.checkpoint_minutes))
             if eval_due or ckpt_due:
+                self.watchdog.beat(f"round {r}: evaluation/checkpoint")
                 # One full model for both: ResIST gathers it (counted in the eval record) and
                 # afterwards every rank goes back to its own sub-ResNet.
                 before = (*c.counters(), time.perf_counter())
@@ -237,7 +248,15 @@ class Trainer:
                     if ckpt_due:
                         ckpt.save(cfg, c, full, strategy, r + 1, opt, log, epoch)
                         last_ckpt_time = time.perf_counter()
+            if stop:
+                log.record("stop", round=r, epoch=epoch, signal=stop_request.signal_name, exit=REQUEUE_EXIT)
+                log.info(f"round {r}: stop signal received; checkpoint written, exiting with {REQUEUE_EXIT} "
+                         f"to be requeued (continue with --resume auto)")
+                self.stopped = True
+                break
         log.close()
+        stop_request.close()
+        self.watchdog.close()
         return result
 
     def optimizer_for_round(self, strategy: Strategy, previous: Optional[torch.optim.Optimizer]):
@@ -253,6 +272,7 @@ class Trainer:
         """The round's SGD steps on this rank; returns (loss sum, correct, samples, last lr)."""
         loss_sum, correct, seen, lr = 0.0, 0, 0, self.cfg.lr
         for i in range(steps):
+            self.watchdog.beat("local steps")
             x, y = next(batches)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             lr = lr_at(self.cfg, (step0 + i) / spe)

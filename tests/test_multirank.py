@@ -35,6 +35,30 @@ def test_failing_rank_aborts_job_fast(tmp_path):
     assert "[rank 1/4] uncaught exception" in p.stderr
 
 
+def test_unreachable_rank_ends_job_with_one_line(tmp_path):
+    """A rank that stops answering (SIGSTOP: like a node whose link is cut) makes the others' watchdog
+    abort the job with one line naming it, instead of waiting in the collective for ever."""
+    script = tmp_path / "lost.py"
+    script.write_text(
+        "import os, signal\n"
+        "from resist_mpi import comm\n"
+        "from resist_mpi.watchdog import Watchdog\n"
+        "c = comm.init('mpi')\n"
+        "wd = Watchdog(c, timeout=3, probe_timeout=2)\n"
+        "wd.beat('the test phase')\n"
+        "if c.rank == 2:\n"
+        "    os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "c.barrier()\n"
+        "print('passed the barrier')\n")
+    t0 = time.time()
+    p = mpirun(3, [str(script)], timeout=90)
+    assert time.time() - t0 < 60
+    assert p.returncode != 0 and "passed the barrier" not in p.stdout
+    errors = [line for line in p.stderr.splitlines() if line.startswith("resist_mpi: error:")]
+    assert len(errors) == 1, p.stderr[-3000:]
+    assert errors[0].startswith("resist_mpi: error: lost rank 2 (") and "in the test phase" in errors[0]
+
+
 def _train(np_, out, *args, timeout=600):
     return mpirun(np_, ["-m", "resist_mpi.train", "--out", str(out), "--progress", "off", *args], timeout=timeout)
 

@@ -127,6 +127,11 @@ class Cluster:
         host = socket.gethostname().split(".")[0]
         (d / "slurm.conf").write_text(SLURM_CONF.format(host=host, d=d, ctld_port=ctld_port, d_port=d_port,
                                                         cpus=max(2, os.cpu_count() or 1)))
+        # srun --mpi=pmix keeps a directory per step, /tmp/spmix_appdir_<uid>_<job>.<step> by default:
+        # another private SLURM (an earlier run, a parallel test) numbers its jobs from 1 too, and a
+        # left-over directory of its step 1.0 made our step 1.0 fail to launch. Keep them in ours.
+        (d / "pmix").mkdir()
+        (d / "mpi.conf").write_text(f"PMIxCliTmpDirBase={d}/pmix\n")
         m = d / "munge"
         self._daemon([_which("munged"), "--foreground", "--force", f"--socket={m}/sock", f"--key-file={m}/munge.key",
                       f"--log-file={m}/log", f"--pid-file={m}/pid", f"--seed-file={m}/seed"], "munged")
@@ -290,18 +295,10 @@ def test_requeued_job_resumes(cluster):
     checkpoint, leaving each round in metrics.jsonl exactly once."""
     job, out, log = _sbatch(cluster, "jobs/slurm/train.sbatch", "requeue", RESIST_EPOCHS="3",
                             RESIST_EXTRA_ARGS=TINY + " --checkpoint-every 1")
-    ckpts = out / "checkpoints"
-    t0 = time.time()
-    while not (ckpts.is_dir() and any(ckpts.iterdir())):  # the first one: after epoch 1 of 3
-        if time.time() - t0 > JOB_TIMEOUT or cluster.job(job).get("JobState") in FINAL_STATES:
-            pytest.fail(f"no checkpoint before the job ended: {cluster.job(job)}\n{_tail(log)}")
-        time.sleep(0.2)
+    ckpts = out / "checkpoints"  # the first one: after epoch 1 of 3
+    _wait_for(cluster, job, log, lambda: ckpts.is_dir() and any(ckpts.iterdir()), "no checkpoint")
     cluster.run(["scontrol", "requeue", job])
-    # A requeued job waits ~2 minutes before it may start again; let it start now.
-    t0 = time.time()
-    while cluster.job(job).get("JobState") != "PENDING" and time.time() - t0 < 30:
-        time.sleep(0.2)
-    cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+    _start_requeued_now(cluster, job, log)
     info = cluster.wait(job, log)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{_tail(log)}"
     assert info["Restarts"] == "1", info
@@ -317,6 +314,61 @@ def test_requeued_job_resumes(cluster):
     assert next(r for r in recs[resumed[0]:] if r["event"] == "round")["round"] == resume["round"]
     assert [r for r in recs if r["event"] == "eval"][-1]["epoch"] == 3.0
     assert log.read_text().count("resist: 2 ranks") == 2  # the script ran twice
+
+
+def _wait_for(cluster, job, log, ready, what):
+    t0 = time.time()
+    while not ready():
+        if time.time() - t0 > JOB_TIMEOUT or cluster.job(job).get("JobState") in FINAL_STATES:
+            pytest.fail(f"{what} before the job ended: {cluster.job(job)}\n{_tail(log)}")
+        time.sleep(0.2)
+
+
+def _start_requeued_now(cluster, job, log):
+    """A requeued job waits ~2 minutes before it may start again; once the node has finished
+    killing the old run (starting earlier makes slurmd refuse: 'Job N already killed'), start it."""
+    _wait_for(cluster, job, log, lambda: cluster.job(job).get("Restarts") == "1", "no requeue")
+    t0 = time.time()
+    while cluster.run(["sinfo", "-h", "-o", "%t"], check=False).stdout.strip() != "idle" and time.time() - t0 < 60:
+        time.sleep(0.2)
+    time.sleep(5)  # slurmd remembers the killed run a little longer than the node shows busy
+    cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+
+
+def _has_round(out):
+    path = out / "metrics.jsonl"
+    return path.is_file() and '"event": "round"' in path.read_text()
+
+
+def test_stop_signal_checkpoints_requeues_and_matches_uninterrupted(cluster):
+    """SLURM's warning signal (what --signal=B:USR1@120 sends, here at once with scancel --batch)
+    reaches the batch script, which passes it to the ranks: they stop after the round, checkpoint,
+    exit 99, and the script requeues the job, which resumes. The result equals an uninterrupted run."""
+    # 5 blocks and no overlap: the checkpoint's gather then averages nothing the next round would
+    # have averaged, so even the bytes of the resumed rounds equal the uninterrupted run's
+    settings = dict(RESIST_EPOCHS="3", RESIST_EXTRA_ARGS=TINY + " --model preact_resnet34 --min-depth 0")
+    ref_job, ref_out, ref_log = _sbatch(cluster, "jobs/slurm/train.sbatch", "uninterrupted", **settings)
+    info = cluster.wait(ref_job, ref_log)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", f"{info}\n{_tail(ref_log)}"
+    job, out, log = _sbatch(cluster, "jobs/slurm/train.sbatch", "preempted", **settings)
+    _wait_for(cluster, job, log, lambda: _has_round(out), "no round record")
+    cluster.run(["scancel", "--signal=USR1", "--batch", job])
+    _start_requeued_now(cluster, job, log)
+    info = cluster.wait(job, log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{_tail(log)}"
+    assert info["Restarts"] == "1", info
+    recs = _check_run(out, log)
+    stops = [r for r in recs if r["event"] == "stop"]
+    assert len(stops) == 1 and stops[0]["exit"] == 99, recs
+    resume = next(r for r in recs if r["event"] == "resume")
+    assert resume["round"] == stops[0]["round"] + 1  # continued right after the round it stopped at
+    assert "requeueing job" in log.read_text()
+    ref = _check_run(ref_out, ref_log)
+    keys = ("round", "train_loss", "train_acc", "bytes_sent", "bytes_recv")
+    rows = lambda rs, kind: [{k: r[k] for k in keys if k in r} for r in rs if r["event"] == kind]  # noqa: E731
+    assert rows(recs, "round") == rows(ref, "round")
+    final, ref_final = [r for r in recs if r["event"] == "eval"][-1], [r for r in ref if r["event"] == "eval"][-1]
+    assert (final["test_loss"], final["test_acc"], final["epoch"]) == (ref_final["test_loss"], ref_final["test_acc"], 3.0)
 
 
 # -- launch logic without a scheduler (bash only) ------------------------------------------------

@@ -172,6 +172,11 @@ class Comm:
         self._count_bcast(len(payload), root)
         return obj if self.rank == root else pickle.loads(payload)
 
+    def allgather_object(self, obj: Any) -> List[Any]:
+        """Every rank's small picklable object, in rank order (metadata exchanged once, at start-up:
+        one broadcast per rank)."""
+        return [self.bcast_object(obj if r == self.rank else None, root=r) for r in range(self.size)]
+
     def reduce_stats(self, values: Sequence[float], op: str = "sum") -> List[float]:
         """Reduce a few float64 metrics over ranks (op: sum, max or min); counted as control bytes."""
         if op not in ("sum", "max", "min"):

@@ -1,0 +1,138 @@
+"""A watchdog that ends a job whose peer became unreachable, instead of waiting on TCP for minutes.
+
+When a node or its link is lost mid-collective, MPI over TCP notices only when the kernel gives up
+retransmitting (often 15 minutes or more), and until then every rank waits. Here each rank beats a
+heartbeat as it makes progress (a local step, a phase of the round). A background thread watches
+it: after `timeout` seconds without a beat it asks every peer's liveness listener (a TCP socket
+each rank opened at start, addresses exchanged once) whether it is still reachable.
+
+- Every peer answers: the job is slow, not broken (a rank writing a large checkpoint, a long
+  evaluation); nothing happens, and it asks again after another `timeout` seconds.
+- Some peer does not answer within `probe_timeout`: the lowest rank that still reaches every
+  answering peer prints one line naming the lost ranks and their hosts, and the job is aborted
+  (exit status LOST_PEER_EXIT), so `--resume auto` can continue it from its last checkpoint.
+
+The listener answers from its own thread, so a rank busy in a long computation or blocked in an
+MPI call still answers; only a rank that cannot be reached does not.
+"""
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional, Sequence, Tuple
+
+LOST_PEER_EXIT = 3
+
+
+def _advertised_address() -> str:
+    """The IPv4 address peers on other hosts reach this rank on: its hostname's."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def probe_address(me: Tuple[str, str, int], peer: Tuple[str, str, int]) -> Optional[Tuple[str, int]]:
+    """Where to probe peer (host, address, port) from me: loopback on the same host, its address
+    on another; None when it cannot be reached from here by design (its hostname resolves to a
+    loopback address on its own host), which is then never taken for a lost peer."""
+    host, addr, port = peer
+    if host == me[0]:
+        return "127.0.0.1", port
+    return None if addr.startswith("127.") else (addr, port)
+
+
+def reachable(addr: Tuple[str, int], timeout: float) -> bool:
+    """Whether a liveness listener at addr accepts a connection and answers within timeout."""
+    try:
+        with socket.create_connection(addr, timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(1) == b"+"
+    except OSError:
+        return False
+
+
+class Watchdog:
+    """Heartbeat + liveness listener + watcher thread for this rank (see the module docstring).
+
+    Args:
+        c: the Comm (used once, at start, to exchange the listeners' addresses).
+        timeout: seconds without a beat before peers are probed (0, or a world of one: inert, beat()
+            only records the phase).
+        probe_timeout: seconds a peer has to answer a probe.
+    """
+
+    def __init__(self, c, timeout: float, probe_timeout: float = 5.0):
+        self.c, self.timeout, self.probe_timeout = c, float(timeout), probe_timeout
+        self.phase, self._last = "start", time.monotonic()
+        self._stop = threading.Event()
+        self.peers: List[Optional[Tuple[str, int]]] = []
+        self.hosts: List[str] = []
+        if self.timeout <= 0 or c.size == 1:
+            return
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("0.0.0.0", 0))
+        self._server.listen(64)
+        me = (socket.gethostname(), _advertised_address(), self._server.getsockname()[1])
+        # ---- distributed step: the listeners' addresses (metadata: control bytes) ----
+        with c.as_control():
+            table = c.allgather_object(me)
+        self.peers = [probe_address(me, peer) for peer in table]
+        self.hosts = [host for host, _, _ in table]
+        threading.Thread(target=self._answer, name="resist-liveness", daemon=True).start()
+        threading.Thread(target=self._watch, name="resist-watchdog", daemon=True).start()
+
+    def beat(self, phase: str) -> None:
+        """Progress was made; phase names what runs now (it appears in the lost-peer message)."""
+        self.phase, self._last = phase, time.monotonic()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # -- threads ----------------------------------------------------------------------------------
+    def _answer(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+                with conn:
+                    conn.sendall(b"+")
+            except OSError:
+                continue
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
+            stalled = time.monotonic() - self._last
+            if stalled < self.timeout:
+                continue
+            lost = self.lost_peers()
+            if lost and not self._stop.is_set():
+                self._report_and_abort(lost, stalled)
+            self._last = time.monotonic()  # everyone answered: slow, not lost; ask again later
+
+    def lost_peers(self) -> List[int]:
+        """Ranks whose listener does not answer (probed in parallel)."""
+        others = [r for r in range(self.c.size) if r != self.c.rank and self.peers[r] is not None]
+        if not others:
+            return []
+        with ThreadPoolExecutor(max_workers=min(32, len(others))) as pool:
+            ok = list(pool.map(lambda r: reachable(self.peers[r], self.probe_timeout), others))
+        return [r for r, good in zip(others, ok) if not good]
+
+    def _report_and_abort(self, lost: Sequence[int], stalled: float) -> None:
+        # Every rank that still sees all the others alike says the same: only the lowest of them
+        # prints, so the job log gets one line (a cut-off rank's own output cannot arrive anyway).
+        reporter = min(r for r in range(self.c.size) if r not in lost)
+        if self.c.rank == reporter:
+            names = ", ".join(f"rank {r} ({self.hosts[r]})" for r in lost)
+            sys.stderr.write(f"resist_mpi: error: lost {names}: no answer for {self.probe_timeout:.0f} s after "
+                             f"{stalled:.0f} s without progress in {self.phase}; aborting the job "
+                             f"(rerun with --resume auto to continue from the last checkpoint)\n")
+            sys.stderr.flush()
+        else:
+            time.sleep(1.0)  # let the reporter's line out first
+        self.c.abort(LOST_PEER_EXIT)
+

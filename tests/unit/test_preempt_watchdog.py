@@ -1,0 +1,58 @@
+"""Stop signals (resist_mpi.preempt) and the lost-peer watchdog's pure parts (resist_mpi.watchdog)."""
+import os
+import signal
+import socket
+import threading
+
+from resist_mpi.preempt import REQUEUE_EXIT, StopRequest
+from resist_mpi.watchdog import probe_address, reachable
+
+
+def test_stop_signals_only_set_a_flag_and_handlers_come_back():
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopRequest()
+    try:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR1)  # would end the process with the default handler
+        assert stop.requested and stop.signal_name == "SIGUSR1"
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGTERM"
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGUSR1) is before
+    assert REQUEUE_EXIT == 99  # jobs/common.sh's RESIST_REQUEUE_EXIT
+    assert "RESIST_REQUEUE_EXIT=99" in open(os.path.join(os.path.dirname(__file__), "..", "..", "jobs",
+                                                          "common.sh")).read()
+
+
+def test_probe_address_same_host_loopback_other_host_its_address():
+    me = ("node0", "10.0.0.1", 5000)
+    assert probe_address(me, ("node0", "10.0.0.1", 6000)) == ("127.0.0.1", 6000)
+    assert probe_address(me, ("node1", "10.0.0.2", 6001)) == ("10.0.0.2", 6001)
+    # a peer whose hostname resolves to loopback on its own host cannot be probed from here: it is
+    # never taken for lost (no false abort)
+    assert probe_address(me, ("node2", "127.0.1.1", 6002)) is None
+
+
+def test_reachable_needs_an_answering_listener():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+
+    def answer():
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b"+")
+
+    t = threading.Thread(target=answer)
+    t.start()
+    assert reachable(("127.0.0.1", port), 2.0)
+    t.join()
+    silent = socket.socket()  # accepts (backlog) but never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    assert not reachable(("127.0.0.1", silent.getsockname()[1]), 0.5)
+    server.close()
+    silent.close()
+    assert not reachable(("127.0.0.1", port), 0.5)  # nothing listens any more
