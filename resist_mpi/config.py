@@ -53,7 +53,8 @@ class Config:
     # -- run ---------------------------------------------------------------------------------------------
     seed: int = _f(0, "random seed (model init, data order, partitions)", "run")
     out: str = _f("runs/resist", "output directory (metrics.jsonl, config.json, checkpoints)", "run")
-    backend: str = _f("auto", "communication backend", "run", ("auto", "mpi", "horovod", "self"))
+    backend: str = _f("auto", "communication backend (auto: torch/NCCL on GPUs, horovod under horovodrun, else mpi)",
+                      "run", ("auto", "mpi", "horovod", "torch", "self"))
     device: str = _f("auto", "auto, cpu, cuda (one GPU per local rank) or cuda:N", "run")
     checkpoint_every: int = _f(0, "write a checkpoint every N epochs (0: off)", "run")
     checkpoint_minutes: float = _f(0.0, "also write a checkpoint every M minutes (0: off)", "run")

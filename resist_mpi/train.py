@@ -30,7 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from . import comm
     from .trainer import Trainer
-    c = comm.init(cfg.backend)
+    c = comm.init(cfg.backend, device=cfg.device)
     trainer = Trainer(cfg, c)
     result = trainer.run()
     if trainer.stopped:

@@ -42,6 +42,25 @@ def check_flat(t: torch.Tensor, what: str) -> None:
                          f"shape={tuple(t.shape)} contiguous={t.is_contiguous()} (use comm.pack)")
 
 
+def abort_process(code: int) -> None:
+    """End this process so that the launcher ends the job: MPI_Abort when MPI is running here (it
+    takes every rank down), else a plain exit (horovodrun, torchrun and srun --kill-on-bad-exit
+    then stop the others). For backends that have no abort of their own."""
+    import os
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        import mpi4py
+        if "mpi4py.MPI" not in sys.modules:
+            mpi4py.rc.initialize = False  # only look: never start MPI just to abort
+        from mpi4py import MPI
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.COMM_WORLD.Abort(code)
+    except Exception:  # noqa: BLE001 - nothing may stop the exit below
+        pass
+    os._exit(code)
+
+
 class Comm:
     """Base class of the backends: attributes, counters, argument checks and fail-fast handling.
 
@@ -99,10 +118,11 @@ class Comm:
         recv_counts = [int(c) for c in recv_counts]
         if len(recv_counts) != self.size:
             raise ValueError(f"alltoallv: recv_counts needs one entry per rank ({self.size})")
-        if out is not None and hasattr(self, "_alltoallv_into"):
+        if out is not None:
             check_flat(out, "alltoallv out")
             if out.numel() != sum(recv_counts):
                 raise ValueError(f"alltoallv: out has {out.numel()} elements, recv_counts sum to {sum(recv_counts)}")
+        if out is not None and hasattr(self, "_alltoallv_into"):
             recv = self._alltoallv_into(send, send_counts, recv_counts, out)
         else:
             recv = self._alltoallv(send, send_counts, recv_counts)

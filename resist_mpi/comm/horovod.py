@@ -16,13 +16,11 @@ Build Horovod with ``make horovod`` (scripts/build_horovod.sh).
 """
 from __future__ import annotations
 
-import os
-import sys
 from typing import Optional
 
 import torch
 
-from .base import Comm
+from .base import Comm, abort_process
 
 
 def _hvd():
@@ -88,20 +86,8 @@ class HorovodComm(Comm):
             self.hvd.allreduce(torch.zeros(1), op=self.hvd.Sum, name="resist.barrier")
 
     def _abort(self, code):
-        # Horovod has no abort. Under its MPI controller, MPI_Abort takes every rank down; under
-        # Gloo (or if that fails) this process exits and horovodrun stops the others.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        try:
-            import mpi4py
-            if "mpi4py.MPI" not in sys.modules:
-                mpi4py.rc.initialize = False  # only look: never start MPI just to abort
-            from mpi4py import MPI
-            if MPI.Is_initialized() and not MPI.Is_finalized():
-                MPI.COMM_WORLD.Abort(code)
-        except Exception:  # noqa: BLE001 - nothing may stop the exit below
-            pass
-        os._exit(code)
+        # Horovod has no abort: MPI_Abort under its MPI controller, else exit (horovodrun stops the rest)
+        abort_process(code)
 
 
 __all__ = ["HorovodComm"]

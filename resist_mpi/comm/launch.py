@@ -16,7 +16,7 @@ class WorldInfo:
     size: int
     local_rank: int
     local_size: int
-    launcher: str  # "horovodrun", "openmpi", "pmi", "pmix", "slurm" or "none"
+    launcher: str  # "horovodrun", "torchrun", "openmpi", "pmi", "pmix", "slurm" or "none"
 
 
 def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
@@ -46,6 +46,7 @@ def world_info_from_env(env: Optional[Mapping[str, str]] = None) -> WorldInfo:
     """Rank, world size and local rank as the launcher announced them.
 
     Checked in order: horovodrun's Gloo controller (HOROVOD_RANK/SIZE/LOCAL_RANK/LOCAL_SIZE),
+    torchrun (TORCHELASTIC_RUN_ID with RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE),
     Open MPI's mpirun (OMPI_COMM_WORLD_*; also what horovodrun's MPI controller provides),
     PMIx (PMIX_RANK), MPICH/Intel MPI hydra (PMI_RANK/PMI_SIZE, MPI_LOCALRANKID), SLURM srun
     (SLURM_PROCID/SLURM_NTASKS inside a job step only: a batch script run by plain python is one
@@ -58,6 +59,11 @@ def world_info_from_env(env: Optional[Mapping[str, str]] = None) -> WorldInfo:
         local_size = _int(env, "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
         return WorldInfo(rank, size, local_rank if local_rank is not None else rank,
                          local_size if local_size is not None else size, "horovodrun")
+    if env.get("TORCHELASTIC_RUN_ID") and _int(env, "RANK") is not None and _int(env, "WORLD_SIZE") is not None:
+        rank, size = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local_rank, local_size = _int(env, "LOCAL_RANK"), _int(env, "LOCAL_WORLD_SIZE")
+        return WorldInfo(rank, size, rank if local_rank is None else local_rank,
+                         size if local_size is None else local_size, "torchrun")
     if _int(env, "OMPI_COMM_WORLD_RANK") is not None:
         rank, size = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE") or 1
         launcher = "horovodrun" if launched_by_horovodrun(env) else "openmpi"

@@ -1,0 +1,166 @@
+"""The torch.distributed backend: NCCL for CUDA tensors, gloo on the CPU.
+
+    torchrun --nproc-per-node 4 -m resist_mpi.train --backend torch
+    mpirun -np 4 python -m resist_mpi.train --backend torch         # or srun; rank 0's address by MPI
+    python -m resist_mpi.train --backend auto --device cuda         # auto: torch when NCCL is there
+
+On GPUs this is the backend to use: NCCL moves device memory over NVLink/InfiniBand directly, where
+mpi4py stages every exchange through host memory unless the MPI is CUDA-aware. On the CPU, gloo is
+slower than the MPI library (benchmarks/results: comm_bench and sync_bench with --backend torch).
+
+Rendezvous: torchrun sets MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK. Under mpirun or
+srun (anything world_info_from_env recognises) with no MASTER_ADDR, rank 0 picks its address and a
+free port and MPI broadcasts them once (mpi4py is a dependency of the package anyway).
+
+Collectives are synchronous and issued in the same order on every rank. Byte counting is the
+base class's (comm/base.py), so the counters equal the mpi and horovod backends' to the byte.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .base import Comm, abort_process
+from .launch import world_info_from_env
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def _rendezvous(rank: int, size: int) -> None:
+    """Set MASTER_ADDR/MASTER_PORT from rank 0 when the launcher did not (mpirun, srun)."""
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        return
+    from mpi4py import MPI
+    if MPI.COMM_WORLD.Get_size() != size:
+        raise RuntimeError(f"--backend torch: no MASTER_ADDR/MASTER_PORT set and MPI sees {MPI.COMM_WORLD.Get_size()} "
+                           f"ranks, not {size}: launch with torchrun, or mpirun/srun with MPI")
+    addr_port = None
+    if rank == 0:
+        addr = socket.gethostbyname(socket.gethostname())
+        with socket.socket() as s:  # a free port (released: init_process_group binds it right away)
+            s.bind(("", 0))
+            addr_port = (addr, s.getsockname()[1])
+    addr, port = MPI.COMM_WORLD.bcast(addr_port, root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+
+
+def nccl_usable(device: str = "auto") -> bool:
+    """Whether this process would run NCCL: CUDA present, NCCL built in, and no CPU device asked for."""
+    return device != "cpu" and torch.cuda.is_available() and dist.is_nccl_available()
+
+
+class TorchComm(Comm):
+    """Backend over torch.distributed's default process group (NCCL on GPUs, gloo otherwise).
+
+    Args:
+        device: "auto"/"cuda"/"cuda:N" use NCCL when CUDA and NCCL are available; "cpu" uses gloo.
+        timeout_s: how long a collective may wait before torch.distributed gives up.
+    """
+
+    name = "torch"
+
+    def __init__(self, device: str = "auto", timeout_s: float = 1800.0):
+        info = world_info_from_env()
+        rank = int(os.environ.get("RANK", info.rank))
+        size = int(os.environ.get("WORLD_SIZE", info.size))
+        local_rank = int(os.environ.get("LOCAL_RANK", info.local_rank))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", info.local_size))
+        self.nccl = nccl_usable(device)
+        if not dist.is_initialized():
+            if size > 1:
+                _rendezvous(rank, size)
+            else:
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            kw = {}
+            if self.nccl:
+                # one GPU per local rank, as select_device chooses it
+                kw["device_id"] = torch.device("cuda", local_rank % torch.cuda.device_count())
+                torch.cuda.set_device(kw["device_id"])
+            dist.init_process_group("nccl" if self.nccl else "gloo", rank=rank, world_size=size,
+                                    timeout=datetime.timedelta(seconds=timeout_s), **kw)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.nccl else torch.device("cpu")
+        super().__init__(dist.get_rank(), dist.get_world_size(), local_rank, local_size)
+
+    # NCCL only takes device tensors: host tensors (metrics, pickled metadata) go through the GPU.
+    def _on(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device) if t.device != self.device else t
+
+    def _inplace(self, t: torch.Tensor, fn) -> None:
+        work = self._on(t)
+        fn(work)
+        if work is not t:
+            t.copy_(work)
+
+    def _allreduce_(self, t, op):
+        def reduce(w):
+            dist.all_reduce(w, op=dist.ReduceOp.SUM)
+            w.div_(self.size)
+        self._inplace(t, reduce)
+
+    def _alltoallv(self, send, send_counts, recv_counts):
+        out = torch.empty(sum(recv_counts), dtype=send.dtype, device=self.device)
+        dist.all_to_all_single(out, self._on(send), output_split_sizes=list(recv_counts),
+                               input_split_sizes=list(send_counts))
+        return out.to(send.device)
+
+    def _alltoallv_into(self, send, send_counts, recv_counts, out):
+        self._inplace(out, lambda w: dist.all_to_all_single(w, self._on(send), output_split_sizes=list(recv_counts),
+                                                            input_split_sizes=list(send_counts)))
+        return out
+
+    def _alltoallv_tensors(self, sends, recvs):
+        tensors = [t for ts in list(sends) + list(recvs) for t in ts]
+        if any(t.device != self.device for t in tensors):
+            return super()._alltoallv_tensors(sends, recvs)  # packed into one buffer, moved once
+        # One point-to-point message per tensor, all posted together (NCCL groups them into one
+        # launch); tags keep the k-th tensor between a pair matched with the k-th on the other side.
+        ops = [dist.P2POp(dist.irecv, t, src, tag=k) for src, ts in enumerate(recvs) for k, t in enumerate(ts)
+               if t.numel()]
+        ops += [dist.P2POp(dist.isend, t, dst, tag=k) for dst, ts in enumerate(sends) for k, t in enumerate(ts)
+                if t.numel()]
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+
+    def _exchange_counts(self, send_counts):
+        send = torch.tensor(send_counts, dtype=torch.int64, device=self.device)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        return recv.tolist()
+
+    def _bcast_(self, t, root):
+        self._inplace(t, lambda w: dist.broadcast(w, src=root))
+
+    def _bcast_bytes(self, payload: Optional[bytes], root: int) -> bytes:
+        n = torch.tensor([len(payload) if self.rank == root else 0], dtype=torch.int64, device=self.device)
+        dist.broadcast(n, src=root)
+        if self.rank == root:
+            buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
+        else:
+            buf = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
+        dist.broadcast(buf, src=root)
+        return payload if self.rank == root else buf.cpu().numpy().tobytes()
+
+    def _reduce_stats_(self, t, op):
+        self._inplace(t, lambda w: dist.all_reduce(w, op=_OPS[op]))
+
+    def _barrier(self):
+        dist.barrier()
+
+    def _abort(self, code):
+        abort_process(code)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+__all__ = ["TorchComm", "nccl_usable"]
