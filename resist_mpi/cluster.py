@@ -251,6 +251,18 @@ class Cluster:
         if os.path.isdir(self.state_dir):
             self._save()
 
+    def shaping(self) -> Dict[str, Dict[str, Optional[int]]]:
+        """The root qdisc rate of both ends of each link, as the kernel reports it:
+        {host: {"node": bits/s or None, "switch": bits/s or None}} (None: no tbf there)."""
+        out = {}
+        for k, host in enumerate(self.hosts):
+            ends = {}
+            for end, ns, dev in (("node", self.ns(host), IFACE), ("switch", self.ns("sw"), f"p{k}")):
+                qdisc = json.loads(_sh(["tc", "-n", ns, "-j", "qdisc", "show", "dev", dev, "root"]).stdout)[0]
+                ends[end] = 8 * qdisc["options"]["rate"] if qdisc["kind"] == "tbf" else None
+            out[host] = ends
+        return out
+
     # -- running things on nodes ------------------------------------------------------------------------
     def on(self, host: str = "node0") -> List[str]:
         """argv prefix that runs a command on host (its namespace and hostname, the caller's environment)."""
@@ -411,32 +423,34 @@ def _package_root() -> str:
 # -- command line ---------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m resist_mpi.cluster", description=__doc__.split("\n\n")[0])
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="namespace name prefix (default %(default)s)")
-    p.add_argument("--state-dir", default=None, help="default /tmp/<prefix>cluster")
+    common = argparse.ArgumentParser(add_help=False)  # options every subcommand takes, after its name
+    common.add_argument("--prefix", default=DEFAULT_PREFIX, help="namespace name prefix (default %(default)s)")
+    common.add_argument("--state-dir", default=None, help="default /tmp/<prefix>cluster")
     sub = p.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="create the cluster and leave it running")
+    up = sub.add_parser("up", parents=[common], help="create the cluster and leave it running")
     up.add_argument("--nodes", type=int, default=4)
     up.add_argument("--rate", default="unshaped", help="link rate, e.g. 100mbit, 1gbit, or unshaped")
     up.add_argument("--subnet", default=DEFAULT_SUBNET, help="first three octets of the /24 (default %(default)s)")
     up.add_argument("--force-clean", action="store_true", help="remove a stale cluster with this prefix first")
-    run = sub.add_parser("run", help="run a command on a node (default node0) with the launcher environment")
+    run = sub.add_parser("run", parents=[common], help="run a command on a node (default node0), launcher environment")
     run.add_argument("--node", default="node0")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command ...")
-    rate = sub.add_parser("rate", help="reshape every link of the running cluster")
+    rate = sub.add_parser("rate", parents=[common], help="reshape every link of the running cluster")
     rate.add_argument("rate")
-    sub.add_parser("status", help="nodes, addresses, shaping and interface counters")
-    sub.add_parser("down", help="tear the cluster down (also a half-made one)")
+    sub.add_parser("status", parents=[common], help="nodes, addresses, shaping and interface counters")
+    sub.add_parser("down", parents=[common], help="tear the cluster down (also a half-made one)")
     return p
 
 
 def _status(cl: Cluster) -> None:
-    counters = cl.counters()
+    counters, shaping = cl.counters(), cl.shaping()
     print(f"cluster {cl.prefix}: {cl.nodes} nodes, links {cl.rate}, state in {cl.state_dir}")
     for host in cl.hosts:
         c = counters[host]
         procs = len(_sh(["ip", "netns", "pids", cl.ns(host)], check=False).stdout.split())
-        print(f"  {host:8s} {cl.address(host):12s} ns {cl.ns(host):12s} tx {c['tx_bytes']:>14,d} B  "
-              f"rx {c['rx_bytes']:>14,d} B  {procs} processes")
+        ends = "/".join(f"{r / 1e6:g}M" if r else "-" for r in shaping[host].values())
+        print(f"  {host:8s} {cl.address(host):12s} ns {cl.ns(host):12s} tbf {ends:>13s}  "
+              f"tx {c['tx_bytes']:>14,d} B  rx {c['rx_bytes']:>14,d} B  {procs} processes")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -31,7 +31,7 @@ import pytest
 
 from helpers import ROOT, have_mpirun, mpi_env
 from slurm_helpers import Slurm, tail, which, why_no_slurm
-from resist_mpi.cluster import Cluster, why_unavailable
+from resist_mpi.cluster import Cluster, ClusterError, why_unavailable
 
 HOSTS = ["node0", "node1", "node2", "node3"]
 STRATEGIES = ("resist", "local_sgd", "data_parallel")
@@ -101,6 +101,29 @@ def _read(out):
 
 def _counters(out):
     return [json.load(open(p)) for p in sorted(Path(out).glob("counters.*.json"))]
+
+
+# -- the cluster itself ------------------------------------------------------------------------------
+def test_nodes_resolve_each_other_by_name_with_their_own_hostnames(cluster):
+    probe = "import socket; print(socket.gethostname(), *[socket.gethostbyname(h) for h in %r])" % HOSTS
+    for host in HOSTS:
+        p = cluster.run([sys.executable, "-c", probe], host=host, capture_output=True, text=True)
+        assert p.stdout.split() == [host, "10.77.0.1", "10.77.0.2", "10.77.0.3", "10.77.0.4"], p.stderr
+
+
+def test_rate_changes_on_the_running_cluster_both_ends(cluster):
+    try:
+        cluster.set_rate("100mbit")
+        assert cluster.shaping() == {h: {"node": 10 ** 8, "switch": 10 ** 8} for h in HOSTS}
+    finally:
+        cluster.set_rate("unshaped")
+    assert cluster.shaping() == {h: {"node": None, "switch": None} for h in HOSTS}
+
+
+def test_refuses_to_start_over_an_existing_cluster(cluster):
+    with pytest.raises(ClusterError, match=r"^namespaces rct-node0, .*rct-sw exist .*: run .*down --prefix rct-"):
+        Cluster(nodes=2, prefix="rct-", state_dir=cluster.state_dir).up()
+    assert cluster.counters().keys() == set(HOSTS)  # and left the running one alone
 
 
 # -- one rank per node vs one node ---------------------------------------------------------------------
