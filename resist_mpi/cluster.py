@@ -94,7 +94,8 @@ def _sh(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
     """Run an iproute2 command; a failure becomes a one-line ClusterError."""
     p = subprocess.run(list(cmd), capture_output=True, text=True)
     if check and p.returncode != 0:
-        raise ClusterError(f"{' '.join(cmd)}: {(p.stderr or p.stdout).strip().splitlines()[-1:] or p.returncode}")
+        last = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit status {p.returncode}"]
+        raise ClusterError(f"{' '.join(cmd)}: {last[0]}")
     return p
 
 
@@ -141,6 +142,8 @@ class Cluster:
             raise ClusterError(f"nodes={nodes}: choose 1 to 250")
         if not re.fullmatch(r"[a-z][a-z0-9-]{0,7}", prefix):
             raise ClusterError(f"prefix {prefix!r}: 1-8 characters of a-z, 0-9 and -, starting with a letter")
+        if not re.fullmatch(r"(10\.\d{1,3}|172\.(1[6-9]|2\d|3[01])|192\.168)\.\d{1,3}", subnet):
+            raise ClusterError(f"subnet {subnet!r}: give the first three octets of a private /24, e.g. 10.77.0")
         parse_rate(rate)  # fail before making anything
         self.nodes, self.rate, self.prefix, self.subnet = nodes, rate, prefix, subnet
         self.state_dir = state_dir or os.path.join(tempfile.gettempdir(), f"{prefix}cluster")
@@ -285,7 +288,8 @@ class Cluster:
         subnet = f"{self.subnet}.0/24"
         return {"OMPI_MCA_plm_rsh_agent": self.ssh, "OMPI_ALLOW_RUN_AS_ROOT": "1",
                 "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1",
-                # Every node sees all the machine's cores, so Open MPI would busy-poll; the nodes share them.
+                # Open MPI busy-polls unless a node runs more ranks than it has slots; here every node
+                # has slots of its own but all share the machine's cores, so waiting ranks must yield.
                 "OMPI_MCA_mpi_yield_when_idle": "1",
                 # Open MPI's own traffic stays on the cluster network, never on a node's loopback.
                 "OMPI_MCA_oob_tcp_if_include": subnet, "OMPI_MCA_btl_tcp_if_include": subnet}
@@ -313,7 +317,7 @@ class Cluster:
     # -- state ------------------------------------------------------------------------------------------
     def _write_state(self) -> None:
         os.makedirs(self.bin_dir, exist_ok=True)
-        self._save()  # first: it marks the directory as this cluster's, for teardown
+        self._save()
         profile = {k: os.environ[k] for k in PROFILE_KEYS if k in os.environ}
         profile = self.env(profile)
         profile.update(self.extra_profile)
@@ -377,9 +381,23 @@ def teardown(prefix: str, state_dir: Optional[str] = None) -> List[str]:
         os.rmdir("/etc/netns")  # only when empty: other namespaces' files stay
     except OSError:
         pass
-    if state_dir and os.path.isfile(os.path.join(state_dir, "cluster.json")):
-        shutil.rmtree(state_dir, ignore_errors=True)
+    if state_dir:
+        _remove_state(state_dir)
     return names
+
+
+def _remove_state(state_dir: str) -> None:
+    """Remove the files `up` wrote, then the directories if nothing else is in them."""
+    for name in ("bin/ssh", "profile", "cluster.json"):
+        try:
+            os.remove(os.path.join(state_dir, name))
+        except FileNotFoundError:
+            pass
+    for d in (os.path.join(state_dir, "bin"), state_dir):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
 
 
 def _quiet(ns: str, dev: str) -> None:

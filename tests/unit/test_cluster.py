@@ -27,7 +27,8 @@ def test_tbf_burst_is_1ms_at_the_rate_but_at_least_32KiB():
 
 
 @pytest.mark.parametrize("kw, message", [({"nodes": 0}, "nodes=0"), ({"prefix": "Bad_"}, "prefix 'Bad_'"),
-                                         ({"rate": "warp"}, "rate 'warp'")])
+                                         ({"rate": "warp"}, "rate 'warp'"),
+                                         ({"subnet": "192.0.2"}, "subnet '192.0.2': .* private /24")])
 def test_bad_arguments(kw, message):
     with pytest.raises(C.ClusterError, match=message):
         C.Cluster(**kw)
