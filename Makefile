@@ -15,7 +15,7 @@ STAMP := $(VENV)/.resist-setup-stamp
 
 .PHONY: setup mpi demo test test-unit test-mpi horovod bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) cluster-deps
 
 # MPI: use what the machine has (e.g. a cluster module); install Open MPI with apt only when absent.
 mpi:
@@ -43,6 +43,22 @@ scheduler-deps:
 	    || echo "setup: apt could not install $(SLURM_DEBS); tests/test_scheduler.py will skip" >&2; \
 	else \
 	  echo "setup: no SLURM here; tests/test_scheduler.py will skip (needs root + apt-get install $(SLURM_DEBS))"; \
+	fi
+
+# tests/test_multinode.py builds a simulated cluster from network namespaces (resist_mpi/cluster.py):
+# it needs root and iproute2 (ip, tc). Installed with apt where missing and possible; otherwise that
+# test skips itself and says why. Never fatal.
+.PHONY: cluster-deps
+cluster-deps:
+	@export PATH="$$PATH:/usr/sbin:/sbin"; \
+	if command -v ip >/dev/null && command -v tc >/dev/null; then \
+	  :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "setup: installing iproute2 with apt for tests/test_multinode.py"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } >/dev/null \
+	    || echo "setup: apt could not install iproute2; tests/test_multinode.py will skip" >&2; \
+	else \
+	  echo "setup: no iproute2 here; tests/test_multinode.py will skip (needs root + apt-get install iproute2)"; \
 	fi
 
 $(STAMP): setup.py | mpi

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, have_mpirun, mpi_env, mpi_pytest, mpirun
+from helpers import ROOT, have_mpirun, mpi_env, mpirun
 
 CONTRACT = "tests/mpi/test_comm_contract.py"
 

@@ -16,8 +16,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,182 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from slurm_helpers import FINAL_STATES, Slurm
+from slurm_helpers import tail as _tail, which as _which, why_no_slurm as _why_no_slurm
+
 ROOT = Path(__file__).resolve().parents[1]
-SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 TINY = "--model preact_resnet18 --width 4 --batch-size 32 --local-steps 5 --min-depth 1 --bn-batches 2"
 JOB_TIMEOUT = 150  # seconds per job; a tiny run takes ~10 s when the machine is quiet
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
-
-
-def _which(name):
-    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN))
-
-
-def _why_no_slurm():
-    """Why a private SLURM cannot run here (None when it can)."""
-    missing = [n for n in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo") if _which(n) is None]
-    if missing:
-        return (f"SLURM is not installed (missing: {', '.join(missing)}); `make scheduler-deps` installs "
-                "slurmctld slurmd munge slurm-client slurm-wlm-torque")
-    if os.geteuid() != 0:
-        return "a private SLURM runs its daemons as root (SlurmUser=root); run as root"
-    if shutil.which("mpirun") is None:
-        return "mpirun is not on PATH"
-    return None
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _munge_key(path: Path):
-    if _which("mungekey"):
-        subprocess.run([_which("mungekey"), "-c", "-k", str(path)], check=True, capture_output=True)
-    else:  # create-munge-key only writes /etc/munge; any 32+ random bytes make a key
-        path.write_bytes(os.urandom(1024))
-    path.chmod(0o600)
-
-
-SLURM_CONF = """\
-ClusterName=resisttest
-SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={d}/munge/sock
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
-SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
-SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-ReturnToService=2
-SchedulerType=sched/builtin
-JobCompType=jobcomp/none
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-SlurmctldTimeout=30
-SlurmdTimeout=30
-InactiveLimit=0
-KillWait=5
-MinJobAge=600
-# config_overrides: trust CPUs= even on a one-core machine (2 ranks per job, oversubscribed)
-SlurmdParameters=config_overrides
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
-"""
-
-
-class Cluster:
-    """A running private SLURM: env for its clients, and helpers to submit and wait."""
-
-    def __init__(self, d: Path):
-        self.dir = d
-        self.procs = []
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_", "RESIST_"))}
-        self.env.update(SLURM_CONF=str(d / "slurm.conf"), OMPI_ALLOW_RUN_AS_ROOT="1",
-                        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.env["PATH"] = os.pathsep.join([self.env.get("PATH", "")] + list(SBIN))
-        self.env.pop("CUDA_VISIBLE_DEVICES", None)
-
-    def start(self):
-        d = self.dir
-        for sub in ("munge", "state", "spool", "log", "out"):
-            (d / sub).mkdir(mode=0o700 if sub == "munge" else 0o755)
-        _munge_key(d / "munge" / "munge.key")
-        ctld_port, d_port = _free_ports(2)
-        host = socket.gethostname().split(".")[0]
-        (d / "slurm.conf").write_text(SLURM_CONF.format(host=host, d=d, ctld_port=ctld_port, d_port=d_port,
-                                                        cpus=max(2, os.cpu_count() or 1)))
-        # srun --mpi=pmix keeps a directory per step, /tmp/spmix_appdir_<uid>_<job>.<step> by default:
-        # another private SLURM (an earlier run, a parallel test) numbers its jobs from 1 too, and a
-        # left-over directory of its step 1.0 made our step 1.0 fail to launch. Keep them in ours.
-        (d / "pmix").mkdir()
-        (d / "mpi.conf").write_text(f"PMIxCliTmpDirBase={d}/pmix\n")
-        m = d / "munge"
-        self._daemon([_which("munged"), "--foreground", "--force", f"--socket={m}/sock", f"--key-file={m}/munge.key",
-                      f"--log-file={m}/log", f"--pid-file={m}/pid", f"--seed-file={m}/seed"], "munged")
-        self._wait(lambda: (m / "sock").exists(), 15, "munged did not create its socket", m / "log")
-        conf = str(d / "slurm.conf")
-        self._daemon([_which("slurmctld"), "-D", "-i", "-f", conf], "slurmctld")
-        self._daemon([_which("slurmd"), "-D", "-f", conf], "slurmd")
-        self._wait(lambda: self.run(["sinfo", "-h", "-o", "%t"], check=False).stdout.strip() == "idle", 60,
-                   "the node did not become idle", d / "log" / "slurmctld.log", d / "log" / "slurmd.log")
-
-    def _daemon(self, cmd, name):
-        log = open(self.dir / "log" / f"{name}.stdout", "w")
-        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                           start_new_session=True))
-
-    def _wait(self, ok, timeout, what, *logs):
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if ok():
-                return
-            dead = [p.args[0] for p in self.procs if p.poll() is not None]
-            if dead:
-                break
-            time.sleep(0.3)
-        tails = "\n".join(f"--- {p}:\n{_tail(p)}" for p in list(logs) + sorted((self.dir / "log").glob("*.stdout")))
-        raise RuntimeError(f"{what} within {timeout} s (exited: {dead or 'none'})\n{tails}")
-
-    def stop(self):
-        # Cancel jobs first: a job step outlives slurmd, and only this cluster's jobs are seen here.
-        self.run(["scancel", "--user", "root"], check=False)
-        time.sleep(0.5)
-        for p in reversed(self.procs):  # slurmd, slurmctld, munged: by the pids started here
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-    def run(self, cmd, check=True, **kw):
-        proc = subprocess.run(cmd, cwd=ROOT, env={**self.env, **kw.pop("env", {})}, capture_output=True,
-                              text=True, timeout=60, **kw)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
-        return proc
-
-    def job(self, job_id):
-        """scontrol's fields of a job as a dict (JobState, ExitCode, Restarts, ...)."""
-        out = self.run(["scontrol", "show", "job", "-o", job_id], check=False).stdout
-        return dict(f.split("=", 1) for f in out.split() if "=" in f)
-
-    def wait(self, job_id, log: Path, timeout=JOB_TIMEOUT):
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            info = self.job(job_id)
-            if info.get("JobState") in FINAL_STATES:
-                return info
-            time.sleep(1)
-        self.run(["scancel", job_id], check=False)
-        pytest.fail(f"job {job_id} not done after {timeout} s: {self.job(job_id)}\n{_tail(log)}")
-
-
-def _tail(path, n=4000):
-    try:
-        return Path(path).read_text(errors="replace")[-n:]
-    except OSError as e:
-        return f"({e})"
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +37,7 @@ def cluster():
     if reason:
         pytest.skip(reason)
     d = Path(tempfile.mkdtemp(prefix="resist-slurm-"))  # short: the munge socket path must fit 108 bytes
-    c = Cluster(d)
+    c = Slurm(d)
     try:
         c.start()
         yield c
