@@ -29,7 +29,10 @@ Links are shaped on both ends (the node's net0 egress and the switch port's egre
 ingress) with a token bucket (tc tbf): burst = 1 ms at the rate (at least 32 KiB, larger than a
 64 KiB GSO packet from 500 Mbit/s up, so fast links do not pay tbf's segmentation), and a queue of
 20 ms at the rate, about what a switch port buffers. ``unshaped`` removes the qdiscs: veth then moves
-data as fast as the CPUs copy it.
+data as fast as the CPUs copy it. Every node gives up on an unanswered TCP connection after 5
+retransmissions (``net.ipv4.tcp_retries2=5``, ~15 s, a per-namespace setting) instead of Linux's 15
+(~15 minutes), as clusters tuned for node failures do: that bounds how long mpirun waits for the
+daemon of a node that was cut off.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ BRIDGE = "br0"
 DEFAULT_PREFIX = "rc-"
 DEFAULT_SUBNET = "10.77.0"  # /24; node K is .K+1
 TBF_LATENCY_MS = 20
+TCP_RETRIES2 = 5          # net.ipv4.tcp_retries2 on every node (see _make_network)
 TBF_MIN_BURST = 32 * 1024
 RATE_UNITS = {"bit": 1, "kbit": 10 ** 3, "mbit": 10 ** 6, "gbit": 10 ** 9, "tbit": 10 ** 12}
 # Variables a login on any node gets (a site profile would set them the same on every node).
@@ -209,6 +213,10 @@ class Cluster:
             _sh(["ip", "-n", ns, "addr", "add", f"{self.address(host)}/24", "dev", IFACE])
             _sh(["ip", "-n", ns, "link", "set", IFACE, "up"])
             _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+            # A lost peer is noticed by TCP only when retransmissions give up: with Linux's default
+            # (15 retries, ~15 min) mpirun waits that long for a cut-off node's daemon after the
+            # job aborted. 5 retries (~15 s) is what high-availability guides set on real clusters.
+            _sh(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"net.ipv4.tcp_retries2={TCP_RETRIES2}"])
             os.makedirs(f"/etc/netns/{ns}", exist_ok=True)
             with open(f"/etc/netns/{ns}/hosts", "w") as f:
                 f.write(hosts)

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,47 @@ def test_qsub_runs_across_nodes(slurm, cluster, train_runs):
     job = p.stdout.strip().split(".")[0]
     assert job.isdigit(), p.stdout + p.stderr
     _check_job(slurm, cluster, job, out, log, "mpirun", before, _read(train_runs["base"] / "reference" / "resist")[1])
+
+
+# -- a node lost mid-run ---------------------------------------------------------------------------------
+def test_cut_link_ends_job_with_one_line_then_resume_continues(cluster, tmp_path):
+    """node3's link goes down mid-run (after a checkpoint): the watchdog of the others finds rank 3
+    unreachable and the job ends within 60 s with one line naming it; once the link is back,
+    `--resume auto` continues from the checkpoint and finishes."""
+    out = tmp_path / "run"
+    cmd = (["mpirun", "-np", "4", "-H", ",".join(HOSTS), "--mca", "btl", "tcp,self", sys.executable, "-m",
+            "resist_mpi.train", "--out", str(out), "--comm-timeout", "10", "--checkpoint-every", "1",
+            "--local-steps", "4", "--batch-size", "32"] + TRAIN[:TRAIN.index("--epochs")] + ["--epochs", "6"]
+           + ["--progress", "off"])
+    log = open(tmp_path / "job.log", "w+")
+    job = cluster.popen(cmd, env=cluster.env(mpi_env()), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                        start_new_session=True)
+    link = ["ip", "-n", cluster.ns("node3"), "link", "set", "net0"]
+    try:
+        ckpts = out / "checkpoints"
+        t0 = time.time()
+        while not (ckpts.is_dir() and any(ckpts.glob("ckpt-*.pt"))) and job.poll() is None:
+            assert time.time() - t0 < TIMEOUT, "no checkpoint"
+            time.sleep(0.2)
+        assert job.poll() is None, "the job ended before its link could be cut"
+        subprocess.run(link + ["down"], check=True)
+        t_cut = time.time()
+        rc = job.wait(timeout=120)
+        assert time.time() - t_cut < 60, f"ended {time.time() - t_cut:.0f} s after the cut"
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        subprocess.run(link + ["up"], check=True)
+    log.seek(0)
+    text = log.read()
+    assert rc != 0
+    errors = [line for line in text.splitlines() if "resist_mpi: error:" in line]
+    assert len(errors) == 1 and "lost rank 3 (node3)" in errors[0], text[-4000:]
+    saved = int(sorted(ckpts.glob("ckpt-*.pt"))[-1].stem.split("-")[1])
+    p = _run(cluster, cmd + ["--resume", "auto"])
+    assert p.returncode == 0, p.stdout[-4000:]
+    _, records = _read(out)
+    resume = [r for r in records if r["event"] == "resume"]
+    assert len(resume) == 1 and resume[0]["round"] == saved > 0, resume
+    assert [r for r in records if r["event"] == "eval"][-1]["epoch"] == 6.0
