@@ -3,16 +3,20 @@
     mpirun -np 4 python benchmarks/comm_bench.py
     mpirun -np 2 python benchmarks/comm_bench.py --sizes 1MB,16MB --reps 21 --json runs/bench/comm.json
     horovodrun -np 4 python benchmarks/comm_bench.py --backend horovod   # skipped if Horovod is absent
+    mpirun -np 4 python benchmarks/comm_bench.py --backend torch         # torch.distributed (gloo on the CPU)
 
 For each message size (bytes of float32 payload per rank) it times, osu_bw style (warm-up, a
 barrier before each timed batch, ``MPI.Wtime()``, ``--iters`` calls per batch):
 
-  allreduce   package ``c.allreduce_mean_(t)``       vs raw ``Allreduce(IN_PLACE, arr, SUM); arr /= size``
-              (a mean needs the division, so the raw side does it too, on the same numpy view)
-  alltoallv   package ``c.alltoallv(send, counts, recv_counts)`` (recv counts given, as a routing
-              plan knows them), ``c.alltoallv(send, counts)`` (counts exchanged first) and, when
-              the backend takes one, ``c.alltoallv(send, counts, recv_counts, out=buf)``
-              vs raw ``comm.Alltoallv`` with the same counts on preallocated buffers and displacements
+  allreduce   package ``h = c.prepare_allreduce(t); h()`` (how the strategies average, round after
+              round) and the one-shot ``c.allreduce_mean_(t)``, vs raw ``Allreduce(IN_PLACE, arr,
+              SUM); arr /= size`` (a mean needs the division, so the raw side does it too)
+  alltoallv   package ``c.prepare_alltoallv(send, counts, recv_counts)()`` (recv counts given, as a
+              routing plan knows them), the same with ``out=buf`` when the backend takes one, the
+              one-shot ``c.alltoallv(send, counts, recv_counts)`` and ``c.alltoallv(send, counts)``
+              (counts exchanged first), vs raw ``comm.Alltoallv`` with the same counts and the
+              same work (a receive buffer allocated per call where the package allocates one; an
+              Alltoall of the counts first where the package exchanges them)
 
 The size is split evenly over the destinations of the alltoallv (the rank's own share included).
 Package and raw batches are interleaved (the order alternates every repetition), each batch's
@@ -24,7 +28,6 @@ messages of 1 MB and more.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -132,7 +135,9 @@ def bench(c, sizes: List[int], iters: int = 0, warmup: int = 3, reps: int = 15) 
         t = torch.ones(numel, dtype=torch.float32)
         arr = t.numpy()
 
-        def pkg_allreduce():
+        pkg_allreduce = c.prepare_allreduce(t)
+
+        def pkg_allreduce_call():
             c.allreduce_mean_(t)
 
         def raw_allreduce():
@@ -140,7 +145,8 @@ def bench(c, sizes: List[int], iters: int = 0, warmup: int = 3, reps: int = 15) 
             np.divide(arr, S, out=arr)  # arr /= S: the mean; the package divides too
 
         ar_min, a2_min = {}, {}
-        ar = time_batches(MPI, mpicomm, {"package": pkg_allreduce, "raw": raw_allreduce}, k, warmup, reps, ar_min)
+        ar = time_batches(MPI, mpicomm, {"package": pkg_allreduce, "package_call": pkg_allreduce_call,
+                                         "raw": raw_allreduce}, k, warmup, reps, ar_min)
 
         send = torch.ones(numel, dtype=torch.float32)
         sbuf = send.numpy()
@@ -151,7 +157,9 @@ def bench(c, sizes: List[int], iters: int = 0, warmup: int = 3, reps: int = 15) 
         np.cumsum(counts[:-1], out=displs[1:])
         cnt = np.asarray(counts, dtype=np.int64)
 
-        def pkg_a2av():
+        pkg_a2av = c.prepare_alltoallv(send, counts, counts)
+
+        def pkg_a2av_call():
             c.alltoallv(send, counts, counts)
 
         def pkg_a2av_nocounts():
@@ -174,16 +182,17 @@ def bench(c, sizes: List[int], iters: int = 0, warmup: int = 3, reps: int = 15) 
             mpicomm.Alltoallv([sbuf, (cnt, displs), MPI.FLOAT],
                               [np.empty(int(rcnt.sum()), dtype=np.float32), (rcnt, rdis), MPI.FLOAT])
 
-        variants = {"package": pkg_a2av, "package_no_counts": pkg_a2av_nocounts, "raw": raw_a2av,
-                    "raw_alloc": raw_a2av_alloc, "raw_counts": raw_a2av_counts}
-        if "out" in inspect.signature(c.alltoallv).parameters:  # a caller-owned receive buffer
-            out = torch.empty(numel, dtype=torch.float32)
-            variants["package_out"] = lambda: c.alltoallv(send, counts, counts, out=out)
+        variants = {"package": pkg_a2av, "package_call": pkg_a2av_call, "package_no_counts": pkg_a2av_nocounts,
+                    "raw": raw_a2av, "raw_alloc": raw_a2av_alloc, "raw_counts": raw_a2av_counts}
+        if hasattr(c, "_alltoallv_into"):  # the backend receives into a caller-owned buffer
+            variants["package_out"] = c.prepare_alltoallv(send, counts, counts, out=torch.empty(numel))
         a2 = time_batches(MPI, mpicomm, variants, k, warmup, reps, a2_min)
         rows.append({
             "bytes": numel * C.ELEMENT_BYTES, "size": human(numel * C.ELEMENT_BYTES), "iters": k, "reps": reps,
             "allreduce_package_s": ar["package"], "allreduce_raw_s": ar["raw"],
             "allreduce_ratio": ar["package"] / ar["raw"],
+            "allreduce_package_call_s": ar["package_call"], "allreduce_call_ratio": ar["package_call"] / ar["raw"],
+            "alltoallv_package_call_s": a2["package_call"], "alltoallv_call_ratio": a2["package_call"] / a2["raw_alloc"],
             "alltoallv_package_s": a2["package"], "alltoallv_package_no_counts_s": a2["package_no_counts"],
             "alltoallv_raw_s": a2["raw"], "alltoallv_ratio": a2["package"] / a2["raw"],
             "alltoallv_no_counts_ratio": a2["package_no_counts"] / a2["raw"],
@@ -221,6 +230,9 @@ def table(rows: List[Dict], size: int, backend: str) -> str:
         f"{r['size']} {r['alltoallv_ratio_same_work']:.3f}" for r in rows))
     lines.append("  alltoallv without recv_counts / raw Alltoall of counts + Alltoallv: " + ", ".join(
         f"{r['size']} {r['alltoallv_no_counts_ratio_same_work']:.3f}" for r in rows))
+    lines.append("one-shot calls (checks and MPI arguments built at every call) / raw: allreduce_mean_ " + ", ".join(
+        f"{r['size']} {r['allreduce_call_ratio']:.3f}" for r in rows) + "; alltoallv " + ", ".join(
+        f"{r['size']} {r['alltoallv_call_ratio']:.3f}" for r in rows))
     big = [r for r in rows if r["bytes"] >= UNITS["MB"]]
     if big:
         pairs = ["allreduce_ratio", "alltoallv_ratio_same_work", "alltoallv_no_counts_ratio_same_work"]
@@ -239,7 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=0, help="calls per timed batch (0: by size, 2..200)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first (default: %(default)s)")
     p.add_argument("--reps", type=int, default=15, help="timed batches per variant; the median is reported")
-    p.add_argument("--backend", default="mpi", choices=("mpi", "horovod"), help="the package backend to time")
+    p.add_argument("--backend", default="mpi", choices=("mpi", "horovod", "torch"), help="the package backend to time")
     p.add_argument("--json", help="write the rows (and the setup) to this JSON file (rank 0)")
     args = p.parse_args(argv)
 
@@ -251,9 +263,9 @@ def main(argv=None) -> int:
                 print(f"comm_bench: --backend horovod skipped: horovod.torch does not import "
                       f"({type(e).__name__}: {e}); build it with `make horovod`", flush=True)
             return 0
-    c = C.init(args.backend)
+    c = C.init(args.backend, device="cpu")
     from mpi4py import MPI
-    if MPI.COMM_WORLD.Get_size() != c.size:  # e.g. horovodrun --gloo: no MPI world to compare with
+    if MPI.COMM_WORLD.Get_size() != c.size:  # e.g. horovodrun --gloo, torchrun: no MPI world to compare with
         if c.rank == 0:
             print(f"comm_bench: the {c.name} backend sees {c.size} ranks but MPI.COMM_WORLD has "
                   f"{MPI.COMM_WORLD.Get_size()}: raw mpi4py needs the same world (horovodrun --mpi or "

@@ -3,10 +3,12 @@
     mpirun -np 4 python benchmarks/sync_bench.py                       # ResNet-101, 100 classes, width 64
     mpirun -np 4 python benchmarks/sync_bench.py --rounds 60 --json runs/bench/sync_np4.json
     mpirun -np 2 python benchmarks/sync_bench.py --width 16 --rounds 5 --warmup 2  # a quick look
+    horovodrun -np 4 python benchmarks/sync_bench.py --backend horovod          # the package over Horovod
+    mpirun -np 4 python benchmarks/sync_bench.py --backend torch                # over torch.distributed (gloo)
 
 On the real parameter sizes it times, per repetition and interleaved (the order rotates):
 
-  resist          ResIST.begin_round(r) + end_round(): the round's assignment (rank 0 broadcasts
+  resist          ResIST.begin_round() + end_round(): the round's assignment (rank 0 broadcasts
                   those of 32 rounds at once: one timed round in 32 has the broadcast), the routing
                   plan's block exchange (run_exchange: one message per block straight from and into
                   block slabs, averages, dropped blocks) and the shared-layer allreduce (in place on
@@ -36,47 +38,38 @@ import sys
 from typing import Dict, List
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from resist_mpi import comm as C  # noqa: E402
 from resist_mpi.comm.fusion import empty_flat  # noqa: E402
 from resist_mpi import traffic as T  # noqa: E402
-from resist_mpi.config import Config  # noqa: E402
 from resist_mpi.models import create_model  # noqa: E402
-from resist_mpi.routing import needers_from_assignment, plan_exchange  # noqa: E402
+from resist_mpi.routing import simulate  # noqa: E402
 from resist_mpi.strategies import LocalSGD, ResIST  # noqa: E402
 
 
 def planned_rounds(sizes: T.ModelSizes, S: int, min_depth: int, seed: int, count: int):
     """The plans of rounds 0..count-1, computed as ResIST computes them (pure: no communication)."""
     P = len(sizes.blocks)
-    holders, divergent, plans = [(0,)] * P, set(), []
-    for assignment in T.draw_rounds(P, S, min_depth, seed, count):
-        plan = plan_exchange(holders, needers_from_assignment(assignment, P), S, divergent, sizes.blocks)
-        plans.append(plan)
-        holders = list(plan.holders_after)
-        divergent = {b for b, h in enumerate(holders) if len(h) > 1}
-    return plans
+    return simulate(T.draw_rounds(P, S, min_depth, seed, count), P, S, sizes.blocks)
 
 
 def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: int, seed: int,
-        warmup: int = 10, same_buffers: bool = True) -> Dict:
+        warmup: int = 10, same_buffers: bool = True, backend: str = "mpi") -> Dict:
     from mpi4py import MPI
     mpicomm = MPI.COMM_WORLD
-    c = C.init("mpi")
+    c = C.init(backend, device="cpu")
     S, rank = c.size, c.rank
-    cpu = torch.device("cpu")
+    if mpicomm.Get_size() != S:
+        raise SystemExit(f"sync_bench: the {c.name} backend sees {S} ranks but MPI.COMM_WORLD has "
+                         f"{mpicomm.Get_size()}: raw mpi4py needs the same world (mpirun, horovodrun --mpi)")
 
     def factory():
         return create_model(model_name, num_classes, width)
 
-    cfg = Config(strategy="resist", model=model_name, width=width, min_depth=min_depth, seed=seed)
-    resist = ResIST(c, cfg, cpu)
-    resist.build_model(factory)
-    local = LocalSGD(c, Config(strategy="local_sgd", model=model_name, width=width, seed=seed), cpu)
-    local.build_model(factory)
+    resist = ResIST(factory(), c, min_depth=min_depth, seed=seed)
+    local = LocalSGD(factory(), c)
     sizes = T.model_sizes(local.model)
 
     plans = planned_rounds(sizes, S, min_depth, seed, warmup + rounds + 1)
@@ -107,11 +100,11 @@ def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: i
         shared_buf, full_buf = buffer(sizes.shared, 1.0), buffer(sizes.full, 1.0)
 
     # round 0 (not timed): blocks leave rank 0's fresh model; also warms up every code path
-    resist.begin_round(0)
+    resist.begin_round()
     resist.end_round()
     local.end_round()
-    if same_buffers:  # the flat buffers Strategy.average_ reduces
-        shared_buf, full_buf = resist._flats["shared"].numpy(), local._flats["model"].numpy()
+    if same_buffers:  # the flat buffers the strategies' Averagers reduce
+        shared_buf, full_buf = resist._average.flat.numpy(), local._average.flat.numpy()
         assert shared_buf.size == sizes.shared and full_buf.size == sizes.full
     for buf in (shared_buf, full_buf):
         mpicomm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
@@ -126,7 +119,8 @@ def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: i
         before = c.counters()
         mpicomm.Barrier()
         t0 = MPI.Wtime()
-        resist.begin_round(r)
+        resist.round = r
+        resist.begin_round()
         t1 = MPI.Wtime()
         resist.end_round()
         t2 = MPI.Wtime()
@@ -185,7 +179,7 @@ def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: i
     mpicomm.Allreduce(per_rank, total, op=MPI.SUM)
     report = T.traffic(sizes, S, min_depth, rounds=rounds, seed=seed)
     return {
-        "benchmark": "sync_bench", "world_size": S, "model": model_name, "num_classes": num_classes,
+        "benchmark": "sync_bench", "backend": c.name, "world_size": S, "model": model_name, "num_classes": num_classes,
         "width": width, "min_depth": min_depth, "seed": seed, "rounds_timed": rounds, "warmup_rounds": warmup,
         "raw_allreduce_buffers": "same" if same_buffers else "separate",
         "elements": {"shared": sizes.shared, "block": list(sizes.blocks), "full": sizes.full},
@@ -207,7 +201,7 @@ def format_result(res: Dict) -> str:
     m = {k: v * 1e3 for k, v in res["median_s"].items()}
     b = res["bytes_sent_per_round_all_ranks"]
     return "\n".join([
-        f"sync_bench: {res['world_size']} ranks, {res['model']} width {res['width']}, {res['num_classes']} classes: "
+        f"sync_bench: {res['world_size']} ranks, {res['backend']} backend, {res['model']} width {res['width']}, {res['num_classes']} classes: "
         f"shared {res['elements']['shared']:,} + {len(res['elements']['block'])} blocks of "
         f"{res['elements']['block'][0]:,} elements; median of {res['rounds_timed']} rounds, max over ranks; "
         f"raw allreduces on {'the package' + chr(39) + 's own' if res['raw_allreduce_buffers'] == 'same' else 'separate'} buffers",
@@ -241,12 +235,14 @@ def main(argv=None) -> int:
     p.add_argument("--raw-allreduce-buffers", choices=("same", "separate"), default="same",
                    help="raw allreduces on the package's own flat buffers, or on separately allocated "
                         "ones (default: %(default)s)")
+    p.add_argument("--backend", default="mpi", choices=("mpi", "horovod", "torch"),
+                   help="the package's backend (raw mpi4py needs an MPI world: mpirun, horovodrun --mpi)")
     p.add_argument("--json", help="write the result to this JSON file (rank 0)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0:
         p.error("--rounds must be >= 1 and --warmup >= 0")
     res = run(args.model, args.num_classes, args.width, args.rounds, args.min_depth, args.seed, args.warmup,
-              args.raw_allreduce_buffers == "same")
+              args.raw_allreduce_buffers == "same", args.backend)
     from mpi4py import MPI
     if MPI.COMM_WORLD.Get_rank() == 0:
         print(format_result(res), flush=True)

@@ -67,12 +67,12 @@ class Config:
     tensorboard: bool = _f(False, "also log to TensorBoard under OUT/tb", "run")
 
     def stages(self) -> List[int]:
-        """partition_stages as 0-based stage indices."""
+        """partition_stages as a list of 1-based stage numbers."""
         try:
-            stages = [int(s) - 1 for s in str(self.partition_stages).split(",") if s.strip()]
+            stages = [int(s) for s in str(self.partition_stages).split(",") if s.strip()]
         except ValueError:
             raise ConfigError(f"--partition-stages {self.partition_stages!r}: expected stage numbers like '3' or '2,3'")
-        if not stages or min(stages) < 0:
+        if not stages or min(stages) < 1:
             raise ConfigError(f"--partition-stages {self.partition_stages!r}: stages are numbered from 1")
         return stages
 

@@ -1,4 +1,4 @@
-"""Executing a routing Plan on a model: one all-to-all exchange moves every block that must move."""
+"""Executing a routing Plan on a BlockStore: one all-to-all exchange moves every block that must move."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -10,11 +10,6 @@ from .comm.fusion import empty_flat
 from .routing import Plan
 
 
-def block_sizes(model) -> List[int]:
-    """Element count of every partitionable block (known even for released blocks)."""
-    return [model.block_numel(b) for b in range(model.num_partitionable)]
-
-
 def _workspace(buffers: Dict, key: str, n: int, device) -> torch.Tensor:
     """A float32 tensor of n elements from buffers[key], grown when too small (reused across rounds)."""
     buf = buffers.get(key)
@@ -24,9 +19,7 @@ def _workspace(buffers: Dict, key: str, n: int, device) -> torch.Tensor:
     return buf[:n]
 
 
-
-
-def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = None) -> None:
+def run_exchange(c: Comm, store, plan: Plan, device, buffers: Optional[Dict] = None) -> None:
     """Carry out plan on this rank: send, receive, average, and drop blocks no longer needed.
 
     Every rank calls this with the identical plan. Blocks go in the plan's order (by destination,
@@ -40,18 +33,18 @@ def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = N
     """
     buffers = {} if buffers is None else buffers
     rank = c.rank
-    numel = block_sizes(model)
+    numel = store.sizes()
     needed = plan.needed(rank)
 
     # New blocks get storage before the collective (spare slabs from earlier rounds first). Blocks
     # being dropped are released only afterwards: they may still be sent in this very exchange.
     for b in needed:
-        if plan.sources[(rank, b)] != (rank,) and not model.holds_block(b):
-            model.materialize_block(b, device)
+        if plan.sources[(rank, b)] != (rank,) and not store.holds(b):
+            store.materialize(b, device)
 
     sends: List[List[torch.Tensor]] = [[] for _ in range(c.size)]
     for dst, blocks in plan.sends(rank):
-        sends[dst] = [model.slab_of(b) for b in blocks]  # one message per block
+        sends[dst] = [store.slab(b) for b in blocks]  # one message per block
     recvs: List[List[torch.Tensor]] = [[] for _ in range(c.size)]
     to_average = [(src, b) for src, blocks in plan.recvs(rank) for b in blocks if len(plan.sources[(rank, b)]) > 1]
     work = _workspace(buffers, "average", sum(numel[b] for _src, b in to_average), device)
@@ -63,7 +56,7 @@ def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = N
     for src, blocks in plan.recvs(rank):
         for b in blocks:
             # a single-source block goes straight into its storage; copies to average land aside
-            recvs[src].append(landing[(src, b)] if (src, b) in landing else model.slab_of(b))
+            recvs[src].append(landing[(src, b)] if (src, b) in landing else store.slab(b))
 
     # ---- distributed step: the exchange (MPI: every message posted at once, one wait) ----
     c.alltoallv_tensors(sends, recvs)
@@ -73,7 +66,7 @@ def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = N
             srcs = plan.sources[(rank, b)]
             if len(srcs) == 1:
                 continue  # kept, or received in place
-            slab = model.slab_of(b)  # not written to until the average is complete
+            slab = store.slab(b)  # not written to until the average is complete
             parts = [slab if s == rank else landing[(s, b)] for s in srcs]
             value = parts[0].clone()
             for p in parts[1:]:
@@ -81,8 +74,8 @@ def run_exchange(c: Comm, model, plan: Plan, device, buffers: Optional[Dict] = N
             value.div_(len(parts))
             slab.copy_(value)
     keep = set(needed)
-    for b in range(model.num_partitionable):
-        if b not in keep and model.holds_block(b):
-            model.release_block(b)
-    model.trim_spares(len(needed))
+    for b in range(len(store)):
+        if b not in keep and store.holds(b):
+            store.release(b)
+    store.trim_spares(len(needed))
 

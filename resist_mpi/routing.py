@@ -126,3 +126,56 @@ def needers_from_assignment(assignment: Sequence[Sequence[int]], num_blocks: int
 def everyone(num_blocks: int, size: int) -> List[Tuple[int, ...]]:
     """needers for "every rank gets every block" (evaluation, checkpoints, the final model)."""
     return [tuple(range(size))] * num_blocks
+
+
+class Holdings:
+    """Who holds each block and whether its copies differ: the state the next plan starts from.
+
+    One object follows a run round by round, for the strategy on real ranks and for the simulation
+    (simulate(), used by traffic.py and the benchmarks) alike:
+
+        plan = h.plan(needers, sizes)   # this round's exchange
+        h.exchanged(plan)               # now needers hold identical copies
+        h.trained()                     # blocks several ranks trained now differ: averaged next time
+
+    Args:
+        holders: holders[b] = ranks holding block b; None: rank 0 holds every block (a fresh model).
+    """
+
+    def __init__(self, num_blocks: int, size: int, holders: Optional[Sequence[Sequence[int]]] = None):
+        self.size = size
+        self.holders: List[Tuple[int, ...]] = ([(0,)] * num_blocks if holders is None
+                                               else [tuple(sorted(set(h))) for h in holders])
+        self.divergent: Set[int] = set()
+
+    def plan(self, needers: Sequence[Sequence[int]], block_numel: Optional[Sequence[int]] = None) -> Plan:
+        return plan_exchange(self.holders, needers, self.size, self.divergent, block_numel)
+
+    def exchanged(self, plan: Plan) -> None:
+        self.holders, self.divergent = list(plan.holders_after), set()
+
+    def trained(self) -> None:
+        self.divergent = {b for b, h in enumerate(self.holders) if len(h) > 1}
+
+    def synchronized(self, holders: Sequence[Sequence[int]]) -> None:
+        """holders[b] hold identical copies of b (after an evaluation's gather, or a resume)."""
+        self.holders, self.divergent = [tuple(sorted(set(h))) for h in holders], set()
+
+
+def simulate(assignments: Sequence[Sequence[Sequence[int]]], num_blocks: int, size: int,
+             block_numel: Optional[Sequence[int]] = None,
+             holders: Optional[Sequence[Sequence[int]]] = None) -> List[Plan]:
+    """The exchange plans of consecutive training rounds, as ResIST runs them (pure, no communication).
+
+    Args:
+        assignments: each round's assignment (rank -> blocks), in order.
+        holders: who holds each block, copies identical, before the first round; None: rank 0 alone
+            (a fresh model).
+    """
+    h = Holdings(num_blocks, size, holders)
+    plans = []
+    for assignment in assignments:
+        plans.append(h.plan(needers_from_assignment(assignment, num_blocks), block_numel))
+        h.exchanged(plans[-1])
+        h.trained()
+    return plans

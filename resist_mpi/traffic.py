@@ -37,14 +37,15 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import partition
 from .comm.base import ELEMENT_BYTES, ring_allreduce_bytes
-from .models import create_model, module_tensors
-from .routing import needers_from_assignment, plan_exchange
+from .blocks import find_blocks, module_tensors
+from .models import create_model
+from .routing import simulate
 
 
 @dataclass(frozen=True)
@@ -72,22 +73,24 @@ class ModelSizes:
         return self.params + self.buffers
 
 
-def model_sizes(model) -> ModelSizes:
-    """ModelSizes of a PreActResNet (any device, meta included)."""
+def model_sizes(model, blocks: Union[str, Sequence] = "auto", stages: Sequence[int] = (3,)) -> ModelSizes:
+    """ModelSizes of any model ResIST can partition (any device, meta included); blocks and stages
+    as for resist_mpi.blocks.find_blocks."""
+    parts = [m for _, m in find_blocks(model, blocks, stages)]
     params = sum(p.numel() for p in model.parameters())
-    block_params = tuple(sum(p.numel() for p in b.parameters()) for b in model.partitionable)
-    return ModelSizes(shared=model.shared_numel(),
-                      blocks=tuple(model.block_numel(b) for b in range(model.num_partitionable)),
-                      params=params,
-                      buffers=sum(t.numel() for t in module_tensors(model)) - params,
+    block_params = tuple(sum(p.numel() for p in b.parameters()) for b in parts)
+    full = sum(t.numel() for t in module_tensors(model))
+    blocks_numel = tuple(sum(t.numel() for t in module_tensors(b)) for b in parts)
+    return ModelSizes(shared=full - sum(blocks_numel), blocks=blocks_numel, params=params, buffers=full - params,
                       shared_params=params - sum(block_params), block_params=block_params)
 
 
-def build_sizes(name: str, num_classes: int, width: int = 64, partition_stages: Sequence[int] = (2,)) -> ModelSizes:
-    """ModelSizes of a registered model, built on the meta device (shapes only, no memory)."""
+def build_sizes(name: str, num_classes: int, width: int = 64, stages: Sequence[int] = (3,)) -> ModelSizes:
+    """ModelSizes of a registered model, built on the meta device (shapes only, no memory); stages
+    are 1-based, as --partition-stages."""
     with torch.device("meta"):
-        model = create_model(name, num_classes, width, partition_stages=tuple(partition_stages))
-    return model_sizes(model)
+        model = create_model(name, num_classes, width)
+    return model_sizes(model, "auto", stages)
 
 
 # -- paper accounting (trainable parameters only) --------------------------------------------------------
@@ -130,19 +133,13 @@ def resist_wire_rounds(sizes: ModelSizes, size: int, assignments: Sequence[Seque
         Per round: exchange_sent (= exchange_recv), shared_allreduce (sent + received), sent, recv,
         total (sent + received), all summed over ranks.
     """
-    P = len(sizes.blocks)
-    holders = [(0,)] * P if holders is None else [tuple(h) for h in holders]
-    divergent: set = set()
     shared_ring = ring_allreduce_bytes(sizes.shared * ELEMENT_BYTES, size)
     rounds = []
-    for assignment in assignments:
-        plan = plan_exchange(holders, needers_from_assignment(assignment, P), size, divergent, sizes.blocks)
+    for plan in simulate(assignments, len(sizes.blocks), size, sizes.blocks, holders):
         moved = plan.total_bytes(sizes.blocks, ELEMENT_BYTES)  # every byte sent is received once
         sent = moved + size * shared_ring
         rounds.append({"exchange_sent": moved, "shared_allreduce": 2 * size * shared_ring,
                        "sent": sent, "recv": sent, "total": 2 * sent})
-        holders = list(plan.holders_after)
-        divergent = {b for b, h in enumerate(holders) if len(h) > 1}  # trained by several: averaged next time
     return rounds
 
 
@@ -244,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     try:
-        stages = [int(s) - 1 for s in args.partition_stages.split(",") if s.strip()]
+        stages = [int(s) for s in args.partition_stages.split(",") if s.strip()]
         sizes = build_sizes(args.model, args.num_classes, args.width, stages)
         report = traffic(sizes, args.world_size, args.min_depth, args.local_steps, args.rounds, args.seed)
     except ValueError as e:  # unknown model, impossible partition, bad numbers: one line

@@ -1,10 +1,12 @@
-"""The training loop: rounds of local SGD steps around a strategy's synchronisation hooks.
+"""The CLI's training loop, on the public strategy API:
 
+    job = create_strategy(cfg, model, c, ...)   # ResIST, LocalSGD, DataParallel, or a warm-up of two
     for each round:
-        strategy.begin_round(r)        # ResIST: the round's assignment from rank 0, one block all-to-all
-        l local SGD steps              # on this rank's shard; no communication (but data-parallel's)
-        strategy.end_round()           # averages (shared layers / whole model / BN buffers)
-        evaluate at epoch boundaries, checkpoint when due
+        job.begin_round()      # ResIST: the round's assignment from rank 0, one block all-to-all
+        l local SGD steps      # on this rank's shard with job.optimizer; no communication (but
+                               # data-parallel's gradient average at the end of each backward)
+        job.end_round()        # averages (shared layers / whole model / BN buffers)
+        evaluate at epoch boundaries, checkpoint when due (one job.full_model() for both)
 """
 from __future__ import annotations
 
@@ -22,12 +24,12 @@ from . import checkpoint as ckpt
 from .comm import Comm, select_device
 from .config import Config
 from .data import ShardLoader, check_compatible, load_dataset
-from .metrics import RunLog, Timer
+from .metrics import RunLog
 from .models import create_model
-from .partition import check_partition
 from .preempt import REQUEUE_EXIT, StopRequest
 from .watchdog import Watchdog
-from .strategies import LocalSGD, Strategy, allreduce_tensors_, create_strategy
+from .evaluation import evaluate, recalibrate_bn
+from .strategies import STRATEGIES, create_strategy
 
 
 def lr_at(cfg: Config, epoch: float) -> float:
@@ -45,70 +47,30 @@ def batch_stream(loader: ShardLoader, start_step: int) -> Iterator[Tuple[torch.T
         epoch, batch = epoch + 1, 0
 
 
-def make_optimizer(cfg: Config, groups: List[Dict], previous: Optional[torch.optim.Optimizer],
-                   resumed_momentum: Optional[List] = None) -> torch.optim.SGD:
-    """SGD over this round's parameters; carries the shared layers' momentum over when asked
-    (from the previous round's optimizer, or from a checkpoint's per-rank momentum)."""
-    opt = torch.optim.SGD([{"params": g["params"], "name": g["name"]} for g in groups if g["params"]],
-                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.keep_shared_momentum:
-        shared = [p for g in opt.param_groups if g["name"] == "shared" for p in g["params"]]
-        if previous is not None:
-            for p in shared:
-                if p in previous.state:
-                    opt.state[p] = previous.state[p]
-        elif resumed_momentum is not None and len(resumed_momentum) == len(shared):
-            for p, m in zip(shared, resumed_momentum):
-                if m is not None:
-                    opt.state[p] = {"momentum_buffer": m.to(p.device).clone()}
-    return opt
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, c: Comm, cfg: Config, test_loader: ShardLoader, train_loader: ShardLoader,
-             device) -> Tuple[float, float]:
+def evaluate_full(model: nn.Module, c: Comm, cfg: Config, test_loader: ShardLoader, train_loader: ShardLoader,
+                  device) -> Tuple[float, float]:
     """Test loss and accuracy of the full model, each rank on its disjoint shard of the test set.
 
     BN statistics (cfg.eval_bn):
-      recalibrate: running statistics re-estimated for the *full* model (all blocks, residuals
-                   scaled) from bn_batches training batches per rank, averaged over ranks. The
-                   statistics each block collected inside a shallow sub-ResNet describe other
-                   activations than the full model produces, so re-estimating is what evaluates well.
+      recalibrate: running statistics re-estimated for the *full* model from bn_batches training
+                   batches per rank, averaged over ranks (evaluation.recalibrate_bn says why).
       running:     the running statistics averaged during training, as they are.
       batch:       batch statistics of each test batch (what the reference code did).
     The model's BN buffers are restored afterwards: evaluation has no side effect on training.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in bns]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
     try:
         if cfg.eval_bn == "recalibrate":
-            for m in bns:
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the calibration batches
-            model.train()
-            for i, (x, _y) in enumerate(train_loader.epoch(0)):
-                if i >= cfg.bn_batches:
-                    break
-                model(x.to(device, non_blocking=True))
-            # ---- distributed step: average the re-estimated statistics ----
-            allreduce_tensors_(c, [t for m in bns for t in (m.running_mean, m.running_var)])
-        model.train(cfg.eval_bn == "batch")
-        loss_sum, correct, count = 0.0, 0, 0
-        for x, y in test_loader.epoch(0):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out = model(x)
-            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-            correct += (out.argmax(1) == y).sum().item()
-            count += y.numel()
-        loss_sum, correct, count = c.reduce_stats([loss_sum, correct, count], "sum")
+            recalibrate_bn(model, c, train_loader.epoch(0), cfg.bn_batches, device)
+        return evaluate(model, c, test_loader.epoch(0), device, batch_stats=cfg.eval_bn == "batch")
     finally:
-        for m, (mean, var, n, momentum) in zip(bns, saved):
+        for m, (mean, var, n) in zip(bns, saved):
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(n)
-            m.momentum = momentum
         model.train()
-    return loss_sum / max(count, 1), correct / max(count, 1)
 
 
 def seed_everything(seed: int) -> None:
@@ -118,7 +80,8 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Holds a run's pieces; `run()` trains and returns the final test metrics.
+    """The CLI's training loop, a client of the public API: a strategy from the Config, rounds of
+    local SGD steps, evaluation, logging and checkpoints. `run()` returns the final test metrics.
 
     Args:
         cfg: the validated Config.
@@ -143,9 +106,9 @@ class Trainer:
             with torch.device("meta"):
                 probe = self.build_net()
             # CIFAR-style models are built for 32x32; ImageNet-style ones take any size >= 32
-            check_compatible(self.info, None if probe.arch["stem"] == "imagenet" else 32, self.info.num_classes)
-            if cfg.strategy == "resist":
-                check_partition(probe.num_partitionable, c.size, cfg.min_depth)
+            cifar = getattr(probe, "arch", {}).get("stem") == "cifar"
+            check_compatible(self.info, 32 if cifar else None, self.info.num_classes)
+            STRATEGIES[cfg.strategy].check(cfg, probe, c.size)  # e.g. enough blocks for the ranks
             self.resume_state = ckpt.resolve_and_load(cfg, probe, c.rank, c.size)
         except (ValueError, OSError) as e:  # DataError, PartitionError, CheckpointError are ValueErrors
             error = e
@@ -156,8 +119,33 @@ class Trainer:
             ckpt.clear_out_dir(cfg)
 
     def build_net(self) -> nn.Module:
-        return create_model(self.cfg.model, self.info.num_classes, self.cfg.width,
-                            partition_stages=self.cfg.stages())
+        return create_model(self.cfg.model, self.info.num_classes, self.cfg.width)
+
+    def make_optimizer(self, groups: List[Dict]) -> torch.optim.Optimizer:
+        """The strategy builds the round's optimizer with this (fresh each round, or once)."""
+        cfg = self.cfg
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def build_strategy(self, steps_per_epoch: int):
+        """The model (rank 0 builds the weights; other ranks only shapes, on the meta device: the
+        strategy gives them what they hold) and the strategy around it."""
+        if self.c.rank == 0:
+            model = self.build_net().to(self.device)
+        else:
+            with torch.device("meta"):
+                model = self.build_net()
+        return create_strategy(self.cfg, model, self.c, steps_per_epoch, device=self.device,
+                               optimizer=self.make_optimizer)
+
+    def resume(self, job, steps_per_epoch: int) -> int:
+        """Load the checkpoint into job on every rank; the round to continue at. With another
+        world size a round has another length in epochs: the run continues at the same epoch."""
+        state = self.resume_state
+        start = int(state["round"])
+        if int(state["world_size"]) != self.c.size:
+            start = int(float(state["epoch"]) * steps_per_epoch) // self.cfg.local_steps
+        job.load_state_dict({**state, "round": start}, state.get("rank_state"))
+        return start
 
     def run(self) -> Dict[str, float]:
         cfg, c = self.cfg, self.c
@@ -169,85 +157,39 @@ class Trainer:
         spe = train_loader.steps_per_epoch
         total_steps = cfg.epochs * spe
         num_rounds = math.ceil(total_steps / cfg.local_steps)
-        warmup_steps = cfg.warmup_epochs * spe
 
-        main = create_strategy(cfg.strategy, c, cfg, self.device)
-        warm = LocalSGD(c, cfg, self.device) if warmup_steps else None
-        model = (warm or main).build_model(self.build_net)
-        start_round = 0
-        if self.resume_state is not None:
-            start_round = ckpt.restore(self.resume_state, model, warm or main, main, warmup_steps, cfg, c.size, spe)
-        log = RunLog(cfg.out, c.rank == 0, cfg.progress, num_rounds - start_round, cfg.tensorboard,
-                     resume_round=start_round)
-        log.write_config({"config": cfg.to_dict(), "world_size": c.size, "backend": c.name,
-                          "device": str(self.device), "steps_per_epoch": spe, "num_rounds": num_rounds,
-                          "dataset": self.info.name, "num_classes": self.info.num_classes,
-                          "parameters": sum(t.numel() for t in model.state_dict().values())})
-        if self.resume_state is not None:
-            log.record("resume", round=start_round, epoch=start_round * cfg.local_steps / spe,
-                       path=self.resume_state["path"], world_size=c.size)
-            log.info(f"resumed from {self.resume_state['path']} at round {start_round}")
-        log.info(f"resist_mpi: {cfg.strategy} | {cfg.model} width {cfg.width} | {self.info.name} "
-                 f"({self.info.num_train} train / {self.info.num_test} test) | {c.size} ranks, {c.name} backend, "
-                 f"{self.device} | {cfg.epochs} epochs = {num_rounds} rounds of {cfg.local_steps} steps")
-
+        job = self.build_strategy(spe)
+        start_round = self.resume(job, spe) if self.resume_state is not None else 0
+        log = self.open_log(job, num_rounds, start_round, spe)
         batches = batch_stream(train_loader, start_round * cfg.local_steps)
-        strategy: Strategy = main if (warm is None or start_round * cfg.local_steps >= warmup_steps) else warm
-        opt = None
         result: Dict[str, float] = {}
-        last_ckpt_time = time.perf_counter()
+        self.last_ckpt_time = time.perf_counter()
         for r in range(start_round, num_rounds):
             step0 = r * cfg.local_steps
             steps = min(cfg.local_steps, total_steps - step0)
-            if warm is not None and strategy is warm and step0 >= warmup_steps:
-                # switch: every rank holds the identical averaged model, ResIST takes it over
-                main.adopt(model)
-                strategy, opt, warm = main, None, None  # drop local SGD's flat buffer with it
-                log.record("switch", round=r, epoch=step0 / spe, to=main.name)
-                log.info(f"round {r}: warm-up done, switching to {main.name}")
-            comm_t, round_t = Timer(), Timer()
-            sent0, recv0 = c.counters()
-            with round_t:
-                self.watchdog.beat(f"round {r}: the exchange")
-                with comm_t:
-                    strategy.begin_round(r)
-                if opt is None or strategy.fresh_optimizer:
-                    opt = self.optimizer_for_round(strategy, opt)
-                loss_sum, correct, seen, lr = self.local_steps(model, strategy, opt, batches, step0, steps, spe, comm_t)
-                self.watchdog.beat(f"round {r}: the round's averages")
-                with comm_t:
-                    strategy.end_round()
+            name, sent0, recv0, comm0, t0 = job.name, *c.counters(), job.comm_time, time.perf_counter()
+            self.watchdog.beat(f"round {r}: the exchange")
+            job.begin_round()
+            if job.name != name:  # a warm-up handed over: every rank held the identical model
+                log.record("switch", round=r, epoch=step0 / spe, to=job.name)
+                log.info(f"round {r}: warm-up done, switching to {job.name}")
+            loss_sum, correct, seen, lr = self.local_steps(job, batches, step0, steps, spe)
+            self.watchdog.beat(f"round {r}: the round's averages")
+            job.end_round()
+            t_comm, t_round = job.comm_time - comm0, time.perf_counter() - t0
             sent, recv = c.bytes_sent - sent0, c.bytes_recv - recv0
             # ---- distributed step: the round's metrics (control traffic) ----
             loss_sum, correct, seen, sent, recv = c.reduce_stats([loss_sum, correct, seen, sent, recv], "sum")
             # the stop flag rides along: every rank learns whether any rank got a stop signal
-            t_comm, t_compute, stop = c.reduce_stats([comm_t.total, round_t.total - comm_t.total,
-                                                      float(stop_request.requested)], "max")
+            t_comm, t_compute, stop = c.reduce_stats([t_comm, t_round - t_comm, float(stop_request.requested)], "max")
             epoch = (step0 + steps) / spe
-            log.record("round", round=r, epoch=epoch, step=step0 + steps, strategy=strategy.name, world_size=c.size,
+            log.record("round", round=r, epoch=epoch, step=step0 + steps, strategy=job.name, world_size=c.size,
                        train_loss=loss_sum / seen, train_acc=correct / seen, lr=lr, bytes_sent=int(sent),
                        bytes_recv=int(recv), t_compute=t_compute, t_comm=t_comm, wallclock=log.wallclock())
-            done = (step0 + steps) // spe
             last = r == num_rounds - 1
-            eval_due = last or (cfg.eval_every and done // cfg.eval_every > step0 // spe // cfg.eval_every)
-            ckpt_due = bool(cfg.checkpoint_every) and done // cfg.checkpoint_every > step0 // spe // cfg.checkpoint_every
-            if cfg.checkpoint_minutes:  # clocks differ across ranks: rank 0 decides for all
-                with c.as_control():
-                    ckpt_due = c.bcast_object(ckpt_due or time.perf_counter() - last_ckpt_time >= 60 * cfg.checkpoint_minutes)
             stop = bool(stop) and not last
-            ckpt_due = ckpt_due or stop or (last and bool(cfg.checkpoint_every or cfg.checkpoint_minutes))
-            if eval_due or ckpt_due:
-                self.watchdog.beat(f"round {r}: evaluation/checkpoint")
-                # One full model for both: ResIST gathers it (counted in the eval record) and
-                # afterwards every rank goes back to its own sub-ResNet.
-                before = (*c.counters(), time.perf_counter())
-                with strategy.full_model() as full:
-                    if eval_due:
-                        result = self.eval_and_log(strategy, full, test_loader, train_loader, log, r, epoch,
-                                                   loss_sum / seen, before)
-                    if ckpt_due:
-                        ckpt.save(cfg, c, full, strategy, r + 1, opt, log, epoch)
-                        last_ckpt_time = time.perf_counter()
+            result = self.after_round(job, log, test_loader, train_loader, r, step0, steps, spe, last, stop,
+                                      loss_sum / seen) or result
             if stop:
                 log.record("stop", round=r, epoch=epoch, signal=stop_request.signal_name, exit=REQUEUE_EXIT)
                 log.info(f"round {r}: stop signal received; checkpoint written, exiting with {REQUEUE_EXIT} "
@@ -259,17 +201,52 @@ class Trainer:
         self.watchdog.close()
         return result
 
-    def optimizer_for_round(self, strategy: Strategy, previous: Optional[torch.optim.Optimizer]):
-        """A new optimizer over the round's parameters, with whatever state a checkpoint handed over."""
-        opt = make_optimizer(self.cfg, strategy.param_groups(), previous, strategy.resume_momentum)
-        if strategy.resume_optimizer is not None and not strategy.fresh_optimizer:
-            opt.load_state_dict(strategy.resume_optimizer)  # data-parallel resume
-        strategy.resume_momentum = strategy.resume_optimizer = None
-        return strategy.wrap_optimizer(opt)
+    def open_log(self, job, num_rounds: int, start_round: int, spe: int) -> RunLog:
+        cfg, c = self.cfg, self.c
+        log = RunLog(cfg.out, c.rank == 0, cfg.progress, num_rounds - start_round, cfg.tensorboard,
+                     resume_round=start_round)
+        log.write_config({"config": cfg.to_dict(), "world_size": c.size, "backend": c.name,
+                          "device": str(self.device), "steps_per_epoch": spe, "num_rounds": num_rounds,
+                          "dataset": self.info.name, "num_classes": self.info.num_classes,
+                          "parameters": sum(t.numel() for t in job.model.state_dict().values())})
+        if self.resume_state is not None:
+            log.record("resume", round=start_round, epoch=start_round * cfg.local_steps / spe,
+                       path=self.resume_state["path"], world_size=c.size)
+            log.info(f"resumed from {self.resume_state['path']} at round {start_round}")
+        log.info(f"resist_mpi: {job.name} | {cfg.model} width {cfg.width} | {self.info.name} "
+                 f"({self.info.num_train} train / {self.info.num_test} test) | {c.size} ranks, {c.name} backend, "
+                 f"{self.device} | {cfg.epochs} epochs = {num_rounds} rounds of {cfg.local_steps} steps")
+        return log
 
-    def local_steps(self, model, strategy: Strategy, opt, batches, step0: int, steps: int, spe: int,
-                    comm_t: Timer) -> Tuple[float, int, int, float]:
+    def after_round(self, job, log, test_loader, train_loader, r, step0, steps, spe, last, stop, train_loss):
+        """Evaluation and checkpoint when due after round r; the evaluation's metrics, or None."""
+        cfg, c = self.cfg, self.c
+        done = (step0 + steps) // spe
+        epoch = (step0 + steps) / spe
+        eval_due = last or (cfg.eval_every and done // cfg.eval_every > step0 // spe // cfg.eval_every)
+        ckpt_due = bool(cfg.checkpoint_every) and done // cfg.checkpoint_every > step0 // spe // cfg.checkpoint_every
+        if cfg.checkpoint_minutes:  # clocks differ across ranks: rank 0 decides for all
+            with c.as_control():
+                ckpt_due = c.bcast_object(ckpt_due or time.perf_counter() - self.last_ckpt_time >= 60 * cfg.checkpoint_minutes)
+        ckpt_due = ckpt_due or stop or (last and bool(cfg.checkpoint_every or cfg.checkpoint_minutes))
+        if not (eval_due or ckpt_due):
+            return None
+        self.watchdog.beat(f"round {r}: evaluation/checkpoint")
+        result = None
+        # One full model for both: ResIST gathers it (counted in the eval record) and afterwards
+        # every rank goes back to its own sub-network.
+        before = (*c.counters(), time.perf_counter())
+        with job.full_model() as full:
+            if eval_due:
+                result = self.eval_and_log(job, full, test_loader, train_loader, log, r, epoch, train_loss, before)
+            if ckpt_due:
+                ckpt.save(cfg, c, job, log, epoch)
+                self.last_ckpt_time = time.perf_counter()
+        return result
+
+    def local_steps(self, job, batches, step0: int, steps: int, spe: int) -> Tuple[float, int, int, float]:
         """The round's SGD steps on this rank; returns (loss sum, correct, samples, last lr)."""
+        model, opt = job.model, job.optimizer
         loss_sum, correct, seen, lr = 0.0, 0, 0, self.cfg.lr
         for i in range(steps):
             self.watchdog.beat("local steps")
@@ -281,23 +258,21 @@ class Trainer:
             out = model(x)
             loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            with comm_t:
-                strategy.after_backward()  # data-parallel's gradient average; nothing for the others
+            loss.backward()  # data-parallel's gradient average runs when backward is done
             opt.step()
             loss_sum += loss.item() * y.numel()
             correct += (out.argmax(1) == y).sum().item()
             seen += y.numel()
         return loss_sum, correct, seen, lr
 
-    def eval_and_log(self, strategy, full, test_loader, train_loader, log, r, epoch, train_loss, before):
+    def eval_and_log(self, job, full, test_loader, train_loader, log, r, epoch, train_loss, before):
         """Evaluate the full model and write the eval record; its bytes and time count from
         `before` = (bytes_sent, bytes_recv, perf_counter) taken before the full model was gathered."""
         c = self.c
         sent0, recv0, t0 = before
-        test_loss, test_acc = evaluate(full, c, self.cfg, test_loader, train_loader, self.device)
+        test_loss, test_acc = evaluate_full(full, c, self.cfg, test_loader, train_loader, self.device)
         sent, recv = c.reduce_stats([c.bytes_sent - sent0, c.bytes_recv - recv0], "sum")
-        log.record("eval", round=r, epoch=epoch, strategy=strategy.name, world_size=c.size, test_loss=test_loss,
+        log.record("eval", round=r, epoch=epoch, strategy=job.name, world_size=c.size, test_loss=test_loss,
                    test_acc=test_acc, bytes_sent=int(sent), bytes_recv=int(recv),
                    t_eval=time.perf_counter() - t0, wallclock=log.wallclock())
         log.info(f"epoch {epoch:6.2f} | round {r:5d} | train loss {train_loss:.4f} | "

@@ -1,5 +1,11 @@
-"""Tests in two tiers: tests/unit and the drivers here run in one process; tests/mpi/* run on every
-rank under mpirun/horovodrun (the drivers launch them), so they are skipped when not launched."""
+"""Tests in three tiers:
+
+  tests/unit/  one process, no MPI: pure logic, the models, blocks, the trainer in-process (self backend)
+  tests/mpi/   run on every rank under a launcher (mpirun, horovodrun, torchrun); skipped otherwise
+  tests/e2e/   drivers that launch those, the CLI, the examples, the job scripts and the clusters
+
+helpers.py is the one launcher helper (mpirun, mpi_pytest, mpi_env, passed_on_every_rank).
+"""
 import os
 import sys
 

@@ -3,8 +3,9 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
 def mpi_env(**extra):
@@ -26,6 +27,15 @@ def mpirun(np_, args, timeout=600, **env):
     return subprocess.run(cmd, cwd=ROOT, env=mpi_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
-def mpi_pytest(np_, test_file, timeout=600):
-    """Run a tests/mpi file with pytest on np_ ranks."""
-    return mpirun(np_, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file], timeout=timeout)
+def mpi_pytest(np_, test_file, timeout=600, **env):
+    """Run a tests/mpi file with pytest on np_ ranks (no cache plugin: N ranks would race on it)."""
+    return mpirun(np_, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file], timeout=timeout, **env)
+
+
+def passed_on_every_rank(p, np_):
+    """Assert a multi-rank pytest job passed: exit 0 and one non-empty "N passed" line per rank."""
+    import re
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    passed = re.findall(r"(\d+) passed", out)
+    assert len(passed) == np_ and all(int(n) > 0 for n in passed), out[-4000:]

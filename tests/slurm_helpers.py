@@ -16,7 +16,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}

@@ -21,7 +21,7 @@ import contextlib
 import pickle
 import sys
 import traceback
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -84,13 +84,26 @@ class Comm:
     # -- the API (backends implement the underscored primitives) ---------------------------------
     def allreduce_mean_(self, t: torch.Tensor) -> torch.Tensor:
         """Average t over all ranks, in place. t: 1-D contiguous float32 tensor. Returns t."""
+        return self.prepare_allreduce(t)()
+
+    def prepare_allreduce(self, t: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """allreduce_mean_(t) prepared once, to run many times: h = c.prepare_allreduce(flat); h().
+
+        Like an MPI persistent request: the arguments are checked and turned into what the library
+        needs once, and each h() only communicates (a strategy averages the same flat buffer every
+        round). t must keep its storage while the handle is used (values may change freely).
+        """
         check_flat(t, "allreduce_mean_")
-        if self.size > 1 and t.numel() > 0:
+        moved = ring_allreduce_bytes(t.numel() * ELEMENT_BYTES, self.size)
+        if self.size == 1 or t.numel() == 0:
+            return lambda: t
+
+        def run():
             self._allreduce_(t, "mean")
-            n = ring_allreduce_bytes(t.numel() * ELEMENT_BYTES, self.size)
-            self.bytes_sent += n
-            self.bytes_recv += n
-        return t
+            self.bytes_sent += moved
+            self.bytes_recv += moved
+            return t
+        return run
 
     def alltoallv(self, send: torch.Tensor, send_counts: Sequence[int],
                   recv_counts: Optional[Sequence[int]] = None,
@@ -108,6 +121,29 @@ class Comm:
         Returns:
             (recv, recv_counts): the received segments laid end to end by source rank, and counts.
         """
+        return self.prepare_alltoallv(send, send_counts, recv_counts, out)()
+
+    def prepare_alltoallv(self, send: torch.Tensor, send_counts: Sequence[int],
+                          recv_counts: Optional[Sequence[int]] = None,
+                          out: Optional[torch.Tensor] = None) -> Callable[[], Tuple[torch.Tensor, List[int]]]:
+        """alltoallv(...) prepared once, to run many times with the same tensors and counts (see
+        prepare_allreduce); recv counts not given are exchanged here, once."""
+        send_counts, recv_counts = self._check_alltoallv(send, send_counts, recv_counts, out)
+        sent, recvd = self._alltoallv_bytes(send_counts, recv_counts)
+        into = out is not None and hasattr(self, "_alltoallv_into")
+
+        def run():
+            if into:
+                recv = self._alltoallv_into(send, send_counts, recv_counts, out)
+            else:
+                recv = self._alltoallv(send, send_counts, recv_counts)
+            self.bytes_sent += sent
+            self.bytes_recv += recvd
+            return recv, recv_counts
+        return run
+
+    def _check_alltoallv(self, send, send_counts, recv_counts, out) -> Tuple[List[int], List[int]]:
+        """Checked count lists (copies) of an alltoallv; exchanges the recv counts when not given."""
         check_flat(send, "alltoallv")
         send_counts = [int(c) for c in send_counts]
         if len(send_counts) != self.size or sum(send_counts) != send.numel() or min(send_counts) < 0:
@@ -122,22 +158,12 @@ class Comm:
             check_flat(out, "alltoallv out")
             if out.numel() != sum(recv_counts):
                 raise ValueError(f"alltoallv: out has {out.numel()} elements, recv_counts sum to {sum(recv_counts)}")
-        if out is not None and hasattr(self, "_alltoallv_into"):
-            recv = self._alltoallv_into(send, send_counts, recv_counts, out)
-        else:
-            recv = self._alltoallv(send, send_counts, recv_counts)
-        self._count_alltoallv(send_counts, recv_counts)
-        return recv, recv_counts
+        return send_counts, recv_counts
 
     def _alltoallv_bytes(self, send_counts: List[int], recv_counts: List[int]) -> Tuple[int, int]:
         """Payload of an alltoallv: what goes to and comes from other ranks (not the own segment)."""
         return (ELEMENT_BYTES * (sum(send_counts) - send_counts[self.rank]),
                 ELEMENT_BYTES * (sum(recv_counts) - recv_counts[self.rank]))
-
-    def _count_alltoallv(self, send_counts: List[int], recv_counts: List[int]) -> None:
-        sent, recvd = self._alltoallv_bytes(send_counts, recv_counts)
-        self.bytes_sent += sent
-        self.bytes_recv += recvd
 
     def alltoallv_tensors(self, sends: Sequence[Sequence[torch.Tensor]],
                           recvs: Sequence[Sequence[torch.Tensor]]) -> None:

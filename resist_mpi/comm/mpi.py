@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import weakref
-from typing import Any, List, NamedTuple, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 
-from .base import ELEMENT_BYTES, Comm, ring_allreduce_bytes
+from .base import ELEMENT_BYTES, Comm, check_flat, ring_allreduce_bytes
 from .fusion import empty_flat
 
 
@@ -38,32 +37,6 @@ _FRAME = 1024  # bytes of bcast_object's first broadcast (below Open MPI's share
 _TAG = 7100  # tags of alltoallv_tensors messages: _TAG + position in the per-peer list
 
 
-class _Prepared(NamedTuple):
-    """The checked MPI arguments of the last lean alltoallv (see MPIComm.alltoallv)."""
-    send: Any            # weakref to the send tensor
-    sptr: int
-    n_send: int
-    sc: List[int]        # copies: a caller mutating its count list in place gets a miss
-    sspec: list
-    rc: List[int]
-    n_recv: int
-    rcd: tuple           # (recv counts, displacements) for a freshly allocated receive buffer
-    out: Any             # weakref to the caller's out tensor, or None (allocated per call)
-    optr: int
-    rspec: Optional[list]
-    sent: int            # payload bytes to count
-    recvd: int
-
-
-class _PreparedReduce(NamedTuple):
-    """The checked buffer of the last allreduce_mean_ (see MPIComm.allreduce_mean_)."""
-    t: Any               # weakref to the tensor
-    ptr: int
-    n: int
-    arr: np.ndarray      # a view of the tensor's memory made from its raw address (keeps nothing alive)
-    moved: int           # payload bytes to count, each way
-
-
 def _displs(counts: List[int]) -> List[int]:
     # a plain list: building a numpy array per call measured as real overhead on small messages
     return list(itertools.accumulate(counts[:-1], initial=0))
@@ -84,39 +57,32 @@ class MPIComm(Comm):
         node.Free()
         super().__init__(self.comm.Get_rank(), self.comm.Get_size(), local_rank, local_size)
         self._cuda_aware = None
-        self._displs_cache = {}
-        self._last_alltoallv: Optional[_Prepared] = None
-        self._last_allreduce: Optional[_PreparedReduce] = None
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
     # Host staging for device tensors ----------------------------------------------------------
     def _host(self, t: torch.Tensor):
         """(buffer MPI can use, tensor to copy back into afterwards or None)."""
         if self._direct(t):
-            return (t.numpy() if t.device.type == "cpu" else t), None
+            return (t.detach().numpy() if t.device.type == "cpu" else t), None
         staged = t.cpu()
         return staged.numpy(), staged
 
-    def allreduce_mean_(self, t):
-        """Comm.allreduce_mean_; averaging the same CPU tensor again (a strategy's flat buffer,
-        every round) reuses the previous call's checked buffer, like alltoallv."""
-        last = self._last_allreduce
-        if last is not None and last.t() is t and t.data_ptr() == last.ptr and t.numel() == last.n:
-            arr = last.arr
-            self.comm.Allreduce(self.MPI.IN_PLACE, [arr, self.MPI.FLOAT], op=self.MPI.SUM)
-            np.divide(arr, self.size, out=arr)
-            self.bytes_sent += last.moved
-            self.bytes_recv += last.moved
+    def prepare_allreduce(self, t):
+        """Comm.prepare_allreduce; for a CPU tensor, h() is one MPI call on a numpy view made once
+        (on 4 ranks sharing 2 cores each microsecond of Python per call cost ~7 us of wall time)."""
+        if t.device.type != "cpu" or self.size == 1 or t.numel() == 0:
+            return super().prepare_allreduce(t)
+        check_flat(t, "allreduce_mean_")
+        arr, MPI, comm, size = t.detach().numpy(), self.MPI, self.comm, self.size
+        moved = ring_allreduce_bytes(ELEMENT_BYTES * t.numel(), size)
+
+        def run():
+            comm.Allreduce(MPI.IN_PLACE, [arr, MPI.FLOAT], op=MPI.SUM)
+            np.divide(arr, size, out=arr)  # measured faster than torch's div_ on one thread
+            self.bytes_sent += moved
+            self.bytes_recv += moved
             return t
-        self._last_allreduce = None
-        super().allreduce_mean_(t)  # checks, reduces, counts
-        n = t.numel()
-        if self.size > 1 and n and t.device.type == "cpu":
-            # weak reference and raw address: no tensor is kept alive, a dead one never matches
-            arr = np.frombuffer(self.MPI.buffer.fromaddress(t.data_ptr(), ELEMENT_BYTES * n), dtype=np.float32)
-            self._last_allreduce = _PreparedReduce(weakref.ref(t), t.data_ptr(), n, arr,
-                                                   ring_allreduce_bytes(ELEMENT_BYTES * n, self.size))
-        return t
+        return run
 
     def _allreduce_(self, t, op):
         buf, staged = self._host(t)
@@ -128,81 +94,30 @@ class MPIComm(Comm):
         if staged is not None:
             t.copy_(staged)
 
-    def alltoallv(self, send, send_counts, recv_counts=None, out=None):
-        """Comm.alltoallv. CPU tensors take a lean path, and a call that repeats the previous one
-        (the same tensors and counts: a training loop's exchange) reuses its checked MPI arguments.
-
-        Measured why: on 4 ranks sharing 2 cores each microsecond of Python per call cost ~7 us of
-        wall time at 1 MB (comm_bench: 1.13x raw with the checks redone every call), and the
-        general path's checks alone cost ~6 us, 10% of a 1 MB exchange between two ranks.
-        """
-        last = self._last_alltoallv
-        if (last is not None and type(send_counts) is list and type(recv_counts) is list
-                and last.send() is send and send_counts == last.sc and recv_counts == last.rc
-                and send.data_ptr() == last.sptr and send.numel() == last.n_send
-                and (last.out is None if out is None else
-                     last.out() is out and out.data_ptr() == last.optr and out.numel() == last.n_recv)):
-            if out is None:
-                rbuf = np.empty(last.n_recv, dtype=np.float32)
-                self.comm.Alltoallv(last.sspec, [rbuf, last.rcd, self.MPI.FLOAT])
-                out = torch.from_numpy(rbuf)
-            else:
-                self.comm.Alltoallv(last.sspec, last.rspec)
-            self.bytes_sent += last.sent
-            self.bytes_recv += last.recvd
-            return out, recv_counts
-        given_out = out is not None
-        try:  # .numpy() refuses device tensors and tensors that require grad: the general path handles them
-            sbuf = send.numpy()
-            rbuf = out.numpy() if given_out else None
-        except (TypeError, RuntimeError):
-            return super().alltoallv(send, send_counts, recv_counts, out)
-        sc = send_counts if type(send_counts) is list else [int(c) for c in send_counts]
-        n_send = sum(sc)
-        if not (sbuf.dtype == np.float32 and sbuf.ndim == 1 and sbuf.flags.c_contiguous
-                and len(sc) == self.size and n_send == sbuf.size and min(sc) >= 0):
-            return super().alltoallv(send, send_counts, recv_counts, out)  # raises the plain-words error
-        if recv_counts is None:
-            rc = self._exchange_counts_counted(sc)
-        else:
-            rc = recv_counts if type(recv_counts) is list else [int(c) for c in recv_counts]
-        n_recv = sum(rc)
-        if len(rc) != self.size or (rbuf is not None and not (
-                rbuf.dtype == np.float32 and rbuf.ndim == 1 and rbuf.flags.c_contiguous and rbuf.size == n_recv)):
-            return super().alltoallv(send, send_counts, rc, out)
-        scd, rcd = (sc, self._displs(sc)), (rc, self._displs(rc))
-        if rbuf is None:
-            rbuf = np.empty(n_recv, dtype=np.float32)
-            out = torch.from_numpy(rbuf)
-        self.comm.Alltoallv([sbuf, scd, self.MPI.FLOAT], [rbuf, rcd, self.MPI.FLOAT])
+    def prepare_alltoallv(self, send, send_counts, recv_counts=None, out=None):
+        """Comm.prepare_alltoallv; for CPU tensors the MPI buffer specs are built once and h() is one
+        Alltoallv (plus the receive allocation when no out= is given)."""
+        if send.device.type != "cpu" or (out is not None and out.device.type != "cpu"):
+            return super().prepare_alltoallv(send, send_counts, recv_counts, out)
+        sc, rc = self._check_alltoallv(send, send_counts, recv_counts, out)
         sent, recvd = self._alltoallv_bytes(sc, rc)
-        self.bytes_sent += sent
-        self.bytes_recv += recvd
-        self._last_alltoallv = None
-        if type(send_counts) is list and type(recv_counts) is list and n_send and n_recv:
-            # Reused only while the same tensor objects come back at the same addresses with equal
-            # counts. Weak references and raw addresses: the cache keeps no tensor alive, and a
-            # tensor that died never matches.
-            fromaddress, FLOAT = self.MPI.buffer.fromaddress, self.MPI.FLOAT
-            sc, rc_copy = list(sc), list(rc)  # the caller's lists may change in place
-            rcd = (rc_copy, rcd[1])
-            self._last_alltoallv = _Prepared(
-                send=weakref.ref(send), sptr=send.data_ptr(), n_send=n_send, sc=sc,
-                sspec=[fromaddress(send.data_ptr(), ELEMENT_BYTES * n_send), (sc, scd[1]), FLOAT],
-                rc=rc_copy, n_recv=n_recv, rcd=rcd,
-                out=weakref.ref(out) if given_out else None, optr=out.data_ptr() if given_out else 0,
-                rspec=[fromaddress(out.data_ptr(), ELEMENT_BYTES * n_recv), rcd, FLOAT] if given_out else None,
-                sent=sent, recvd=recvd)
-        return out, rc
+        MPI, comm, n_recv = self.MPI, self.comm, sum(rc)
+        sspec = [send.detach().numpy(), (sc, _displs(sc)), MPI.FLOAT]
+        rcd = (rc, _displs(rc))
+        rspec = None if out is None else [out.detach().numpy(), rcd, MPI.FLOAT]
 
-    def _displs(self, counts: List[int]) -> List[int]:
-        key = tuple(counts)
-        d = self._displs_cache.get(key)
-        if d is None:
-            if len(self._displs_cache) > 64:
-                self._displs_cache.clear()
-            d = self._displs_cache[key] = _displs(counts)
-        return d
+        def run():
+            if rspec is None:
+                rbuf = np.empty(n_recv, dtype=np.float32)
+                comm.Alltoallv(sspec, [rbuf, rcd, MPI.FLOAT])
+                recv = torch.from_numpy(rbuf)
+            else:
+                comm.Alltoallv(sspec, rspec)
+                recv = out
+            self.bytes_sent += sent
+            self.bytes_recv += recvd
+            return recv, rc
+        return run
 
     def _direct(self, t: torch.Tensor) -> bool:
         """Whether MPI can use t's memory as it is (a CPU tensor, or CUDA-aware MPI)."""
@@ -221,8 +136,8 @@ class MPIComm(Comm):
     def _alltoallv_into(self, send, send_counts, recv_counts, out):
         sbuf, _ = self._host(send)
         rbuf, staged = self._host(out)
-        self.comm.Alltoallv([sbuf, (send_counts, self._displs(send_counts)), self.MPI.FLOAT],
-                            [rbuf, (recv_counts, self._displs(recv_counts)), self.MPI.FLOAT])
+        self.comm.Alltoallv([sbuf, (send_counts, _displs(send_counts)), self.MPI.FLOAT],
+                            [rbuf, (recv_counts, _displs(recv_counts)), self.MPI.FLOAT])
         if staged is not None:  # out is a device tensor and MPI is not CUDA-aware
             out.copy_(staged)
         return out

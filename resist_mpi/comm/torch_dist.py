@@ -17,6 +17,7 @@ base class's (comm/base.py), so the counters equal the mpi and horovod backends'
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -84,6 +85,9 @@ class TorchComm(Comm):
                 torch.cuda.set_device(kw["device_id"])
             dist.init_process_group("nccl" if self.nccl else "gloo", rank=rank, world_size=size,
                                     timeout=datetime.timedelta(seconds=timeout_s), **kw)
+            # torch's background threads must be gone before the interpreter is: exiting with the
+            # group alive aborts the process ("terminate called without an active exception")
+            atexit.register(_destroy)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.nccl else torch.device("cpu")
         super().__init__(dist.get_rank(), dist.get_world_size(), local_rank, local_size)
 
@@ -155,6 +159,11 @@ class TorchComm(Comm):
 
     def _abort(self, code):
         abort_process(code)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -1,6 +1,7 @@
-"""Pre-activation ResNets of the ResIST paper, built by name: create_model("preact_resnet101", 100)."""
-from .preact_resnet import PreActBlock, PreActBottleneck, PreActResNet, module_tensors
-from .registry import create_model, list_models, register_model
+"""Models by name: the paper's pre-activation ResNets and torchvision's ResNets,
+create_model("preact_resnet101", 100) or create_model("torchvision.resnet50", 100)."""
+from .preact_resnet import PreActBlock, PreActBottleneck, PreActResNet
+from .registry import create_model, is_torchvision, list_models, register_model
 
 
 def _family(name, block, num_blocks, stem="cifar"):
@@ -23,5 +24,5 @@ preact_resnet50_imagenet = _family("preact_resnet50_imagenet", PreActBottleneck,
 preact_resnet101_imagenet = _family("preact_resnet101_imagenet", PreActBottleneck, [3, 4, 23, 3], "imagenet")
 preact_resnet152_imagenet = _family("preact_resnet152_imagenet", PreActBottleneck, [3, 4, 36, 3], "imagenet")
 
-__all__ = ["create_model", "list_models", "register_model", "PreActResNet", "PreActBlock",
-           "PreActBottleneck", "module_tensors"]
+__all__ = ["create_model", "is_torchvision", "list_models", "register_model", "PreActResNet", "PreActBlock",
+           "PreActBottleneck"]

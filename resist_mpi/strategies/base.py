@@ -1,104 +1,180 @@
-"""What a training strategy decides: how the model is held, and what is synchronised when.
+"""The protocol every strategy follows, around the user's own local steps.
 
-The trainer runs rounds of local SGD steps and calls these hooks; it never branches on a
-strategy's name. Each distributed step is inside a hook.
+    job = rm.ResIST(model, c)                 # or rm.LocalSGD(model, c), rm.DataParallel(model, c)
+    for r in job.rounds(num_rounds):          # begin_round() before the body, end_round() after it
+        opt = torch.optim.SGD(job.parameters(), lr=0.1, momentum=0.9)
+        for x, y in itertools.islice(batches, local_steps):
+            ...                               # forward, loss.backward(), opt.step()
+    with job.full_model() as full:            # the whole model, synchronised, for evaluation
+        evaluate(full)
+    state = job.state_dict()                  # collective; job.load_state_dict(state) resumes
+
+A strategy may also own the optimizer (optimizer=factory): it then builds one per round (a fresh
+one, as the paper does, or one for the run) and keeps what must survive in its state_dict, so a
+training loop holds no strategy-specific state. Each distributed step is inside a method here.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, List
+import time
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from ..comm import Comm, pack, unpack_
-from ..comm.fusion import flatten_, is_view_of
-from ..models import module_tensors
+from ..averaging import broadcast_tensors_
+from ..blocks import module_tensors
 
-
-def allreduce_tensors_(c: Comm, tensors: List[torch.Tensor]) -> None:
-    """Average tensors over ranks with one fused allreduce (pack, reduce, unpack)."""
-    if tensors:
-        flat = pack(tensors)
-        c.allreduce_mean_(flat)
-        unpack_(flat, tensors)
-
-
-def bcast_tensors_(c: Comm, tensors: List[torch.Tensor], root: int = 0) -> None:
-    """Broadcast tensors from root with one fused broadcast."""
-    if tensors:
-        flat = pack(tensors)
-        c.bcast_(flat, root)
-        unpack_(flat, tensors)
+OptimizerFactory = Callable[[List[Dict]], torch.optim.Optimizer]
 
 
 class Strategy:
-    """Base class: every rank holds the full model (the baselines' situation).
+    """Base class. Subclasses implement _begin(), _end() and what differs of the rest.
 
+    Args:
+        model: the user's nn.Module (the strategy binds storage to it; it stays the same object).
+        comm: the Comm (resist_mpi.init()).
+        optimizer: optional factory, param groups -> optimizer (see the module docstring).
+        keep_momentum: with a fresh optimizer per round, carry the momentum of the "shared" group.
     Attributes:
-        name: the --strategy value.
-        fresh_optimizer: build a new optimizer (fresh momentum) at the start of every round.
+        round: index of the next round (rounds() and begin_round() start there; restored on resume).
+        comm_time: seconds spent communicating, cumulative (for metrics).
+        optimizer: the current round's optimizer when a factory was given.
     """
 
     name = "base"
-    fresh_optimizer = False
-    resume_optimizer = None  # optimizer state a checkpoint handed over, loaded at the next round
-    resume_momentum = None   # this rank's shared-layer momentum from a checkpoint (--keep-shared-momentum)
+    fresh_optimizer = True  # a new optimizer every round (the paper's reference code) or one per run
 
-    def __init__(self, comm: Comm, cfg, device):
-        self.comm, self.cfg, self.device = comm, cfg, device
-        self.model = None
-        self._flats: Dict[str, torch.Tensor] = {}
+    def __init__(self, model: torch.nn.Module, comm, *, optimizer: Optional[OptimizerFactory] = None,
+                 keep_momentum: bool = False):
+        self.model, self.comm = model, comm
+        self.round = 0
+        self._timed = 0.0
+        self._gradient_averagers: List = []  # per-step averages (GradientAverager), timed by themselves
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._factory, self._keep_momentum = optimizer, keep_momentum
+        self._resumed_optimizer: Optional[Dict] = None
+        self._resumed_momentum: Optional[List] = None
 
-    def build_model(self, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-        """Create the model on every rank and give all ranks rank 0's initial weights."""
-        self.model = factory().to(self.device)
-        # ---- distributed step: one fused broadcast of rank 0's initial model ----
-        bcast_tensors_(self.comm, module_tensors(self.model))
-        return self.model
+    @classmethod
+    def check(cls, cfg, probe: torch.nn.Module, size: int) -> None:
+        """What this strategy needs of the model, checked on a meta-device copy before anything runs
+        (one-line ValueError). Nothing for strategies that train the whole model."""
 
-    def adopt(self, model) -> None:
-        """Continue with an already synchronised full model (e.g. after a warm-up strategy)."""
-        self.model = model
+    # -- the round protocol --------------------------------------------------------------------------
+    def rounds(self, num_rounds: int) -> Iterator[int]:
+        """Yield round indices from self.round to num_rounds - 1: begin_round() before each body,
+        end_round() once the body returns (not when the loop is left with break or an error)."""
+        while self.round < num_rounds:
+            r = self.round
+            self.begin_round()
+            yield r
+            self.end_round()
 
-    def average_(self, key: str, tensors: List[torch.Tensor]) -> None:
-        """Average tensors over ranks in place with one allreduce and no copies.
-
-        The first call moves the tensors into one flat buffer and makes them views of it, so later
-        rounds reduce that buffer directly (packing 60 MB of ResNet-101 shared layers into a fresh
-        buffer and back made the average 1.5-3x slower than raw MPI). If something replaced the
-        tensors since, the buffer is rebuilt.
-        """
-        flat = self._flats.get(key)
-        if flat is None or not is_view_of(tensors, flat):
-            flat = flatten_(tensors)
-            self._flats[key] = flat
-        self.comm.allreduce_mean_(flat)
-
-    def begin_round(self, round_index: int) -> None:
-        """Called before the round's local steps."""
-
-    def param_groups(self) -> List[Dict]:
-        """Optimizer parameter groups for this round: [{'params': [...], 'name': 'shared'|'blocks'}]."""
-        return [{"params": [p for p in self.model.parameters()], "name": "shared"}]
-
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Hook for backends that wrap the optimizer (Horovod's DistributedOptimizer)."""
-        return optimizer
-
-    def after_backward(self) -> None:
-        """Called after loss.backward(), before optimizer.step()."""
+    def begin_round(self) -> None:
+        """Everything before round self.round's local steps (its communication is timed)."""
+        t0 = time.perf_counter()
+        self._begin()
+        self._timed += time.perf_counter() - t0
+        if self._factory is not None and (self.optimizer is None or self.fresh_optimizer):
+            self.optimizer = self._new_optimizer()
 
     def end_round(self) -> None:
-        """Called after the round's local steps."""
+        """Everything after the round's local steps; the next round is self.round + 1."""
+        t0 = time.perf_counter()
+        self._end()
+        self._timed += time.perf_counter() - t0
+        self.round += 1
 
+    @property
+    def comm_time(self) -> float:
+        """Seconds spent communicating so far: round starts and ends, and per-step averages."""
+        return self._timed + sum(g.comm_time for g in self._gradient_averagers)
+
+    def _begin(self) -> None:
+        pass
+
+    def _end(self) -> None:
+        pass
+
+    # -- what this rank trains ----------------------------------------------------------------------
+    def param_groups(self) -> List[Dict]:
+        """This round's parameters as optimizer groups [{'params': [...], 'name': ...}]."""
+        return [{"params": list(self.model.parameters()), "name": "shared"}]
+
+    def parameters(self) -> List[torch.nn.Parameter]:
+        """The parameters this rank trains this round (build the round's optimizer on these)."""
+        return [p for g in self.param_groups() for p in g["params"]]
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        groups = [g for g in self.param_groups() if g["params"]]
+        opt = self._factory(groups)
+        shared = [p for g in opt.param_groups if g.get("name") == "shared" for p in g["params"]]
+        if self._resumed_optimizer is not None:  # one optimizer for the run, from a checkpoint
+            opt.load_state_dict(self._resumed_optimizer)
+        elif self._keep_momentum and self._resumed_momentum is not None:
+            for p, m in zip(shared, self._resumed_momentum):
+                if m is not None:
+                    opt.state[p] = {"momentum_buffer": m.to(p.device).clone()}
+        elif self._keep_momentum and self.optimizer is not None:
+            for p in shared:  # the shared layers are the same Parameter objects round after round
+                if p in self.optimizer.state:
+                    opt.state[p] = self.optimizer.state[p]
+        self._resumed_optimizer = self._resumed_momentum = None
+        return opt
+
+    # -- the whole model -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def full_model(self):
-        """The full, synchronised model, for evaluation and checkpoints."""
+        """The full, synchronised model (every rank: the same), for evaluation and checkpoints.
+        Collective: every rank enters it. The base strategies hold the full model already."""
         yield self.model
 
     def state_dict(self) -> Dict:
-        """Strategy state a checkpoint needs besides the weights."""
-        return {}
+        """Everything a resume needs that is the same on every rank. Collective (ResIST gathers)."""
+        with self.full_model() as full:
+            model = {k: v.detach().cpu().clone() for k, v in full.state_dict().items()}
+        state = {"strategy": self.name, "round": self.round, "model": model}
+        if self.optimizer is not None and not self.fresh_optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
-    def load_state_dict(self, state: Dict) -> None:
-        pass
+    def rank_state_dict(self) -> Optional[Dict]:
+        """What differs between ranks and a resume on the same world size needs (kept momentum of
+        the shared layers), or None."""
+        if not (self._keep_momentum and self.fresh_optimizer and self.optimizer is not None):
+            return None
+        shared = [p for g in self.optimizer.param_groups if g.get("name") == "shared" for p in g["params"]]
+        return {"shared_momentum": [None if self.optimizer.state.get(p, {}).get("momentum_buffer") is None
+                                    else self.optimizer.state[p]["momentum_buffer"].detach().cpu()
+                                    for p in shared]}
+
+    def load_state_dict(self, state: Dict, rank_state: Optional[Dict] = None) -> None:
+        """Continue from a state_dict() (on every rank, the same state); rank_state: this rank's
+        rank_state_dict() of that checkpoint, when the world size is the same."""
+        self._load_model(state["model"])
+        self.round = int(state.get("round", 0))
+        self._resumed_optimizer = state.get("optimizer")
+        self._resumed_momentum = (rank_state or {}).get("shared_momentum")
+        self.optimizer = None
+
+    def _load_model(self, weights: Dict) -> None:
+        self.model.load_state_dict(weights)
+
+
+class Replicated(Strategy):
+    """Every rank holds the full model (local SGD, data-parallel): rank 0's weights are given to all
+    at construction, on ranks whose model was built on the meta device too."""
+
+    def __init__(self, model, comm, *, device=None, synchronized: bool = False, **kw):
+        super().__init__(model, comm, **kw)
+        if any(t.is_meta for t in model.state_dict().values()):
+            if comm.rank == 0:
+                raise ValueError("rank 0's model is on the meta device: it must hold the initial weights")
+            model.to_empty(device=device or "cpu")
+            for m in model.modules():  # BN counters come back as garbage from to_empty
+                for n, b in m._buffers.items():
+                    if b is not None and not b.is_floating_point():
+                        b.zero_()
+        if not synchronized:
+            # ---- distributed step: one fused broadcast of rank 0's initial model ----
+            broadcast_tensors_(comm, module_tensors(model))

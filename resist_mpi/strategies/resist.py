@@ -1,80 +1,103 @@
-"""ResIST: each rank trains a shallow sub-ResNet; blocks move sparsely, shared layers are averaged.
+"""ResIST: each rank trains a shallow sub-network; blocks move sparsely, shared layers are averaged.
 
-A round, as the trainer sees it:
-
+    job = ResIST(model, c, blocks="auto", min_depth=0, seed=0)
     begin_round: the round's assignment (rank 0 draws and broadcasts those of 32 rounds at a time);
                  one all-to-all brings every rank the blocks it will train (averaging blocks that
-                 several ranks trained last round)
-    local steps: no communication at all, inactive blocks skipped
+                 several ranks trained) and releases the others; only its own blocks are active
+    local steps: the user's, no communication at all (inactive blocks are skipped)
     end_round:   one fused allreduce averages the shared layers (parameters and BN buffers)
 
-A rank only ever holds the shared layers plus its own blocks; released blocks live on the meta
-device (shapes only). Ranks other than 0 even build the model on the meta device, so the full
-model is never in their memory except during evaluation or a checkpoint (full_model()).
+A rank only ever holds the shared layers plus its own blocks: released blocks live on the meta
+device (BlockStore). A model whose blocks other ranks built on the meta device (the CLI does, to
+spare their memory) is fine: rank 0's weights are the initial ones, its blocks go out in round 0.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
 from .. import partition
-from ..exchange import block_sizes, run_exchange
-from ..routing import everyone, needers_from_assignment, plan_exchange
-from .base import Strategy, bcast_tensors_
-
+from ..averaging import Averager, broadcast_tensors_
+from ..blocks import BlockStore, activate, find_blocks, make_switchable, materialize_shared, set_scale, shared_slots
+from ..exchange import run_exchange
+from ..routing import Holdings, everyone, needers_from_assignment
+from .base import Strategy
 
 ASSIGNMENTS_PER_BROADCAST = 32  # rounds whose assignments rank 0 broadcasts together
 
 
 class ResIST(Strategy):
+    """ResIST over all ranks of comm.
+
+    Args:
+        model: any model with residual blocks (see resist_mpi.blocks.find_blocks).
+        comm: the Comm.
+        blocks: "auto" or the blocks to partition (modules or their names).
+        stages: with blocks="auto" on a ResNet, the 1-based stages to partition (default (3,)).
+        min_depth: minimum blocks per sub-network; blocks are shared by several ranks only when needed.
+        seed: the assignments are drawn from (seed, round) by rank 0.
+        device: where this rank's blocks and (if built on meta) shared layers live (default: the
+            device of the model's first real tensor, else the CPU).
+        synchronized: every rank already holds the identical full model (after a warm-up): nothing
+            is broadcast and every rank starts holding every block.
+        optimizer, keep_momentum: see Strategy ("shared" = the shared layers' parameters).
+    """
+
     name = "resist"
     fresh_optimizer = True  # the paper's reference code builds a fresh optimizer every round
 
-    def __init__(self, comm, cfg, device):
-        super().__init__(comm, cfg, device)
-        self.assignment: Optional[partition.Assignment] = None
-        self.holders: List[Tuple[int, ...]] = []
-        self.divergent: set = set()
-        self.last_plan = None
-        self._exchange_buffers: Dict = {}  # the averaging workspace, reused round after round
+    def __init__(self, model, comm, *, blocks: Union[str, Sequence] = "auto", stages: Optional[Sequence[int]] = None,
+                 min_depth: int = 0, seed: int = 0, device=None, synchronized: bool = False, **kw):
+        super().__init__(model, comm, **kw)
+        named = find_blocks(model, blocks, stages)
+        self.block_names = [n for n, _ in named]
+        self.blocks = [m for _, m in named]
+        for name, block in named:
+            make_switchable(block, name)
+        partition.check_partition(len(self.blocks), comm.size, min_depth)
+        self.min_depth, self.seed = min_depth, seed
+        self.device = torch.device(device) if device is not None else _device_of(model)
+        self.store = BlockStore(self.blocks)
+        self._shared = shared_slots(model, self.blocks)
+        self._average = Averager(comm, self.shared_tensors)
+        self._workspace: Dict = {}  # the exchange's averaging buffer, reused round after round
         self._drawn: Dict[int, partition.Assignment] = {}  # round -> assignment, from rank 0's last broadcast
-
-    # -- model ------------------------------------------------------------------------------------
-    def build_model(self, factory):
-        c = self.comm
-        if c.rank == 0:
-            model = factory().to(self.device)
-        else:
-            with torch.device("meta"):
-                model = factory()
-            for m in model.shared_modules():
-                m.to_empty(device=self.device)
-                for bn in m.modules():
-                    if isinstance(bn, torch.nn.BatchNorm2d):
-                        bn.num_batches_tracked.zero_()
-        partition.check_partition(model.num_partitionable, c.size, self.cfg.min_depth)
+        self._full_depth = 0
+        self.assignment: Optional[partition.Assignment] = None
+        self.last_plan = None
+        P = len(self.blocks)
+        if synchronized:
+            self.holdings = Holdings(P, comm.size, everyone(P, comm.size))
+            for b in range(P):  # own storage per block: none may stay a view of another strategy's buffer
+                self.store.slab(b)
+            return
+        if comm.rank == 0 and any(t.is_meta for t in self.shared_tensors()):
+            raise ValueError("rank 0's model is on the meta device: it must hold the initial weights")
+        materialize_shared(model, self.blocks, self.device)
         # ---- distributed step: shared layers from rank 0 (its blocks follow in the first exchange) ----
-        bcast_tensors_(c, model.shared_tensors())
-        for b in range(model.num_partitionable):
-            if c.rank != 0:
-                model.release_block(b)
-        self.model = model
-        self.holders = [(0,)] * model.num_partitionable
-        self.divergent = set()
-        return model
+        broadcast_tensors_(comm, self.shared_tensors())
+        if comm.rank != 0:
+            for b in range(P):
+                self.store.release(b)
+        self.holdings = Holdings(P, comm.size)  # rank 0 holds every block
 
-    def adopt(self, model) -> None:
-        """Take over a full model that every rank holds identically (after local-SGD warm-up)."""
-        partition.check_partition(model.num_partitionable, self.comm.size, self.cfg.min_depth)
-        self.model = model
-        for b in range(model.num_partitionable):
-            model.slab_of(b)  # own storage per block: nothing may stay a view of another strategy's buffer
-        self.holders = everyone(model.num_partitionable, self.comm.size)
-        self.divergent = set()
+    @classmethod
+    def from_config(cls, model, comm, cfg, **kw):
+        return cls(model, comm, stages=cfg.stages(), min_depth=cfg.min_depth, seed=cfg.seed,
+                   keep_momentum=cfg.keep_shared_momentum, **kw)
 
-    # -- a round ------------------------------------------------------------------------------------
+    @classmethod
+    def check(cls, cfg, probe, size: int) -> None:
+        """Blocks to partition in the model, and enough of them for size ranks."""
+        partition.check_partition(len(find_blocks(probe, "auto", cfg.stages())), size, cfg.min_depth)
+
+    def shared_tensors(self) -> List[torch.Tensor]:
+        """Parameters and float buffers of the shared layers, in a fixed order."""
+        return [d[n] for d, n in self._shared]
+
+    # -- a round ----------------------------------------------------------------------------------------
     def draw(self, round_index: int) -> partition.Assignment:
         """This round's assignment, drawn by rank 0 and received by every rank.
 
@@ -86,11 +109,10 @@ class ResIST(Strategy):
         """
         drawn = self._drawn.get(round_index)
         if drawn is None:
-            c = self.comm
+            c, P = self.comm, len(self.blocks)
             batch = None
             if c.rank == 0:
-                batch = [partition.draw_assignment(self.model.num_partitionable, c.size, self.cfg.min_depth,
-                                                   partition.round_rng(self.cfg.seed, round_index + k))
+                batch = [partition.draw_assignment(P, c.size, self.min_depth, partition.round_rng(self.seed, round_index + k))
                          for k in range(ASSIGNMENTS_PER_BROADCAST)]
             # ---- distributed step: broadcast of the assignments (metadata: control bytes) ----
             with c.as_control():
@@ -105,71 +127,93 @@ class ResIST(Strategy):
         keep_workspace: reuse the averaging workspace across rounds; the evaluation gather, which
         can need far more of it, uses a throwaway one instead.
         """
-        plan = plan_exchange(self.holders, needers, self.comm.size, self.divergent, block_sizes(self.model))
-        run_exchange(self.comm, self.model, plan, self.device, self._exchange_buffers if keep_workspace else {})
+        plan = self.holdings.plan(needers, self.store.sizes())
+        # ---- distributed step: the block exchange ----
+        run_exchange(self.comm, self.store, plan, self.device, self._workspace if keep_workspace else {})
         self.last_plan = plan
-        self.holders = list(plan.holders_after)
-        self.divergent = set()
+        self.holdings.exchanged(plan)
 
-    def begin_round(self, round_index: int) -> None:
-        self.assignment = self.draw(round_index)
-        self.exchange_to(needers_from_assignment(self.assignment, self.model.num_partitionable))
-        self.model.activate(self.assignment[self.comm.rank])
+    def _begin(self) -> None:
+        self.assignment = self.draw(self.round)
+        self.exchange_to(needers_from_assignment(self.assignment, len(self.blocks)))
+        activate(self.blocks, self.assignment[self.comm.rank])
 
     def param_groups(self) -> List[Dict]:
-        mine = self.assignment[self.comm.rank]
-        blocks = [p for b in mine for p in self.model.partitionable[b].parameters()]
-        shared = [p for m in self.model.shared_modules() for p in m.parameters()]
+        mine = self.assignment[self.comm.rank] if self.assignment is not None else range(len(self.blocks))
+        blocks = [p for b in mine for p in self.blocks[b].parameters()]
+        shared = [d[n] for d, n in self._shared if isinstance(d[n], torch.nn.Parameter)]
         return [{"params": shared, "name": "shared"}, {"params": blocks, "name": "blocks"}]
 
-    def end_round(self) -> None:
+    def _end(self) -> None:
         # ---- distributed step: one fused allreduce of the shared layers ----
-        self.average_("shared", self.model.shared_tensors())
-        # Blocks trained by several ranks now differ; they are averaged in the next exchange.
-        self.divergent = {b for b, h in enumerate(self.holders) if len(h) > 1}
+        self._average.average()
+        self.holdings.trained()  # blocks several ranks trained now differ: averaged in the next exchange
 
     # -- evaluation / checkpoints ----------------------------------------------------------------------
     def eval_scale(self) -> float:
-        return partition.eval_residual_scale(self.model.num_partitionable, self.comm.size, self.cfg.min_depth)
+        return partition.eval_residual_scale(len(self.blocks), self.comm.size, self.min_depth)
 
     @contextlib.contextmanager
     def full_model(self):
         """Gather the blocks this rank lacks (averaging divergent ones), run all blocks at 1/S scale.
 
-        Afterwards every rank goes back to its own sub-ResNet: it keeps the blocks of the round just
+        Afterwards every rank goes back to its own sub-network: it keeps the blocks of the round just
         trained (now identical copies wherever several ranks trained one) and releases the rest, so
-        the memory a rank needs stays that of one sub-ResNet, and the next round's exchange moves
-        what it would have moved without the evaluation (its record states the round's real traffic).
+        the memory a rank needs stays that of one sub-network, and the next round's exchange moves
+        what it would have moved without the evaluation. Re-entrant: an inner full_model() (e.g.
+        state_dict() inside an evaluation) reuses the outer gather.
         """
-        self.exchange_to(everyone(self.model.num_partitionable, self.comm.size), keep_workspace=False)
-        self.model.activate_all()
-        self.model.set_residual_scale(self.eval_scale())
+        self._full_depth += 1
         try:
+            if self._full_depth == 1:
+                self.exchange_to(everyone(len(self.blocks), self.comm.size), keep_workspace=False)
+                activate(self.blocks, range(len(self.blocks)))
+                set_scale(self.blocks, self.eval_scale())
             yield self.model
         finally:
-            self.model.set_residual_scale(1.0)
-            self._back_to_own_blocks()
+            self._full_depth -= 1
+            if self._full_depth == 0:
+                set_scale(self.blocks, 1.0)
+                self._back_to_own_blocks()
 
     def _back_to_own_blocks(self) -> None:
-        """From holding every (synchronised) block to holding only this round's own ones."""
+        """From holding every (synchronised) block to holding only the last round's own ones."""
         if self.assignment is None:
             return
-        P, mine = self.model.num_partitionable, self.assignment[self.comm.rank]
-        for b in range(P):
-            if b not in mine and self.model.holds_block(b):
-                self.model.release_block(b)
-        self.model.trim_spares(len(mine))
-        self.model.activate(mine)
-        self.holders = needers_from_assignment(self.assignment, P)  # identical copies: no average due
-        self.divergent = set()
+        mine = self.assignment[self.comm.rank]
+        for b in range(len(self.blocks)):
+            if b not in mine and self.store.holds(b):
+                self.store.release(b)
+        self.store.trim_spares(len(mine))
+        activate(self.blocks, mine)
+        self.holdings.synchronized(needers_from_assignment(self.assignment, len(self.blocks)))
 
     def state_dict(self) -> Dict:
-        return {"assignment": self.assignment}
+        state = super().state_dict()
+        state["assignment"] = self.assignment
+        return state
 
-    def load_state_dict(self, state: Dict) -> None:
-        """Continue after the checkpointed round: with the same world size, every rank goes back to
-        the sub-ResNet it trained then, as the uninterrupted run did after saving."""
+    def load_state_dict(self, state: Dict, rank_state: Optional[Dict] = None) -> None:
+        """Every rank loads the full model; with the checkpoint's world size each then goes back to
+        the sub-network it trained then, as the uninterrupted run did after saving."""
+        super().load_state_dict(state, rank_state)
         assignment = state.get("assignment")
+        self.assignment = None
         if assignment is not None and len(assignment) == self.comm.size:
             self.assignment = tuple(tuple(a) for a in assignment)
             self._back_to_own_blocks()
+
+    def _load_model(self, weights: Dict) -> None:
+        for b in range(len(self.blocks)):
+            if not self.store.holds(b):
+                self.store.materialize(b, self.device)
+        self.model.load_state_dict(weights)
+        activate(self.blocks, range(len(self.blocks)))
+        self.holdings.synchronized(everyone(len(self.blocks), self.comm.size))
+
+
+def _device_of(model) -> torch.device:
+    for t in model.state_dict().values():
+        if not t.is_meta:
+            return t.device
+    return torch.device("cpu")

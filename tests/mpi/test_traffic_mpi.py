@@ -19,12 +19,10 @@ from resist_mpi import traffic as T
 if C.world_info_from_env().launcher == "none":
     pytest.skip("run under mpirun -np 2|4 (tests/test_traffic_launch.py does)", allow_module_level=True)
 
-from resist_mpi.config import Config  # noqa: E402
 from resist_mpi.models import create_model  # noqa: E402
 from resist_mpi.strategies import DataParallel, LocalSGD, ResIST  # noqa: E402
 
 MODEL, CLASSES, WIDTH = "preact_resnet101", 10, 2  # 22 partitionable blocks, tiny tensors
-CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +55,17 @@ def test_resist_rounds_match_traffic(comm, overlap):
     S, R, seed = comm.size, 5, 3
     P = 22
     min_depth = P // S + 1 if overlap else 0  # S * m > P: blocks are shared by several ranks
-    cfg = Config(strategy="resist", model=MODEL, width=WIDTH, min_depth=min_depth, seed=seed)
-    strategy = ResIST(comm, cfg, CPU)
-    model = strategy.build_model(factory)
+    model = factory()
+    strategy = ResIST(model, comm, min_depth=min_depth, seed=seed)
     with torch.device("meta"):
         sizes = T.model_sizes(factory())
-    assert sizes.shared == model.shared_numel() and len(sizes.blocks) == P
+    assert sizes.shared == sum(t.numel() for t in strategy.shared_tensors()) and len(sizes.blocks) == P
 
     measured, drawn = [], []
     for r in range(R):
         before = comm.counters()
-        strategy.begin_round(r)
-        groups = strategy.param_groups()
-        one_step(model, [p for g in groups for p in g["params"]], comm.rank, r)
+        strategy.begin_round()
+        one_step(model, strategy.parameters(), comm.rank, r)
         strategy.end_round()
         measured.append(summed(comm, before))
         drawn.append(strategy.assignment)
@@ -87,11 +83,11 @@ def test_resist_rounds_match_traffic(comm, overlap):
 
 def test_local_sgd_round_matches_traffic(comm):
     S = comm.size
-    strategy = LocalSGD(comm, Config(strategy="local_sgd", model=MODEL, width=WIDTH), CPU)
-    model = strategy.build_model(factory)
+    model = factory()
+    strategy = LocalSGD(model, comm)
     sizes = T.model_sizes(model)
     before = comm.counters()
-    strategy.begin_round(0)
+    strategy.begin_round()
     one_step(model, list(model.parameters()), comm.rank, 0)
     strategy.end_round()
     sent, recv = summed(comm, before)
@@ -101,17 +97,17 @@ def test_local_sgd_round_matches_traffic(comm):
 
 def test_data_parallel_round_matches_traffic(comm):
     S, l = comm.size, 3
-    strategy = DataParallel(comm, Config(strategy="data_parallel", model=MODEL, width=WIDTH), CPU)
-    model = strategy.build_model(factory)
+    model = factory()
+    strategy = DataParallel(model, comm)
     sizes = T.model_sizes(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = comm.counters()
-    strategy.begin_round(0)
+    strategy.begin_round()
     for step in range(l):
         g = torch.Generator().manual_seed(100 * comm.rank + step)
         opt.zero_grad()
+        # the gradient average runs by itself when backward is done
         F.cross_entropy(model(torch.randn(4, 3, 32, 32, generator=g)), torch.randint(0, CLASSES, (4,), generator=g)).backward()
-        strategy.after_backward()
         opt.step()
     strategy.end_round()
     sent, recv = summed(comm, before)

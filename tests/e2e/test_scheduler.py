@@ -23,10 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import ROOT
+
 from slurm_helpers import FINAL_STATES, Slurm
 from slurm_helpers import tail as _tail, which as _which, why_no_slurm as _why_no_slurm
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = "--model preact_resnet18 --width 4 --batch-size 32 --local-steps 5 --min-depth 1 --bn-batches 2"
 JOB_TIMEOUT = 150  # seconds per job; a tiny run takes ~10 s when the machine is quiet
 

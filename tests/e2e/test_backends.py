@@ -1,40 +1,22 @@
-"""Drivers: the comm contract (tests/mpi/test_comm_contract.py) under every backend and launcher, and
-training on the torch backend equal to the mpi backend.
+"""The torch backend under its own launcher, and training on it equal to the mpi backend.
 
-- mpi and torch (gloo) under `mpirun -np 2` and `-np 4`; torch under `torchrun --nproc-per-node 2`
-  (its own rendezvous, no MPI at all). Horovod's runs are in tests/test_horovod_launch.py.
+- the comm contract under `torchrun --nproc-per-node 2` (its own rendezvous, no MPI at all); under
+  mpirun it runs in test_mpi_suites.py, under horovodrun (horovod backend) in test_horovod_launch.py.
 - every strategy trained with --backend torch under mpirun (rank 0's address broadcast by MPI) gives
   the same per-round losses and the same bytes, to the byte, as --backend mpi. On 2 ranks a sum of
   two addends does not depend on the reduction algorithm, so the two agree bit for bit.
 """
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT, have_mpirun, mpi_env, mpirun
+from helpers import ROOT, have_mpirun, mpi_env, mpirun, passed_on_every_rank
 
 CONTRACT = "tests/mpi/test_comm_contract.py"
-
-
-def _passed_on_every_rank(p, np_):
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-4000:]
-    passed = re.findall(r"(\d+) passed", out)
-    assert len(passed) == np_ and all(int(n) > 0 for n in passed), out[-4000:]
-
-
-@pytest.mark.skipif(not have_mpirun(), reason="mpirun not found (run `make setup`)")
-@pytest.mark.parametrize("np_", [2, 4])
-@pytest.mark.parametrize("backend", ["mpi", "torch"])
-def test_contract_under_mpirun(backend, np_):
-    p = mpirun(np_, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", CONTRACT], timeout=300,
-               RESIST_TEST_BACKEND=backend)
-    _passed_on_every_rank(p, np_)
 
 
 def test_contract_torch_under_torchrun():
@@ -42,10 +24,10 @@ def test_contract_torch_under_torchrun():
     if torchrun is None:
         pytest.skip("torchrun not found")
     env = mpi_env(RESIST_TEST_BACKEND="torch")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     p = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         CONTRACT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    _passed_on_every_rank(p, 2)
+    passed_on_every_rank(p, 2)
 
 
 DRIVER = """\

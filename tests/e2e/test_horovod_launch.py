@@ -2,19 +2,14 @@
 
 Skipped when Horovod (make horovod) or horovodrun is missing.
 
-- test_horovod_backend_under_horovodrun: runs tests/mpi/test_comm_horovod.py on every rank. Each
-  case starts a fresh job and passes only if every rank's pytest passed: horovodrun's exit status
-  is non-zero when any rank fails, and each rank must report its own "N passed" line.
+- test_horovod_backend_under_horovodrun: runs the comm contract (tests/mpi/test_comm_contract.py,
+  RESIST_TEST_BACKEND=horovod) on every rank. Each case starts a fresh job and passes only if every
+  rank's pytest passed: horovodrun's exit status is non-zero when any rank fails, and each rank
+  must report its own "N passed" line.
 - test_train_matches_mpi_backend: every strategy trained under horovodrun (default --backend auto,
   which must pick horovod), MPI and Gloo controllers, on 2 ranks, checked against the same
   settings under `mpirun --backend mpi`: same seed, same ranks, so the same per-round train loss
   and final test loss (rel 1e-4) and the same bytes_sent/bytes_recv, to the byte.
-
-Why the bytes can be equal to the byte even for data_parallel, where Horovod's
-DistributedOptimizer (not the strategy) allreduces the gradients, in fused buffers of its own
-choosing: the strategy counts, per step, ring_allreduce_bytes(4 * all gradient elements, size),
-the formula the mpi backend applies to its one fused gradient allreduce, once for the total. How
-Horovod splits the gradients into fused allreduces does not enter it.
 
 Why 2 ranks: a sum of two addends does not depend on the reduction algorithm, so the two
 backends agree bit for bit. On 4 ranks Gloo's allreduce adds in another order than Open MPI's,
@@ -27,7 +22,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -36,10 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import have_mpirun, mpi_env
+from helpers import ROOT, have_mpirun, mpi_env, passed_on_every_rank
 
-ROOT = Path(__file__).resolve().parents[1]
-TEST = "tests/mpi/test_comm_horovod.py"
+TEST = "tests/mpi/test_comm_contract.py"
 
 
 def _horovodrun():
@@ -60,7 +53,7 @@ pytestmark = [
 ]
 
 
-def _horovodrun_cmd(np_, controller, args):
+def _horovodrun_cmd(np_, controller, args, **extra_env):
     """(command, environment) of `horovodrun -np np_ [--gloo|--mpi] python args...`.
 
     The environment is helpers.mpi_env's (Open MPI behind the MPI controller refuses root and more
@@ -69,16 +62,16 @@ def _horovodrun_cmd(np_, controller, args):
     ranks outnumber the cores (plain mpirun --oversubscribe yields by itself); on 2 cores that
     halves the MPI controller's run time.
     """
-    env = mpi_env(OMPI_MCA_mpi_yield_when_idle="1")
+    env = mpi_env(OMPI_MCA_mpi_yield_when_idle="1", **extra_env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     cmd = [_horovodrun(), "-np", str(np_), "-H", f"localhost:{np_}"]
     cmd += ["--gloo"] if controller == "gloo" else ["--mpi"]
     return cmd + [sys.executable] + list(args), env
 
 
-def horovodrun(np_, controller, args, timeout=300):
+def horovodrun(np_, controller, args, timeout=300, **extra_env):
     """Run _horovodrun_cmd(...) from the repo root; returns CompletedProcess (text)."""
-    cmd, env = _horovodrun_cmd(np_, controller, args)
+    cmd, env = _horovodrun_cmd(np_, controller, args, **extra_env)
     try:
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
@@ -90,12 +83,9 @@ def horovodrun(np_, controller, args, timeout=300):
                          ids=["np2-mpi", "np2-gloo", "np4-mpi"])
 def test_horovod_backend_under_horovodrun(np_, controller):
     # No cache plugin: N ranks writing one .pytest_cache at once would race.
-    proc = horovodrun(np_, controller, ["-m", "pytest", "-q", "-p", "no:cacheprovider", TEST])
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"horovodrun exited {proc.returncode}:\n{out[-6000:]}"
-    passed = re.findall(r"(\d+) passed", out)
-    assert len(passed) == np_ and all(int(n) > 0 for n in passed), \
-        f"expected one 'N passed' line per rank:\n{out[-6000:]}"
+    proc = horovodrun(np_, controller, ["-m", "pytest", "-q", "-p", "no:cacheprovider", TEST],
+                      RESIST_TEST_BACKEND="horovod")
+    passed_on_every_rank(proc, np_)
 
 
 # -- training end to end: horovod backend == mpi backend ------------------------------------------------

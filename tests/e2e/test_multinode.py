@@ -199,23 +199,24 @@ def test_byte_counters_match_kernel_counters(train_runs):
 
 
 # -- two ranks per node -------------------------------------------------------------------------------
+# each rank writes a file of its own: lines printed by several ranks at once can interleave
 LOCAL = """\
-import json, socket
+import json, socket, sys
 from resist_mpi import comm
 c = comm.init("mpi")
-print("RANK " + json.dumps({"rank": c.rank, "host": socket.gethostname(), "local_rank": c.local_rank,
-      "local_size": c.local_size, "auto": comm.select_device(c.local_rank, "auto"),
-      "two_gpus": comm.select_device(c.local_rank, "auto", cuda_count=2),
-      "launcher_local_rank": comm.world_info_from_env().local_rank}), flush=True)
+with open(f"{sys.argv[1]}/rank{c.rank}.json", "w") as f:
+    json.dump({"rank": c.rank, "host": socket.gethostname(), "local_rank": c.local_rank,
+               "local_size": c.local_size, "auto": comm.select_device(c.local_rank, "auto"),
+               "two_gpus": comm.select_device(c.local_rank, "auto", cuda_count=2),
+               "launcher_local_rank": comm.world_info_from_env().local_rank}, f)
 """
 
 
-def test_two_ranks_per_node_local_rank_and_device(cluster):
+def test_two_ranks_per_node_local_rank_and_device(cluster, tmp_path):
     p = _run(cluster, ["mpirun", "-np", "4", "-H", "node0:2,node1:2", "--mca", "btl", "tcp,self",
-                       sys.executable, "-c", LOCAL])
+                       sys.executable, "-c", LOCAL, str(tmp_path)])
     assert p.returncode == 0, p.stdout[-6000:]
-    ranks = sorted((json.loads(line.split("RANK ", 1)[1]) for line in p.stdout.splitlines() if "RANK " in line),
-                   key=lambda r: r["rank"])
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(4)]
     import torch
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     expected = [("node0", 0), ("node0", 1), ("node1", 0), ("node1", 1)]  # mpirun fills node0's slots first

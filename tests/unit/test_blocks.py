@@ -1,0 +1,260 @@
+"""resist_mpi.blocks: finding residual blocks in any model, switching them, scaling them, storing them."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from resist_mpi.blocks import (BlockError, BlockStore, activate, find_blocks, make_switchable, module_tensors,
+                               set_scale, shared_slots)
+from resist_mpi.models import PreActBlock, PreActResNet, create_model
+
+
+def _switch_all(model, blocks="auto", stages=None):
+    named = find_blocks(model, blocks, stages)
+    for name, b in named:
+        make_switchable(b, name)
+    return [b for _, b in named]
+
+
+def _thin(num_blocks, width=4):
+    torch.manual_seed(0)
+    return PreActResNet(PreActBlock, num_blocks, 10, width)
+
+
+# -- finding -------------------------------------------------------------------------------------------------
+def test_auto_finds_non_downsampling_blocks_of_the_chosen_stages():
+    m = _thin([3, 4, 6, 3])
+    assert [n for n, _ in find_blocks(m)] == [f"stages.2.{i}" for i in range(1, 6)]
+    assert [n for n, _ in find_blocks(m, stages=(1, 2))] == ["stages.0.0", "stages.0.1", "stages.0.2",
+                                                              "stages.1.1", "stages.1.2", "stages.1.3"]
+    tv = torchvision.models.resnet50(num_classes=10)
+    assert [n for n, _ in find_blocks(tv)] == [f"layer3.{i}" for i in range(1, 6)]
+    wide = torchvision.models.wide_resnet50_2(num_classes=10)
+    assert len(find_blocks(wide, stages=(2, 3))) == 3 + 5
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 4, enable_nested_tensor=False)
+    assert [n for n, _ in find_blocks(nn.Sequential(nn.Linear(8, 16), enc))] == [f"1.layers.{i}" for i in range(4)]
+    with pytest.raises(BlockError, match="stages 1..4"):
+        find_blocks(m, stages=(5,))
+    with pytest.raises(BlockError, match="found no residual stack in Sequential"):
+        find_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_explicit_blocks_by_module_or_name_and_non_residual_refused():
+    tv = torchvision.models.resnet18(num_classes=10)
+    assert [n for n, _ in find_blocks(tv, ["layer2.1", tv.layer1[0]])] == ["layer1.0", "layer2.1"]  # model order
+    with pytest.raises(BlockError, match=r"^block layer2.0 \(BasicBlock\) is not residual: it has a downsample"):
+        find_blocks(tv, ["layer2.0"])
+    with pytest.raises(BlockError, match="no module named 'layer9'"):
+        find_blocks(tv, ["layer9"])
+    m = _thin([1, 2, 2, 1])
+    with pytest.raises(BlockError, match=r"stages.1.0 \(PreActBlock\) is not residual: it has a shortcut"):
+        find_blocks(m, ["stages.1.0"])
+
+
+# -- switching and scaling -------------------------------------------------------------------------------------
+def test_switched_off_blocks_equal_model_built_without_them():
+    full = _thin([2, 2, 6, 2])
+    blocks = _switch_all(full)
+    keep = [1, 3]  # partitionable ids kept (stage-3 blocks 2 and 4)
+    activate(blocks, keep)
+    small = _thin([2, 2, 3, 2])  # stage 3: first block + the two kept ones
+    sd = {k: t for k, t in full.state_dict().items() if not k.startswith("stages.2.")}
+    for j, blk in enumerate([full.stages[2][0]] + [blocks[i] for i in keep]):
+        sd.update({f"stages.2.{j}.{k}": t for k, t in blk.state_dict().items()})
+    small.load_state_dict(sd)
+    x = torch.randn(4, 3, 32, 32)
+    for mode in (False, True):
+        full.train(mode), small.train(mode)
+        assert torch.equal(full(x), small(x))
+
+
+def test_inactive_block_costs_nothing_and_full_scale_is_the_blocks_own_code():
+    m = _thin([1, 1, 3, 1])
+    ref = copy.deepcopy(m)
+    blocks = _switch_all(m)
+    calls = []
+    blocks[0].conv1.register_forward_hook(lambda *a: calls.append(1))
+    activate(blocks, [1])
+    x = torch.randn(2, 3, 32, 32)
+    m.eval(), ref.eval()
+    m(x)
+    assert calls == []  # not even its first conv ran
+    activate(blocks, range(2))
+    assert torch.equal(m(x), ref(x))  # active at scale 1: bit for bit the unswitched model
+
+
+@pytest.mark.parametrize("kind", ["preact", "tv_basic", "tv_bottleneck", "transformer_pre", "transformer_post"])
+def test_scaled_branch_before_the_addition(kind):
+    """At scale s a block computes its residual form with the branch times s before the addition,
+    whatever follows it (torchvision: the ReLU after the addition; post-norm transformers: the norm)."""
+    torch.manual_seed(0)
+    s = 0.25
+    if kind == "preact":
+        blk = PreActBlock(8, 8).eval()
+        x = torch.randn(2, 8, 6, 6)
+        want = x + s * blk.residual(F.relu(blk.bn1(x)))
+    elif kind.startswith("tv"):
+        cls = torchvision.models.resnet.BasicBlock if kind == "tv_basic" else torchvision.models.resnet.Bottleneck
+        blk = cls(32, 32 // cls.expansion).eval()
+        x = torch.randn(2, 32, 6, 6)
+        pre = blk.bn1(blk.conv1(x))  # the branch, written out from the layers
+        if kind == "tv_basic":
+            pre = blk.bn2(blk.conv2(F.relu(pre)))
+        else:
+            pre = blk.bn3(blk.conv3(F.relu(blk.bn2(blk.conv2(F.relu(pre))))))
+        want = F.relu(s * pre + x)
+    else:
+        blk = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True,
+                                         norm_first=kind == "transformer_pre").eval()
+        x = torch.randn(2, 5, 16)
+        if blk.norm_first:
+            h = x + s * blk._sa_block(blk.norm1(x), None, None)
+            want = h + s * blk._ff_block(blk.norm2(h))
+        else:
+            h = blk.norm1(x + s * blk._sa_block(x, None, None))
+            want = blk.norm2(h + s * blk._ff_block(h))
+    unscaled = blk(x)
+    sw = make_switchable(blk)
+    assert torch.equal(blk(x), unscaled)
+    sw.scale = s
+    assert torch.allclose(blk(x), want, atol=1e-6)
+    sw.scale = 0.0  # no branch at all: what is left is the identity (through the post-addition op)
+    tail = {"preact": lambda t: t, "tv_basic": F.relu, "tv_bottleneck": F.relu, "transformer_pre": lambda t: t,
+            "transformer_post": lambda t: blk.norm2(blk.norm1(t))}[kind]
+    assert torch.allclose(blk(x), tail(x), atol=1e-6)
+
+
+def test_generic_block_scaled_and_not_residual_caught_at_forward():
+    class Res(nn.Module):
+        def __init__(self, d_out=4):
+            super().__init__()
+            self.lin = nn.Linear(4, d_out)
+
+        def forward(self, x):
+            return x + self.lin(x) if self.lin.out_features == 4 else self.lin(x)
+
+    model = nn.Sequential(Res(), Res(), Res(3))
+    blocks = _switch_all(model, ["0", "2"])
+    x = torch.randn(3, 4)
+    set_scale(blocks, 0.5)
+    assert torch.allclose(blocks[0](x), x + 0.5 * model[0].lin(x), atol=1e-6)
+    with pytest.raises(BlockError, match=r"block 2 is not residual: its input \(3, 4\) and output \(3, 3\)"):
+        blocks[1](x)
+
+
+def test_a_switched_model_deep_copies_into_an_independent_model():
+    m = _thin([1, 1, 3, 1])
+    blocks = _switch_all(m)
+    twin = copy.deepcopy(m)
+    twin_blocks = [twin.stages[2][1], twin.stages[2][2]]
+    activate(twin_blocks, [])  # switching the copy leaves the original alone
+    assert all(b._resist_switch.active for b in blocks)
+    with torch.no_grad():
+        twin_blocks[0].conv1.weight.fill_(0)
+    x = torch.randn(2, 3, 32, 32)
+    m.eval(), twin.eval()
+    activate(twin_blocks, [0, 1])
+    assert not torch.equal(m(x), twin(x))  # the copy computes with its own weights
+
+
+# -- storage ------------------------------------------------------------------------------------------------
+def test_release_and_materialize_keep_shapes_and_reset_counters():
+    m = _thin([1, 1, 3, 1])
+    store = BlockStore(_switch_all(m))
+    shapes = [t.shape for t in store.tensors(0)]
+    n = store.numel(0)
+    assert n == sum(t.numel() for t in module_tensors(store.blocks[0]))
+    store.release(0)
+    assert not store.holds(0) and all(t.is_meta for t in store.tensors(0))
+    assert [t.shape for t in store.tensors(0)] == shapes and store.numel(0) == n
+    store.materialize(0, "cpu")
+    assert store.holds(0) and store.blocks[0].bn1.num_batches_tracked.item() == 0
+
+
+def test_a_block_brought_back_computes_and_trains_on_its_slab():
+    m = _thin([1, 1, 3, 1])
+    blocks = _switch_all(m)
+    store = BlockStore(blocks)
+    m.eval()
+    x = torch.randn(2, 3, 32, 32)
+    y = m(x)
+    values = torch.cat([t.detach().reshape(-1) for t in store.tensors(1)])
+    for _ in range(3):  # repeated cycles reuse the same slots
+        store.release(1)
+        store.materialize(1, "cpu").copy_(values)
+    assert torch.equal(m(x), y)
+    m.train()
+    m(x).sum().backward()
+    block_params = list(blocks[1].parameters())
+    assert all(p.requires_grad and p.grad is not None for p in block_params)
+    assert {id(p) for p in block_params} <= {id(p) for p in m.parameters()}
+
+
+def test_slabs_are_reused_and_trimmed():
+    m = _thin([1, 1, 4, 1])
+    store = BlockStore(_switch_all(m))
+    store.release(0)
+    slab = store.materialize(0, "cpu")
+    assert store.slab(0) is slab and slab.numel() == store.numel(0)
+    slab.fill_(3.0)
+    assert all(torch.all(t == 3.0) for t in store.tensors(0))  # tensors are views of the slab
+    ptr = slab.data_ptr()
+    store.release(0)
+    store.release(1)
+    assert store.materialize(1, "cpu").data_ptr() == ptr  # the spare came back, no new allocation
+    store.release(1)
+    assert sum(len(v) for v in store._spares.values()) == 1  # block 1 had no slab of its own before
+    store.trim_spares(0)
+    assert sum(len(v) for v in store._spares.values()) == 0
+
+
+def test_moving_a_built_block_into_a_slab_keeps_its_values_and_counters():
+    m = _thin([1, 1, 3, 1])
+    store = BlockStore(_switch_all(m))
+    m.train()
+    m(torch.randn(2, 3, 32, 32))
+    before = {k: v.clone() for k, v in store.blocks[0].state_dict().items()}
+    slab = store.slab(0)
+    assert store.slab(0) is slab
+    after = store.blocks[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # num_batches_tracked included
+
+
+def test_shared_and_block_tensors_partition_the_model():
+    tv = torchvision.models.resnet18(num_classes=10)
+    blocks = _switch_all(tv, stages=(1, 2, 3, 4))
+    assert len(blocks) == 5  # layer1's two, and the second block of layers 2-4
+    ids = {id(d[n]) for d, n in shared_slots(tv, blocks)}
+    for b in blocks:
+        bt = {id(t) for t in module_tensors(b)}
+        assert not bt & ids
+        ids |= bt
+    assert ids == {id(t) for t in module_tensors(tv)}
+
+
+def test_store_works_on_transformer_layers():
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 3,
+                                enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    y = enc(x)
+    blocks = _switch_all(enc)
+    store = BlockStore(blocks)
+    saved = [store.slab(b).clone() for b in range(3)]
+    for b in range(3):
+        store.release(b)
+    activate(blocks, [])
+    assert torch.equal(enc(x), x)  # every layer off: the identity
+    for b in range(3):
+        store.materialize(b, "cpu").copy_(saved[b])
+    activate(blocks, range(3))
+    assert torch.equal(enc(x), y)
+
+
+def test_create_model_builds_on_meta_for_other_ranks():
+    with torch.device("meta"):
+        m = create_model("preact_resnet34", 10, width=4)
+    store = BlockStore(_switch_all(m))
+    assert not any(store.holds(b) for b in range(len(store)))

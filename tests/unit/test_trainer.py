@@ -1,0 +1,53 @@
+"""The CLI's trainer and checkpoints in one process (the self backend): a run, its records, and a
+resume from a checkpoint that continues bit for bit, for every strategy and the warm-up."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from resist_mpi import comm
+from resist_mpi.config import Config, validate
+from resist_mpi.trainer import Trainer
+
+TINY = dict(model="preact_resnet34", width=4, dataset="synthetic", epochs=2, batch_size=128, local_steps=3,
+            bn_batches=1, checkpoint_every=1, keep_checkpoints=5, progress="off")
+
+
+def _run(out, **kw):
+    cfg = validate(Config(**{**TINY, "out": str(out), **kw}))
+    result = Trainer(cfg, comm.init("self", fail_fast=False)).run()
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return result, recs
+
+
+@pytest.mark.parametrize("kw", [dict(strategy="resist"), dict(strategy="local_sgd"),
+                                dict(strategy="data_parallel"), dict(strategy="resist", warmup_epochs=1),
+                                dict(strategy="resist", keep_shared_momentum=True)],
+                         ids=["resist", "local_sgd", "data_parallel", "warmup", "resist-momentum"])
+def test_run_then_resume_from_a_checkpoint_bit_for_bit(tmp_path, kw):
+    result, recs = _run(tmp_path / "full", **kw)
+    rounds = [r for r in recs if r["event"] == "round"]
+    assert [r["round"] for r in rounds] == list(range(6)) and result["epoch"] == 2.0
+    # 8 steps an epoch, 3 a round: the warm-up's rounds are those starting before step 8 (0, 1, 2)
+    assert [r["strategy"] for r in rounds] == \
+        [("local_sgd" if kw.get("warmup_epochs") and r["round"] < 3 else kw["strategy"]) for r in rounds]
+    assert len([r for r in recs if r["event"] == "switch"]) == (1 if kw.get("warmup_epochs") else 0)
+    ckpts = sorted(p for p in (tmp_path / "full" / "checkpoints").glob("ckpt-*.pt") if ".rank" not in p.name)
+    assert [p.name for p in ckpts] == ["ckpt-000003.pt", "ckpt-000006.pt"]  # after epoch 1 and 2
+    companions = sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("*.rank*.pt"))
+    assert companions == (["ckpt-000003.rank0.pt", "ckpt-000006.rank0.pt"] if kw.get("keep_shared_momentum") else [])
+    part = tmp_path / "part" / "checkpoints"
+    part.mkdir(parents=True)
+    for p in (tmp_path / "full" / "checkpoints").glob("ckpt-000003*"):
+        shutil.copy(p, part / p.name)
+    resumed, recs2 = _run(tmp_path / "part", resume="auto", **kw)
+    assert resumed == result
+    assert [r for r in recs2 if r["event"] == "resume"][0]["round"] == 3
+    keep = ("round", "train_loss", "train_acc", "bytes_sent")
+    assert [{k: r[k] for k in keep} for r in recs2 if r["event"] == "round"] == \
+        [{k: r[k] for k in keep} for r in rounds[3:]]
+    a = torch.load(ckpts[-1], weights_only=True)["model"]
+    b = torch.load(part / "ckpt-000006.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
