@@ -119,8 +119,8 @@ def test_resume_continues_bit_for_bit(tmp_path, extra):
     p = _train(2, part, *args, "--resume", "auto")
     assert p.returncode == 0, p.stderr[-3000:]
     import torch
-    a = torch.load(full / "checkpoints" / ckpts[1], weights_only=True)["state_dict"]
-    b = torch.load(part / "checkpoints" / ckpts[1], weights_only=True)["state_dict"]
+    a = torch.load(full / "checkpoints" / ckpts[1], weights_only=True)["model"]
+    b = torch.load(part / "checkpoints" / ckpts[1], weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _records(full, "eval")[-1]["test_loss"] == _records(part, "eval")[-1]["test_loss"]
     # the resumed rounds are the uninterrupted run's rounds, their traffic included
