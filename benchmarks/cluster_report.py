@@ -40,24 +40,35 @@ def rate_label(bits: float) -> str:
 def fit_half_rate(probes: Sequence[Dict]) -> Dict:
     """The link rate at which local SGD's communication time equals its compute time (fraction 0.5).
 
-    Communication time per round is modelled as t_comm(R) = a + b / R (a: latency and per-call costs,
-    b: bytes over the link), fitted by least squares over the probes' median t_comm; compute time as
-    the median of the probes' median t_compute (it does not depend on the rate). Then
-    t_comm(R) = t_compute at R = b / (t_compute - a).
+    Compute time per round is the median of the probes' median t_compute (it does not depend on the
+    rate). Communication time per round is modelled as t_comm(R) = a + b / R (a: latency and
+    per-call costs, b: bits over the link) through the two probes nearest the crossing: the two
+    that bracket it, or the two closest to it when all lie on one side. Local, because at very low
+    rates TCP behind a small tbf queue does worse than 1/R, so one line through far probes misses.
+    Then t_comm(R) = t_compute at R = b / (t_compute - a).
 
     Args:
-        probes: dicts with rate_bits (None for unshaped: not used), t_comm_s and t_compute_s.
+        probes: dicts with rate (label), rate_bits (None for unshaped: not used), t_comm_s and t_compute_s.
     Returns:
-        {"a_s", "b_bit", "t_compute_s", "rate_bits" (None when no rate gives 0.5), "label", "why"}.
+        {"a_s", "b_bit", "t_compute_s", "used" (the two rates), "rate_bits" and "label" (None when no
+        rate gives 0.5), "why"}.
     """
-    pts = [(1.0 / p["rate_bits"], p["t_comm_s"]) for p in probes if p.get("rate_bits")]
-    if len({x for x, _ in pts}) < 2:
+    by_rate = {p["rate_bits"]: p for p in probes if p.get("rate_bits")}  # one probe per rate
+    shaped = [by_rate[r] for r in sorted(by_rate, reverse=True)]  # fastest link first: 1/R ascending
+    if len(shaped) < 2:
         return {"rate_bits": None, "label": None, "why": "needs probes at two different shaped rates"}
-    mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
-    b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
-    a = my - b * mx
-    compute = statistics.median(p["t_compute_s"] for p in probes if p.get("rate_bits"))
-    out = {"a_s": a, "b_bit": b, "t_compute_s": compute, "rate_bits": None, "label": None, "why": None}
+    compute = statistics.median(p["t_compute_s"] for p in shaped)
+    below = [p for p in shaped if p["t_comm_s"] < compute]
+    above = [p for p in shaped if p["t_comm_s"] >= compute]
+    if below and above:
+        pair = [below[-1], above[0]]  # the slowest link still below, the fastest already above
+    else:
+        pair = shaped[-2:] if below else shaped[:2]
+    (x1, y1), (x2, y2) = ((1.0 / p["rate_bits"], p["t_comm_s"]) for p in pair)
+    b = (y2 - y1) / (x2 - x1)
+    a = y1 - b * x1
+    out = {"a_s": a, "b_bit": b, "t_compute_s": compute, "used": [p["rate"] for p in pair],
+           "rate_bits": None, "label": None, "why": None}
     if b <= 0:
         out["why"] = "communication time does not grow as the rate falls"
     elif compute <= a:
@@ -203,7 +214,7 @@ def plot(summary: Dict[str, Dict], targets: Sequence[float], path: str, title: s
     drawn = False
     strategies = sorted({s for by in summary.values() for s in by if s != BASELINE})
     for i, strategy in enumerate(strategies):
-        for t, style in zip(targets, ("-", "--", ":", "-.")):
+        for j, (t, style) in enumerate(zip(targets, ("-", "--", ":", "-."))):
             pts = sorted((by[BASELINE]["comm_fraction"], by[strategy]["relative_time_to_target"][str(t)], rate)
                          for rate, by in summary.items()
                          if by.get(BASELINE, {}).get("comm_fraction") is not None
@@ -212,7 +223,7 @@ def plot(summary: Dict[str, Dict], targets: Sequence[float], path: str, title: s
                 continue
             xs, ys, rates = zip(*pts)
             ax.plot(xs, ys, style, marker="o", color=f"C{i}", label=f"{strategy}, {t:.0%}")
-            for x, y, rate in pts:
+            for x, y, rate in pts if j == 0 else ():  # rate names once per strategy
                 ax.annotate(rate, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
             drawn = True
     ax.axhline(1.0, color="grey", lw=0.8, alpha=0.6)
@@ -220,7 +231,7 @@ def plot(summary: Dict[str, Dict], targets: Sequence[float], path: str, title: s
     ax.axvline(0.5, color="grey", ls=":", lw=0.8, alpha=0.6)
     ax.set_xlabel("local SGD: communication fraction of round time (median over rounds)")
     ax.set_ylabel("time to target / local SGD's")
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

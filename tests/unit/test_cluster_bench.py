@@ -39,6 +39,18 @@ def test_half_rate_solves_comm_equal_compute():
     assert fit["rate_bits"] == pytest.approx(50e6) and fit["label"] == "50mbit" and fit["why"] is None
 
 
+def test_half_rate_from_the_two_probes_around_the_crossing():
+    # the slowest link does much worse than 1/R (a line through all probes would miss); the pair that
+    # brackets compute (1 s) is 10mbit (0.4 s) and 2mbit (1.2 s): t_comm = 0.2 + 2e6 / R = 1 at 2.5 Mbit/s
+    probes = [_probe("100mbit", 0.12), _probe("10mbit", 0.4), _probe("2mbit", 1.2), _probe("1mbit", 9.0)]
+    fit = report.fit_half_rate(probes)
+    assert fit["used"] == ["10mbit", "2mbit"] and fit["a_s"] == pytest.approx(0.2)
+    assert fit["rate_bits"] == pytest.approx(2.5e6) and fit["label"] == "2.5mbit"
+    # all probes below the crossing: the two slowest links extrapolate
+    fit = report.fit_half_rate([_probe("100mbit", 0.1), _probe("50mbit", 0.2), _probe("20mbit", 0.5)])
+    assert fit["used"] == ["50mbit", "20mbit"] and fit["rate_bits"] == pytest.approx(10e6)
+
+
 def test_half_rate_says_why_when_there_is_none():
     assert "two different" in report.fit_half_rate([_probe("100mbit", 0.5), _probe("unshaped", 0.1)])["why"]
     fixed = report.fit_half_rate([_probe("100mbit", 2.0 + 0.1), _probe("10mbit", 2.0 + 1.0)])  # a = 2 s > 1 s
