@@ -19,8 +19,8 @@ with the kernel's byte counters of every node's interface read before and after 
 
 Rates: `unshaped` (veth at CPU copy speed), any tc rate (`1gbit`, `100mbit`, `20mbit`, ...) and
 `auto`: the rate at which local SGD spends half its round time communicating. auto runs short
-local-SGD probes (--probe-epochs) at --probe-rates into OUT/probes/<rate>/, puts
-t_comm = a + b / rate through the two probes around the crossing and solves t_comm = t_compute
+local-SGD probes (--probe-epochs) at --probe-rates into OUT/probes/<rate>/, puts the line
+comm/compute = A + B / rate through the two probes around 1 and solves comm/compute = 1
 (cluster_report.fit_half_rate); then one more probe at that rate checks it and joins the fit, which
 is saved in OUT/auto_rate.json (--report-only reads it). Machine load moves compute times by tens
 of percent, so the sweep's local SGD lands near, not at, 0.5: the table and figure use its own.
@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -190,29 +189,32 @@ def verdicts(summary: Dict, mapping: Dict, targets: List[float]) -> List[str]:
     ResIST's time to 97% at most 0.5x local SGD's where local SGD spends at least half its time communicating."""
     lines = []
     for rate, by in summary.items():
-        base = by.get(report.BASELINE, {})
-        frac = base.get("comm_fraction")
+        frac = by.get(report.BASELINE, {}).get("comm_fraction")
         m = mapping.get(rate)
         if m:
-            lines.append(f"{rate} here (local SGD {100 * frac:.0f}% communicating, {1e3 * m['here_step_s']:.0f} ms "
-                         f"compute/step, l={m['here_local_steps']}) stands for >= {gpu_scale.format_rate(m['gpu_equivalent_bits'])} "
-                         f"for ResNet-101 w64 on the published GPUs ({1e3 * m['gpu_step_s']:.1f} ms/step, "
-                         f"l={m['gpu_local_steps']}): x{m['factor']:.0f}")
-        rel = by.get("resist", {}).get("relative_time_to_target", {}).get("0.97")
+            lines.append(f"{rate} here (local SGD {100 * frac:.0f}% communicating, "
+                         f"{1e3 * m['here_step_s']:.0f} ms compute/step, l={m['here_local_steps']}) stands for "
+                         f">= {gpu_scale.format_rate(m['gpu_equivalent_bits'])} for ResNet-101 w64 on the "
+                         f"published GPUs ({1e3 * m['gpu_step_s']:.1f} ms/step, l={m['gpu_local_steps']}): "
+                         f"x{m['factor']:.0f}")
         if frac is not None and frac >= 0.5 and 0.97 in targets:
-            verdict = "no run reached 97%" if rel is None else f"{rel:.2f}x local SGD's ({'met' if rel <= 0.5 else 'NOT met'})"
+            rel = by.get("resist", {}).get("relative_time_to_target", {}).get("0.97")
+            verdict = ("no run reached 97%" if rel is None
+                       else f"{rel:.2f}x local SGD's ({'met' if rel <= 0.5 else 'NOT met'})")
             lines.append(f"target at {rate} (local SGD {100 * frac:.0f}% communicating): resist's time to 97% "
                          f"<= 0.5x local SGD's: {verdict}")
     return lines
 
 
 def git_commit() -> Optional[str]:
-    p = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=ROOT,
+                       capture_output=True, text=True)
     return p.stdout.strip() or None
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=4, help="simulated nodes (default: %(default)s)")
     p.add_argument("--ranks-per-node", type=int, default=1, help="(default: %(default)s)")
     p.add_argument("--strategies", default="resist,local_sgd,data_parallel", help="(default: %(default)s)")
@@ -222,7 +224,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default="configs/demo.yaml", help="training config (default: %(default)s)")
     p.add_argument("--extra-args", default="", help="more resist_mpi.train flags, one string")
     p.add_argument("--targets", default="0.9,0.95,0.97", help="test-accuracy targets (default: %(default)s)")
-    p.add_argument("--probe-rates", default="100mbit,25mbit", help="auto: local-SGD probes at these rates first (default: %(default)s)")
+    p.add_argument("--probe-rates", default="100mbit,25mbit",
+                   help="auto: local-SGD probes at these rates first (default: %(default)s)")
     p.add_argument("--probe-epochs", type=int, default=4, help="auto: epochs of each probe (default: %(default)s)")
     p.add_argument("--probe-confirm", action=argparse.BooleanOptionalAction, default=True,
                    help="auto: one more probe at the fitted rate, joining the fit (default: on)")

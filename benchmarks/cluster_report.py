@@ -38,43 +38,43 @@ def rate_label(bits: float) -> str:
 
 
 def fit_half_rate(probes: Sequence[Dict]) -> Dict:
-    """The link rate at which local SGD's communication time equals its compute time (fraction 0.5).
+    """The link rate at which local SGD's communication fraction is 0.5.
 
-    Compute time per round is the median of the probes' median t_compute (it does not depend on the
-    rate). Communication time per round is modelled as t_comm(R) = a + b / R (a: latency and
-    per-call costs, b: bits over the link) through the two probes nearest the crossing: the two
-    that bracket it, or the two closest to it when all lie on one side. Local, because at very low
-    rates TCP behind a small tbf queue does worse than 1/R, so one line through far probes misses.
-    Then t_comm(R) = t_compute at R = b / (t_compute - a).
+    A probe's fraction f (median over its rounds of t_comm / (t_comm + t_compute)) gives its
+    communication-to-compute ratio f / (1 - f), which is 1 at fraction 0.5. With compute time
+    independent of the rate and communication time a + b / R (latency and per-call costs, bits
+    over the link), the ratio is linear in 1 / R: ratio(R) = A + B / R. The line goes through the two
+    probes nearest ratio 1: the two that bracket it, or the two closest when all lie on one side.
+    Local, because at very low rates TCP behind a small tbf queue does worse than 1 / R, so one line
+    through far probes misses. Then ratio(R) = 1 at R = B / (1 - A).
 
     Args:
-        probes: dicts with rate (label), rate_bits (None for unshaped: not used), t_comm_s and t_compute_s.
+        probes: dicts with rate (label), rate_bits (None for unshaped: not used) and comm_fraction.
     Returns:
-        {"a_s", "b_bit", "t_compute_s", "used" (the two rates), "rate_bits" and "label" (None when no
-        rate gives 0.5), "why"}.
+        {"A", "B_bit_s", "used" (the two rates), "rate_bits" and "label" (None when no rate gives
+        0.5), "why"}.
     """
     by_rate = {p["rate_bits"]: p for p in probes if p.get("rate_bits")}  # one probe per rate
     shaped = [by_rate[r] for r in sorted(by_rate, reverse=True)]  # fastest link first: 1/R ascending
     if len(shaped) < 2:
         return {"rate_bits": None, "label": None, "why": "needs probes at two different shaped rates"}
-    compute = statistics.median(p["t_compute_s"] for p in shaped)
-    below = [p for p in shaped if p["t_comm_s"] < compute]
-    above = [p for p in shaped if p["t_comm_s"] >= compute]
+    ratio = {id(p): p["comm_fraction"] / max(1.0 - p["comm_fraction"], 1e-9) for p in shaped}
+    below = [p for p in shaped if ratio[id(p)] < 1.0]
+    above = [p for p in shaped if ratio[id(p)] >= 1.0]
     if below and above:
         pair = [below[-1], above[0]]  # the slowest link still below, the fastest already above
     else:
         pair = shaped[-2:] if below else shaped[:2]
-    (x1, y1), (x2, y2) = ((1.0 / p["rate_bits"], p["t_comm_s"]) for p in pair)
-    b = (y2 - y1) / (x2 - x1)
-    a = y1 - b * x1
-    out = {"a_s": a, "b_bit": b, "t_compute_s": compute, "used": [p["rate"] for p in pair],
-           "rate_bits": None, "label": None, "why": None}
-    if b <= 0:
-        out["why"] = "communication time does not grow as the rate falls"
-    elif compute <= a:
-        out["why"] = f"fixed communication costs ({a:.3f} s) exceed compute ({compute:.3f} s) at any rate"
+    (x1, y1), (x2, y2) = ((1.0 / p["rate_bits"], ratio[id(p)]) for p in pair)
+    B = (y2 - y1) / (x2 - x1)
+    A = y1 - B * x1
+    out = {"A": A, "B_bit_s": B, "used": [p["rate"] for p in pair], "rate_bits": None, "label": None, "why": None}
+    if B <= 0:
+        out["why"] = "communication does not grow as the rate falls"
+    elif A >= 1.0:
+        out["why"] = f"fixed communication costs alone are {A:.2f}x compute"
     else:
-        out["rate_bits"] = b / (compute - a)
+        out["rate_bits"] = B / (1.0 - A)
         out["label"] = rate_label(out["rate_bits"])
     return out
 

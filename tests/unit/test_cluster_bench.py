@@ -27,15 +27,15 @@ def test_rate_labels_round_trip_through_parse_rate():
 
 
 def _probe(rate, t_comm, t_compute=1.0):
-    return {"rate": rate, "rate_bits": parse_rate(rate), "t_comm_s": t_comm, "t_compute_s": t_compute}
+    return {"rate": rate, "rate_bits": parse_rate(rate), "comm_fraction": t_comm / (t_comm + t_compute)}
 
 
 def test_half_rate_solves_comm_equal_compute():
-    # t_comm = 0.2 s + 40 Mbit / rate, compute 1 s: equal at 40e6 / 0.8 = 50 Mbit/s
+    # t_comm = 0.2 s + 40 Mbit / rate, compute 1 s: equal (fraction 0.5) at 40e6 / 0.8 = 50 Mbit/s
     comm = lambda r: 0.2 + 40e6 / parse_rate(r)  # noqa: E731
     probes = [_probe(r, comm(r)) for r in ("100mbit", "25mbit", "10mbit")] + [_probe("unshaped", 0.01)]
     fit = report.fit_half_rate(probes)
-    assert fit["a_s"] == pytest.approx(0.2) and fit["b_bit"] == pytest.approx(40e6)
+    assert fit["A"] == pytest.approx(0.2) and fit["B_bit_s"] == pytest.approx(40e6)
     assert fit["rate_bits"] == pytest.approx(50e6) and fit["label"] == "50mbit" and fit["why"] is None
 
 
@@ -44,7 +44,7 @@ def test_half_rate_from_the_two_probes_around_the_crossing():
     # brackets compute (1 s) is 10mbit (0.4 s) and 2mbit (1.2 s): t_comm = 0.2 + 2e6 / R = 1 at 2.5 Mbit/s
     probes = [_probe("100mbit", 0.12), _probe("10mbit", 0.4), _probe("2mbit", 1.2), _probe("1mbit", 9.0)]
     fit = report.fit_half_rate(probes)
-    assert fit["used"] == ["10mbit", "2mbit"] and fit["a_s"] == pytest.approx(0.2)
+    assert fit["used"] == ["10mbit", "2mbit"] and fit["A"] == pytest.approx(0.2)
     assert fit["rate_bits"] == pytest.approx(2.5e6) and fit["label"] == "2.5mbit"
     # all probes below the crossing: the two slowest links extrapolate
     fit = report.fit_half_rate([_probe("100mbit", 0.1), _probe("50mbit", 0.2), _probe("20mbit", 0.5)])
@@ -53,8 +53,8 @@ def test_half_rate_from_the_two_probes_around_the_crossing():
 
 def test_half_rate_says_why_when_there_is_none():
     assert "two different" in report.fit_half_rate([_probe("100mbit", 0.5), _probe("unshaped", 0.1)])["why"]
-    fixed = report.fit_half_rate([_probe("100mbit", 2.0 + 0.1), _probe("10mbit", 2.0 + 1.0)])  # a = 2 s > 1 s
-    assert fixed["rate_bits"] is None and "exceed compute" in fixed["why"]
+    fixed = report.fit_half_rate([_probe("100mbit", 2.0 + 0.1), _probe("10mbit", 2.0 + 1.0)])  # 2 s > 1 s
+    assert fixed["rate_bits"] is None and fixed["why"] == "fixed communication costs alone are 2.00x compute"
     flat = report.fit_half_rate([_probe("100mbit", 0.5), _probe("10mbit", 0.4)])
     assert flat["rate_bits"] is None and "does not grow" in flat["why"]
 
