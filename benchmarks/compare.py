@@ -29,11 +29,12 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
@@ -58,21 +59,58 @@ def train_command(args, strategy: str, seed: int, out: str) -> List[str]:
     return cmd + shlex.split(args.extra_args)
 
 
-def run_one(args, strategy: str, seed: int) -> Dict:
+def run_one(args, strategy: str, seed: int, prefix: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
+            tag: str = "compare") -> Dict:
+    """Train one run into OUT/strategy-seed, its output in train.log; writes and returns launch.json's dict.
+
+    Args:
+        prefix: argv the command runs under (e.g. Cluster.on(): on a node of a simulated cluster).
+        env: the launcher's environment (default mpi_env()).
+        tag: what the progress lines start with.
+    """
     out = os.path.join(args.out, f"{strategy}-{seed}")
     cmd = train_command(args, strategy, seed, out)
     os.makedirs(out, exist_ok=True)
-    print(f"compare: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    print(f"{tag}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(os.path.join(out, "train.log"), "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), stdout=log, stderr=subprocess.STDOUT,
-                              timeout=args.timeout)
+        returncode = run_logged(list(prefix) + cmd, log, env or mpi_env(), args.timeout)
     elapsed = time.perf_counter() - t0
+    launch = {"cmd": cmd, "prefix": list(prefix), "returncode": returncode, "elapsed_s": elapsed}
     with open(os.path.join(out, "launch.json"), "w") as fh:
-        json.dump({"cmd": cmd, "returncode": proc.returncode, "elapsed_s": elapsed}, fh, indent=2)
+        json.dump(launch, fh, indent=2)
     tail = open(os.path.join(out, "train.log")).read().strip().splitlines()[-1:] or [""]
-    print(f"compare: {strategy} seed {seed}: exit {proc.returncode} in {elapsed:.0f}s | {tail[0]}", flush=True)
-    return {"returncode": proc.returncode, "elapsed_s": elapsed}
+    status = "timed out" if returncode is None else f"exit {returncode}"
+    print(f"{tag}: {strategy} seed {seed}: {status} in {elapsed:.0f}s | {tail[0]}", flush=True)
+    return launch
+
+
+def run_logged(cmd: List[str], log, env: Dict[str, str], timeout: float) -> Optional[int]:
+    """Run cmd from the repo root, output to log; its exit status, or None when it ran past timeout.
+
+    The job gets a session of its own so that a timeout ends mpirun *and* the ranks it started.
+    """
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                break
+        proc.wait()
+        return None
+
+
+def finished(run_dir: str) -> bool:
+    """Whether run_dir holds a run whose launch.json says it exited 0 (for --skip-existing)."""
+    launch = os.path.join(run_dir, "launch.json")
+    return os.path.exists(launch) and json.load(open(launch))["returncode"] == 0
 
 
 def summarise_run(path: str, targets: List[float]) -> Optional[Dict]:
@@ -206,8 +244,7 @@ def main(argv=None) -> int:
     if not args.report_only:
         for seed in seeds:
             for strategy in strategies:
-                launch = os.path.join(args.out, f"{strategy}-{seed}", "launch.json")
-                if args.skip_existing and os.path.exists(launch) and json.load(open(launch))["returncode"] == 0:
+                if args.skip_existing and finished(os.path.join(args.out, f"{strategy}-{seed}")):
                     continue
                 run_one(args, strategy, seed)
 

@@ -1,0 +1,300 @@
+"""The three strategies on a simulated multi-node cluster at a sweep of link rates.
+
+    python benchmarks/cluster_bench.py                                   # 4 nodes, 3 strategies x seeds 0,1,2,
+                                                                         # unshaped,1gbit,100mbit,auto; demo config
+    python benchmarks/cluster_bench.py --rates 20mbit,10mbit --out runs/bench/cluster-slow   # "at least half"
+    python benchmarks/cluster_bench.py --report-only --out runs/bench/cluster                # re-read finished runs
+    python benchmarks/cluster_bench.py --extra-args "--epochs 2 --model preact_resnet34 --width 4" \\
+        --rates unshaped,50mbit --seeds 0 --out runs/bench/cluster-smoke                         # a quick check
+
+Needs root and iproute2: one cluster of resist_mpi.cluster (namespaces <prefix>node0.., default
+prefix rcb-) comes up once and is torn down at the end, also on errors and SIGTERM. Its links are
+reshaped with set_rate between runs; runs go one after another (never two at once: they would
+compete for the cores). Each run is the training CLI across the nodes, started on node0:
+
+    mpirun -H node0:K,node1:K,... --mca btl tcp,self -np N*K python -m resist_mpi.train \\
+        --config CONFIG --strategy X --seed s --out OUT/<rate>/X-s --progress off --overwrite [EXTRA]
+
+with the kernel's byte counters of every node's interface read before and after (OUT/<rate>/X-s/kernel.json).
+
+Rates: `unshaped` (veth at CPU copy speed), any tc rate (`1gbit`, `100mbit`, `20mbit`, ...) and
+`auto`: the rate at which local SGD spends half its round time communicating. auto runs short
+local-SGD probes (--probe-epochs) at --probe-rates into OUT/probes/<rate>/, puts the line
+comm/compute = A + B / rate through the two probes around 1 and solves comm/compute = 1
+(cluster_report.fit_half_rate); then one more probe at that rate checks it and joins the fit, which
+is saved in OUT/auto_rate.json (--report-only reads it). Machine load moves compute times by tens
+of percent, so the sweep's local SGD lands near, not at, 0.5: the table and figure use its own.
+
+Reported per strategy and rate (cluster_report.py): time to each --targets accuracy (mean over the
+seeds that reached it, how many did) and relative to local SGD at the same rate; final accuracy
+mean ± std; median t_compute and t_comm per round and the comm fraction; bytes sent per round by
+the package (summed over ranks) and by the kernel (tx summed over nodes, all traffic of the job /
+rounds), and their ratio over the whole job. Each shaped rate is mapped to the rate beside the
+published GPUs with the same communication-to-compute ratio for local SGD (gpu_scale.py).
+
+Writes OUT/cluster_bench.json (everything, with command lines, rates, probes and git commit) and
+OUT/cluster_bench.png (time to target relative to local SGD against local SGD's comm fraction).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # run from a checkout: the package, compare, cluster_report
+
+import compare  # noqa: E402
+import cluster_report as report  # noqa: E402
+import gpu_scale  # noqa: E402
+from resist_mpi.cluster import Cluster, ClusterError, parse_rate, why_unavailable  # noqa: E402
+
+ROOT = compare.ROOT
+AUTO_FILE = "auto_rate.json"  # the fit that resolved `auto`, with its probes
+
+
+# -- running jobs on the cluster -------------------------------------------------------------------------------
+def job_args(args, out: str, extra_args: str) -> SimpleNamespace:
+    """What compare.train_command / run_one read, for a job across the nodes into out/<strategy>-<seed>."""
+    hosts = ",".join(f"node{k}:{args.ranks_per_node}" for k in range(args.nodes))
+    return SimpleNamespace(mpirun=f"mpirun -H {hosts} --mca btl tcp,self", np=args.nodes * args.ranks_per_node,
+                           config=args.config, epochs=0, extra_args=extra_args, out=out, timeout=args.timeout)
+
+
+def run_job(cl: Cluster, jargs: SimpleNamespace, strategy: str, seed: int) -> Dict:
+    """One training job on the cluster (compare.run_one on node0), with the nodes' kernel counters
+    around it written to kernel.json beside the run's metrics."""
+    before = cl.counters()
+    launch = compare.run_one(jargs, strategy, seed, prefix=cl.on("node0"), env=cl.env(compare.mpi_env()),
+                             tag="cluster_bench")
+    after = cl.counters()
+    if launch["returncode"] is None:
+        _kill_node_processes(cl)  # a timed-out job's ranks on other nodes, should any outlive mpirun
+    kernel = {"rate": cl.rate, "shaping": cl.shaping(),
+              "tx_bytes": {h: after[h]["tx_bytes"] - before[h]["tx_bytes"] for h in cl.hosts},
+              "rx_bytes": {h: after[h]["rx_bytes"] - before[h]["rx_bytes"] for h in cl.hosts}}
+    with open(os.path.join(jargs.out, f"{strategy}-{seed}", "kernel.json"), "w") as fh:
+        json.dump(kernel, fh, indent=2)
+    return launch
+
+
+def _kill_node_processes(cl: Cluster) -> None:
+    """SIGKILL what still runs in this cluster's node namespaces (only this bench starts processes there)."""
+    for host in cl.hosts:
+        pids = subprocess.run(["ip", "netns", "pids", cl.ns(host)], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# -- the half-communication rate ------------------------------------------------------------------------------------
+def probe_args(args, rate: str) -> SimpleNamespace:
+    extra = f"{args.extra_args} --epochs {args.probe_epochs} --eval-every 0"  # later flags win
+    return job_args(args, os.path.join(args.out, "probes", rate), extra)
+
+
+def read_probes(out: str, seed: int) -> List[Dict]:
+    """Every probe in out/probes/<rate>/local_sgd-<seed>, slowest rate first."""
+    root = os.path.join(out, "probes")
+    found = []
+    for rate in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        p = report.probe_summary(os.path.join(root, rate, f"{report.BASELINE}-{seed}"), rate)
+        if p is not None:
+            found.append(p)
+    return sorted(found, key=lambda p: p["rate_bits"] or float("inf"))
+
+
+def find_half_rate(cl: Optional[Cluster], args, seed: int) -> Dict:
+    """Probe local SGD at --probe-rates, fit, probe once more at the fitted rate, refit (cluster None:
+    only read the probes already in OUT). Returns the fit with the probes it used."""
+    if cl is not None:
+        for rate in args.probe_rates:
+            _probe(cl, args, rate, seed)
+        first = report.fit_half_rate(read_probes(args.out, seed))
+        if first["label"] and args.probe_confirm:
+            _probe(cl, args, first["label"], seed)
+    fit = report.fit_half_rate(read_probes(args.out, seed))
+    fit["probes"] = read_probes(args.out, seed)
+    for p in fit["probes"]:
+        print(f"cluster_bench: probe {p['rate']:>9}: local SGD t_comm {p['t_comm_s']:.2f} s, t_compute "
+              f"{p['t_compute_s']:.2f} s, comm fraction {p['comm_fraction']:.2f} ({p['rounds']} rounds)", flush=True)
+    print(f"cluster_bench: half-communication rate: {fit['label'] or 'none (' + str(fit['why']) + ')'}", flush=True)
+    return fit
+
+
+def _probe(cl: Cluster, args, rate: str, seed: int) -> None:
+    jargs = probe_args(args, rate)
+    if args.skip_existing and compare.finished(os.path.join(jargs.out, f"{report.BASELINE}-{seed}")):
+        return
+    cl.set_rate(rate)
+    run_job(cl, jargs, report.BASELINE, seed)
+
+
+# -- the sweep ---------------------------------------------------------------------------------------------------
+def run_sweep(cl: Cluster, args, rates: List[str]) -> None:
+    """Every rate, seed and strategy, in that nesting (a strategy's seeds spread over the run's time)."""
+    for rate in rates:
+        cl.set_rate(rate)
+        print(f"cluster_bench: links {rate}", flush=True)
+        jargs = job_args(args, os.path.join(args.out, rate), args.extra_args)
+        for seed in args.seeds:
+            for strategy in args.strategies:
+                if args.skip_existing and compare.finished(os.path.join(jargs.out, f"{strategy}-{seed}")):
+                    continue
+                run_job(cl, jargs, strategy, seed)
+
+
+def resolve_rates(requested: List[str], fit: Optional[Dict]) -> List[Dict]:
+    """[{"label", "requested", "bits"}]: `auto` becomes the fitted rate's label (left out if none)."""
+    out = []
+    for r in requested:
+        label = (fit or {}).get("label") if r == "auto" else r
+        if label:
+            out.append({"label": label, "requested": r, "bits": parse_rate(label)})
+    return out
+
+
+def collect(args, rates: List[Dict]) -> Dict:
+    """The analysis of every run in OUT (cluster_report), as written to cluster_bench.json."""
+    runs, summary, mapping, commands = {}, {}, {}, {}
+    for r in rates:
+        rate = r["label"]
+        runs[rate] = {s: {seed: report.summarise_run(os.path.join(args.out, rate, f"{s}-{seed}"), args.targets)
+                          for seed in args.seeds} for s in args.strategies}
+        summary[rate] = report.aggregate_rate(runs[rate], args.targets)
+        done = [run for run in runs[rate].get(report.BASELINE, {}).values() if run]
+        if done and report.BASELINE in summary[rate]:
+            mapping[rate] = report.gpu_mapping(rate, summary[rate][report.BASELINE], done[0].get("model"),
+                                               args.gpu_step_ms / 1e3)
+        commands[rate] = {s: {str(seed): _launch(os.path.join(args.out, rate, f"{s}-{seed}")) for seed in args.seeds}
+                          for s in args.strategies}
+    return {"runs": runs, "summary": summary, "gpu_mapping": mapping, "commands": commands}
+
+
+def _launch(run_dir: str) -> Optional[Dict]:
+    """launch.json of a run (command line, prefix, exit status), also of a failed run; None if never started."""
+    path = os.path.join(run_dir, "launch.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def verdicts(summary: Dict, mapping: Dict, targets: List[float]) -> List[str]:
+    """Lines saying what each shaped rate stands for beside GPUs, and the target where it applies:
+    ResIST's time to 97% at most 0.5x local SGD's where local SGD spends at least half its time communicating."""
+    lines = []
+    for rate, by in summary.items():
+        frac = by.get(report.BASELINE, {}).get("comm_fraction")
+        m = mapping.get(rate)
+        if m:
+            lines.append(f"{rate} here (local SGD {100 * frac:.0f}% communicating, "
+                         f"{1e3 * m['here_step_s']:.0f} ms compute/step, l={m['here_local_steps']}) stands for "
+                         f">= {gpu_scale.format_rate(m['gpu_equivalent_bits'])} for ResNet-101 w64 on the "
+                         f"published GPUs ({1e3 * m['gpu_step_s']:.1f} ms/step, l={m['gpu_local_steps']}): "
+                         f"x{m['factor']:.0f}")
+        if frac is not None and frac >= 0.5 and 0.97 in targets:
+            rel = by.get("resist", {}).get("relative_time_to_target", {}).get("0.97")
+            verdict = ("no run reached 97%" if rel is None
+                       else f"{rel:.2f}x local SGD's ({'met' if rel <= 0.5 else 'NOT met'})")
+            lines.append(f"target at {rate} (local SGD {100 * frac:.0f}% communicating): resist's time to 97% "
+                         f"<= 0.5x local SGD's: {verdict}")
+    return lines
+
+
+def git_commit() -> Optional[str]:
+    p = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=ROOT,
+                       capture_output=True, text=True)
+    return p.stdout.strip() or None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=4, help="simulated nodes (default: %(default)s)")
+    p.add_argument("--ranks-per-node", type=int, default=1, help="(default: %(default)s)")
+    p.add_argument("--strategies", default="resist,local_sgd,data_parallel", help="(default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="(default: %(default)s)")
+    p.add_argument("--rates", default="unshaped,1gbit,100mbit,auto", help="link rates, tc syntax, `unshaped` or "
+                   "`auto` (local SGD half the time communicating) (default: %(default)s)")
+    p.add_argument("--config", default="configs/demo.yaml", help="training config (default: %(default)s)")
+    p.add_argument("--extra-args", default="", help="more resist_mpi.train flags, one string")
+    p.add_argument("--targets", default="0.9,0.95,0.97", help="test-accuracy targets (default: %(default)s)")
+    p.add_argument("--probe-rates", default="100mbit,25mbit",
+                   help="auto: local-SGD probes at these rates first (default: %(default)s)")
+    p.add_argument("--probe-epochs", type=int, default=4, help="auto: epochs of each probe (default: %(default)s)")
+    p.add_argument("--probe-confirm", action=argparse.BooleanOptionalAction, default=True,
+                   help="auto: one more probe at the fitted rate, joining the fit (default: on)")
+    p.add_argument("--gpu-step-ms", type=float, default=1e3 * gpu_scale.published_step_s(),
+                   help="GPU step time of ResNet-101 w64, batch 128, for the rate mapping (default: the "
+                        "published upper bound, %(default).1f)")
+    p.add_argument("--out", default="runs/bench/cluster", help="run directories and results (default: %(default)s)")
+    p.add_argument("--prefix", default="rcb-", help="namespace prefix of the cluster (default: %(default)s)")
+    p.add_argument("--subnet", default="10.79.0", help="the cluster's private /24 (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run (default: %(default)s)")
+    p.add_argument("--skip-existing", action="store_true", help="do not rerun runs whose launch.json says exit 0")
+    p.add_argument("--report-only", action="store_true", help="only read the runs already in --out")
+    p.add_argument("--json", help="results file (default: OUT/cluster_bench.json)")
+    p.add_argument("--plot", help="figure (default: OUT/cluster_bench.png)")
+    args = p.parse_args(argv)
+    args.strategies = [s for s in args.strategies.split(",") if s]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.targets = [float(t) for t in args.targets.split(",") if t.strip()]
+    args.rates = [r.strip() for r in args.rates.split(",") if r.strip()]
+    args.probe_rates = [r.strip() for r in args.probe_rates.split(",") if r.strip()]
+    for r in args.probe_rates + [r for r in args.rates if r != "auto"]:
+        parse_rate(r)  # a typo fails here, not after an hour of runs
+    return args
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except ClusterError as e:
+        print(f"cluster_bench: error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    fit = None
+    if not args.report_only:
+        reason = why_unavailable()
+        if reason:
+            print(f"cluster_bench: error: {reason}", file=sys.stderr)
+            return 2
+        profile = {k: v for k, v in compare.mpi_env().items() if k in ("OMP_NUM_THREADS", "PYTHONUNBUFFERED")}
+        with Cluster(nodes=args.nodes, prefix=args.prefix, subnet=args.subnet, profile=profile) as cl:
+            if "auto" in args.rates:
+                fit = find_half_rate(cl, args, args.seeds[0])
+                with open(os.path.join(args.out, AUTO_FILE), "w") as fh:
+                    json.dump(fit, fh, indent=2)  # --report-only reads the rate the runs used
+            run_sweep(cl, args, [r["label"] for r in resolve_rates(args.rates, fit)])
+    elif "auto" in args.rates:
+        saved = os.path.join(args.out, AUTO_FILE)
+        fit = json.load(open(saved)) if os.path.exists(saved) else find_half_rate(None, args, args.seeds[0])
+    rates = resolve_rates(args.rates, fit)
+    result = collect(args, rates)
+    print(report.format_table(result["summary"], args.targets), flush=True)
+    for line in verdicts(result["summary"], result["gpu_mapping"], args.targets):
+        print(f"cluster_bench: {line}", flush=True)
+    path = args.json or os.path.join(args.out, "cluster_bench.json")
+    with open(path, "w") as fh:
+        json.dump({"benchmark": "cluster_bench", "argv": sys.argv, "git_commit": git_commit(),
+                   "nodes": args.nodes, "ranks_per_node": args.ranks_per_node, "config": args.config,
+                   "extra_args": args.extra_args, "strategies": args.strategies, "seeds": args.seeds,
+                   "targets": args.targets, "rates": rates, "half_rate_fit": fit,
+                   "published_gpu": {**gpu_scale.PUBLISHED, "step_s_used": args.gpu_step_ms / 1e3},
+                   **result}, fh, indent=2)
+    png = args.plot or os.path.join(args.out, "cluster_bench.png")
+    title = (f"{args.nodes} nodes x {args.ranks_per_node}, {os.path.basename(args.config)} {args.extra_args}, "
+             f"seeds {','.join(map(str, args.seeds))}")
+    drawn = report.plot(result["summary"], sorted(args.targets, reverse=True)[:2], png, title)
+    print(f"cluster_bench: wrote {path}" + (f" and {png}" if drawn else " (no figure: no rate has local SGD "
+                                                                          "and a strategy reaching a target)"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
