@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import os
+
 from .base import ELEMENT_BYTES, Comm, SelfComm, check_flat, ring_allreduce_bytes
 from .fusion import flat_size, pack, unpack_
 from .launch import WorldInfo, launched_by_horovodrun, select_device, world_info_from_env
@@ -18,16 +20,26 @@ BACKENDS = ("auto", "mpi", "horovod", "torch", "self")
 
 
 def resolve_backend(name: str = "auto", device: str = "auto") -> str:
-    """The concrete backend for name. "auto": torch (NCCL) when this rank will run on a GPU with
-    NCCL available, or when launched by torchrun; horovod under horovodrun; mpi otherwise."""
+    """The concrete backend for name. "auto" picks the fastest correct one for the launch:
+
+    - torch (NCCL) when this rank will run on a GPU and NCCL is there; torch under torchrun;
+    - mpi under mpirun/srun, and under horovodrun's MPI controller too: its ranks are MPI processes,
+      and mpi4py moves the same bytes without Horovod's background thread (benchmarks/results);
+    - torch (gloo) under horovodrun's Gloo controller, where there is no MPI: gloo through
+      torch.distributed was faster than Horovod's (README, "Horovod").
+    Horovod itself is used when asked for by name (--backend horovod).
+    """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     if name != "auto":
         return name
     from .torch_dist import nccl_usable
-    if world_info_from_env().launcher == "torchrun" or nccl_usable(device):
+    info = world_info_from_env()
+    if info.launcher == "torchrun" or nccl_usable(device):
         return "torch"
-    return "horovod" if launched_by_horovodrun() else "mpi"
+    if launched_by_horovodrun() and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        return "torch"  # horovodrun --gloo
+    return "mpi"
 
 
 def init(backend: str = "auto", fail_fast: bool = True, device: str = "auto") -> Comm:

@@ -145,13 +145,13 @@ class Comm:
     def _check_alltoallv(self, send, send_counts, recv_counts, out) -> Tuple[List[int], List[int]]:
         """Checked count lists (copies) of an alltoallv; exchanges the recv counts when not given."""
         check_flat(send, "alltoallv")
-        send_counts = [int(c) for c in send_counts]
+        send_counts = list(send_counts) if type(send_counts) is list else [int(c) for c in send_counts]
         if len(send_counts) != self.size or sum(send_counts) != send.numel() or min(send_counts) < 0:
             raise ValueError(f"alltoallv: send_counts {send_counts} must have one non-negative entry "
                              f"per rank ({self.size}) summing to send.numel() ({send.numel()})")
         if recv_counts is None:
             recv_counts = self._exchange_counts_counted(send_counts)
-        recv_counts = [int(c) for c in recv_counts]
+        recv_counts = list(recv_counts) if type(recv_counts) is list else [int(c) for c in recv_counts]
         if len(recv_counts) != self.size:
             raise ValueError(f"alltoallv: recv_counts needs one entry per rank ({self.size})")
         if out is not None:

@@ -37,6 +37,11 @@ _FRAME = 1024  # bytes of bcast_object's first broadcast (below Open MPI's share
 _TAG = 7100  # tags of alltoallv_tensors messages: _TAG + position in the per-peer list
 
 
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view of a CPU tensor (detach() only when needed: it costs a tensor object)."""
+    return t.detach().numpy() if t.requires_grad else t.numpy()
+
+
 def _displs(counts: List[int]) -> List[int]:
     # a plain list: building a numpy array per call measured as real overhead on small messages
     return list(itertools.accumulate(counts[:-1], initial=0))
@@ -57,6 +62,8 @@ class MPIComm(Comm):
         node.Free()
         super().__init__(self.comm.Get_rank(), self.comm.Get_size(), local_rank, local_size)
         self._cuda_aware = None
+        self._displs_cache = {}
+        self._counts_buffers = (np.empty(self.size, dtype=np.int64), np.empty(self.size, dtype=np.int64))
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
     # Host staging for device tensors ----------------------------------------------------------
@@ -93,6 +100,29 @@ class MPIComm(Comm):
             t.div_(self.size)
         if staged is not None:
             t.copy_(staged)
+
+    def alltoallv(self, send, send_counts, recv_counts=None, out=None):
+        """Comm.alltoallv; for CPU tensors a one-shot call puts as little Python as it can around
+        the MPI call (no handle is built; displacements come from a small cache of count lists)."""
+        if send.device.type != "cpu" or (out is not None and out.device.type != "cpu"):
+            return super().alltoallv(send, send_counts, recv_counts, out)
+        sc, rc = self._check_alltoallv(send, send_counts, recv_counts, out)
+        rbuf = np.empty(sum(rc), dtype=np.float32) if out is None else _array(out)
+        self.comm.Alltoallv([_array(send), (sc, self._displs(sc)), self.MPI.FLOAT],
+                            [rbuf, (rc, self._displs(rc)), self.MPI.FLOAT])
+        sent, recvd = self._alltoallv_bytes(sc, rc)
+        self.bytes_sent += sent
+        self.bytes_recv += recvd
+        return (torch.from_numpy(rbuf) if out is None else out), rc
+
+    def _displs(self, counts: List[int]) -> List[int]:
+        key = tuple(counts)
+        d = self._displs_cache.get(key)
+        if d is None:
+            if len(self._displs_cache) > 64:  # a few plans repeat; do not grow without bound
+                self._displs_cache.clear()
+            d = self._displs_cache[key] = _displs(counts)
+        return d
 
     def prepare_alltoallv(self, send, send_counts, recv_counts=None, out=None):
         """Comm.prepare_alltoallv; for CPU tensors the MPI buffer specs are built once and h() is one
@@ -162,9 +192,9 @@ class MPIComm(Comm):
         MPI.Request.Waitall(requests)
 
     def _exchange_counts(self, send_counts):
-        recv = np.empty(self.size, dtype=np.int64)
-        self.comm.Alltoall([np.asarray(send_counts, dtype=np.int64), self.MPI.INT64_T],
-                           [recv, self.MPI.INT64_T])
+        send, recv = self._counts_buffers  # two int64 arrays of size S, reused
+        send[:] = send_counts
+        self.comm.Alltoall([send, self.MPI.INT64_T], [recv, self.MPI.INT64_T])
         return recv.tolist()
 
     def _bcast_(self, t, root):

@@ -8,9 +8,10 @@ On GPUs this is the backend to use: NCCL moves device memory over NVLink/InfiniB
 mpi4py stages every exchange through host memory unless the MPI is CUDA-aware. On the CPU, gloo is
 slower than the MPI library (benchmarks/results: comm_bench and sync_bench with --backend torch).
 
-Rendezvous: torchrun sets MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK. Under mpirun or
-srun (anything world_info_from_env recognises) with no MASTER_ADDR, rank 0 picks its address and a
-free port and MPI broadcasts them once (mpi4py is a dependency of the package anyway).
+Rendezvous: torchrun sets MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK. Under mpirun,
+srun or horovodrun (anything world_info_from_env recognises) with no MASTER_ADDR, rank 0 picks its
+address and a free port and MPI broadcasts them once (Horovod does, under horovodrun's Gloo
+controller, where there is no MPI).
 
 Collectives are synchronous and issued in the same order on every rank. Byte counting is the
 base class's (comm/base.py), so the counters equal the mpi and horovod backends' to the byte.
@@ -33,21 +34,29 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp
 
 
 def _rendezvous(rank: int, size: int) -> None:
-    """Set MASTER_ADDR/MASTER_PORT from rank 0 when the launcher did not (mpirun, srun)."""
+    """Set MASTER_ADDR/MASTER_PORT from rank 0 when the launcher did not: broadcast by MPI (mpirun,
+    srun, horovodrun's MPI controller) or by Horovod itself (horovodrun's Gloo controller, no MPI)."""
     if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
         return
-    from mpi4py import MPI
-    if MPI.COMM_WORLD.Get_size() != size:
-        raise RuntimeError(f"--backend torch: no MASTER_ADDR/MASTER_PORT set and MPI sees {MPI.COMM_WORLD.Get_size()} "
-                           f"ranks, not {size}: launch with torchrun, or mpirun/srun with MPI")
     addr_port = None
     if rank == 0:
         addr = socket.gethostbyname(socket.gethostname())
         with socket.socket() as s:  # a free port (released: init_process_group binds it right away)
             s.bind(("", 0))
             addr_port = (addr, s.getsockname()[1])
-    addr, port = MPI.COMM_WORLD.bcast(addr_port, root=0)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+    if world_info_from_env().launcher == "horovodrun" and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        import horovod.torch as hvd
+        hvd.init()
+        addr_port = hvd.broadcast_object(addr_port, root_rank=0, name="resist.rendezvous")
+        hvd.shutdown()  # only the address was needed: no Horovod thread competes with training
+    else:
+        from mpi4py import MPI
+        if MPI.COMM_WORLD.Get_size() != size:
+            raise RuntimeError(f"--backend torch: no MASTER_ADDR/MASTER_PORT set and MPI sees "
+                               f"{MPI.COMM_WORLD.Get_size()} ranks, not {size}: launch with torchrun, "
+                               f"mpirun, srun or horovodrun")
+        addr_port = MPI.COMM_WORLD.bcast(addr_port, root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr_port[0], str(addr_port[1])
 
 
 def nccl_usable(device: str = "auto") -> bool:
