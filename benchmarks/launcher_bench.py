@@ -1,6 +1,6 @@
 """The same training under every launcher and backend: communication and compute time per round.
 
-    python benchmarks/launcher_bench.py                              # 4 ranks, demo config at width 32, 2 epochs
+    python benchmarks/launcher_bench.py                              # 4 ranks, demo config at width 32, 4 epochs
     python benchmarks/launcher_bench.py --np 2 --extra-args "--width 8" --epochs 1   # a quick look
 
 Each variant is one training run (the same config, seed and ranks, so the same bytes per round):
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--np", type=int, default=4)
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--strategy", default="resist")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--extra-args", default="--width 32", help="more train flags (default: %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="(default: all)")
     p.add_argument("--out", default="runs/bench/launchers")

@@ -9,6 +9,7 @@ import torch
 
 from .comm import Comm, pack, unpack_
 from .comm.fusion import flatten_, is_view_of
+from .groups import slice_counts
 
 
 class Averager:
@@ -21,24 +22,39 @@ class Averager:
     working. If something replaced the tensors since (module.to(), load_state_dict(assign=True)),
     the buffer is rebuilt.
 
+    With groups (resist_mpi.groups) the average is hierarchical: averaged inside the group (the fast
+    link), then each member averages its slice across the groups, then the group puts the slices
+    back together; every rank ends with the average over all ranks, every member the same bits.
+
     Args:
         comm: the Comm to average over.
         tensors: a function returning the tensors, in a fixed order (called on every average, so
             tensors replaced since are seen).
+        groups: a Groups of comm's ranks, or None (one flat allreduce).
     """
 
-    def __init__(self, comm: Comm, tensors: Callable[[], List[torch.Tensor]]):
+    def __init__(self, comm: Comm, tensors: Callable[[], List[torch.Tensor]], groups=None):
         self.comm, self._tensors = comm, tensors
+        self.groups = groups if groups is not None and groups.inner is not None else None
         self.flat = None
-        self._run = None
+        self._steps: List[Callable] = []
 
     def average(self) -> None:
         tensors = self._tensors()
         if self.flat is None or not is_view_of(tensors, self.flat):
             self.flat = flatten_(tensors)
-            self._run = self.comm.prepare_allreduce(self.flat)
-        # ---- distributed step: one allreduce of the flat buffer ----
-        self._run()
+            self._steps = self._prepare(self.flat)
+        # ---- distributed step: one allreduce of the flat buffer (three, hierarchical, with groups) ----
+        for step in self._steps:
+            step()
+
+    def _prepare(self, flat: torch.Tensor) -> List[Callable]:
+        g = self.groups
+        if g is None:
+            return [self.comm.prepare_allreduce(flat)]
+        start, stop = g.my_slice(flat.numel())
+        return [g.inner.prepare_allreduce(flat), g.across.prepare_allreduce(flat[start:stop]),
+                g.inner.prepare_allgather(flat, slice_counts(flat.numel(), g.size))]
 
 
 def average_tensors_(c: Comm, tensors: Sequence[torch.Tensor]) -> None:
@@ -64,18 +80,27 @@ class GradientAverager:
     gradient is accumulated; the first one of a backward pass queues a callback that runs when the
     whole backward is done, and that callback averages every gradient with one fused allreduce
     (what DDP does, without bucketing). So `loss.backward(); opt.step()` steps on averaged gradients.
+    Every rank must produce gradients for the same parameters (replicas of one model do).
 
     Args:
         comm: the Comm to average over.
-        params: the parameters whose gradients are averaged.
+        params: the parameters whose gradients are averaged (attach() replaces them).
     Attributes:
         comm_time: seconds spent in the averages, cumulative.
     """
 
-    def __init__(self, comm: Comm, params: Sequence[torch.nn.Parameter]):
-        self.comm, self.params = comm, [p for p in params if p.requires_grad]
+    def __init__(self, comm: Comm, params: Sequence[torch.nn.Parameter] = ()):
+        self.comm = comm
         self.comm_time = 0.0
         self._queued = False
+        self.params: List[torch.nn.Parameter] = []
+        self._handles: List = []
+        self.attach(params)
+
+    def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Average the gradients of params from now on (ResIST's round parameters change)."""
+        self.remove()
+        self.params = [p for p in params if p.requires_grad]
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
     def _on_grad(self, _param) -> None:

@@ -43,6 +43,8 @@ class Config:
     schedule: str = _f("step", "step (/10 at 50%% and 75%% of epochs) or cosine", "optim", ("step", "cosine"))
     local_steps: int = _f(50, "SGD steps per round between synchronisations (l)", "optim")
     min_depth: int = _f(0, "minimum blocks per sub-ResNet (blocks overlap when needed); 0: none", "optim")
+    group_size: str = _f("1", "ranks per group: ResIST (or local SGD) between groups, data-parallel inside each; "
+                         "a number, or 'node' (the ranks of one node); 1: the paper's ResIST", "optim")
     keep_shared_momentum: bool = _f(False, "keep the shared layers' momentum across rounds (paper: fresh)", "optim")
     warmup_epochs: int = _f(0, "epochs of local SGD before ResIST takes over (the paper's ImageNet recipe)", "optim")
     # -- evaluation --------------------------------------------------------------------------------------
@@ -108,6 +110,10 @@ def validate(cfg: Config) -> Config:
     if cfg.warmup_epochs >= cfg.epochs:
         if cfg.warmup_epochs:
             raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} leaves no ResIST epochs out of {cfg.epochs}")
+    if not (str(cfg.group_size) == "node" or (str(cfg.group_size).isdigit() and int(cfg.group_size) >= 1)):
+        raise ConfigError(f"--group-size {cfg.group_size!r}: give a number of ranks per group, or 'node'")
+    if str(cfg.group_size) != "1" and cfg.strategy == "data_parallel":
+        raise ConfigError("--group-size applies to resist and local_sgd (data_parallel averages over every rank already)")
     if cfg.overwrite and cfg.resume:
         raise ConfigError("--overwrite starts afresh and --resume continues a run: pass one of them")
     if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+", str(cfg.device)):

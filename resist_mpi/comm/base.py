@@ -11,9 +11,18 @@ MPI or Horovod. Byte counters are *payload* bytes this rank put on / took off th
 - ``bcast_`` / ``bcast_object`` count a flat broadcast: the root sends n bytes to each of the S-1
   others, each of them receives n bytes (for an object, n is its pickled size).
 
+- ``allgather_`` counts the ring volume: rank r sends every segment but its successor's and
+  receives every segment but its own.
+
 Small bookkeeping traffic (the per-round metric reduction, the recv-count exchange of an
 alltoallv whose counts are not given) is counted separately in ``control_bytes`` so that the
 payload counters equal what a routing plan predicts, to the byte.
+
+Levels: ``bytes_sent_cross`` / ``bytes_recv_cross`` are the part of the payload exchanged with ranks
+on other nodes (``nodes``: a node id per rank, from the ranks' host names), by the same model: a
+ring sends to the next rank and receives from the previous one, a broadcast goes from the root to
+each rank, an all-to-all to each destination. A communicator split from another (``split``) shares
+its counters, so a job's totals always include every sub-communicator's traffic.
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ import contextlib
 import pickle
 import sys
 import traceback
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,25 +70,107 @@ def abort_process(code: int) -> None:
     os._exit(code)
 
 
+class Counters:
+    """Bytes counted by a Comm and by every communicator split from it (one object, shared)."""
+
+    __slots__ = ("sent", "recv", "sent_cross", "recv_cross", "control")
+
+    def __init__(self):
+        self.sent = self.recv = self.sent_cross = self.recv_cross = self.control = 0
+
+
 class Comm:
     """Base class of the backends: attributes, counters, argument checks and fail-fast handling.
 
     Attributes:
         rank, size: this process's rank and the number of ranks.
         local_rank, local_size: rank and number of ranks on this node.
+        nodes: node id of every rank (ranks with the same id share a host).
         bytes_sent, bytes_recv: cumulative payload bytes (see the module docstring).
+        bytes_sent_cross, bytes_recv_cross: the part of them exchanged with other nodes.
         control_bytes: cumulative bytes of bookkeeping messages (sent + received).
-        name: backend name ("mpi" or "horovod").
+        name: backend name ("mpi", "horovod", "torch" or "self").
     """
 
     name = "base"
 
-    def __init__(self, rank: int, size: int, local_rank: int, local_size: int):
+    def __init__(self, rank: int, size: int, local_rank: int, local_size: int,
+                 counters: Optional[Counters] = None):
         self.rank, self.size = rank, size
         self.local_rank, self.local_size = local_rank, local_size
-        self.bytes_sent = 0
-        self.bytes_recv = 0
-        self.control_bytes = 0
+        self._counters = counters or Counters()
+        self.set_nodes([0] * size)
+
+    # -- counters ---------------------------------------------------------------------------------
+    bytes_sent = property(lambda self: self._counters.sent, lambda self, v: setattr(self._counters, "sent", v))
+    bytes_recv = property(lambda self: self._counters.recv, lambda self, v: setattr(self._counters, "recv", v))
+    bytes_sent_cross = property(lambda self: self._counters.sent_cross,
+                                lambda self, v: setattr(self._counters, "sent_cross", v))
+    bytes_recv_cross = property(lambda self: self._counters.recv_cross,
+                                lambda self, v: setattr(self._counters, "recv_cross", v))
+    control_bytes = property(lambda self: self._counters.control,
+                             lambda self, v: setattr(self._counters, "control", v))
+
+    def set_nodes(self, nodes: Sequence[int]) -> None:
+        """Which node every rank is on (the backends learn it from the host names)."""
+        self.nodes = list(nodes)
+        me = self.nodes[self.rank]
+        self._remote = [n != me for n in self.nodes]  # per peer: on another node?
+        self._single_node = not any(self._remote)
+
+    def learn_nodes(self) -> None:
+        """Every rank's node, from the host names (one allgather of metadata: control bytes)."""
+        import socket
+        if self.size == 1:
+            return
+        with self.as_control():
+            hosts = self.allgather_object(socket.gethostname())
+        ids = {h: k for k, h in enumerate(dict.fromkeys(hosts))}
+        self.set_nodes([ids[h] for h in hosts])
+
+    def _tally(self, sent: int, recv: int, sent_cross: int = 0, recv_cross: int = 0) -> None:
+        c = self._counters
+        c.sent += sent
+        c.recv += recv
+        c.sent_cross += sent_cross
+        c.recv_cross += recv_cross
+
+    def _ring_tally(self, nbytes_sent: int, nbytes_recv: int) -> Tuple[int, int, int, int]:
+        """(sent, recv, sent across nodes, recv across nodes) of a ring step: to the next rank, from the previous."""
+        if self._single_node:
+            return nbytes_sent, nbytes_recv, 0, 0
+        succ, pred = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        return (nbytes_sent, nbytes_recv, nbytes_sent if self._remote[succ] else 0,
+                nbytes_recv if self._remote[pred] else 0)
+
+    def _peer_tally(self, sent_to: Sequence[int], recv_from: Sequence[int]) -> Tuple[int, int, int, int]:
+        """Counts of a personalised exchange from bytes per destination and per source (self excluded)."""
+        r = self.rank
+        sent, recv = sum(sent_to) - sent_to[r], sum(recv_from) - recv_from[r]
+        if self._single_node:
+            return sent, recv, 0, 0
+        remote = self._remote
+        return (sent, recv, sum(b for p, b in enumerate(sent_to) if remote[p]),
+                sum(b for p, b in enumerate(recv_from) if remote[p]))
+
+    def counters(self) -> Tuple[int, int]:
+        """(bytes_sent, bytes_recv) so far; subtract two snapshots to count one phase."""
+        return self.bytes_sent, self.bytes_recv
+
+    def cross_counters(self) -> Tuple[int, int]:
+        """(bytes_sent_cross, bytes_recv_cross) so far: the part exchanged with other nodes."""
+        return self.bytes_sent_cross, self.bytes_recv_cross
+
+    @contextlib.contextmanager
+    def as_control(self):
+        """Inside this block, payload counters are moved to control_bytes (for metadata calls)."""
+        c = self._counters
+        saved = (c.sent, c.recv, c.sent_cross, c.recv_cross)
+        try:
+            yield
+        finally:
+            c.control += (c.sent - saved[0]) + (c.recv - saved[1])
+            c.sent, c.recv, c.sent_cross, c.recv_cross = saved
 
     # -- the API (backends implement the underscored primitives) ---------------------------------
     def allreduce_mean_(self, t: torch.Tensor) -> torch.Tensor:
@@ -97,11 +188,11 @@ class Comm:
         moved = ring_allreduce_bytes(t.numel() * ELEMENT_BYTES, self.size)
         if self.size == 1 or t.numel() == 0:
             return lambda: t
+        tally = self._ring_tally(moved, moved)
 
         def run():
             self._allreduce_(t, "mean")
-            self.bytes_sent += moved
-            self.bytes_recv += moved
+            self._tally(*tally)
             return t
         return run
 
@@ -129,7 +220,7 @@ class Comm:
         """alltoallv(...) prepared once, to run many times with the same tensors and counts (see
         prepare_allreduce); recv counts not given are exchanged here, once."""
         send_counts, recv_counts = self._check_alltoallv(send, send_counts, recv_counts, out)
-        sent, recvd = self._alltoallv_bytes(send_counts, recv_counts)
+        tally = self._alltoallv_tally(send_counts, recv_counts)
         into = out is not None and hasattr(self, "_alltoallv_into")
 
         def run():
@@ -137,8 +228,7 @@ class Comm:
                 recv = self._alltoallv_into(send, send_counts, recv_counts, out)
             else:
                 recv = self._alltoallv(send, send_counts, recv_counts)
-            self.bytes_sent += sent
-            self.bytes_recv += recvd
+            self._tally(*tally)
             return recv, recv_counts
         return run
 
@@ -160,10 +250,66 @@ class Comm:
                 raise ValueError(f"alltoallv: out has {out.numel()} elements, recv_counts sum to {sum(recv_counts)}")
         return send_counts, recv_counts
 
-    def _alltoallv_bytes(self, send_counts: List[int], recv_counts: List[int]) -> Tuple[int, int]:
+    def _alltoallv_tally(self, send_counts: List[int], recv_counts: List[int]) -> Tuple[int, int, int, int]:
         """Payload of an alltoallv: what goes to and comes from other ranks (not the own segment)."""
-        return (ELEMENT_BYTES * (sum(send_counts) - send_counts[self.rank]),
-                ELEMENT_BYTES * (sum(recv_counts) - recv_counts[self.rank]))
+        return self._peer_tally([ELEMENT_BYTES * n for n in send_counts], [ELEMENT_BYTES * n for n in recv_counts])
+
+    def allgather_(self, flat: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Every rank's segment of flat to every rank, in place: segment r (counts[r] elements from
+        offset sum(counts[:r])) holds rank r's values before; afterwards every rank holds all of them."""
+        return self.prepare_allgather(flat, counts)()
+
+    def prepare_allgather(self, flat: torch.Tensor, counts: Sequence[int]) -> Callable[[], torch.Tensor]:
+        """allgather_(flat, counts) prepared once, to run many times (see prepare_allreduce)."""
+        check_flat(flat, "allgather_")
+        counts = [int(n) for n in counts]
+        if len(counts) != self.size or sum(counts) != flat.numel() or min(counts) < 0:
+            raise ValueError(f"allgather_: counts {counts} must have one non-negative entry per rank "
+                             f"({self.size}) summing to flat.numel() ({flat.numel()})")
+        if self.size == 1:
+            return lambda: flat
+        total, succ = ELEMENT_BYTES * sum(counts), (self.rank + 1) % self.size
+        tally = self._ring_tally(total - ELEMENT_BYTES * counts[succ], total - ELEMENT_BYTES * counts[self.rank])
+
+        def run():
+            self._allgather_(flat, counts)
+            self._tally(*tally)
+            return flat
+        return run
+
+    def _allgather_(self, flat: torch.Tensor, counts: List[int]) -> None:
+        """Fallback: each rank sends its segment to every rank in one alltoallv, received into flat."""
+        start = sum(counts[:self.rank])
+        mine = flat[start:start + counts[self.rank]]
+        send = mine.repeat(self.size)  # a copy: flat is received into
+        if hasattr(self, "_alltoallv_into"):
+            self._alltoallv_into(send, [mine.numel()] * self.size, counts, flat)
+        else:
+            flat.copy_(self._alltoallv(send, [mine.numel()] * self.size, counts))
+
+    def split(self, color: int, key: Optional[int] = None) -> "Comm":
+        """The communicator of the ranks that pass the same color (collective: every rank calls it),
+        ordered by key (default: rank). It shares this Comm's counters and knows its ranks' nodes.
+
+        Attributes of the result: members (this communicator's ranks of its members, in order).
+        """
+        key = self.rank if key is None else key
+        with self.as_control():  # every rank learns every group: some backends create them all
+            table = self.allgather_object((int(color), int(key), self.rank))
+        groups: Dict[int, List[int]] = {}
+        for col, _, r in sorted(table):
+            groups.setdefault(col, []).append(r)
+        members = groups[int(color)]
+        sub = self._split(int(color), int(key), groups)
+        sub.members = members
+        sub.set_nodes([self.nodes[r] for r in members])
+        mine = self.nodes[self.rank]
+        sub.local_rank = sum(1 for r in members[:members.index(self.rank)] if self.nodes[r] == mine)
+        sub.local_size = sum(1 for r in members if self.nodes[r] == mine)
+        return sub
+
+    def _split(self, color: int, key: int, groups: Dict[int, List[int]]) -> "Comm":
+        raise NotImplementedError(f"the {self.name} backend has no sub-communicators")
 
     def alltoallv_tensors(self, sends: Sequence[Sequence[torch.Tensor]],
                           recvs: Sequence[Sequence[torch.Tensor]]) -> None:
@@ -185,8 +331,8 @@ class Comm:
             if t.dtype != torch.float32 or not t.is_contiguous():
                 raise ValueError(f"alltoallv_tensors: tensors must be contiguous float32, got {t.dtype}")
         self._alltoallv_tensors(sends, recvs)
-        self.bytes_sent += ELEMENT_BYTES * sum(t.numel() for ts in sends for t in ts)
-        self.bytes_recv += ELEMENT_BYTES * sum(t.numel() for ts in recvs for t in ts)
+        self._tally(*self._peer_tally([ELEMENT_BYTES * sum(t.numel() for t in ts) for ts in sends],
+                                      [ELEMENT_BYTES * sum(t.numel() for t in ts) for ts in recvs]))
 
     def _alltoallv_tensors(self, sends, recvs) -> None:
         """Fallback: pack into one flat buffer, alltoallv, unpack."""
@@ -244,21 +390,6 @@ class Comm:
         sys.stderr.flush()
         self._abort(code)
 
-    # -- counters ---------------------------------------------------------------------------------
-    def counters(self) -> Tuple[int, int]:
-        """(bytes_sent, bytes_recv) so far; subtract two snapshots to count one phase."""
-        return self.bytes_sent, self.bytes_recv
-
-    @contextlib.contextmanager
-    def as_control(self):
-        """Inside this block, payload counters are moved to control_bytes (for metadata calls)."""
-        sent, recv = self.bytes_sent, self.bytes_recv
-        try:
-            yield
-        finally:
-            self.control_bytes += (self.bytes_sent - sent) + (self.bytes_recv - recv)
-            self.bytes_sent, self.bytes_recv = sent, recv
-
     def _exchange_counts_counted(self, send_counts: List[int]) -> List[int]:
         """The recv counts of an alltoallv whose caller did not give them (control traffic)."""
         self.control_bytes += 2 * 8 * (self.size - 1)
@@ -266,9 +397,9 @@ class Comm:
 
     def _count_bcast(self, nbytes: int, root: int) -> None:
         if self.rank == root:
-            self.bytes_sent += nbytes * (self.size - 1)
+            self._tally(nbytes * (self.size - 1), 0, nbytes * sum(self._remote), 0)
         else:
-            self.bytes_recv += nbytes
+            self._tally(0, nbytes, 0, nbytes if self._remote[root] else 0)
 
     # -- fail fast --------------------------------------------------------------------------------
     def install_excepthook(self) -> None:
@@ -319,11 +450,14 @@ class SelfComm(Comm):
 
     name = "self"
 
-    def __init__(self):
-        super().__init__(0, 1, 0, 1)
+    def __init__(self, counters: Optional[Counters] = None):
+        super().__init__(0, 1, 0, 1, counters)
 
     def _alltoallv(self, send, send_counts, recv_counts):
         return send.clone()
+
+    def _split(self, color, key, groups):
+        return SelfComm(self._counters)
 
     def _exchange_counts(self, send_counts):
         return list(send_counts)

@@ -52,7 +52,7 @@ class MPIComm(Comm):
 
     name = "mpi"
 
-    def __init__(self, comm=None):
+    def __init__(self, comm=None, counters=None):
         MPI = _mpi()
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
@@ -60,11 +60,16 @@ class MPIComm(Comm):
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.comm.Get_rank())
         local_rank, local_size = node.Get_rank(), node.Get_size()
         node.Free()
-        super().__init__(self.comm.Get_rank(), self.comm.Get_size(), local_rank, local_size)
+        super().__init__(self.comm.Get_rank(), self.comm.Get_size(), local_rank, local_size, counters)
         self._cuda_aware = None
         self._displs_cache = {}
         self._counts_buffers = (np.empty(self.size, dtype=np.int64), np.empty(self.size, dtype=np.int64))
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        if counters is None:  # a world of its own (a split is told its nodes by its parent)
+            self.learn_nodes()
+
+    def _split(self, color, key, groups):
+        return MPIComm(self.comm.Split(color, key), counters=self._counters)
 
     # Host staging for device tensors ----------------------------------------------------------
     def _host(self, t: torch.Tensor):
@@ -82,12 +87,12 @@ class MPIComm(Comm):
         check_flat(t, "allreduce_mean_")
         arr, MPI, comm, size = t.detach().numpy(), self.MPI, self.comm, self.size
         moved = ring_allreduce_bytes(ELEMENT_BYTES * t.numel(), size)
+        tally, count = self._ring_tally(moved, moved), self._tally
 
         def run():
             comm.Allreduce(MPI.IN_PLACE, [arr, MPI.FLOAT], op=MPI.SUM)
             np.divide(arr, size, out=arr)  # measured faster than torch's div_ on one thread
-            self.bytes_sent += moved
-            self.bytes_recv += moved
+            count(*tally)
             return t
         return run
 
@@ -110,9 +115,7 @@ class MPIComm(Comm):
         rbuf = np.empty(sum(rc), dtype=np.float32) if out is None else _array(out)
         self.comm.Alltoallv([_array(send), (sc, self._displs(sc)), self.MPI.FLOAT],
                             [rbuf, (rc, self._displs(rc)), self.MPI.FLOAT])
-        sent, recvd = self._alltoallv_bytes(sc, rc)
-        self.bytes_sent += sent
-        self.bytes_recv += recvd
+        self._tally(*self._alltoallv_tally(sc, rc))
         return (torch.from_numpy(rbuf) if out is None else out), rc
 
     def _displs(self, counts: List[int]) -> List[int]:
@@ -130,7 +133,7 @@ class MPIComm(Comm):
         if send.device.type != "cpu" or (out is not None and out.device.type != "cpu"):
             return super().prepare_alltoallv(send, send_counts, recv_counts, out)
         sc, rc = self._check_alltoallv(send, send_counts, recv_counts, out)
-        sent, recvd = self._alltoallv_bytes(sc, rc)
+        tally, count = self._alltoallv_tally(sc, rc), self._tally
         MPI, comm, n_recv = self.MPI, self.comm, sum(rc)
         sspec = [send.detach().numpy(), (sc, _displs(sc)), MPI.FLOAT]
         rcd = (rc, _displs(rc))
@@ -144,8 +147,7 @@ class MPIComm(Comm):
             else:
                 comm.Alltoallv(sspec, rspec)
                 recv = out
-            self.bytes_sent += sent
-            self.bytes_recv += recvd
+            count(*tally)
             return recv, rc
         return run
 
@@ -190,6 +192,12 @@ class MPIComm(Comm):
                 if t.numel():
                     requests.append(comm.Isend([t.detach().numpy(), MPI.FLOAT], dest=dst, tag=_TAG + k))
         MPI.Request.Waitall(requests)
+
+    def _allgather_(self, flat, counts):
+        buf, staged = self._host(flat)
+        self.comm.Allgatherv(self.MPI.IN_PLACE, [buf, (counts, self._displs(counts)), self.MPI.FLOAT])
+        if staged is not None:
+            flat.copy_(staged)
 
     def _exchange_counts(self, send_counts):
         send, recv = self._counts_buffers  # two int64 arrays of size S, reused

@@ -98,7 +98,26 @@ class TorchComm(Comm):
             # group alive aborts the process ("terminate called without an active exception")
             atexit.register(_destroy)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.nccl else torch.device("cpu")
+        self.group, self.global_ranks = None, list(range(dist.get_world_size()))
         super().__init__(dist.get_rank(), dist.get_world_size(), local_rank, local_size)
+        self.learn_nodes()
+
+    def _split(self, color, key, groups):
+        # torch's rule: every rank creates every group, in the same order; a group's ranks are
+        # ordered by global rank
+        mine = None
+        for col in sorted(groups):
+            ranks = [self.global_ranks[r] for r in groups[col]]
+            if ranks != sorted(ranks):
+                raise ValueError("the torch backend orders a sub-communicator's ranks by global rank: "
+                                 "split with keys in rank order")
+            pg = dist.new_group(ranks)
+            if col == color:
+                mine = (pg, ranks)
+        sub = TorchComm.__new__(TorchComm)
+        sub.nccl, sub.device, (sub.group, sub.global_ranks) = self.nccl, self.device, mine
+        Comm.__init__(sub, sub.global_ranks.index(dist.get_rank()), len(sub.global_ranks), 0, 1, self._counters)
+        return sub
 
     # NCCL only takes device tensors: host tensors (metrics, pickled metadata) go through the GPU.
     def _on(self, t: torch.Tensor) -> torch.Tensor:
@@ -112,19 +131,19 @@ class TorchComm(Comm):
 
     def _allreduce_(self, t, op):
         def reduce(w):
-            dist.all_reduce(w, op=dist.ReduceOp.SUM)
+            dist.all_reduce(w, op=dist.ReduceOp.SUM, group=self.group)
             w.div_(self.size)
         self._inplace(t, reduce)
 
     def _alltoallv(self, send, send_counts, recv_counts):
         out = torch.empty(sum(recv_counts), dtype=send.dtype, device=self.device)
         dist.all_to_all_single(out, self._on(send), output_split_sizes=list(recv_counts),
-                               input_split_sizes=list(send_counts))
+                               input_split_sizes=list(send_counts), group=self.group)
         return out.to(send.device)
 
     def _alltoallv_into(self, send, send_counts, recv_counts, out):
         self._inplace(out, lambda w: dist.all_to_all_single(w, self._on(send), output_split_sizes=list(recv_counts),
-                                                            input_split_sizes=list(send_counts)))
+                                                            input_split_sizes=list(send_counts), group=self.group))
         return out
 
     def _alltoallv_tensors(self, sends, recvs):
@@ -133,9 +152,10 @@ class TorchComm(Comm):
             return super()._alltoallv_tensors(sends, recvs)  # packed into one buffer, moved once
         # One point-to-point message per tensor, all posted together (NCCL groups them into one
         # launch); tags keep the k-th tensor between a pair matched with the k-th on the other side.
-        ops = [dist.P2POp(dist.irecv, t, src, tag=k) for src, ts in enumerate(recvs) for k, t in enumerate(ts)
+        g, peer = self.group, self.global_ranks
+        ops = [dist.P2POp(dist.irecv, t, peer[src], g, tag=k) for src, ts in enumerate(recvs) for k, t in enumerate(ts)
                if t.numel()]
-        ops += [dist.P2POp(dist.isend, t, dst, tag=k) for dst, ts in enumerate(sends) for k, t in enumerate(ts)
+        ops += [dist.P2POp(dist.isend, t, peer[dst], g, tag=k) for dst, ts in enumerate(sends) for k, t in enumerate(ts)
                 if t.numel()]
         if ops:
             for req in dist.batch_isend_irecv(ops):
@@ -144,27 +164,28 @@ class TorchComm(Comm):
     def _exchange_counts(self, send_counts):
         send = torch.tensor(send_counts, dtype=torch.int64, device=self.device)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send)
+        dist.all_to_all_single(recv, send, group=self.group)
         return recv.tolist()
 
     def _bcast_(self, t, root):
-        self._inplace(t, lambda w: dist.broadcast(w, src=root))
+        self._inplace(t, lambda w: dist.broadcast(w, src=self.global_ranks[root], group=self.group))
 
     def _bcast_bytes(self, payload: Optional[bytes], root: int) -> bytes:
+        src = self.global_ranks[root]
         n = torch.tensor([len(payload) if self.rank == root else 0], dtype=torch.int64, device=self.device)
-        dist.broadcast(n, src=root)
+        dist.broadcast(n, src=src, group=self.group)
         if self.rank == root:
             buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
         else:
             buf = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
-        dist.broadcast(buf, src=root)
+        dist.broadcast(buf, src=src, group=self.group)
         return payload if self.rank == root else buf.cpu().numpy().tobytes()
 
     def _reduce_stats_(self, t, op):
-        self._inplace(t, lambda w: dist.all_reduce(w, op=_OPS[op]))
+        self._inplace(t, lambda w: dist.all_reduce(w, op=_OPS[op], group=self.group))
 
     def _barrier(self):
-        dist.barrier()
+        dist.barrier(group=self.group)
 
     def _abort(self, code):
         abort_process(code)

@@ -1,7 +1,14 @@
-"""Local SGD: every rank trains the full model for l steps, then all parameters and BN buffers are averaged."""
+"""Local SGD: every rank trains the full model for l steps, then all parameters and BN buffers are averaged.
+
+With group_size G > 1 it is hierarchical local SGD (Lin et al., "Don't Use Large Mini-Batches, Use
+Local SGD", ICLR 2020): data-parallel inside each group of G ranks at every step, and the whole model
+averaged across the groups every l steps (hierarchically: resist_mpi.groups)."""
 from __future__ import annotations
 
-from ..averaging import Averager
+from typing import Union
+
+from ..averaging import Averager, GradientAverager
+from ..groups import Groups
 from ..blocks import module_tensors
 from .base import Replicated
 
@@ -12,19 +19,23 @@ class LocalSGD(Replicated):
     Args:
         model, comm: as for every strategy; the model's initial weights come from rank 0.
         device: where ranks whose model was built on the meta device put it.
+        group_size: ranks per group (an int, or "node"): hierarchical local SGD when > 1.
         optimizer, keep_momentum: see Strategy (a fresh optimizer every round, as in the paper).
     """
 
     name = "local_sgd"
     fresh_optimizer = True
 
-    def __init__(self, model, comm, **kw):
+    def __init__(self, model, comm, group_size: Union[int, str] = 1, **kw):
         super().__init__(model, comm, **kw)
-        self._average = Averager(comm, lambda: module_tensors(self.model))
+        self.groups = Groups(comm, group_size)
+        self._average = Averager(comm, lambda: module_tensors(self.model), self.groups)
+        if self.groups.inner is not None:  # data-parallel inside the group, every step
+            self._gradient_averagers.append(GradientAverager(self.groups.inner, list(model.parameters())))
 
     @classmethod
     def from_config(cls, model, comm, cfg, **kw):
-        return cls(model, comm, keep_momentum=cfg.keep_shared_momentum, **kw)
+        return cls(model, comm, keep_momentum=cfg.keep_shared_momentum, group_size=cfg.group_size, **kw)
 
     def _end(self) -> None:
         # ---- distributed step: one fused allreduce of the whole model ----

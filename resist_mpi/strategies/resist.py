@@ -10,6 +10,11 @@
 A rank only ever holds the shared layers plus its own blocks: released blocks live on the meta
 device (BlockStore). A model whose blocks other ranks built on the meta device (the CLI does, to
 spare their memory) is fine: rank 0's weights are the initial ones, its blocks go out in round 0.
+
+With group_size G > 1 (resist_mpi.groups) the blocks are dealt to the S/G groups instead of the
+ranks; the members of a group train the group's sub-network data-parallel (gradients averaged
+every step inside the group), blocks move between groups in G slices that the receiving group
+puts back together, and the shared layers are averaged hierarchically. G = 1 is the paper's ResIST.
 """
 from __future__ import annotations
 
@@ -19,9 +24,10 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from .. import partition
-from ..averaging import Averager, broadcast_tensors_
+from ..averaging import Averager, GradientAverager, average_tensors_, broadcast_tensors_
 from ..blocks import BlockStore, activate, find_blocks, make_switchable, materialize_shared, set_scale, shared_slots
 from ..exchange import run_exchange
+from ..groups import Groups, slice_counts
 from ..routing import Holdings, everyone, needers_from_assignment
 from .base import Strategy
 
@@ -42,6 +48,7 @@ class ResIST(Strategy):
             device of the model's first real tensor, else the CPU).
         synchronized: every rank already holds the identical full model (after a warm-up): nothing
             is broadcast and every rank starts holding every block.
+        group_size: ranks per group (an int, or "node"), see the module docstring.
         optimizer, keep_momentum: see Strategy ("shared" = the shared layers' parameters).
     """
 
@@ -49,27 +56,31 @@ class ResIST(Strategy):
     fresh_optimizer = True  # the paper's reference code builds a fresh optimizer every round
 
     def __init__(self, model, comm, *, blocks: Union[str, Sequence] = "auto", stages: Optional[Sequence[int]] = None,
-                 min_depth: int = 0, seed: int = 0, device=None, synchronized: bool = False, **kw):
+                 min_depth: int = 0, seed: int = 0, device=None, synchronized: bool = False,
+                 group_size: Union[int, str] = 1, **kw):
         super().__init__(model, comm, **kw)
         named = find_blocks(model, blocks, stages)
         self.block_names = [n for n, _ in named]
         self.blocks = [m for _, m in named]
         for name, block in named:
             make_switchable(block, name)
-        partition.check_partition(len(self.blocks), comm.size, min_depth)
+        self.groups = Groups(comm, group_size)
+        partition.check_partition(len(self.blocks), self.groups.count, min_depth)
         self.min_depth, self.seed = min_depth, seed
         self.device = torch.device(device) if device is not None else _device_of(model)
         self.store = BlockStore(self.blocks)
         self._shared = shared_slots(model, self.blocks)
-        self._average = Averager(comm, self.shared_tensors)
+        self._average = Averager(comm, self.shared_tensors, self.groups)
+        if self.groups.inner is not None:  # data-parallel inside the group, every step
+            self._gradient_averagers.append(GradientAverager(self.groups.inner))
         self._workspace: Dict = {}  # the exchange's averaging buffer, reused round after round
         self._drawn: Dict[int, partition.Assignment] = {}  # round -> assignment, from rank 0's last broadcast
         self._full_depth = 0
         self.assignment: Optional[partition.Assignment] = None
         self.last_plan = None
-        P = len(self.blocks)
+        P, count = len(self.blocks), self.groups.count
         if synchronized:
-            self.holdings = Holdings(P, comm.size, everyone(P, comm.size))
+            self.holdings = Holdings(P, count, everyone(P, count))
             for b in range(P):  # own storage per block: none may stay a view of another strategy's buffer
                 self.store.slab(b)
             return
@@ -78,20 +89,27 @@ class ResIST(Strategy):
         materialize_shared(model, self.blocks, self.device)
         # ---- distributed step: shared layers from rank 0 (its blocks follow in the first exchange) ----
         broadcast_tensors_(comm, self.shared_tensors())
-        if comm.rank != 0:
+        if self.groups.index == 0 and self.groups.inner is not None:
+            # ---- distributed step: group 0 holds rank 0's blocks, every member the same copy ----
+            for b in range(P):
+                if comm.rank != 0 and not self.store.holds(b):
+                    self.store.materialize(b, self.device)
+                self.groups.inner.bcast_(self.store.slab(b), root=0)
+        elif comm.rank != 0:
             for b in range(P):
                 self.store.release(b)
-        self.holdings = Holdings(P, comm.size)  # rank 0 holds every block
+        self.holdings = Holdings(P, count)  # group 0 (rank 0 alone, without groups) holds every block
 
     @classmethod
     def from_config(cls, model, comm, cfg, **kw):
         return cls(model, comm, stages=cfg.stages(), min_depth=cfg.min_depth, seed=cfg.seed,
-                   keep_momentum=cfg.keep_shared_momentum, **kw)
+                   keep_momentum=cfg.keep_shared_momentum, group_size=cfg.group_size, **kw)
 
     @classmethod
     def check(cls, cfg, probe, size: int) -> None:
-        """Blocks to partition in the model, and enough of them for size ranks."""
-        partition.check_partition(len(find_blocks(probe, "auto", cfg.stages())), size, cfg.min_depth)
+        """Blocks to partition in the model, and enough of them for the groups (size ranks)."""
+        G = int(cfg.group_size) if str(cfg.group_size).isdigit() else 1  # "node": checked once MPI runs
+        partition.check_partition(len(find_blocks(probe, "auto", cfg.stages())), max(1, size // G), cfg.min_depth)
 
     def shared_tensors(self) -> List[torch.Tensor]:
         """Parameters and float buffers of the shared layers, in a fixed order."""
@@ -109,10 +127,10 @@ class ResIST(Strategy):
         """
         drawn = self._drawn.get(round_index)
         if drawn is None:
-            c, P = self.comm, len(self.blocks)
+            c, P, count = self.comm, len(self.blocks), self.groups.count
             batch = None
             if c.rank == 0:
-                batch = [partition.draw_assignment(P, c.size, self.min_depth, partition.round_rng(self.seed, round_index + k))
+                batch = [partition.draw_assignment(P, count, self.min_depth, partition.round_rng(self.seed, round_index + k))
                          for k in range(ASSIGNMENTS_PER_BROADCAST)]
             # ---- distributed step: broadcast of the assignments (metadata: control bytes) ----
             with c.as_control():
@@ -127,31 +145,47 @@ class ResIST(Strategy):
         keep_workspace: reuse the averaging workspace across rounds; the evaluation gather, which
         can need far more of it, uses a throwaway one instead.
         """
+        g = self.groups
         plan = self.holdings.plan(needers, self.store.sizes())
-        # ---- distributed step: the block exchange ----
-        run_exchange(self.comm, self.store, plan, self.device, self._workspace if keep_workspace else {})
+        store = self.store if g.inner is None else SlicedStore(self.store, g)
+        # ---- distributed step: the block exchange (between groups: member j moves slice j) ----
+        run_exchange(g.across, store, plan, self.device, self._workspace if keep_workspace else {})
+        if g.inner is not None:
+            # ---- distributed step: the group puts the slices of what arrived back together ----
+            for b in plan.needed(g.index):
+                if plan.sources[(g.index, b)] != (g.index,):
+                    g.inner.allgather_(self.store.slab(b), slice_counts(self.store.numel(b), g.size))
         self.last_plan = plan
         self.holdings.exchanged(plan)
 
     def _begin(self) -> None:
         self.assignment = self.draw(self.round)
         self.exchange_to(needers_from_assignment(self.assignment, len(self.blocks)))
-        activate(self.blocks, self.assignment[self.comm.rank])
+        activate(self.blocks, self.mine())
+        for averager in self._gradient_averagers:  # this round's parameters, data-parallel in the group
+            averager.attach(self.parameters())
+
+    def mine(self) -> Sequence[int]:
+        """The blocks this rank (its group) trains this round."""
+        return self.assignment[self.groups.index]
 
     def param_groups(self) -> List[Dict]:
-        mine = self.assignment[self.comm.rank] if self.assignment is not None else range(len(self.blocks))
+        mine = self.mine() if self.assignment is not None else range(len(self.blocks))
         blocks = [p for b in mine for p in self.blocks[b].parameters()]
         shared = [d[n] for d, n in self._shared if isinstance(d[n], torch.nn.Parameter)]
         return [{"params": shared, "name": "shared"}, {"params": blocks, "name": "blocks"}]
 
     def _end(self) -> None:
-        # ---- distributed step: one fused allreduce of the shared layers ----
+        if self.groups.inner is not None:
+            # ---- distributed step: the group's copies of its blocks made identical (BN statistics) ----
+            average_tensors_(self.groups.inner, [self.store.slab(b) for b in self.mine()])
+        # ---- distributed step: one fused allreduce of the shared layers (hierarchical with groups) ----
         self._average.average()
         self.holdings.trained()  # blocks several ranks trained now differ: averaged in the next exchange
 
     # -- evaluation / checkpoints ----------------------------------------------------------------------
     def eval_scale(self) -> float:
-        return partition.eval_residual_scale(len(self.blocks), self.comm.size, self.min_depth)
+        return partition.eval_residual_scale(len(self.blocks), self.groups.count, self.min_depth)
 
     @contextlib.contextmanager
     def full_model(self):
@@ -166,7 +200,7 @@ class ResIST(Strategy):
         self._full_depth += 1
         try:
             if self._full_depth == 1:
-                self.exchange_to(everyone(len(self.blocks), self.comm.size), keep_workspace=False)
+                self.exchange_to(everyone(len(self.blocks), self.groups.count), keep_workspace=False)
                 activate(self.blocks, range(len(self.blocks)))
                 set_scale(self.blocks, self.eval_scale())
             yield self.model
@@ -180,7 +214,7 @@ class ResIST(Strategy):
         """From holding every (synchronised) block to holding only the last round's own ones."""
         if self.assignment is None:
             return
-        mine = self.assignment[self.comm.rank]
+        mine = self.mine()
         for b in range(len(self.blocks)):
             if b not in mine and self.store.holds(b):
                 self.store.release(b)
@@ -199,7 +233,7 @@ class ResIST(Strategy):
         super().load_state_dict(state, rank_state)
         assignment = state.get("assignment")
         self.assignment = None
-        if assignment is not None and len(assignment) == self.comm.size:
+        if assignment is not None and len(assignment) == self.groups.count:
             self.assignment = tuple(tuple(a) for a in assignment)
             self._back_to_own_blocks()
 
@@ -209,7 +243,7 @@ class ResIST(Strategy):
                 self.store.materialize(b, self.device)
         self.model.load_state_dict(weights)
         activate(self.blocks, range(len(self.blocks)))
-        self.holdings.synchronized(everyone(len(self.blocks), self.comm.size))
+        self.holdings.synchronized(everyone(len(self.blocks), self.groups.count))
 
 
 def _device_of(model) -> torch.device:
@@ -217,3 +251,36 @@ def _device_of(model) -> torch.device:
         if not t.is_meta:
             return t.device
     return torch.device("cpu")
+
+
+class SlicedStore:
+    """A BlockStore seen by one member of a group: every block is this member's slice of its slab,
+    so the exchange between groups moves slices (run_exchange needs nothing else)."""
+
+    def __init__(self, store: BlockStore, groups: Groups):
+        self.store, self.groups = store, groups
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def _cut(self, b: int, slab: torch.Tensor) -> torch.Tensor:
+        start, stop = self.groups.my_slice(self.store.numel(b))
+        return slab[start:stop]
+
+    def sizes(self) -> List[int]:
+        return [self.groups.my_slice(n)[1] - self.groups.my_slice(n)[0] for n in self.store.sizes()]
+
+    def holds(self, b: int) -> bool:
+        return self.store.holds(b)
+
+    def slab(self, b: int) -> torch.Tensor:
+        return self._cut(b, self.store.slab(b))
+
+    def materialize(self, b: int, device) -> torch.Tensor:
+        return self._cut(b, self.store.materialize(b, device))
+
+    def release(self, b: int) -> None:
+        self.store.release(b)
+
+    def trim_spares(self, keep: int) -> None:
+        self.store.trim_spares(keep)

@@ -82,8 +82,10 @@ def horovodrun(np_, controller, args, timeout=300, **extra_env):
 @pytest.mark.parametrize("np_, controller", [(2, "mpi"), (2, "gloo"), (4, "mpi")],
                          ids=["np2-mpi", "np2-gloo", "np4-mpi"])
 def test_horovod_backend_under_horovodrun(np_, controller):
-    # No cache plugin: N ranks writing one .pytest_cache at once would race.
-    proc = horovodrun(np_, controller, ["-m", "pytest", "-q", "-p", "no:cacheprovider", TEST],
+    # No cache plugin: N ranks writing one .pytest_cache at once would race. On 4 ranks the groups
+    # (--group-size: Horovod process sets) are checked too.
+    tests = [TEST] + (["tests/mpi/test_groups.py"] if np_ == 4 else [])
+    proc = horovodrun(np_, controller, ["-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                       RESIST_TEST_BACKEND="horovod")
     passed_on_every_rank(proc, np_)
 

@@ -17,6 +17,8 @@ SUITES = [  # (test file, backend)
     ("tests/mpi/test_comm.py", "mpi"),
     ("tests/mpi/test_resist_exchange.py", "mpi"),
     ("tests/mpi/test_traffic_mpi.py", "mpi"),
+    ("tests/mpi/test_groups.py", "mpi"),
+    ("tests/mpi/test_groups.py", "torch"),
 ]
 
 

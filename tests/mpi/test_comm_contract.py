@@ -182,3 +182,49 @@ def test_repeated_calls_with_changing_sizes(c):
         counts = [n + d for d in range(S)]
         recv, _ = c.alltoallv(torch.full((sum(counts),), float(r)), counts)
         assert torch.equal(recv, torch.cat([torch.full((n + r,), float(s)) for s in range(S)]))
+
+
+def test_allgather_in_place(c):
+    S, r = c.size, c.rank
+    counts = [s % 3 + 1 for s in range(S)]  # 1, 2, 3, 1, ... elements
+    flat = torch.full((sum(counts),), -1.0)
+    start = sum(counts[:r])
+    flat[start:start + counts[r]] = torch.arange(counts[r], dtype=torch.float32) + 100 * r
+    before = snapshot(c)
+    assert c.allgather_(flat, counts) is flat
+    assert torch.equal(flat, torch.cat([torch.arange(counts[s], dtype=torch.float32) + 100 * s for s in range(S)]))
+    total = 4 * sum(counts)
+    want = (0, 0) if S == 1 else (total - 4 * counts[(r + 1) % S], total - 4 * counts[r])
+    assert delta(c, before) == (*want, 0)
+
+
+@pytest.mark.parametrize("how", ["blocks", "strided"])
+def test_split_sub_communicators(c, how):
+    """Groups of consecutive ranks (how --group-size makes them) and of every other rank (the
+    cross-group communicators): collectives inside each, counted on the parent's counters."""
+    S, r = c.size, c.rank
+    color = r // 2 if how == "blocks" else r % 2
+    sub = c.split(color)
+    members = [s for s in range(S) if (s // 2 if how == "blocks" else s % 2) == color]
+    assert sub.members == members and (sub.rank, sub.size) == (members.index(r), len(members))
+    assert sub.nodes == [c.nodes[m] for m in members]
+    t = torch.full((5,), float(r))
+    before = snapshot(c)
+    sub.allreduce_mean_(t)
+    assert torch.equal(t, torch.full((5,), sum(members) / len(members)))
+    moved = ring_allreduce_bytes(20, sub.size)
+    assert delta(c, before) == (moved, moved, 0)  # the parent's counters saw it
+    root = len(members) - 1
+    b = torch.arange(7, dtype=torch.float32) + (50 if sub.rank == root else 0)
+    sub.bcast_(b, root=root)
+    assert torch.equal(b, torch.arange(7, dtype=torch.float32) + 50)
+    assert sub.bcast_object(("from", members[root]) if sub.rank == root else None, root=root) == ("from", members[root])
+    sends = [[] if d == sub.rank else [torch.full((d + 1,), float(r))] for d in range(sub.size)]
+    recvs = [[] if s == sub.rank else [torch.empty(sub.rank + 1)] for s in range(sub.size)]
+    sub.alltoallv_tensors(sends, recvs)
+    for s in range(sub.size):
+        if s != sub.rank:
+            assert torch.equal(recvs[s][0], torch.full((sub.rank + 1,), float(members[s])))
+    recv, _ = sub.alltoallv(torch.full((sub.size,), float(r)), [1] * sub.size)
+    assert torch.equal(recv, torch.tensor([float(m) for m in members]))
+    sub.barrier()

@@ -32,6 +32,8 @@ def test_pack_unpack_roundtrip_in_place():
     ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "4", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "4"},
      (1, 4, 1, 4, "horovodrun")),
     ({"PMIX_RANK": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "0"}, (2, 4, 0, 4, "pmix")),
+    ({"TORCHELASTIC_RUN_ID": "x", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"},
+     (5, 8, 1, 4, "torchrun")),
 ])
 def test_launch_detection(env, expected):
     w = world_info_from_env(env)
@@ -109,3 +111,37 @@ def test_large_flat_buffers_start_on_a_huge_page():
     for k, b in enumerate(bufs):
         b.fill_(k)
     assert all(torch.all(b == k) for k, b in enumerate(bufs))  # no two overlap
+
+
+class _Nodes(comm.Comm):
+    """A comm that only counts: rank `rank` of 8 on nodes of 4 (ranks 0-3 on node 0, 4-7 on node 1)."""
+
+    def __init__(self, rank, nodes=(0, 0, 0, 0, 1, 1, 1, 1)):
+        super().__init__(rank, len(nodes), 0, 1)
+        self.set_nodes(nodes)
+
+
+def test_cross_node_bytes_of_a_ring():
+    """A ring sends to the next rank and receives from the previous one: with nodes 0000 1111, rank 3
+    sends across (to 4), rank 4 receives across (from 3), rank 7 sends to 0, rank 0 receives from 7."""
+    expect = {0: (0, 1), 1: (0, 0), 3: (1, 0), 4: (0, 1), 7: (1, 0)}
+    for r, (sends_across, recvs_across) in expect.items():
+        c = _Nodes(r)
+        assert c._ring_tally(100, 60) == (100, 60, 100 * sends_across, 60 * recvs_across)
+    single = _Nodes(3, nodes=(0,) * 8)
+    assert single._ring_tally(100, 60) == (100, 60, 0, 0)
+
+
+def test_cross_node_bytes_of_an_exchange_and_a_broadcast():
+    c = _Nodes(1)
+    sent_to, recv_from = [10, 99, 20, 30, 40, 50, 0, 70], [1, 99, 2, 3, 4, 0, 6, 7]
+    # its own segment never counts; ranks 4-7 are on the other node
+    assert c._peer_tally(sent_to, recv_from) == (220, 23, 160, 17)
+    c._count_bcast(1000, root=1)  # the root sends to 7 ranks, 4 of them on the other node
+    assert c.counters() == (7000, 0) and c.cross_counters() == (4000, 0)
+    receiver = _Nodes(6)
+    receiver._count_bcast(1000, root=1)
+    assert receiver.counters() == (0, 1000) and receiver.cross_counters() == (0, 1000)
+    with receiver.as_control():
+        receiver._count_bcast(5, root=1)
+    assert receiver.cross_counters() == (0, 1000) and receiver.control_bytes == 5
