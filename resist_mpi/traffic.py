@@ -45,6 +45,7 @@ from . import partition
 from .comm.base import ELEMENT_BYTES, ring_allreduce_bytes
 from .blocks import find_blocks, module_tensors
 from .models import create_model
+from .groups import slice_counts
 from .routing import simulate
 
 
@@ -119,28 +120,144 @@ def allreduce_wire(numel: int, size: int) -> int:
     return 2 * size * ring_allreduce_bytes(numel * ELEMENT_BYTES, size) if numel else 0
 
 
+@dataclass(frozen=True)
+class Layout:
+    """S ranks in groups of G consecutive ranks (--group-size), on nodes of R consecutive ranks."""
+
+    size: int
+    group: int = 1
+    per_node: Optional[int] = None  # None: every rank on one node
+
+    def __post_init__(self):
+        if self.size % self.group or (self.per_node and self.size % self.per_node):
+            raise ValueError(f"{self.size} ranks do not split into groups of {self.group}"
+                             + (f" and nodes of {self.per_node}" if self.per_node else ""))
+
+    @property
+    def groups(self) -> int:
+        return self.size // self.group
+
+    def node(self, rank: int) -> int:
+        return rank // self.per_node if self.per_node else 0
+
+    def group_ranks(self, g: int) -> List[int]:
+        return list(range(g * self.group, (g + 1) * self.group))
+
+    def across_ranks(self, member: int) -> List[int]:
+        return [g * self.group + member for g in range(self.groups)]
+
+
+class Wire:
+    """Bytes sent, summed over ranks, and the part sent across nodes, counted as the backends count
+    them (comm/base.py): a ring sends to the next member, an exchange to each destination. Every
+    byte sent is received once, so received bytes are the same totals."""
+
+    def __init__(self, layout: Layout):
+        self.layout, self.sent, self.cross = layout, 0, 0
+
+    def send(self, src: int, dst: int, nbytes: int) -> None:
+        self.sent += nbytes
+        if self.layout.node(src) != self.layout.node(dst):
+            self.cross += nbytes
+
+    def ring(self, members: Sequence[int], nbytes: Sequence[int]) -> None:
+        """members[i] sends nbytes[i] to members[i + 1] (wrapping)."""
+        for i, m in enumerate(members):
+            if len(members) > 1:
+                self.send(m, members[(i + 1) % len(members)], nbytes[i])
+
+    def allreduce(self, members: Sequence[int], numel: int) -> None:
+        moved = ring_allreduce_bytes(numel * ELEMENT_BYTES, len(members)) if numel else 0
+        self.ring(members, [moved] * len(members))
+
+    def allgather(self, members: Sequence[int], counts: Sequence[int]) -> None:
+        total = ELEMENT_BYTES * sum(counts)
+        self.ring(members, [total - ELEMENT_BYTES * counts[(i + 1) % len(counts)] for i in range(len(counts))])
+
+    def hierarchical_allreduce(self, numel: int) -> None:
+        """An Averager's average: in the group, across the groups by slices, gathered in the group."""
+        lay = self.layout
+        if lay.group == 1:
+            return self.allreduce(list(range(lay.size)), numel)
+        counts = slice_counts(numel, lay.group)
+        for g in range(lay.groups):
+            self.allreduce(lay.group_ranks(g), numel)
+        for j in range(lay.group):
+            self.allreduce(lay.across_ranks(j), counts[j])
+        for g in range(lay.groups):
+            self.allgather(lay.group_ranks(g), counts)
+
+    def totals(self) -> Dict[str, int]:
+        return {"sent": self.sent, "recv": self.sent, "total": 2 * self.sent, "sent_cross": self.cross,
+                "sent_within": self.sent - self.cross}
+
+
 def resist_wire_rounds(sizes: ModelSizes, size: int, assignments: Sequence[Sequence[Sequence[int]]],
-                       holders: Optional[Sequence[Sequence[int]]] = None) -> List[Dict[str, int]]:
-    """Wire bytes of ResIST rounds, as ResIST.begin_round / end_round move them.
+                       holders: Optional[Sequence[Sequence[int]]] = None, group_size: int = 1,
+                       ranks_per_node: Optional[int] = None, local_steps: int = 0) -> List[Dict[str, int]]:
+    """Wire bytes of ResIST rounds, as ResIST.begin_round / end_round (and, with groups, the local
+    steps' gradient averages inside each group) move them.
 
     Args:
         sizes: the model's ModelSizes.
         size: S, the number of ranks.
-        assignments: the assignment of each round, in order.
+        assignments: the assignment of each round (group -> blocks), in order.
         holders: who holds each block before the first of these rounds, copies identical (as after
-            an evaluation or a warm-up); None: rank 0 alone holds every block (a fresh model).
+            an evaluation or a warm-up); None: group 0 (rank 0) alone holds every block (a fresh model).
+        group_size, ranks_per_node: the Layout (G ranks per group, nodes of R ranks; None: one node).
+        local_steps: steps per round (the gradient averages inside the groups; nothing when G == 1).
     Returns:
-        Per round: exchange_sent (= exchange_recv), shared_allreduce (sent + received), sent, recv,
-        total (sent + received), all summed over ranks.
+        Per round: exchange_sent (the block exchange and the groups' gathers), shared_allreduce
+        (sent + received), sent, recv, total (sent + received), sent_cross, sent_within; summed over ranks.
     """
-    shared_ring = ring_allreduce_bytes(sizes.shared * ELEMENT_BYTES, size)
+    lay = Layout(size, group_size, ranks_per_node)
+    G, P = lay.group, len(sizes.blocks)
     rounds = []
-    for plan in simulate(assignments, len(sizes.blocks), size, sizes.blocks, holders):
-        moved = plan.total_bytes(sizes.blocks, ELEMENT_BYTES)  # every byte sent is received once
-        sent = moved + size * shared_ring
-        rounds.append({"exchange_sent": moved, "shared_allreduce": 2 * size * shared_ring,
-                       "sent": sent, "recv": sent, "total": 2 * sent})
+    for plan, assignment in zip(simulate(assignments, P, lay.groups, sizes.blocks, holders), assignments):
+        wire = Wire(lay)
+        for (src, dst), blocks in plan.transfers.items():  # member j moves slice j
+            for b in blocks:
+                for j, n in enumerate(slice_counts(sizes.blocks[b], G)):
+                    wire.send(src * G + j, dst * G + j, ELEMENT_BYTES * n)
+        if G > 1:
+            for g in range(lay.groups):
+                for b in plan.needed(g):
+                    if plan.sources[(g, b)] != (g,):
+                        wire.allgather(lay.group_ranks(g), slice_counts(sizes.blocks[b], G))
+        exchange = wire.sent
+        if G > 1:
+            for g, blocks in enumerate(assignment):
+                params = sizes.shared_params + sum(sizes.block_params[b] for b in blocks)
+                for _ in range(local_steps):
+                    wire.allreduce(lay.group_ranks(g), params)
+                wire.allreduce(lay.group_ranks(g), sum(sizes.blocks[b] for b in blocks))  # BN stats made one
+        before = wire.sent
+        wire.hierarchical_allreduce(sizes.shared)
+        rounds.append({"exchange_sent": exchange, "shared_allreduce": 2 * (wire.sent - before), **wire.totals()})
     return rounds
+
+
+def local_sgd_wire(sizes: ModelSizes, size: int, group_size: int = 1, ranks_per_node: Optional[int] = None,
+                   local_steps: int = 0) -> Dict[str, int]:
+    """A round of (hierarchical) local SGD: the groups' gradient averages, the model's average."""
+    lay = Layout(size, group_size, ranks_per_node)
+    wire = Wire(lay)
+    if lay.group > 1:
+        for g in range(lay.groups):
+            for _ in range(local_steps):
+                wire.allreduce(lay.group_ranks(g), sizes.params)
+    wire.hierarchical_allreduce(sizes.full)
+    return wire.totals()
+
+
+def data_parallel_wire(sizes: ModelSizes, size: int, local_steps: int,
+                       ranks_per_node: Optional[int] = None) -> Dict[str, int]:
+    """A round of data-parallel SGD: a gradient allreduce per step and the BN statistics' average."""
+    wire = Wire(Layout(size, 1, ranks_per_node))
+    for _ in range(local_steps):
+        wire.allreduce(list(range(size)), sizes.params)
+    wire.allreduce(list(range(size)), sizes.buffers)
+    return wire.totals()
 
 
 def local_sgd_wire_round(sizes: ModelSizes, size: int) -> int:
@@ -159,17 +276,22 @@ def draw_rounds(num_blocks: int, size: int, min_depth: int, seed: int, count: in
 
 
 def traffic(sizes: ModelSizes, size: int, min_depth: int = 0, local_steps: int = 50, rounds: int = 100,
-            seed: int = 0) -> Dict:
+            seed: int = 0, group_size: int = 1, ranks_per_node: Optional[int] = None) -> Dict:
     """Bytes per round of resist, local_sgd and data_parallel, in both accountings (module docstring).
 
-    ResIST's numbers are means over rounds 1..rounds (round 0 excluded).
+    ResIST's numbers are means over rounds 1..rounds (round 0 excluded). With group_size G > 1,
+    ResIST and local SGD run between groups of G ranks (hierarchical local SGD), data-parallel inside
+    them; the paper accounting then treats a group as one worker. With ranks_per_node, "cross" is
+    the part of the wire bytes sent between nodes (nodes of that many consecutive ranks).
     """
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
+    lay = Layout(size, group_size, ranks_per_node)
     P = len(sizes.blocks)
-    partition.check_partition(P, size, min_depth)
-    drawn = draw_rounds(P, size, min_depth, seed, rounds + 2)  # round rounds+1: the "next" of the last
-    wire = resist_wire_rounds(sizes, size, drawn[:rounds + 1])[1:]
+    partition.check_partition(P, lay.groups, min_depth)
+    drawn = draw_rounds(P, lay.groups, min_depth, seed, rounds + 2)  # round rounds+1: the "next" of the last
+    wire = resist_wire_rounds(sizes, size, drawn[:rounds + 1], group_size=group_size,
+                              ranks_per_node=ranks_per_node, local_steps=local_steps)[1:]
     paper = [resist_paper_round(sizes, drawn[r], drawn[r + 1]) for r in range(1, rounds + 1)]
 
     def mean(rows, key):
@@ -177,17 +299,19 @@ def traffic(sizes: ModelSizes, size: int, min_depth: int = 0, local_steps: int =
 
     resist = {"paper_bytes": mean(paper, "total"), "wire_bytes": mean(wire, "total"),
               "paper_up": mean(paper, "up"), "paper_down": mean(paper, "down"),
-              "wire_sent": mean(wire, "sent"), "exchange_sent": mean(wire, "exchange_sent"),
-              "shared_allreduce": mean(wire, "shared_allreduce")}
-    local = {"paper_bytes": local_sgd_paper_round(sizes, size), "wire_bytes": local_sgd_wire_round(sizes, size)}
-    local["wire_sent"] = local["wire_bytes"] // 2
-    dp = {"paper_bytes": data_parallel_paper_round(sizes, size, local_steps),
-          "wire_bytes": data_parallel_wire_round(sizes, size, local_steps)}
-    dp["wire_sent"] = dp["wire_bytes"] // 2
+              "wire_sent": mean(wire, "sent"), "wire_sent_cross": mean(wire, "sent_cross"),
+              "exchange_sent": mean(wire, "exchange_sent"), "shared_allreduce": mean(wire, "shared_allreduce")}
+    lw = local_sgd_wire(sizes, size, group_size, ranks_per_node, local_steps)
+    local = {"paper_bytes": local_sgd_paper_round(sizes, lay.groups), "wire_bytes": lw["total"],
+             "wire_sent": lw["sent"], "wire_sent_cross": lw["sent_cross"]}
+    dw = data_parallel_wire(sizes, size, local_steps, ranks_per_node)
+    dp = {"paper_bytes": data_parallel_paper_round(sizes, size, local_steps), "wire_bytes": dw["total"],
+          "wire_sent": dw["sent"], "wire_sent_cross": dw["sent_cross"]}
     ratios = {f"{other}_over_resist": {k: (d[k] / resist[k] if resist[k] else float("inf"))
-                                       for k in ("paper_bytes", "wire_bytes")}
+                                       for k in ("paper_bytes", "wire_bytes", "wire_sent_cross")}
               for other, d in (("local_sgd", local), ("data_parallel", dp))}
-    return {"world_size": size, "min_depth": min_depth, "local_steps": local_steps, "rounds": rounds,
+    return {"world_size": size, "group_size": group_size, "ranks_per_node": ranks_per_node or size,
+            "min_depth": min_depth, "local_steps": local_steps, "rounds": rounds,
             "seed": seed, "element_bytes": ELEMENT_BYTES,
             "elements": {**asdict(sizes), "blocks": list(sizes.blocks), "block_params": list(sizes.block_params),
                          "full": sizes.full,
@@ -198,23 +322,26 @@ def traffic(sizes: ModelSizes, size: int, min_depth: int = 0, local_steps: int =
 def format_table(report: Dict) -> str:
     MB = 1e6
     e = report["elements"]
+    G, R, S = report["group_size"], report["ranks_per_node"], report["world_size"]
     lines = [f"{report['model']} ({report['num_classes']} classes, width {report['width']}): "
              f"{e['params']:,} parameters + {e['buffers']:,} BN buffer elements; shared {e['shared']:,}, "
              f"{e['num_partitionable']} partitionable blocks of {min(e['blocks']):,}..{max(e['blocks']):,}",
-             f"S={report['world_size']} ranks, min depth {report['min_depth']}, l={report['local_steps']} steps/round; "
-             f"bytes per round, up+down summed over workers (ResIST: mean of rounds 1..{report['rounds']}, "
-             f"round 0 excluded); MB = 10^6 bytes",
-             f"{'strategy':>14} | {'paper MB':>12} | {'wire MB':>12} | {'wire sent MB':>12}",
-             "-" * 62]
+             f"S={S} ranks" + (f" in {S // G} groups of {G}" if G > 1 else "") + f" on {S // R} node(s) of {R}, "
+             f"min depth {report['min_depth']}, l={report['local_steps']} steps/round; bytes per round, "
+             f"up+down summed over workers (ResIST: mean of rounds 1..{report['rounds']}, round 0 excluded); "
+             f"MB = 10^6 bytes",
+             f"{'strategy':>14} | {'paper MB':>12} | {'wire MB':>12} | {'wire sent MB':>12} | {'across nodes':>12}",
+             "-" * 77]
     for name in ("resist", "local_sgd", "data_parallel"):
         d = report[name]
         lines.append(f"{name:>14} | {d['paper_bytes'] / MB:12.2f} | {d['wire_bytes'] / MB:12.2f} | "
-                     f"{d['wire_sent'] / MB:12.2f}")
+                     f"{d['wire_sent'] / MB:12.2f} | {d['wire_sent_cross'] / MB:12.2f}")
     r = report["resist"]
     lines.append(f"resist wire = exchange {2 * r['exchange_sent'] / MB:.2f} MB + shared allreduce "
-                 f"{r['shared_allreduce'] / MB:.2f} MB")
+                 f"{r['shared_allreduce'] / MB:.2f} MB" + (" + the groups' gradient and BN averages" if G > 1 else ""))
     for key, d in report["ratios"].items():
-        lines.append(f"{key}: paper {d['paper_bytes']:.2f}x, wire {d['wire_bytes']:.2f}x")
+        lines.append(f"{key}: paper {d['paper_bytes']:.2f}x, wire {d['wire_bytes']:.2f}x"
+                     + (f", across nodes {d['wire_sent_cross']:.2f}x" if R < S else ""))
     return "\n".join(lines)
 
 
@@ -238,12 +365,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--local-steps", type=int, default=50, help="l, SGD steps per round (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=100, help="ResIST rounds to average (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="the training seed the assignments are drawn from")
+    p.add_argument("--group-size", type=int, default=1, help="ranks per group, as --group-size in training "
+                   "(default: %(default)s)")
+    p.add_argument("--ranks-per-node", type=int, default=None, help="ranks per node, for the bytes that cross "
+                   "nodes (default: all on one node)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     try:
         stages = [int(s) for s in args.partition_stages.split(",") if s.strip()]
         sizes = build_sizes(args.model, args.num_classes, args.width, stages)
-        report = traffic(sizes, args.world_size, args.min_depth, args.local_steps, args.rounds, args.seed)
+        report = traffic(sizes, args.world_size, args.min_depth, args.local_steps, args.rounds, args.seed,
+                         args.group_size, args.ranks_per_node)
     except ValueError as e:  # unknown model, impossible partition, bad numbers: one line
         sys.stderr.write(f"resist_mpi.traffic: error: {e}\n")
         return 2

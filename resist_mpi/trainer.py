@@ -170,6 +170,7 @@ class Trainer:
             step0 = r * cfg.local_steps
             steps = min(cfg.local_steps, total_steps - step0)
             name, sent0, recv0, comm0, t0 = job.name, *c.counters(), job.comm_time, time.perf_counter()
+            cross0 = c.bytes_sent_cross
             self.watchdog.beat(f"round {r}: the exchange")
             job.begin_round()
             if job.name != name:  # a warm-up handed over: every rank held the identical model
@@ -179,15 +180,17 @@ class Trainer:
             self.watchdog.beat(f"round {r}: the round's averages")
             job.end_round()
             t_comm, t_round = job.comm_time - comm0, time.perf_counter() - t0
-            sent, recv = c.bytes_sent - sent0, c.bytes_recv - recv0
+            sent, recv, cross = c.bytes_sent - sent0, c.bytes_recv - recv0, c.bytes_sent_cross - cross0
             # ---- distributed step: the round's metrics (control traffic) ----
-            loss_sum, correct, seen, sent, recv = c.reduce_stats([loss_sum, correct, seen, sent, recv], "sum")
+            loss_sum, correct, seen, sent, recv, cross = c.reduce_stats([loss_sum, correct, seen, sent, recv, cross],
+                                                                        "sum")
             # the stop flag rides along: every rank learns whether any rank got a stop signal
             t_comm, t_compute, stop = c.reduce_stats([t_comm, t_round - t_comm, float(stop_request.requested)], "max")
             epoch = (step0 + steps) / spe
             log.record("round", round=r, epoch=epoch, step=step0 + steps, strategy=job.name, world_size=c.size,
                        train_loss=loss_sum / seen, train_acc=correct / seen, lr=lr, bytes_sent=int(sent),
-                       bytes_recv=int(recv), t_compute=t_compute, t_comm=t_comm, wallclock=log.wallclock())
+                       bytes_recv=int(recv), bytes_cross_node=int(cross), t_compute=t_compute, t_comm=t_comm,
+                       wallclock=log.wallclock())
             last = r == num_rounds - 1
             stop = bool(stop) and not last
             result = self.after_round(job, log, test_loader, train_loader, r, step0, steps, spe, last, stop,
@@ -237,7 +240,7 @@ class Trainer:
         result = None
         # One full model for both: ResIST gathers it (counted in the eval record) and afterwards
         # every rank goes back to its own sub-network.
-        before = (*c.counters(), time.perf_counter())
+        before = (*c.counters(), c.bytes_sent_cross, time.perf_counter())
         with job.full_model() as full:
             if eval_due:
                 result = self.eval_and_log(job, full, test_loader, train_loader, log, r, epoch, train_loss, before)
@@ -269,13 +272,14 @@ class Trainer:
 
     def eval_and_log(self, job, full, test_loader, train_loader, log, r, epoch, train_loss, before):
         """Evaluate the full model and write the eval record; its bytes and time count from
-        `before` = (bytes_sent, bytes_recv, perf_counter) taken before the full model was gathered."""
+        `before` = (bytes_sent, bytes_recv, bytes_sent_cross, perf_counter) taken before the gather."""
         c = self.c
-        sent0, recv0, t0 = before
+        sent0, recv0, cross0, t0 = before
         test_loss, test_acc = evaluate_full(full, c, self.cfg, test_loader, train_loader, self.device)
-        sent, recv = c.reduce_stats([c.bytes_sent - sent0, c.bytes_recv - recv0], "sum")
+        sent, recv, cross = c.reduce_stats([c.bytes_sent - sent0, c.bytes_recv - recv0, c.bytes_sent_cross - cross0],
+                                           "sum")
         log.record("eval", round=r, epoch=epoch, strategy=job.name, world_size=c.size, test_loss=test_loss,
-                   test_acc=test_acc, bytes_sent=int(sent), bytes_recv=int(recv),
+                   test_acc=test_acc, bytes_sent=int(sent), bytes_recv=int(recv), bytes_cross_node=int(cross),
                    t_eval=time.perf_counter() - t0, wallclock=log.wallclock())
         log.info(f"epoch {epoch:6.2f} | round {r:5d} | train loss {train_loss:.4f} | "
                  f"test loss {test_loss:.4f} | test acc {100 * test_acc:6.2f}% | {log.wallclock():7.1f}s")

@@ -113,3 +113,55 @@ def test_data_parallel_round_matches_traffic(comm):
     sent, recv = summed(comm, before)
     assert sent + recv == T.data_parallel_wire_round(sizes, S, l)
     assert sent + recv == T.traffic(sizes, S, local_steps=l, rounds=1)["data_parallel"]["wire_bytes"]
+
+
+def cross(c, before):
+    return int(c.reduce_stats([c.bytes_sent_cross - before], "sum")[0])
+
+
+@pytest.mark.parametrize("nodes_of", [None, 2], ids=["one_node", "nodes_of_2"])
+def test_grouped_rounds_match_traffic_per_level(comm, nodes_of):
+    """Groups of 2 (ResIST between groups, data-parallel inside): every round's bytes, and the part
+    that crosses nodes, equal traffic.py's. nodes_of=2 counts as if every 2 ranks were a node (the
+    counters take the node of every rank from Comm.nodes; the kernel's view is tested on the
+    simulated cluster)."""
+    S, R, seed, steps = comm.size, 4, 5, 2
+    if S % 2:
+        pytest.skip("needs an even number of ranks")
+    c = C.init("mpi", fail_fast=False)
+    if nodes_of:
+        c.set_nodes([r // nodes_of for r in range(S)])
+    model = factory()
+    strategy = ResIST(model, c, seed=seed, group_size=2)
+    sizes = T.model_sizes(factory())
+    measured, drawn = [], []
+    for r in range(R):
+        before, cross0 = c.counters(), c.bytes_sent_cross
+        strategy.begin_round()
+        for step in range(steps):
+            one_step(model, strategy.parameters(), c.rank, 10 * r + step)
+        strategy.end_round()
+        measured.append((*summed(c, before), cross(c, cross0)))
+        drawn.append(strategy.assignment)
+    assert drawn == T.draw_rounds(len(sizes.blocks), S // 2, 0, seed, R)
+    expected = T.resist_wire_rounds(sizes, S, drawn, group_size=2, ranks_per_node=nodes_of, local_steps=steps)
+    assert measured == [(e["sent"], e["recv"], e["sent_cross"]) for e in expected]
+    assert (nodes_of is None or nodes_of >= S) == all(m[2] == 0 for m in measured)
+
+
+def test_hierarchical_local_sgd_matches_traffic(comm):
+    S, steps = comm.size, 3
+    if S % 2:
+        pytest.skip("needs an even number of ranks")
+    c = C.init("mpi", fail_fast=False)
+    c.set_nodes([r // 2 for r in range(S)])
+    model = factory()
+    strategy = LocalSGD(model, c, group_size=2)
+    sizes = T.model_sizes(model)
+    before, cross0 = c.counters(), c.bytes_sent_cross
+    strategy.begin_round()
+    for step in range(steps):
+        one_step(model, list(model.parameters()), c.rank, step)
+    strategy.end_round()
+    want = T.local_sgd_wire(sizes, S, group_size=2, ranks_per_node=2, local_steps=steps)
+    assert (*summed(c, before), cross(c, cross0)) == (want["sent"], want["recv"], want["sent_cross"])
