@@ -109,8 +109,8 @@ class Trainer:
             # CIFAR-style models are built for 32x32; ImageNet-style ones take any size >= 32
             cifar = getattr(probe, "arch", {}).get("stem") == "cifar"
             check_compatible(self.info, 32 if cifar else None, self.info.num_classes)
-            resolve_group_size(cfg.group_size, c)  # groups that fit the ranks (and nodes)
-            STRATEGIES[cfg.strategy].check(cfg, probe, c.size)  # e.g. enough blocks for the ranks
+            groups = c.size // resolve_group_size(cfg.group_size, c)  # groups that fit the ranks (and nodes)
+            STRATEGIES[cfg.strategy].check(cfg, probe, groups)  # e.g. enough blocks for the groups
             self.resume_state = ckpt.resolve_and_load(cfg, probe, c.rank, c.size)
         except (ValueError, OSError) as e:  # DataError, PartitionError, CheckpointError are ValueErrors
             error = e

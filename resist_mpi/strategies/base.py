@@ -56,9 +56,10 @@ class Strategy:
         self._resumed_momentum: Optional[List] = None
 
     @classmethod
-    def check(cls, cfg, probe: torch.nn.Module, size: int) -> None:
-        """What this strategy needs of the model, checked on a meta-device copy before anything runs
-        (one-line ValueError). Nothing for strategies that train the whole model."""
+    def check(cls, cfg, probe: torch.nn.Module, workers: int) -> None:
+        """What this strategy needs of the model for `workers` ranks (or groups of ranks), checked on
+        a meta-device copy before anything runs (one-line ValueError). Nothing for strategies that
+        train the whole model."""
 
     # -- the round protocol --------------------------------------------------------------------------
     def rounds(self, num_rounds: int) -> Iterator[int]:

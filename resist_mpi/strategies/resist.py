@@ -106,10 +106,9 @@ class ResIST(Strategy):
                    keep_momentum=cfg.keep_shared_momentum, group_size=cfg.group_size, **kw)
 
     @classmethod
-    def check(cls, cfg, probe, size: int) -> None:
-        """Blocks to partition in the model, and enough of them for the groups (size ranks)."""
-        G = int(cfg.group_size) if str(cfg.group_size).isdigit() else 1  # "node": checked once MPI runs
-        partition.check_partition(len(find_blocks(probe, "auto", cfg.stages())), max(1, size // G), cfg.min_depth)
+    def check(cls, cfg, probe, workers: int) -> None:
+        """Blocks to partition in the model, and enough of them for the workers (ranks or groups)."""
+        partition.check_partition(len(find_blocks(probe, "auto", cfg.stages())), workers, cfg.min_depth)
 
     def shared_tensors(self) -> List[torch.Tensor]:
         """Parameters and float buffers of the shared layers, in a fixed order."""

@@ -59,7 +59,7 @@ for strategy in {strategies!r}:
         sys.exit(rc)
 with open(f"{{out}}/counters.{{made[0].rank}}.json", "w") as f:
     json.dump({{"rank": made[0].rank, "sent": sum(c.bytes_sent for c in made),
-               "control": sum(c.control_bytes for c in made)}}, f)
+               "cross": sum(c.bytes_sent_cross for c in made), "control": sum(c.control_bytes for c in made)}}, f)
 """
 
 pytestmark = pytest.mark.skipif(not have_mpirun(), reason="mpirun not found (run `make setup`)")
@@ -374,3 +374,40 @@ def test_cut_link_ends_job_with_one_line_then_resume_continues(cluster, tmp_path
     resume = [r for r in records if r["event"] == "resume"]
     assert len(resume) == 1 and resume[0]["round"] == saved > 0, resume
     assert [r for r in records if r["event"] == "eval"][-1]["epoch"] == 6.0
+
+
+# -- groups of a node's ranks --------------------------------------------------------------------------
+def test_group_per_node_cross_node_bytes(cluster, tmp_path):
+    """8 ranks on 4 nodes, --group-size node (2 ranks a group): ResIST between the nodes,
+    data-parallel inside each. Every round's bytes across nodes equal traffic.py's model, and the
+    kernel's interface counters agree with the package's cross-node counters (the bound above)."""
+    from resist_mpi import traffic as T
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(strategies=("resist",)))
+    steps = 2
+    args = TRAIN[:TRAIN.index("--local-steps")] + ["--local-steps", str(steps), "--group-size", "node",
+                                                     "--eval-every", "0"] + TRAIN[TRAIN.index("--local-steps") + 2:]
+    before = cluster.counters()
+    job = _run(cluster, ["mpirun", "-np", "8", "-H", ",".join(f"{h}:2" for h in HOSTS), "--mca", "btl", "tcp,self",
+                         sys.executable, str(driver), str(tmp_path)] + args)
+    after = cluster.counters()
+    assert job.returncode == 0, job.stdout[-6000:]
+    config, recs = _read(tmp_path / "resist")
+    assert config["world_size"] == 8 and config["config"]["group_size"] == "node"
+    rounds = [r for r in recs if r["event"] == "round"]
+    with tempfile.TemporaryDirectory():
+        import torch
+        from resist_mpi.models import create_model
+        with torch.device("meta"):
+            sizes = T.model_sizes(create_model("preact_resnet34", 10, 4))
+    drawn = T.draw_rounds(len(sizes.blocks), 4, 0, 3, len(rounds))
+    model = T.resist_wire_rounds(sizes, 8, drawn, group_size=2, ranks_per_node=2, local_steps=steps)
+    assert [r["bytes_cross_node"] for r in rounds] == [m["sent_cross"] for m in model]
+    assert [r["bytes_sent"] for r in rounds] == [m["sent"] for m in model]
+    counters = _counters(tmp_path)
+    package_cross = sum(c["cross"] for c in counters)
+    control = sum(c["control"] for c in counters) / 2
+    kernel = sum(_delta(before, after).values())
+    assert 0 < sum(r["bytes_cross_node"] for r in rounds) <= package_cross
+    assert package_cross <= kernel <= OVERHEAD * (package_cross + control) + WIREUP, \
+        f"kernel {kernel} B vs package {package_cross} B across nodes (+ {control:.0f} B of control)"
