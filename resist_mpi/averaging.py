@@ -9,6 +9,7 @@ import torch
 
 from .comm import Comm, pack, unpack_
 from .comm.fusion import flatten_, is_view_of
+from .compression import Codec, ErrorFeedback, compressed_mean
 from .groups import slice_counts
 
 
@@ -31,22 +32,53 @@ class Averager:
         tensors: a function returning the tensors, in a fixed order (called on every average, so
             tensors replaced since are seen).
         groups: a Groups of comm's ranks, or None (one flat allreduce).
+        wire_dtype: float32, or float16 / bfloat16 / int8: each round's update moves compressed,
+            with error feedback (the strategy calls mark() when a round starts).
     """
 
-    def __init__(self, comm: Comm, tensors: Callable[[], List[torch.Tensor]], groups=None):
+    def __init__(self, comm: Comm, tensors: Callable[[], List[torch.Tensor]], groups=None,
+                 wire_dtype: str = "float32"):
         self.comm, self._tensors = comm, tensors
         self.groups = groups if groups is not None and groups.inner is not None else None
+        across = self.groups.across if self.groups is not None else comm
+        # compressed: each round's update, with error feedback (resist_mpi.compression)
+        self.feedback = ErrorFeedback(across, wire_dtype) if wire_dtype != "float32" else None
         self.flat = None
         self._steps: List[Callable] = []
 
-    def average(self) -> None:
+    def _buffer(self) -> torch.Tensor:
         tensors = self._tensors()
         if self.flat is None or not is_view_of(tensors, self.flat):
             self.flat = flatten_(tensors)
             self._steps = self._prepare(self.flat)
-        # ---- distributed step: one allreduce of the flat buffer (three, hierarchical, with groups) ----
-        for step in self._steps:
-            step()
+        return self.flat
+
+    def _part(self, flat: torch.Tensor) -> torch.Tensor:
+        """What this rank averages across: the whole buffer, or its slice of it with groups."""
+        if self.groups is None:
+            return flat
+        start, stop = self.groups.my_slice(flat.numel())
+        return flat[start:stop]
+
+    def mark(self) -> None:
+        """The round starts: with a compressed wire, remember the values the updates start from."""
+        if self.feedback is not None:
+            self.feedback.mark(self._part(self._buffer()))
+
+    def average(self) -> None:
+        flat = self._buffer()
+        if self.feedback is None:
+            # ---- distributed step: one allreduce of the flat buffer (three, hierarchical, with groups) ----
+            for step in self._steps:
+                step()
+            return
+        inner, _, gather = self._steps if self.groups is not None else (None, None, None)
+        if inner is not None:
+            inner()  # ---- distributed step: the group's average (full precision, the fast link) ----
+        # ---- distributed step: the compressed average of the round's update across ranks (or groups) ----
+        self.feedback.average(self._part(flat))
+        if gather is not None:
+            gather()  # ---- distributed step: the group puts the slices together ----
 
     def _prepare(self, flat: torch.Tensor) -> List[Callable]:
         g = self.groups
@@ -85,12 +117,14 @@ class GradientAverager:
     Args:
         comm: the Comm to average over.
         params: the parameters whose gradients are averaged (attach() replaces them).
+        wire_dtype: float32, or float16 / bfloat16 / int8 to move them compressed (resist_mpi.compression).
     Attributes:
         comm_time: seconds spent in the averages, cumulative.
     """
 
-    def __init__(self, comm: Comm, params: Sequence[torch.nn.Parameter] = ()):
+    def __init__(self, comm: Comm, params: Sequence[torch.nn.Parameter] = (), wire_dtype: str = "float32"):
         self.comm = comm
+        self.codec = Codec(wire_dtype) if wire_dtype != "float32" else None
         self.comm_time = 0.0
         self._queued = False
         self.params: List[torch.nn.Parameter] = []
@@ -112,8 +146,12 @@ class GradientAverager:
         self._queued = False
         t0 = time.perf_counter()
         grads = [p.grad for p in self.params if p.grad is not None]
-        # ---- distributed step: one fused gradient allreduce per backward ----
-        average_tensors_(self.comm, grads)
+        if self.codec is None:
+            # ---- distributed step: one fused gradient allreduce per backward ----
+            average_tensors_(self.comm, grads)
+        elif grads:
+            # ---- distributed step: the gradients' compressed average (no error feedback, as Horovod's) ----
+            unpack_(compressed_mean(self.comm, pack(grads), self.codec)[0], grads)
         self.comm_time += time.perf_counter() - t0
 
     def remove(self) -> None:

@@ -45,6 +45,9 @@ class Config:
     min_depth: int = _f(0, "minimum blocks per sub-ResNet (blocks overlap when needed); 0: none", "optim")
     group_size: str = _f("1", "ranks per group: ResIST (or local SGD) between groups, data-parallel inside each; "
                          "a number, or 'node' (the ranks of one node); 1: the paper's ResIST", "optim")
+    wire_dtype: str = _f("float32", "what averages move as: the model averages' round updates with error feedback, "
+                         "data-parallel's gradients; blocks that move stay float32", "optim",
+                         ("float32", "float16", "bfloat16", "int8"))
     keep_shared_momentum: bool = _f(False, "keep the shared layers' momentum across rounds (paper: fresh)", "optim")
     warmup_epochs: int = _f(0, "epochs of local SGD before ResIST takes over (the paper's ImageNet recipe)", "optim")
     # -- evaluation --------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from . import partition
 from .comm.base import ELEMENT_BYTES, ring_allreduce_bytes
 from .blocks import find_blocks, module_tensors
 from .models import create_model
+from .compression import WIRE_DTYPES, Codec
 from .groups import slice_counts
 from .routing import simulate
 
@@ -174,16 +175,35 @@ class Wire:
         total = ELEMENT_BYTES * sum(counts)
         self.ring(members, [total - ELEMENT_BYTES * counts[(i + 1) % len(counts)] for i in range(len(counts))])
 
-    def hierarchical_allreduce(self, numel: int) -> None:
-        """An Averager's average: in the group, across the groups by slices, gathered in the group."""
+    def compressed_allreduce(self, members: Sequence[int], numel: int, codec: Codec) -> None:
+        """compression.compressed_mean: an all-to-all of compressed chunks, an allgather of the
+        compressed means (float32 containers of the compressed bytes, scales included)."""
+        if len(members) < 2:
+            return
+        sizes = [codec.size(k) for k in slice_counts(numel, len(members))]
+        for i, src in enumerate(members):
+            for d, dst in enumerate(members):
+                if d != i:
+                    self.send(src, dst, ELEMENT_BYTES * sizes[d])
+        self.allgather(members, sizes)
+
+    def average(self, members: Sequence[int], numel: int, codec: Optional[Codec] = None) -> None:
+        if codec is None:
+            self.allreduce(members, numel)
+        else:
+            self.compressed_allreduce(members, numel, codec)
+
+    def hierarchical_allreduce(self, numel: int, codec: Optional[Codec] = None) -> None:
+        """An Averager's average: in the group, across the groups by slices (compressed with a
+        codec), gathered in the group."""
         lay = self.layout
         if lay.group == 1:
-            return self.allreduce(list(range(lay.size)), numel)
+            return self.average(list(range(lay.size)), numel, codec)
         counts = slice_counts(numel, lay.group)
         for g in range(lay.groups):
             self.allreduce(lay.group_ranks(g), numel)
         for j in range(lay.group):
-            self.allreduce(lay.across_ranks(j), counts[j])
+            self.average(lay.across_ranks(j), counts[j], codec)
         for g in range(lay.groups):
             self.allgather(lay.group_ranks(g), counts)
 
@@ -194,7 +214,8 @@ class Wire:
 
 def resist_wire_rounds(sizes: ModelSizes, size: int, assignments: Sequence[Sequence[Sequence[int]]],
                        holders: Optional[Sequence[Sequence[int]]] = None, group_size: int = 1,
-                       ranks_per_node: Optional[int] = None, local_steps: int = 0) -> List[Dict[str, int]]:
+                       ranks_per_node: Optional[int] = None, local_steps: int = 0,
+                       wire_dtype: str = "float32") -> List[Dict[str, int]]:
     """Wire bytes of ResIST rounds, as ResIST.begin_round / end_round (and, with groups, the local
     steps' gradient averages inside each group) move them.
 
@@ -206,6 +227,7 @@ def resist_wire_rounds(sizes: ModelSizes, size: int, assignments: Sequence[Seque
             an evaluation or a warm-up); None: group 0 (rank 0) alone holds every block (a fresh model).
         group_size, ranks_per_node: the Layout (G ranks per group, nodes of R ranks; None: one node).
         local_steps: steps per round (the gradient averages inside the groups; nothing when G == 1).
+        wire_dtype: what the shared layers' average moves as (blocks stay float32).
     Returns:
         Per round: exchange_sent (the block exchange and the groups' gathers), shared_allreduce
         (sent + received), sent, recv, total (sent + received), sent_cross, sent_within; summed over ranks.
@@ -232,13 +254,13 @@ def resist_wire_rounds(sizes: ModelSizes, size: int, assignments: Sequence[Seque
                     wire.allreduce(lay.group_ranks(g), params)
                 wire.allreduce(lay.group_ranks(g), sum(sizes.blocks[b] for b in blocks))  # BN stats made one
         before = wire.sent
-        wire.hierarchical_allreduce(sizes.shared)
+        wire.hierarchical_allreduce(sizes.shared, _codec(wire_dtype))
         rounds.append({"exchange_sent": exchange, "shared_allreduce": 2 * (wire.sent - before), **wire.totals()})
     return rounds
 
 
 def local_sgd_wire(sizes: ModelSizes, size: int, group_size: int = 1, ranks_per_node: Optional[int] = None,
-                   local_steps: int = 0) -> Dict[str, int]:
+                   local_steps: int = 0, wire_dtype: str = "float32") -> Dict[str, int]:
     """A round of (hierarchical) local SGD: the groups' gradient averages, the model's average."""
     lay = Layout(size, group_size, ranks_per_node)
     wire = Wire(lay)
@@ -246,18 +268,23 @@ def local_sgd_wire(sizes: ModelSizes, size: int, group_size: int = 1, ranks_per_
         for g in range(lay.groups):
             for _ in range(local_steps):
                 wire.allreduce(lay.group_ranks(g), sizes.params)
-    wire.hierarchical_allreduce(sizes.full)
+    wire.hierarchical_allreduce(sizes.full, _codec(wire_dtype))
     return wire.totals()
 
 
 def data_parallel_wire(sizes: ModelSizes, size: int, local_steps: int,
-                       ranks_per_node: Optional[int] = None) -> Dict[str, int]:
-    """A round of data-parallel SGD: a gradient allreduce per step and the BN statistics' average."""
+                       ranks_per_node: Optional[int] = None, wire_dtype: str = "float32") -> Dict[str, int]:
+    """A round of data-parallel SGD: a gradient average per step (compressed with a wire dtype) and
+    the BN statistics' average."""
     wire = Wire(Layout(size, 1, ranks_per_node))
     for _ in range(local_steps):
-        wire.allreduce(list(range(size)), sizes.params)
+        wire.average(list(range(size)), sizes.params, _codec(wire_dtype))
     wire.allreduce(list(range(size)), sizes.buffers)
     return wire.totals()
+
+
+def _codec(wire_dtype: str) -> Optional[Codec]:
+    return None if wire_dtype == "float32" else Codec(wire_dtype)
 
 
 def local_sgd_wire_round(sizes: ModelSizes, size: int) -> int:
@@ -276,13 +303,15 @@ def draw_rounds(num_blocks: int, size: int, min_depth: int, seed: int, count: in
 
 
 def traffic(sizes: ModelSizes, size: int, min_depth: int = 0, local_steps: int = 50, rounds: int = 100,
-            seed: int = 0, group_size: int = 1, ranks_per_node: Optional[int] = None) -> Dict:
+            seed: int = 0, group_size: int = 1, ranks_per_node: Optional[int] = None,
+            wire_dtype: str = "float32") -> Dict:
     """Bytes per round of resist, local_sgd and data_parallel, in both accountings (module docstring).
 
     ResIST's numbers are means over rounds 1..rounds (round 0 excluded). With group_size G > 1,
     ResIST and local SGD run between groups of G ranks (hierarchical local SGD), data-parallel inside
     them; the paper accounting then treats a group as one worker. With ranks_per_node, "cross" is
-    the part of the wire bytes sent between nodes (nodes of that many consecutive ranks).
+    the part of the wire bytes sent between nodes (nodes of that many consecutive ranks). wire_dtype:
+    what the averages move as (--wire-dtype; blocks that move stay float32).
     """
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
@@ -291,7 +320,7 @@ def traffic(sizes: ModelSizes, size: int, min_depth: int = 0, local_steps: int =
     partition.check_partition(P, lay.groups, min_depth)
     drawn = draw_rounds(P, lay.groups, min_depth, seed, rounds + 2)  # round rounds+1: the "next" of the last
     wire = resist_wire_rounds(sizes, size, drawn[:rounds + 1], group_size=group_size,
-                              ranks_per_node=ranks_per_node, local_steps=local_steps)[1:]
+                              ranks_per_node=ranks_per_node, local_steps=local_steps, wire_dtype=wire_dtype)[1:]
     paper = [resist_paper_round(sizes, drawn[r], drawn[r + 1]) for r in range(1, rounds + 1)]
 
     def mean(rows, key):
@@ -301,16 +330,17 @@ def traffic(sizes: ModelSizes, size: int, min_depth: int = 0, local_steps: int =
               "paper_up": mean(paper, "up"), "paper_down": mean(paper, "down"),
               "wire_sent": mean(wire, "sent"), "wire_sent_cross": mean(wire, "sent_cross"),
               "exchange_sent": mean(wire, "exchange_sent"), "shared_allreduce": mean(wire, "shared_allreduce")}
-    lw = local_sgd_wire(sizes, size, group_size, ranks_per_node, local_steps)
+    lw = local_sgd_wire(sizes, size, group_size, ranks_per_node, local_steps, wire_dtype)
     local = {"paper_bytes": local_sgd_paper_round(sizes, lay.groups), "wire_bytes": lw["total"],
              "wire_sent": lw["sent"], "wire_sent_cross": lw["sent_cross"]}
-    dw = data_parallel_wire(sizes, size, local_steps, ranks_per_node)
+    dw = data_parallel_wire(sizes, size, local_steps, ranks_per_node, wire_dtype)
     dp = {"paper_bytes": data_parallel_paper_round(sizes, size, local_steps), "wire_bytes": dw["total"],
           "wire_sent": dw["sent"], "wire_sent_cross": dw["sent_cross"]}
     ratios = {f"{other}_over_resist": {k: (d[k] / resist[k] if resist[k] else float("inf"))
                                        for k in ("paper_bytes", "wire_bytes", "wire_sent_cross")}
               for other, d in (("local_sgd", local), ("data_parallel", dp))}
     return {"world_size": size, "group_size": group_size, "ranks_per_node": ranks_per_node or size,
+            "wire_dtype": wire_dtype,
             "min_depth": min_depth, "local_steps": local_steps, "rounds": rounds,
             "seed": seed, "element_bytes": ELEMENT_BYTES,
             "elements": {**asdict(sizes), "blocks": list(sizes.blocks), "block_params": list(sizes.block_params),
@@ -327,6 +357,7 @@ def format_table(report: Dict) -> str:
              f"{e['params']:,} parameters + {e['buffers']:,} BN buffer elements; shared {e['shared']:,}, "
              f"{e['num_partitionable']} partitionable blocks of {min(e['blocks']):,}..{max(e['blocks']):,}",
              f"S={S} ranks" + (f" in {S // G} groups of {G}" if G > 1 else "") + f" on {S // R} node(s) of {R}, "
+             f"averages as {report['wire_dtype']}, "
              f"min depth {report['min_depth']}, l={report['local_steps']} steps/round; bytes per round, "
              f"up+down summed over workers (ResIST: mean of rounds 1..{report['rounds']}, round 0 excluded); "
              f"MB = 10^6 bytes",
@@ -369,13 +400,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "(default: %(default)s)")
     p.add_argument("--ranks-per-node", type=int, default=None, help="ranks per node, for the bytes that cross "
                    "nodes (default: all on one node)")
+    p.add_argument("--wire-dtype", default="float32", choices=WIRE_DTYPES,
+                   help="what the averages move as, as --wire-dtype in training (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     try:
         stages = [int(s) for s in args.partition_stages.split(",") if s.strip()]
         sizes = build_sizes(args.model, args.num_classes, args.width, stages)
         report = traffic(sizes, args.world_size, args.min_depth, args.local_steps, args.rounds, args.seed,
-                         args.group_size, args.ranks_per_node)
+                         args.group_size, args.ranks_per_node, args.wire_dtype)
     except ValueError as e:  # unknown model, impossible partition, bad numbers: one line
         sys.stderr.write(f"resist_mpi.traffic: error: {e}\n")
         return 2

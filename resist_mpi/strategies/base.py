@@ -50,6 +50,7 @@ class Strategy:
         self.round = 0
         self._timed = 0.0
         self._gradient_averagers: List = []  # per-step averages (GradientAverager), timed by themselves
+        self._model_averagers: List = []  # Averagers of the round's end (their error feedback is per-rank state)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self._factory, self._keep_momentum = optimizer, keep_momentum
         self._resumed_optimizer: Optional[Dict] = None
@@ -76,6 +77,8 @@ class Strategy:
         t0 = time.perf_counter()
         self._begin()
         self._timed += time.perf_counter() - t0
+        for averager in self._model_averagers:  # a compressed wire sends updates from here on
+            averager.mark()
         if self._factory is not None and (self.optimizer is None or self.fresh_optimizer):
             self.optimizer = self._new_optimizer()
 
@@ -141,13 +144,17 @@ class Strategy:
 
     def rank_state_dict(self) -> Optional[Dict]:
         """What differs between ranks and a resume on the same world size needs (kept momentum of
-        the shared layers), or None."""
-        if not (self._keep_momentum and self.fresh_optimizer and self.optimizer is not None):
-            return None
-        shared = [p for g in self.optimizer.param_groups if g.get("name") == "shared" for p in g["params"]]
-        return {"shared_momentum": [None if self.optimizer.state.get(p, {}).get("momentum_buffer") is None
-                                    else self.optimizer.state[p]["momentum_buffer"].detach().cpu()
-                                    for p in shared]}
+        the shared layers, a compressed wire's error feedback), or None."""
+        state = {}
+        if self._keep_momentum and self.fresh_optimizer and self.optimizer is not None:
+            shared = [p for g in self.optimizer.param_groups if g.get("name") == "shared" for p in g["params"]]
+            state["shared_momentum"] = [None if self.optimizer.state.get(p, {}).get("momentum_buffer") is None
+                                        else self.optimizer.state[p]["momentum_buffer"].detach().cpu()
+                                        for p in shared]
+        residuals = [a.feedback.residual for a in self._model_averagers if a.feedback is not None]
+        if residuals:
+            state["wire_residual"] = [None if r is None else r.detach().cpu().clone() for r in residuals]
+        return state or None
 
     def load_state_dict(self, state: Dict, rank_state: Optional[Dict] = None) -> None:
         """Continue from a state_dict() (on every rank, the same state); rank_state: this rank's
@@ -157,6 +164,11 @@ class Strategy:
         self._resumed_optimizer = state.get("optimizer")
         self._resumed_momentum = (rank_state or {}).get("shared_momentum")
         self.optimizer = None
+        residuals = (rank_state or {}).get("wire_residual")
+        feedbacks = [a.feedback for a in self._model_averagers if a.feedback is not None]
+        if residuals is not None and len(residuals) == len(feedbacks):
+            for fb, r in zip(feedbacks, residuals):
+                fb.residual = None if r is None else r.clone()
 
     def _load_model(self, weights: Dict) -> None:
         self.model.load_state_dict(weights)

@@ -17,14 +17,15 @@ class DataParallel(Replicated):
     name = "data_parallel"
     fresh_optimizer = False  # the replicas never diverge: one optimizer (and its momentum) for the run
 
-    def __init__(self, model, comm, **kw):
+    def __init__(self, model, comm, wire_dtype: str = "float32", **kw):
         super().__init__(model, comm, **kw)
-        self._gradient_averagers.append(GradientAverager(comm, list(model.parameters())))
+        # a compressed wire: gradients cast (int8: scaled) for the wire, summed in float32
+        self._gradient_averagers.append(GradientAverager(comm, list(model.parameters()), wire_dtype))
         self._bn = Averager(comm, lambda: [b for b in self.model.buffers() if b.is_floating_point()])
 
     @classmethod
     def from_config(cls, model, comm, cfg, **kw):
-        return cls(model, comm, **kw)
+        return cls(model, comm, wire_dtype=cfg.wire_dtype, **kw)
 
     def _end(self) -> None:
         # ---- distributed step: the BN statistics (parameters are identical on every rank) ----

@@ -49,6 +49,8 @@ class ResIST(Strategy):
         synchronized: every rank already holds the identical full model (after a warm-up): nothing
             is broadcast and every rank starts holding every block.
         group_size: ranks per group (an int, or "node"), see the module docstring.
+        wire_dtype: float32, or float16 / bfloat16 / int8: the shared layers' average moves each
+            round's update compressed, with error feedback (resist_mpi.compression); blocks stay float32.
         optimizer, keep_momentum: see Strategy ("shared" = the shared layers' parameters).
     """
 
@@ -57,7 +59,7 @@ class ResIST(Strategy):
 
     def __init__(self, model, comm, *, blocks: Union[str, Sequence] = "auto", stages: Optional[Sequence[int]] = None,
                  min_depth: int = 0, seed: int = 0, device=None, synchronized: bool = False,
-                 group_size: Union[int, str] = 1, **kw):
+                 group_size: Union[int, str] = 1, wire_dtype: str = "float32", **kw):
         super().__init__(model, comm, **kw)
         named = find_blocks(model, blocks, stages)
         self.block_names = [n for n, _ in named]
@@ -70,8 +72,9 @@ class ResIST(Strategy):
         self.device = torch.device(device) if device is not None else _device_of(model)
         self.store = BlockStore(self.blocks)
         self._shared = shared_slots(model, self.blocks)
-        self._average = Averager(comm, self.shared_tensors, self.groups)
-        if self.groups.inner is not None:  # data-parallel inside the group, every step
+        self._average = Averager(comm, self.shared_tensors, self.groups, wire_dtype)
+        self._model_averagers.append(self._average)
+        if self.groups.inner is not None:  # data-parallel inside the group, every step (the fast link)
             self._gradient_averagers.append(GradientAverager(self.groups.inner))
         self._workspace: Dict = {}  # the exchange's averaging buffer, reused round after round
         self._drawn: Dict[int, partition.Assignment] = {}  # round -> assignment, from rank 0's last broadcast
@@ -103,7 +106,8 @@ class ResIST(Strategy):
     @classmethod
     def from_config(cls, model, comm, cfg, **kw):
         return cls(model, comm, stages=cfg.stages(), min_depth=cfg.min_depth, seed=cfg.seed,
-                   keep_momentum=cfg.keep_shared_momentum, group_size=cfg.group_size, **kw)
+                   keep_momentum=cfg.keep_shared_momentum, group_size=cfg.group_size,
+                   wire_dtype=cfg.wire_dtype, **kw)
 
     @classmethod
     def check(cls, cfg, probe, workers: int) -> None:

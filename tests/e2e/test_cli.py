@@ -102,12 +102,14 @@ def test_warmup_switches_to_resist(tmp_path):
 
 @pytest.mark.parametrize("np_, extra", [(2, []), (2, ["--keep-shared-momentum"]), (2, ["--strategy", "data_parallel"]),
                                          (4, ["--group-size", "2"]),
-                                         (4, ["--group-size", "2", "--strategy", "local_sgd"])],
-                         ids=["resist", "resist-momentum", "data_parallel", "resist-groups", "local_sgd-groups"])
+                                         (4, ["--group-size", "2", "--strategy", "local_sgd"]),
+                                         (4, ["--group-size", "2", "--wire-dtype", "int8"])],
+                         ids=["resist", "resist-momentum", "data_parallel", "resist-groups", "local_sgd-groups",
+                              "resist-groups-int8"])
 def test_resume_continues_bit_for_bit(tmp_path, np_, extra):
     """Optimizer state that outlives a round (shared momentum per rank, data-parallel's optimizer)
     must come back too, or the resumed run drifts; with groups, every member must continue from
-    its group's copy."""
+    its group's copy; with a compressed wire, every rank's error feedback."""
     args = ["--model", "preact_resnet34", "--width", "4", "--epochs", "2", "--batch-size", "64",
             "--local-steps", "4", "--checkpoint-every", "1", "--keep-checkpoints", "5", *extra]
     full, part = tmp_path / "full", tmp_path / "part"

@@ -19,6 +19,8 @@ SUITES = [  # (test file, backend)
     ("tests/mpi/test_traffic_mpi.py", "mpi"),
     ("tests/mpi/test_groups.py", "mpi"),
     ("tests/mpi/test_groups.py", "torch"),
+    ("tests/mpi/test_compression.py", "mpi"),
+    ("tests/mpi/test_compression.py", "torch"),
 ]
 
 
