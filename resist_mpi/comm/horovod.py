@@ -24,6 +24,11 @@ import torch
 from .base import Comm, abort_process
 
 
+# ranks -> process set, for the whole process: Horovod's sets outlive any Comm object, and it refuses
+# to add the same set twice
+_PROCESS_SETS = {}
+
+
 def _hvd():
     import horovod.torch as hvd  # imported lazily: an optional dependency
     return hvd
@@ -43,7 +48,6 @@ class HorovodComm(Comm):
         self._ops = {"sum": hvd.Sum, "max": hvd.Max, "min": hvd.Min}
         self.process_set, self.global_ranks, self._tag = hvd.global_process_set, list(range(hvd.size())), "resist"
         super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
-        self._sets = {}  # ranks -> process set: Horovod refuses to add the same set twice
         self.learn_nodes()
 
     def _split(self, color, key, groups):
@@ -53,18 +57,16 @@ class HorovodComm(Comm):
             if list(ranks) != sorted(ranks):
                 raise ValueError("the horovod backend orders a process set's ranks by global rank: "
                                  "split with keys in rank order")
-            root = self if self.process_set is self.hvd.global_process_set else self._root
-            ps = root._sets.get(ranks)
+            ps = _PROCESS_SETS.get(ranks)
             if ps is None and len(ranks) == self.hvd.size():
                 ps = self.hvd.global_process_set  # Horovod has it already, and refuses a duplicate
             elif ps is None:
-                ps = root._sets[ranks] = self.hvd.add_process_set(list(ranks))
+                ps = _PROCESS_SETS[ranks] = self.hvd.add_process_set(list(ranks))
             if col == color:
                 mine = (ps, list(ranks))
         sub = HorovodComm.__new__(HorovodComm)
         sub.hvd, sub._ops = self.hvd, self._ops
         (sub.process_set, sub.global_ranks), sub._tag = mine, f"resist.ps{mine[0].process_set_id}"
-        sub._root = self if self.process_set is self.hvd.global_process_set else self._root
         Comm.__init__(sub, sub.global_ranks.index(self.hvd.rank()), len(sub.global_ranks), 0, 1, self._counters)
         return sub
 

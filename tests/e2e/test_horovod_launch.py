@@ -6,10 +6,12 @@ Skipped when Horovod (make horovod) or horovodrun is missing.
   RESIST_TEST_BACKEND=horovod) on every rank. Each case starts a fresh job and passes only if every
   rank's pytest passed: horovodrun's exit status is non-zero when any rank fails, and each rank
   must report its own "N passed" line.
-- test_train_matches_mpi_backend: every strategy trained under horovodrun (default --backend auto,
-  which must pick horovod), MPI and Gloo controllers, on 2 ranks, checked against the same
+- test_train_matches_mpi_backend: every strategy trained under horovodrun with --backend horovod,
+  MPI and Gloo controllers, on 2 ranks, checked against the same
   settings under `mpirun --backend mpi`: same seed, same ranks, so the same per-round train loss
   and final test loss (rel 1e-4) and the same bytes_sent/bytes_recv, to the byte.
+- test_auto_backend_under_horovodrun: --backend auto picks mpi under the MPI controller (its ranks
+  are MPI processes) and torch under the Gloo controller (no MPI there).
 
 Why 2 ranks: a sum of two addends does not depend on the reduction algorithm, so the two
 backends agree bit for bit. On 4 ranks Gloo's allreduce adds in another order than Open MPI's,
@@ -22,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -159,8 +162,8 @@ def train_jobs(tmp_path_factory):
         if kind == "reference":
             cmd = ["mpirun", "--oversubscribe", "-np", str(NP), sys.executable] + args + ["--backend", "mpi"]
             env = mpi_env()
-        else:  # no --backend: "auto" must pick horovod under horovodrun, whichever controller
-            cmd, env = _horovodrun_cmd(NP, kind[len("hvd-"):], args)
+        else:  # the Horovod collectives, asked for by name (auto picks mpi or torch: see below)
+            cmd, env = _horovodrun_cmd(NP, kind[len("hvd-"):], args + ["--backend", "horovod"])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         return _Job(cmd, env, out)
 
@@ -210,3 +213,12 @@ def test_train_matches_mpi_backend(train_jobs, controller, strategy):
     assert math.isclose(got["test_loss"], ref["test_loss"], rel_tol=REL), (got, ref)
     assert abs(got["test_acc"] - ref["test_acc"]) <= 0.01, (got, ref)
     assert (got["bytes_sent"], got["bytes_recv"]) == (ref["bytes_sent"], ref["bytes_recv"]), (got, ref)
+
+
+@pytest.mark.parametrize("controller, expected", [("mpi", "mpi"), ("gloo", "torch")])
+def test_auto_backend_under_horovodrun(controller, expected):
+    """The fastest correct backend for each controller (README, "Horovod": launcher_bench)."""
+    code = "from resist_mpi.comm import resolve_backend; print('AUTO', resolve_backend('auto', 'cpu'))"
+    proc = horovodrun(2, controller, ["-c", code], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.findall(r"AUTO (\w+)", proc.stdout) == [expected, expected], proc.stdout

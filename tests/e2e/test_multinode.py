@@ -248,7 +248,8 @@ def test_horovodrun_across_nodes(cluster, train_runs, tmp_path, controller):
     per node; the Horovod backend then moves the same bytes as the mpi backend, to the byte."""
     before = cluster.counters()
     p = _run(cluster, [_horovodrun(), "-np", "4", "-H", ",".join(f"{h}:1" for h in HOSTS), f"--{controller}",
-                       sys.executable, "-m", "resist_mpi.train", *TRAIN, "--strategy", "resist", "--out", str(tmp_path)])
+                       sys.executable, "-m", "resist_mpi.train", *TRAIN, "--strategy", "resist", "--out", str(tmp_path),
+                       "--backend", "horovod"])
     tx = _delta(before, cluster.counters())
     assert p.returncode == 0, p.stdout[-6000:]
     config, recs = _read(tmp_path)
