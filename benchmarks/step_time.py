@@ -9,7 +9,7 @@ CIFAR runs. Median of --steps steps after --warmup steps, per thread count. Also
 config's model (width 8, 10 classes, batch 32) the same way, and counts both steps' FLOPs
 (torch.utils.flop_counter, on the meta device).
 
-factor = CPU step time / published GPU step time (gpu_scale.published_step_s(): 87.7 ms, local SGD's
+factor = CPU step time / published GPU step time (gpu_scale.published_step_s(): 351 ms, local SGD's
 wall-clock per step in the paper, communication included). The published time is an upper bound on
 the GPU's compute step, so the factor is a lower bound: a CPU rank here is at least that much slower.
 How this turns a link rate here into one beside GPUs: see gpu_scale.py (cluster_bench prints it).

@@ -126,7 +126,7 @@ def test_summaries_of_fabricated_runs(fabricated):
 
 
 def test_gpu_equivalent_rate():
-    assert gpu_scale.published_step_s() == pytest.approx(5486 / (160 * 391)) == pytest.approx(0.08769, abs=1e-5)
+    assert gpu_scale.published_step_s() == pytest.approx(5486 / (40 * 391)) == pytest.approx(0.35077, abs=1e-5)
     # bytes per step 64e6/50 vs 1e6/10: x12.8; step times 0.2 s here vs 0.1 s there: x2
     got = gpu_scale.equivalent_rate(20e6, here_elements=1_000_000, here_local_steps=10, here_step_s=0.2,
                                     gpu_elements=64_000_000, gpu_local_steps=50, gpu_step_s=0.1)
