@@ -50,6 +50,10 @@ if [ -z "${RESIST_PYTHON:-}" ]; then
     if [ -x "$RESIST_HOME/.venv/bin/python" ]; then RESIST_PYTHON=$RESIST_HOME/.venv/bin/python
     else RESIST_PYTHON=$(command -v python3 || echo python); fi
 fi
+# With RESIST_CONFIG (a YAML/JSON config, e.g. configs/cifar100_resnet101.yaml) the file decides the
+# data and the length; RESIST_DATASET / RESIST_DATA_DIR / RESIST_EPOCHS then override it only when set.
+RESIST_CONFIG=${RESIST_CONFIG:-}
+_resist_set_by_user=" ${RESIST_DATASET:+dataset} ${RESIST_DATA_DIR:+data_dir} ${RESIST_EPOCHS:+epochs} "
 RESIST_DATASET=${RESIST_DATASET:-cifar10}
 RESIST_DATA_DIR=${RESIST_DATA_DIR:-$RESIST_HOME/data/$RESIST_DATASET}
 RESIST_EPOCHS=${RESIST_EPOCHS:-160}
@@ -57,15 +61,25 @@ RESIST_CHECKPOINT_MINUTES=${RESIST_CHECKPOINT_MINUTES:-20}
 RESIST_EXTRA_ARGS=${RESIST_EXTRA_ARGS:-}
 # One thread per rank unless the job asked for more cores per task (ranks share a node's cores).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Since SLURM 22.05 srun no longer inherits sbatch's --cpus-per-task: pass it on explicitly, or every
+# rank is bound to one core whatever the job asked for.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+# DataLoader worker processes per rank (--workers): the rank's cores beyond its threads.
+_resist_cores=${SLURM_CPUS_PER_TASK:-${RESIST_CPUS_PER_RANK:-1}}
+RESIST_WORKERS=${RESIST_WORKERS:-$(( _resist_cores > OMP_NUM_THREADS ? _resist_cores - OMP_NUM_THREADS : 0 ))}
 
 # The train flags every job passes: data, length, and what makes a requeued job continue
 # (--resume auto picks the newest checkpoint in --out; none yet means a fresh start).
 resist_train_args() {
-    local args=(--dataset "$RESIST_DATASET" --epochs "$RESIST_EPOCHS" --progress off
-                --resume auto --checkpoint-minutes "$RESIST_CHECKPOINT_MINUTES")
+    local args=(--progress off --resume auto --checkpoint-minutes "$RESIST_CHECKPOINT_MINUTES")
+    _resist_wants() { [ -z "$RESIST_CONFIG" ] || [[ $_resist_set_by_user == *" $1 "* ]]; }
+    if [ -n "$RESIST_CONFIG" ]; then args+=(--config "$RESIST_CONFIG"); fi
+    if _resist_wants dataset; then args+=(--dataset "$RESIST_DATASET"); fi
+    if _resist_wants epochs; then args+=(--epochs "$RESIST_EPOCHS"); fi
     case $RESIST_DATASET in
         digits|synthetic) ;;                                  # built in, no files
-        *) args+=(--data-dir "$RESIST_DATA_DIR") ;;
+        *) if _resist_wants data_dir || { [ -n "$RESIST_CONFIG" ] && _resist_wants dataset; }; then
+               args+=(--data-dir "$RESIST_DATA_DIR"); fi ;;
     esac
     printf '%s\n' "${args[@]}"
 }

@@ -50,3 +50,27 @@ def test_lr_schedules():
     cfg.schedule = "cosine"
     assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 50) == pytest.approx(0.05)
     assert lr_at(cfg, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cifar100_recipe_gives_each_rank_the_reference_steps():
+    """configs/cifar100_resnet101.yaml: the reference's 40 epochs of full passes per worker (391
+    steps of 128) are 15,640 steps; here 4 ranks share an epoch (98 steps each), 160 epochs."""
+    import math
+    import os
+
+    from resist_mpi.config import parse_config, validate
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = validate(parse_config(["--config", os.path.join(root, "configs", "cifar100_resnet101.yaml")]))
+    assert (cfg.model, cfg.width, cfg.dataset, cfg.local_steps, cfg.batch_size, cfg.lr, cfg.momentum,
+            cfg.weight_decay) == ("preact_resnet101", 64, "cifar100", 50, 128, 0.03, 0.9, 5e-4)
+    steps_per_rank = cfg.epochs * math.ceil(math.ceil(50_000 / 4) / cfg.batch_size)
+    assert abs(steps_per_rank - 40 * 391) / (40 * 391) < 0.005
+
+
+def test_check_prints_one_line_about_this_installation(capsys):
+    from resist_mpi import check
+    assert check.main([]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and line.startswith("resist_mpi ") and "torch " in line and "--backend auto: " in line
+    r = check.report()
+    assert r["auto_backend"] in ("mpi", "torch", "horovod") and r["gpus"] >= 0
