@@ -6,6 +6,11 @@
     python benchmarks/cluster_bench.py --report-only --out runs/bench/cluster                # re-read finished runs
     python benchmarks/cluster_bench.py --extra-args "--epochs 2 --model preact_resnet34 --width 4" \\
         --rates unshaped,50mbit --seeds 0 --out runs/bench/cluster-smoke                         # a quick check
+    python benchmarks/cluster_bench.py --ranks-per-node 4 --baseline hlsgd --goals resist-node:0.6 \
+        --strategies "resist-node=resist --group-size node,resist,hlsgd=local_sgd --group-size node"  # groups
+
+--strategies takes variants, LABEL=STRATEGY FLAGS (compare.parse_strategies); --baseline names the
+one that times are relative to and that `auto` probes, --goals the time-to-97% ratios to check.
 
 Needs root and iproute2: one cluster of resist_mpi.cluster (namespaces <prefix>node0.., default
 prefix rcb-) comes up once and is torn down at the end, also on errors and SIGTERM. Its links are
@@ -63,7 +68,8 @@ def job_args(args, out: str, extra_args: str) -> SimpleNamespace:
     """What compare.train_command / run_one read, for a job across the nodes into out/<strategy>-<seed>."""
     hosts = ",".join(f"node{k}:{args.ranks_per_node}" for k in range(args.nodes))
     return SimpleNamespace(mpirun=f"mpirun -H {hosts} --mca btl tcp,self", np=args.nodes * args.ranks_per_node,
-                           config=args.config, epochs=0, extra_args=extra_args, out=out, timeout=args.timeout)
+                           config=args.config, epochs=0, extra_args=extra_args, out=out, timeout=args.timeout,
+                           variants=args.variants)
 
 
 def run_job(cl: Cluster, jargs: SimpleNamespace, strategy: str, seed: int) -> Dict:
@@ -100,12 +106,12 @@ def probe_args(args, rate: str) -> SimpleNamespace:
     return job_args(args, os.path.join(args.out, "probes", rate), extra)
 
 
-def read_probes(out: str, seed: int) -> List[Dict]:
-    """Every probe in out/probes/<rate>/local_sgd-<seed>, slowest rate first."""
+def read_probes(out: str, seed: int, baseline: str = report.BASELINE) -> List[Dict]:
+    """Every probe in out/probes/<rate>/<baseline>-<seed>, slowest rate first."""
     root = os.path.join(out, "probes")
     found = []
     for rate in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        p = report.probe_summary(os.path.join(root, rate, f"{report.BASELINE}-{seed}"), rate)
+        p = report.probe_summary(os.path.join(root, rate, f"{baseline}-{seed}"), rate)
         if p is not None:
             found.append(p)
     return sorted(found, key=lambda p: p["rate_bits"] or float("inf"))
@@ -117,13 +123,13 @@ def find_half_rate(cl: Optional[Cluster], args, seed: int) -> Dict:
     if cl is not None:
         for rate in args.probe_rates:
             _probe(cl, args, rate, seed)
-        first = report.fit_half_rate(read_probes(args.out, seed))
+        first = report.fit_half_rate(read_probes(args.out, seed, args.baseline))
         if first["label"] and args.probe_confirm:
             _probe(cl, args, first["label"], seed)
-    fit = report.fit_half_rate(read_probes(args.out, seed))
-    fit["probes"] = read_probes(args.out, seed)
+    fit = report.fit_half_rate(read_probes(args.out, seed, args.baseline))
+    fit["probes"] = read_probes(args.out, seed, args.baseline)
     for p in fit["probes"]:
-        print(f"cluster_bench: probe {p['rate']:>9}: local SGD t_comm {p['t_comm_s']:.2f} s, t_compute "
+        print(f"cluster_bench: probe {p['rate']:>9}: {args.baseline} t_comm {p['t_comm_s']:.2f} s, t_compute "
               f"{p['t_compute_s']:.2f} s, comm fraction {p['comm_fraction']:.2f} ({p['rounds']} rounds)", flush=True)
     print(f"cluster_bench: half-communication rate: {fit['label'] or 'none (' + str(fit['why']) + ')'}", flush=True)
     return fit
@@ -131,10 +137,10 @@ def find_half_rate(cl: Optional[Cluster], args, seed: int) -> Dict:
 
 def _probe(cl: Cluster, args, rate: str, seed: int) -> None:
     jargs = probe_args(args, rate)
-    if args.skip_existing and compare.finished(os.path.join(jargs.out, f"{report.BASELINE}-{seed}")):
+    if args.skip_existing and compare.finished(os.path.join(jargs.out, f"{args.baseline}-{seed}")):
         return
     cl.set_rate(rate)
-    run_job(cl, jargs, report.BASELINE, seed)
+    run_job(cl, jargs, args.baseline, seed)
 
 
 # -- the sweep ---------------------------------------------------------------------------------------------------
@@ -168,10 +174,10 @@ def collect(args, rates: List[Dict]) -> Dict:
         rate = r["label"]
         runs[rate] = {s: {seed: report.summarise_run(os.path.join(args.out, rate, f"{s}-{seed}"), args.targets)
                           for seed in args.seeds} for s in args.strategies}
-        summary[rate] = report.aggregate_rate(runs[rate], args.targets)
-        done = [run for run in runs[rate].get(report.BASELINE, {}).values() if run]
-        if done and report.BASELINE in summary[rate]:
-            mapping[rate] = report.gpu_mapping(rate, summary[rate][report.BASELINE], done[0].get("model"),
+        summary[rate] = report.aggregate_rate(runs[rate], args.targets, args.baseline)
+        done = [run for run in runs[rate].get(args.baseline, {}).values() if run]
+        if done and args.baseline in summary[rate]:
+            mapping[rate] = report.gpu_mapping(rate, summary[rate][args.baseline], done[0].get("model"),
                                                args.gpu_step_ms / 1e3)
         commands[rate] = {s: {str(seed): _launch(os.path.join(args.out, rate, f"{s}-{seed}")) for seed in args.seeds}
                           for s in args.strategies}
@@ -184,26 +190,45 @@ def _launch(run_dir: str) -> Optional[Dict]:
     return json.load(open(path)) if os.path.exists(path) else None
 
 
-def verdicts(summary: Dict, mapping: Dict, targets: List[float]) -> List[str]:
-    """Lines saying what each shaped rate stands for beside GPUs, and the target where it applies:
-    ResIST's time to 97% at most 0.5x local SGD's where local SGD spends at least half its time communicating."""
+def verdicts(summary: Dict, mapping: Dict, targets: List[float], baseline: str = report.BASELINE,
+             goals: Optional[Dict[str, float]] = None) -> List[str]:
+    """Lines saying what each shaped rate stands for beside GPUs, and each goal where it applies: the
+    goal's strategy reaches 97% in at most RATIO x the baseline's time, where the baseline spends at
+    least half its time communicating (default: resist, 0.5, local SGD)."""
+    goals = {"resist": 0.5} if goals is None else goals
     lines = []
     for rate, by in summary.items():
-        frac = by.get(report.BASELINE, {}).get("comm_fraction")
+        frac = by.get(baseline, {}).get("comm_fraction")
         m = mapping.get(rate)
         if m:
-            lines.append(f"{rate} here (local SGD {100 * frac:.0f}% communicating, "
+            lines.append(f"{rate} here ({baseline} {100 * frac:.0f}% communicating, "
                          f"{1e3 * m['here_step_s']:.0f} ms compute/step, l={m['here_local_steps']}) stands for "
                          f">= {gpu_scale.format_rate(m['gpu_equivalent_bits'])} for ResNet-101 w64 on the "
                          f"published GPUs ({1e3 * m['gpu_step_s']:.1f} ms/step, l={m['gpu_local_steps']}): "
                          f"x{m['factor']:.0f}")
-        if frac is not None and frac >= 0.5 and 0.97 in targets:
-            rel = by.get("resist", {}).get("relative_time_to_target", {}).get("0.97")
+        if frac is None or frac < 0.5 or 0.97 not in targets:
+            continue
+        for label, ratio in goals.items():
+            rel = by.get(label, {}).get("relative_time_to_target", {}).get("0.97")
             verdict = ("no run reached 97%" if rel is None
-                       else f"{rel:.2f}x local SGD's ({'met' if rel <= 0.5 else 'NOT met'})")
-            lines.append(f"target at {rate} (local SGD {100 * frac:.0f}% communicating): resist's time to 97% "
-                         f"<= 0.5x local SGD's: {verdict}")
+                       else f"{rel:.2f}x {baseline}'s ({'met' if rel <= ratio else 'NOT met'})")
+            lines.append(f"target at {rate} ({baseline} {100 * frac:.0f}% communicating): {label}'s time to 97% "
+                         f"<= {ratio:g}x {baseline}'s: {verdict}")
     return lines
+
+
+def parse_goals(text: str) -> Dict[str, float]:
+    """--goals LABEL:RATIO,...: {label: ratio}."""
+    out = {}
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        label, sep, ratio = entry.rpartition(":")
+        try:
+            out[label] = float(ratio)
+        except ValueError:
+            raise ValueError(f"--goals: {entry!r} is not LABEL:RATIO") from None
+        if not sep or not label:
+            raise ValueError(f"--goals: {entry!r} is not LABEL:RATIO")
+    return out
 
 
 def git_commit() -> Optional[str]:
@@ -217,7 +242,13 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=4, help="simulated nodes (default: %(default)s)")
     p.add_argument("--ranks-per-node", type=int, default=1, help="(default: %(default)s)")
-    p.add_argument("--strategies", default="resist,local_sgd,data_parallel", help="(default: %(default)s)")
+    p.add_argument("--strategies", default="resist,local_sgd,data_parallel",
+                   help="strategies or variants LABEL=STRATEGY FLAGS, comma-separated (compare.py) "
+                        "(default: %(default)s)")
+    p.add_argument("--baseline", default=report.BASELINE, help="the label times are relative to, whose "
+                   "comm fraction the rates and `auto` refer to (default: %(default)s)")
+    p.add_argument("--goals", default="resist:0.5", help="LABEL:RATIO,...: check LABEL's time to 97%% "
+                   "<= RATIO x the baseline's where it communicates half the time (default: %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="(default: %(default)s)")
     p.add_argument("--rates", default="unshaped,1gbit,100mbit,auto", help="link rates, tc syntax, `unshaped` or "
                    "`auto` (local SGD half the time communicating) (default: %(default)s)")
@@ -241,7 +272,14 @@ def parse_args(argv=None):
     p.add_argument("--json", help="results file (default: OUT/cluster_bench.json)")
     p.add_argument("--plot", help="figure (default: OUT/cluster_bench.png)")
     args = p.parse_args(argv)
-    args.strategies = [s for s in args.strategies.split(",") if s]
+    try:
+        args.variants = compare.parse_strategies(args.strategies)
+        args.goals = parse_goals(args.goals)
+    except ValueError as e:
+        p.error(str(e))
+    args.strategies = list(args.variants)
+    if args.baseline not in args.variants:
+        p.error(f"--baseline {args.baseline} is not one of --strategies ({', '.join(args.variants)})")
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.targets = [float(t) for t in args.targets.split(",") if t.strip()]
     args.rates = [r.strip() for r in args.rates.split(",") if r.strip()]
@@ -277,20 +315,22 @@ def main(argv=None) -> int:
     rates = resolve_rates(args.rates, fit)
     result = collect(args, rates)
     print(report.format_table(result["summary"], args.targets), flush=True)
-    for line in verdicts(result["summary"], result["gpu_mapping"], args.targets):
+    for line in verdicts(result["summary"], result["gpu_mapping"], args.targets, args.baseline, args.goals):
         print(f"cluster_bench: {line}", flush=True)
     path = args.json or os.path.join(args.out, "cluster_bench.json")
     with open(path, "w") as fh:
         json.dump({"benchmark": "cluster_bench", "argv": sys.argv, "git_commit": git_commit(),
                    "nodes": args.nodes, "ranks_per_node": args.ranks_per_node, "config": args.config,
-                   "extra_args": args.extra_args, "strategies": args.strategies, "seeds": args.seeds,
+                   "extra_args": args.extra_args, "strategies": args.strategies, "variants": args.variants,
+                   "baseline": args.baseline, "goals": args.goals, "seeds": args.seeds,
                    "targets": args.targets, "rates": rates, "half_rate_fit": fit,
                    "published_gpu": {**gpu_scale.PUBLISHED, "step_s_used": args.gpu_step_ms / 1e3},
                    **result}, fh, indent=2)
     png = args.plot or os.path.join(args.out, "cluster_bench.png")
     title = (f"{args.nodes} nodes x {args.ranks_per_node}, {os.path.basename(args.config)} {args.extra_args}, "
              f"seeds {','.join(map(str, args.seeds))}")
-    drawn = report.plot(result["summary"], sorted(args.targets, reverse=True)[:2], png, title)
+    drawn = report.plot(result["summary"], sorted(args.targets, reverse=True)[:2], png, title, args.baseline,
+                        args.goals)
     print(f"cluster_bench: wrote {path}" + (f" and {png}" if drawn else " (no figure: no rate has local SGD "
                                                                           "and a strategy reaching a target)"), flush=True)
     return 0

@@ -131,9 +131,10 @@ def _mean(values) -> Optional[float]:
     return statistics.fmean(values) if values else None
 
 
-def aggregate_rate(runs: Dict[str, Dict[int, Optional[Dict]]], targets: List[float]) -> Dict:
+def aggregate_rate(runs: Dict[str, Dict[int, Optional[Dict]]], targets: List[float],
+                   baseline: str = BASELINE) -> Dict:
     """compare.aggregate for one rate, plus the means over seeds of the per-run round medians and
-    bytes per round, and each strategy's time to target relative to local SGD's."""
+    bytes per round, and each strategy's time to target relative to the baseline's (local SGD's)."""
     summary = compare.aggregate(runs, targets)
     for strategy, by_seed in runs.items():
         done = [r for r in by_seed.values() if r is not None]
@@ -145,16 +146,17 @@ def aggregate_rate(runs: Dict[str, Dict[int, Optional[Dict]]], targets: List[flo
         s["kernel_tx_per_round"] = _mean(r["kernel"]["tx_per_round"] for r in done if r.get("kernel"))
         s["kernel_over_package"] = _mean(r["kernel"]["over_package"] for r in done if r.get("kernel"))
     for strategy, s in summary.items():
-        s["relative_time_to_target"] = relative_times(summary, strategy, targets)
+        s["relative_time_to_target"] = relative_times(summary, strategy, targets, baseline)
     return summary
 
 
-def relative_times(summary: Dict, strategy: str, targets: List[float]) -> Dict[str, Optional[float]]:
-    """Time to each target of strategy / that of local SGD at the same rate (None where either never got there)."""
+def relative_times(summary: Dict, strategy: str, targets: List[float],
+                   baseline: str = BASELINE) -> Dict[str, Optional[float]]:
+    """Time to each target of strategy / the baseline's at the same rate (None where either never got there)."""
     out = {}
     for t in targets:
         mine = summary.get(strategy, {}).get("time_to_target", {}).get(str(t), {}).get("mean_s")
-        base = summary.get(BASELINE, {}).get("time_to_target", {}).get(str(t), {}).get("mean_s")
+        base = summary.get(baseline, {}).get("time_to_target", {}).get(str(t), {}).get("mean_s")
         out[str(t)] = mine / base if mine is not None and base else None
     return out
 
@@ -204,20 +206,21 @@ def format_table(summary: Dict[str, Dict], targets: List[float]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: Dict[str, Dict], targets: Sequence[float], path: str, title: str) -> bool:
-    """x: local SGD's comm fraction at each rate; y: time to target / local SGD's, one line per
-    strategy and target; a line at 0.5. False when no rate has both numbers."""
+def plot(summary: Dict[str, Dict], targets: Sequence[float], path: str, title: str, baseline: str = BASELINE,
+         goals: Optional[Dict[str, float]] = None) -> bool:
+    """x: the baseline's (local SGD's) comm fraction at each rate; y: time to target / the baseline's,
+    one line per strategy and target; a line at each goal ratio. False when no rate has both numbers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False
-    strategies = sorted({s for by in summary.values() for s in by if s != BASELINE})
+    strategies = sorted({s for by in summary.values() for s in by if s != baseline})
     for i, strategy in enumerate(strategies):
         for j, (t, style) in enumerate(zip(targets, ("-", "--", ":", "-."))):
-            pts = sorted((by[BASELINE]["comm_fraction"], by[strategy]["relative_time_to_target"][str(t)], rate)
+            pts = sorted((by[baseline]["comm_fraction"], by[strategy]["relative_time_to_target"][str(t)], rate)
                          for rate, by in summary.items()
-                         if by.get(BASELINE, {}).get("comm_fraction") is not None
+                         if by.get(baseline, {}).get("comm_fraction") is not None
                          and by.get(strategy, {}).get("relative_time_to_target", {}).get(str(t)) is not None)
             if not pts:
                 continue
@@ -227,10 +230,11 @@ def plot(summary: Dict[str, Dict], targets: Sequence[float], path: str, title: s
                 ax.annotate(rate, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
             drawn = True
     ax.axhline(1.0, color="grey", lw=0.8, alpha=0.6)
-    ax.axhline(0.5, color="k", ls=":", lw=1.2, label="0.5 (target for resist)")
+    for k, (label, ratio) in enumerate(sorted((goals or {"resist": 0.5}).items())):
+        ax.axhline(ratio, color="k", ls=(":", "-.", "--")[k % 3], lw=1.2, label=f"{ratio:g} (target for {label})")
     ax.axvline(0.5, color="grey", ls=":", lw=0.8, alpha=0.6)
-    ax.set_xlabel("local SGD: communication fraction of round time (median over rounds)")
-    ax.set_ylabel("time to target / local SGD's")
+    ax.set_xlabel(f"{baseline}: communication fraction of round time (median over rounds)")
+    ax.set_ylabel(f"time to target / {baseline}'s")
     ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=9)

@@ -4,6 +4,7 @@
     python benchmarks/compare.py --epochs 2 --seeds 0 --out runs/bench/compare-quick   # a quick check
     python benchmarks/compare.py --np 2 --extra-args "--width 4 --local-steps 5"
     python benchmarks/compare.py --report-only --out runs/bench/compare                # re-read finished runs
+    python benchmarks/compare.py --strategies "resist,resist-int8=resist --wire-dtype int8"  # variants
 
 Each run is one job, started one after another (the runs would otherwise compete for the cores):
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -50,13 +52,41 @@ def mpi_env() -> Dict[str, str]:
     return env
 
 
+STRATEGIES = ("resist", "local_sgd", "data_parallel")
+LABEL = re.compile(r"[A-Za-z0-9_.+-]+")
+
+
+def parse_strategies(text: str) -> Dict[str, List[str]]:
+    """--strategies: comma-separated entries, each a strategy or a variant LABEL=STRATEGY FLAGS...
+    (e.g. `resist-int8=resist --wire-dtype int8`). Returns {label: its train flags}, in order; the
+    label names the run directories (OUT/LABEL-SEED) and the report's rows."""
+    out: Dict[str, List[str]] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        label, _, spec = entry.partition("=")
+        label = label.strip()
+        words = shlex.split(spec) if spec else [label]
+        if not LABEL.fullmatch(label) or label in out:
+            raise ValueError(f"--strategies: bad or repeated label {label!r} (letters, digits, _ . + -)")
+        if words[0] not in STRATEGIES:
+            raise ValueError(f"--strategies: {entry!r}: the strategy must be one of {', '.join(STRATEGIES)}")
+        out[label] = ["--strategy", words[0]] + words[1:]
+    if not out:
+        raise ValueError("--strategies: none given")
+    return out
+
+
 def train_command(args, strategy: str, seed: int, out: str) -> List[str]:
+    """The job's command; strategy is a label of args.variants (parse_strategies) or a strategy name.
+    A variant's flags come last, so they win over --extra-args."""
+    flags = getattr(args, "variants", {}).get(strategy, ["--strategy", strategy])
     cmd = shlex.split(args.mpirun) + ["-np", str(args.np), sys.executable, "-m", "resist_mpi.train",
-                                      "--config", args.config, "--strategy", strategy, "--seed", str(seed),
+                                      "--config", args.config, "--seed", str(seed),
                                       "--out", out, "--progress", "off", "--overwrite"]
     if args.epochs:
         cmd += ["--epochs", str(args.epochs)]
-    return cmd + shlex.split(args.extra_args)
+    return cmd + shlex.split(args.extra_args) + flags
 
 
 def run_one(args, strategy: str, seed: int, prefix: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
@@ -221,7 +251,8 @@ def plot(runs: Dict[str, Dict[int, Dict]], path: str, title: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategies", default="resist,local_sgd,data_parallel", help="(default: %(default)s)")
+    p.add_argument("--strategies", default="resist,local_sgd,data_parallel",
+                   help="strategies or variants LABEL=STRATEGY FLAGS, comma-separated (default: %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="(default: %(default)s)")
     p.add_argument("--np", type=int, default=4, help="ranks per run (default: %(default)s)")
     p.add_argument("--config", default="configs/demo.yaml", help="training config (default: %(default)s)")
@@ -236,7 +267,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="results file (default: OUT/compare.json)")
     p.add_argument("--plot", help="plot file (default: OUT/compare.png)")
     args = p.parse_args(argv)
-    strategies = [s for s in args.strategies.split(",") if s]
+    try:
+        args.variants = parse_strategies(args.strategies)
+    except ValueError as e:
+        p.error(str(e))
+    strategies = list(args.variants)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     targets = [float(t) for t in args.targets.split(",") if t.strip()]
     os.makedirs(args.out, exist_ok=True)

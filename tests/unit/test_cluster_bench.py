@@ -145,8 +145,40 @@ def test_gpu_mapping_and_verdicts_from_a_summary(fabricated):
     assert m["gpu_equivalent_bits"] == pytest.approx(20e6 * (gpu / 50) / (here / 10) * 0.2 / 0.0877)
     assert report.gpu_mapping("unshaped", summary["20mbit"]["local_sgd"], runs["local_sgd"][0]["model"], 0.0877) is None
     lines = cluster_bench.verdicts(summary, {"20mbit": m}, targets)
-    assert lines[0].startswith("20mbit here (local SGD 56% communicating, 200 ms compute/step, l=10) stands for >= ")
-    assert lines[1].endswith("resist's time to 97% <= 0.5x local SGD's: 0.45x local SGD's (met)")
+    assert lines[0].startswith("20mbit here (local_sgd 56% communicating, 200 ms compute/step, l=10) stands for >= ")
+    assert lines[1].endswith("resist's time to 97% <= 0.5x local_sgd's: 0.45x local_sgd's (met)")
+    lines = cluster_bench.verdicts(summary, {}, targets, goals={"resist": 0.4, "nothing": 0.5})
+    assert lines == ["target at 20mbit (local_sgd 56% communicating): resist's time to 97% <= 0.4x local_sgd's: "
+                     "0.45x local_sgd's (NOT met)",
+                     "target at 20mbit (local_sgd 56% communicating): nothing's time to 97% <= 0.5x local_sgd's: "
+                     "no run reached 97%"]
+
+
+def test_variants_name_runs_and_carry_their_flags(fabricated):
+    v = compare.parse_strategies("resist, hlsgd=local_sgd --group-size node,r8=resist --wire-dtype int8")
+    assert v == {"resist": ["--strategy", "resist"], "hlsgd": ["--strategy", "local_sgd", "--group-size", "node"],
+                 "r8": ["--strategy", "resist", "--wire-dtype", "int8"]}
+    for bad in ("", "resist,resist", "a b=resist", "x=sgd", "local"):
+        with pytest.raises(ValueError):
+            compare.parse_strategies(bad)
+    args = cluster_bench.parse_args(["--strategies", "resist,hlsgd=local_sgd --group-size node", "--baseline", "hlsgd",
+                                     "--goals", "resist:0.6", "--ranks-per-node", "4", "--extra-args", "--wire-dtype x"])
+    assert (args.strategies, args.baseline, args.goals) == (["resist", "hlsgd"], "hlsgd", {"resist": 0.6})
+    jargs = cluster_bench.job_args(args, "/o", args.extra_args)
+    cmd = compare.train_command(jargs, "hlsgd", 2, "/o/hlsgd-2")
+    assert cmd[:3] == ["mpirun", "-H", "node0:4,node1:4,node2:4,node3:4"] and cmd[cmd.index("-np") + 1] == "16"
+    assert cmd[-6:] == ["--wire-dtype", "x", "--strategy", "local_sgd", "--group-size", "node"]  # variant last
+    assert cmd[cmd.index("--seed") + 1] == "2" and cmd[cmd.index("--out") + 1] == "/o/hlsgd-2"
+    for bad in (["--baseline", "local_sgd", "--strategies", "resist"], ["--goals", "resist"],
+                ["--goals", "resist:x"]):
+        with pytest.raises(SystemExit):
+            cluster_bench.parse_args(bad)
+    # relative times against another baseline: local_sgd against resist
+    targets = [0.95, 0.97]
+    runs = {s: {0: report.summarise_run(str(fabricated / "20mbit" / f"{s}-0"), targets)} for s in ("resist", "local_sgd")}
+    summary = report.aggregate_rate(runs, targets, baseline="resist")
+    assert summary["resist"]["relative_time_to_target"]["0.97"] == 1.0
+    assert summary["local_sgd"]["relative_time_to_target"]["0.97"] == pytest.approx(60 / 27)
 
 
 def test_figure_written(fabricated, tmp_path):
