@@ -27,9 +27,11 @@ def mpirun(np_, args, timeout=600, **env):
     return subprocess.run(cmd, cwd=ROOT, env=mpi_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
-def mpi_pytest(np_, test_file, timeout=600, **env):
-    """Run a tests/mpi file with pytest on np_ ranks (no cache plugin: N ranks would race on it)."""
-    return mpirun(np_, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file], timeout=timeout, **env)
+def mpi_pytest(np_, test_files, timeout=600, **env):
+    """Run tests/mpi files (one path or a list) with pytest on np_ ranks, in one job (no cache plugin:
+    N ranks would race on it)."""
+    files = [test_files] if isinstance(test_files, str) else list(test_files)
+    return mpirun(np_, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"] + files, timeout=timeout, **env)
 
 
 def passed_on_every_rank(p, np_):

@@ -32,7 +32,7 @@ def test_unreachable_rank_ends_job_with_one_line(tmp_path):
     abort the job with one line naming it, instead of waiting in the collective for ever."""
     script = tmp_path / "lost.py"
     script.write_text(
-        "import os, signal\n"
+        "import os, signal, time\n"
         "from resist_mpi import comm\n"
         "from resist_mpi.watchdog import Watchdog\n"
         "c = comm.init('mpi')\n"
@@ -40,6 +40,7 @@ def test_unreachable_rank_ends_job_with_one_line(tmp_path):
         "wd.beat('the test phase')\n"
         "if c.rank == 2:\n"
         "    os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "    time.sleep(120)  # Open MPI sends SIGCONT before it kills: stay as silent as a cut-off node\n"
         "c.barrier()\n"
         "print('passed the barrier')\n")
     t0 = time.time()

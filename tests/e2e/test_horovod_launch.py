@@ -218,7 +218,10 @@ def test_train_matches_mpi_backend(train_jobs, controller, strategy):
 @pytest.mark.parametrize("controller, expected", [("mpi", "mpi"), ("gloo", "torch")])
 def test_auto_backend_under_horovodrun(controller, expected):
     """The fastest correct backend for each controller (README, "Horovod": launcher_bench)."""
-    code = "from resist_mpi.comm import resolve_backend; print('AUTO', resolve_backend('auto', 'cpu'))"
+    code = ("import sys; from resist_mpi.comm import resolve_backend; "
+            "sys.stdout.write(f\"AUTO {resolve_backend('auto', 'cpu')}\\n\"); sys.stdout.flush()")
     proc = horovodrun(2, controller, ["-c", code], timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert re.findall(r"AUTO (\w+)", proc.stdout) == [expected, expected], proc.stdout
+    # horovodrun prefixes every chunk a rank writes with [1,rank]<stdout>: (and may split a line)
+    text = re.sub(r"\[\d+,\d+\]<stdout>:", "", proc.stdout)
+    assert re.findall(r"AUTO\s+(\w+)", text) == [expected, expected], proc.stdout

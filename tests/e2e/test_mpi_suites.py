@@ -1,9 +1,10 @@
-"""Drivers: every multi-rank test file of tests/mpi under `mpirun -np 2` and `-np 4`.
+"""Drivers: the multi-rank test files of tests/mpi under `mpirun -np 2` and `-np 4`, per backend.
 
-A case passes only if mpirun exits 0 and every rank reports its own "N passed" line (a failing rank
-aborts the whole job: tests/mpi/conftest.py). The comm contract runs once per backend that mpirun
-can start (mpi, and torch with rank 0's address broadcast by MPI); horovodrun and torchrun start
-theirs in test_horovod_launch.py and test_backends.py.
+The files of one backend run in one job (a launch costs seconds of start-up per rank on a small
+machine). A case passes only if mpirun exits 0 and every rank reports its own "N passed" line (a
+failing rank aborts the whole job: tests/mpi/conftest.py, and -x stops at the first failure, whose
+name and traceback are in the output). The torch backend's rank 0 address is broadcast by MPI here;
+horovodrun and torchrun start theirs in test_horovod_launch.py and test_backends.py.
 """
 import pytest
 
@@ -11,20 +12,14 @@ from helpers import have_mpirun, mpi_pytest, passed_on_every_rank
 
 pytestmark = pytest.mark.skipif(not have_mpirun(), reason="mpirun not found (run `make setup`)")
 
-SUITES = [  # (test file, backend)
-    ("tests/mpi/test_comm_contract.py", "mpi"),
-    ("tests/mpi/test_comm_contract.py", "torch"),
-    ("tests/mpi/test_comm.py", "mpi"),
-    ("tests/mpi/test_resist_exchange.py", "mpi"),
-    ("tests/mpi/test_traffic_mpi.py", "mpi"),
-    ("tests/mpi/test_groups.py", "mpi"),
-    ("tests/mpi/test_groups.py", "torch"),
-    ("tests/mpi/test_compression.py", "mpi"),
-    ("tests/mpi/test_compression.py", "torch"),
-]
+SUITES = {  # backend -> files
+    "mpi": ["tests/mpi/test_comm_contract.py", "tests/mpi/test_comm.py", "tests/mpi/test_resist_exchange.py",
+            "tests/mpi/test_traffic_mpi.py", "tests/mpi/test_groups.py", "tests/mpi/test_compression.py"],
+    "torch": ["tests/mpi/test_comm_contract.py", "tests/mpi/test_groups.py", "tests/mpi/test_compression.py"],
+}
 
 
 @pytest.mark.parametrize("np_", [2, 4])
-@pytest.mark.parametrize("test_file, backend", SUITES, ids=[f"{f.split('/')[-1][:-3]}-{b}" for f, b in SUITES])
-def test_mpi_suite(test_file, backend, np_):
-    passed_on_every_rank(mpi_pytest(np_, test_file, RESIST_TEST_BACKEND=backend), np_)
+@pytest.mark.parametrize("backend", list(SUITES))
+def test_mpi_suite(backend, np_):
+    passed_on_every_rank(mpi_pytest(np_, SUITES[backend], timeout=1800, RESIST_TEST_BACKEND=backend), np_)
