@@ -4,8 +4,9 @@
     python scripts/gpu_check.py --backends mpi --ranks 1,2
     RESIST_GPU_CHECK_DEVICE=cpu python scripts/gpu_check.py   # the checks' own plumbing, on the CPU
 
-For each backend (mpi, and horovod when importable) and each rank count (1 and 2 ranks sharing the
-one GPU, --device cuda), two checks:
+For each backend (mpi; torch, which is NCCL on a GPU; horovod when importable) and each rank count
+(1 and 2 ranks sharing the one GPU, --device cuda; NCCL refuses two ranks on one GPU, so torch runs
+only as many ranks as there are GPUs), two checks:
 
   exchange   tests/mpi/test_resist_exchange.py with RESIST_TEST_DEVICE=cuda: one ResIST round on
              the GPU equals its single-process reference computed on the GPU, blocks moved and
@@ -105,7 +106,7 @@ def check_training(backend: str, np_: int, device: str, work: str, rtol: float, 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backends", default="mpi,horovod", help="backends to check (default: %(default)s)")
+    p.add_argument("--backends", default="mpi,torch,horovod", help="backends to check (default: %(default)s)")
     p.add_argument("--ranks", default="1,2", help="rank counts, all on one GPU (default: %(default)s)")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance GPU vs CPU (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per launch (default: %(default)s)")
@@ -124,11 +125,15 @@ def main(argv=None) -> int:
     if "horovod" in backends and importlib.util.find_spec("horovod") is None:
         backends.remove("horovod")
         skipped.append("horovod (not installed: make horovod)")
+    gpus = None if device == "cpu" else torch.cuda.device_count()
     work = tempfile.mkdtemp(prefix="resist-gpu-check-")
     results = []
     try:
         for backend in backends:
             for np_ in [int(n) for n in args.ranks.split(",") if n]:
+                if backend == "torch" and gpus is not None and np_ > gpus:
+                    skipped.append(f"torch np{np_} (NCCL needs a GPU per rank; {gpus} visible)")
+                    continue
                 for what, fn in (("exchange", lambda: check_exchange(backend, np_, device, args.timeout)),
                                  ("training", lambda: check_training(backend, np_, device, work, args.rtol,
                                                                      args.timeout))):

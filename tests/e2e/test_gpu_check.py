@@ -57,7 +57,7 @@ def test_compare_runs_finds_each_kind_of_difference(tmp_path):
 
 @pytest.mark.skipif(not have_mpirun(), reason="mpirun not found")
 def test_checks_run_end_to_end_on_the_cpu():
-    p = _check("--backends", "mpi", "--ranks", "2", RESIST_GPU_CHECK_DEVICE="cpu")
+    p = _check("--backends", "torch", "--ranks", "2", RESIST_GPU_CHECK_DEVICE="cpu")  # mpirun + gloo
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     assert p.stdout.strip().splitlines() == [
         "gpu-check: PASS: 2/2 checks passed on cpu (RESIST_GPU_CHECK_DEVICE=cpu: the checks' plumbing only) "
