@@ -266,11 +266,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/bench/cluster", help="run directories and results (default: %(default)s)")
     p.add_argument("--prefix", default="rcb-", help="namespace prefix of the cluster (default: %(default)s)")
     p.add_argument("--subnet", default="10.79.0", help="the cluster's private /24 (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per run (default: %(default)s)")
-    p.add_argument("--skip-existing", action="store_true", help="do not rerun runs whose launch.json says exit 0")
-    p.add_argument("--report-only", action="store_true", help="only read the runs already in --out")
-    p.add_argument("--json", help="results file (default: OUT/cluster_bench.json)")
-    p.add_argument("--plot", help="figure (default: OUT/cluster_bench.png)")
+    compare.add_run_arguments(p, "cluster_bench")
     args = p.parse_args(argv)
     try:
         args.variants = compare.parse_strategies(args.strategies)

@@ -248,6 +248,15 @@ def plot(runs: Dict[str, Dict[int, Dict]], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def add_run_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    """--timeout, --skip-existing, --report-only, --json, --plot: shared with cluster_bench.py."""
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run (default: %(default)s)")
+    p.add_argument("--skip-existing", action="store_true", help="do not rerun runs whose launch.json says exit 0")
+    p.add_argument("--report-only", action="store_true", help="only read the runs already in --out")
+    p.add_argument("--json", help=f"results file (default: OUT/{name}.json)")
+    p.add_argument("--plot", help=f"figure (default: OUT/{name}.png)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -261,11 +270,7 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="0.9,0.95,0.97", help="test-accuracy targets (default: %(default)s)")
     p.add_argument("--out", default="runs/bench/compare", help="run directories and results (default: %(default)s)")
     p.add_argument("--mpirun", default="mpirun --oversubscribe", help="launcher (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per run (default: %(default)s)")
-    p.add_argument("--skip-existing", action="store_true", help="do not rerun runs whose launch.json says exit 0")
-    p.add_argument("--report-only", action="store_true", help="only read the runs already in --out")
-    p.add_argument("--json", help="results file (default: OUT/compare.json)")
-    p.add_argument("--plot", help="plot file (default: OUT/compare.png)")
+    add_run_arguments(p, "compare")
     args = p.parse_args(argv)
     try:
         args.variants = parse_strategies(args.strategies)
