@@ -68,7 +68,7 @@ $(STAMP): setup.py | mpi
 	@touch $(STAMP)
 
 demo: setup
-	$(MPIRUN) -np $(NP) $(VENV)/bin/python -m resist_mpi.train --config configs/demo.yaml --out runs/demo
+	$(MPIRUN) -np $(NP) $(VENV)/bin/python -m resist_mpi.train --config configs/demo.yaml --out runs/demo --overwrite
 
 test: setup scheduler-deps horovod-or-warn
 	$(VENV)/bin/python -m pytest tests -q
