@@ -20,6 +20,7 @@ int8 scales every chunk of INT8_CHUNK elements by its largest magnitude; the sca
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 from typing import List, Optional, Tuple
 
 import torch
@@ -92,8 +93,9 @@ def compressed_mean(c, u: torch.Tensor, codec: Codec) -> Tuple[torch.Tensor, tor
     """
     S, n = c.size, u.numel()
     counts = slice_counts(n, S)
-    starts = [sum(counts[:d]) for d in range(S)]
-    sizes = [codec.size(k) for k in counts]
+    starts = [0, *accumulate(counts)]
+    sizes = wire_elements(n, S, codec)
+    offsets = [0, *accumulate(sizes)]  # of each chunk's container in the gathered means
     parts = [codec.encode(u[starts[d]:starts[d] + counts[d]]) for d in range(S)]
     err = torch.cat([u[starts[d]:starts[d] + counts[d]] - codec.decode(parts[d], counts[d]) for d in range(S)]) \
         if n else u.clone()
@@ -104,12 +106,11 @@ def compressed_mean(c, u: torch.Tensor, codec: Codec) -> Tuple[torch.Tensor, tor
     for s in range(S):  # float32 accumulation, in rank order: every chunk's owner adds the same way
         total.add_(codec.decode(recv[s * sizes[r]:(s + 1) * sizes[r]], mine))
     own_mean = total.div_(S)
-    gathered = torch.empty(sum(sizes), dtype=torch.float32, device=u.device)
-    offset = sum(sizes[:r])
-    gathered[offset:offset + sizes[r]] = codec.encode(own_mean)
+    gathered = torch.empty(offsets[-1], dtype=torch.float32, device=u.device)
+    gathered[offsets[r]:offsets[r + 1]] = codec.encode(own_mean)
     # ---- distributed step: every chunk's compressed mean to every rank ----
     c.allgather_(gathered, sizes)
-    mean = torch.cat([codec.decode(gathered[sum(sizes[:d]):sum(sizes[:d + 1])], counts[d]) for d in range(S)]) \
+    mean = torch.cat([codec.decode(gathered[offsets[d]:offsets[d + 1]], counts[d]) for d in range(S)]) \
         if n else u.clone()
     start = starts[r]
     err[start:start + mine] += S * (own_mean - mean[start:start + mine])

@@ -45,7 +45,7 @@ from . import partition
 from .comm.base import ELEMENT_BYTES, ring_allreduce_bytes
 from .blocks import find_blocks, module_tensors
 from .models import create_model
-from .compression import WIRE_DTYPES, Codec
+from .compression import WIRE_DTYPES, Codec, wire_elements
 from .groups import slice_counts
 from .routing import simulate
 
@@ -180,7 +180,7 @@ class Wire:
         compressed means (float32 containers of the compressed bytes, scales included)."""
         if len(members) < 2:
             return
-        sizes = [codec.size(k) for k in slice_counts(numel, len(members))]
+        sizes = wire_elements(numel, len(members), codec)
         for i, src in enumerate(members):
             for d, dst in enumerate(members):
                 if d != i:
