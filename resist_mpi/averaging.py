@@ -1,54 +1,89 @@
-"""Averaging tensors over ranks: model tensors in place (Averager), gradients after backward
-(GradientAverager). The strategies' only collectives besides ResIST's block exchange."""
+"""Averaging tensors over ranks: model tensors at a round's end (Averager), gradients after every
+backward (GradientAverager). The strategies' only collectives besides ResIST's block exchange."""
 from __future__ import annotations
 
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .comm import Comm, pack, unpack_
+from .comm.base import DoneWork
 from .comm.fusion import flatten_, is_view_of
 from .compression import Codec, ErrorFeedback, compressed_mean
-from .groups import slice_counts
+from .errors import NonFiniteError
+from .groups import Groups, slice_counts
+
+OuterFactory = Callable[[List[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
 class Averager:
-    """Averages a fixed list of tensors over ranks in place, with one allreduce and no copies.
+    """Averages a fixed list of tensors over ranks in place at every round's end.
 
     The tensors are moved into one flat buffer and become views of it (the "flat parameter"
-    technique), so each average() is one prepared allreduce of that buffer: packing 60 MB of
-    ResNet-101 shared layers into a fresh buffer and back made the average 1.5-3x slower than raw
-    MPI. Parameter objects stay the same (their .data moves), so optimizers built before keep
-    working. If something replaced the tensors since (module.to(), load_state_dict(assign=True)),
-    the buffer is rebuilt.
+    technique), so each average is one prepared collective of that buffer with no copies
+    (benchmarks/sync_bench.py measures it against raw MPI). Parameter objects stay the same (their
+    .data moves), so optimizers built before keep working. If something replaced the tensors since
+    (module.to(), load_state_dict(assign=True)), the buffer is rebuilt. The parameters must come
+    first in tensors(), the float buffers (BN statistics) after them.
 
-    With groups (resist_mpi.groups) the average is hierarchical: averaged inside the group (the fast
-    link), then each member averages its slice across the groups, then the group puts the slices
-    back together; every rank ends with the average over all ranks, every member the same bits.
+    Three independent choices (the defaults are the paper's plain average, bit for bit):
+
+    - groups: the average is hierarchical: inside the group (the fast link), then each member its
+      slice across the groups, then the group puts the slices back together.
+    - wire_dtype float16 / bfloat16 / int8: what crosses the groups is each round's update,
+      compressed, with error feedback (resist_mpi.compression).
+    - outer: a factory params -> torch optimizer (DiLoCo: SGD(lr=0.7, momentum=0.9,
+      nesterov=True)). The averaged update of a round is the pseudo-gradient (its negative) of an
+      outer step on the round's starting values of the parameters; BN statistics are averaged.
+    - overlap: the average of round r's update (across the groups) runs in the background while
+      round r+1 trains; at round r+1's end each rank replaces its own round-r update by the
+      average one, x <- x - own_r + mean_r (with an outer optimizer: + the outer step's change),
+      keeping its round-r+1 progress. flush() waits and applies at once (evaluation, checkpoints).
 
     Args:
         comm: the Comm to average over.
         tensors: a function returning the tensors, in a fixed order (called on every average, so
             tensors replaced since are seen).
         groups: a Groups of comm's ranks, or None (one flat allreduce).
-        wire_dtype: float32, or float16 / bfloat16 / int8: each round's update moves compressed,
-            with error feedback (the strategy calls mark() when a round starts).
+        wire_dtype, outer, overlap: see above.
+    Attributes:
+        exposed, hidden: seconds spent waiting for background averages, and seconds they ran while
+            the training thread computed (the part of their time that cost nothing).
     """
 
-    def __init__(self, comm: Comm, tensors: Callable[[], List[torch.Tensor]], groups=None,
-                 wire_dtype: str = "float32"):
+    def __init__(self, comm: Comm, tensors: Callable[[], List[torch.Tensor]], groups: Optional[Groups] = None,
+                 wire_dtype: str = "float32", overlap: bool = False, outer: Optional[OuterFactory] = None):
         self.comm, self._tensors = comm, tensors
         self.groups = groups if groups is not None and groups.inner is not None else None
         across = self.groups.across if self.groups is not None else comm
         # compressed: each round's update, with error feedback (resist_mpi.compression)
         self.feedback = ErrorFeedback(across, wire_dtype) if wire_dtype != "float32" else None
-        self.flat = None
+        self.overlap, self._outer_factory = bool(overlap), outer
+        self.outer: Optional[torch.optim.Optimizer] = None
+        self.anchor: Optional[torch.nn.Parameter] = None  # the outer step's parameter: agreed values
+        self.flat: Optional[torch.Tensor] = None
+        self.start: Optional[torch.Tensor] = None  # the round's starting values (overlap, outer)
         self._steps: List[Callable] = []
+        self._params = 0  # elements of the parameters' part of the buffer (a prefix)
+        self._pending = None  # (Work, own update, mean buffer, residual before it) of the last round
+        self.exposed = self.hidden = 0.0
+        self._bg_world = self._bg = None
+        if self.overlap:
+            # ---- distributed step (once): background communicators (a copy of the world, its groups) ----
+            self._bg_world = comm.dup()
+            self._bg = Groups(self._bg_world, self.groups.size) if self.groups is not None else None
 
+    # -- the buffer ------------------------------------------------------------------------------------
     def _buffer(self) -> torch.Tensor:
         tensors = self._tensors()
         if self.flat is None or not is_view_of(tensors, self.flat):
+            if self._pending is not None:
+                raise RuntimeError("the averaged tensors were replaced while a background average was in flight")
+            is_param = [isinstance(t, torch.nn.Parameter) for t in tensors]
+            if is_param != sorted(is_param, reverse=True):
+                raise ValueError("Averager: the parameters must come before the buffers in tensors()")
+            self._params = sum(t.numel() for t, p in zip(tensors, is_param) if p)
             self.flat = flatten_(tensors)
             self._steps = self._prepare(self.flat)
         return self.flat
@@ -60,13 +95,58 @@ class Averager:
         start, stop = self.groups.my_slice(flat.numel())
         return flat[start:stop]
 
+    def _prepare(self, flat: torch.Tensor) -> List[Callable]:
+        g = self.groups
+        if g is None:
+            return [self.comm.prepare_allreduce(flat)]
+        start, stop = g.my_slice(flat.numel())
+        return [g.inner.prepare_allreduce(flat), g.across.prepare_allreduce(flat[start:stop]),
+                g.inner.prepare_allgather(flat, slice_counts(flat.numel(), g.size))]
+
+    @property
+    def plain(self) -> bool:
+        """Today's average (values, or start + compressed update), without outer step or overlap."""
+        return self._outer_factory is None and not self.overlap
+
+    # -- a round -----------------------------------------------------------------------------------------
     def mark(self) -> None:
-        """The round starts: with a compressed wire, remember the values the updates start from."""
-        if self.feedback is not None:
-            self.feedback.mark(self._part(self._buffer()))
+        """The round starts: remember the values its update starts from (when anything needs them)."""
+        flat = self._buffer()
+        if self.plain:
+            if self.feedback is not None:
+                self.feedback.mark(self._part(flat))
+            return
+        if self.start is None or self.start.numel() != flat.numel():
+            self.start = torch.empty_like(flat)
+        self.start.copy_(flat)
+        if self._outer_factory is not None and self._pending is None:  # x is the agreed model now
+            if self.anchor is None:
+                self.anchor = torch.nn.Parameter(flat[:self._params].detach().clone())
+                self.outer = self._outer_factory([self.anchor])
+            else:
+                self.anchor.data.copy_(flat[:self._params])
 
     def average(self) -> None:
+        """The round ends: average (or, with overlap, apply last round's average and start this one's).
+        Raises NonFiniteError on every rank when the average is not finite."""
         flat = self._buffer()
+        if self.plain:
+            self._plain_average(flat)
+            _check_finite(flat, "the round's average")
+            return
+        if self.groups is not None:
+            self._steps[0]()  # ---- distributed step: the group's average (full precision, the fast link) ----
+        update = flat - self.start
+        if not self.overlap:
+            self._reduce(update, self.comm if self.groups is None else self.groups.across,
+                         None if self.groups is None else self.groups.inner)
+            _check_finite(update, "the round's average update")
+            self._apply(flat, None, update)
+            return
+        self._apply_pending(flat)
+        self._launch(update)
+
+    def _plain_average(self, flat: torch.Tensor) -> None:
         if self.feedback is None:
             # ---- distributed step: one allreduce of the flat buffer (three, hierarchical, with groups) ----
             for step in self._steps:
@@ -80,13 +160,138 @@ class Averager:
         if gather is not None:
             gather()  # ---- distributed step: the group puts the slices together ----
 
-    def _prepare(self, flat: torch.Tensor) -> List[Callable]:
-        g = self.groups
-        if g is None:
-            return [self.comm.prepare_allreduce(flat)]
-        start, stop = g.my_slice(flat.numel())
-        return [g.inner.prepare_allreduce(flat), g.across.prepare_allreduce(flat[start:stop]),
-                g.inner.prepare_allgather(flat, slice_counts(flat.numel(), g.size))]
+    def _reduce(self, update: torch.Tensor, across: Comm, inner: Optional[Comm]) -> None:
+        """update <- its mean over every rank: this member's slice across the groups (compressed
+        with a wire dtype), then gathered in the group (inner), on the communicators given."""
+        part = self._part(update)
+        if self.feedback is None:
+            # ---- distributed step: the update's average across ranks (or groups) ----
+            across.allreduce_mean_(part)
+        else:
+            # ---- distributed step: the compressed average of the update across ranks (or groups) ----
+            part.copy_(self.feedback.reduce(part, across))
+        if inner is not None:
+            # ---- distributed step: the group puts the slices together ----
+            inner.allgather_(update, slice_counts(update.numel(), self.groups.size))
+
+    def _apply(self, flat: torch.Tensor, own: Optional[torch.Tensor], mean: torch.Tensor) -> None:
+        """The averaged update lands: without overlap flat <- start + mean (the parameters: the outer
+        step's result); with overlap flat <- flat - own + mean (+ the outer step's change)."""
+        P = self._params
+        if self.outer is None:
+            if own is None:
+                flat.copy_(self.start.add_(mean))
+            else:
+                flat.sub_(own).add_(mean)
+            return
+        before = self.anchor.detach().clone() if own is not None else None
+        self.anchor.grad = mean[:P].neg()  # the pseudo-gradient: start minus the average of the trained values
+        self.outer.step()
+        self.anchor.grad = None
+        with torch.no_grad():
+            if own is None:
+                flat[:P].copy_(self.anchor)
+                flat[P:].copy_(self.start[P:].add_(mean[P:]))
+            else:
+                flat[:P].sub_(own[:P]).add_(self.anchor.detach() - before)
+                flat[P:].sub_(own[P:]).add_(mean[P:])
+
+    # -- overlap -----------------------------------------------------------------------------------------
+    def _launch(self, update: torch.Tensor) -> None:
+        """Start the mean of this round's update in the background (the training thread goes on)."""
+        buf = update.clone()
+        residual = None if self.feedback is None or self.feedback.residual is None else self.feedback.residual.clone()
+        if self.feedback is None and self.groups is None:
+            # ---- distributed step (background): the update's allreduce, a nonblocking collective ----
+            work = self._bg_world.start_allreduce_mean_(buf)
+        else:
+            bg = self._bg
+            across, inner = (bg.across, bg.inner) if bg is not None else (self._bg_world, None)
+            # ---- distributed step (background): the update's (compressed, hierarchical) average ----
+            work = self._bg_world.submit(lambda: self._reduce(buf, across, inner))
+        self._pending = (work, update, buf, residual)
+
+    def _apply_pending(self, flat: torch.Tensor) -> None:
+        if self._pending is None:
+            return
+        work, own, mean, _ = self._pending
+        self._pending = None
+        t0 = time.perf_counter()
+        work.wait()
+        waited = time.perf_counter() - t0
+        self.exposed += waited
+        self.hidden += max(0.0, work.duration - waited)
+        self.comm.absorb(self._bg_world)  # its bytes count now, on this thread
+        _check_finite(mean, "the overlapped average of a round's update")
+        self._apply(flat, own, mean)
+
+    def poll(self) -> None:
+        """Let a background average progress (MPI's poll mode needs the calls)."""
+        if self._pending is not None:
+            self._pending[0].done()
+
+    def flush(self) -> None:
+        """Wait for the background average and apply it: every rank holds the same values after."""
+        if self._pending is not None:
+            self._apply_pending(self._buffer())
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    # -- consistency -------------------------------------------------------------------------------------
+    def checksum(self) -> Optional[int]:
+        """With a compressed wire: a checksum of the values every rank must share now (the round's
+        result; with overlap, the values minus this rank's update in flight), exact in a float64
+        reduction; None on a float32 wire (an allreduce leaves every rank the same values)."""
+        if self.feedback is None or self.flat is None or self.flat.device.type == "meta":
+            return None
+        flat = self.flat if self._pending is None else self.flat - self._pending[1]
+        return int(flat.view(torch.int32).sum(dtype=torch.int64)) % (1 << 50)
+
+    def resync(self) -> None:
+        """Give every rank rank 0's values (after ranks were found to differ): collective."""
+        self.flush()
+        # ---- distributed step: rank 0's values to every rank ----
+        self.comm.bcast_(self._buffer(), root=0)
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> Optional[Dict]:
+        """What every rank holds alike: the outer step's parameter and state (None without one)."""
+        if self.outer is None:
+            return None
+        return {"anchor": self.anchor.detach().cpu().clone(), "outer": self.outer.state_dict()}
+
+    def rank_state_dict(self) -> Optional[Dict]:
+        """This rank's own: the error-feedback residual, the round update whose average is in flight."""
+        state = {}
+        if self._pending is not None:
+            _, own, _, residual = self._pending
+            state["pending_update"] = own.detach().cpu().clone()
+            if residual is not None:
+                state["residual"] = residual.detach().cpu().clone()  # as it was when the average started
+        elif self.feedback is not None and self.feedback.residual is not None:
+            state["residual"] = self.feedback.residual.detach().cpu().clone()
+        return state or None
+
+    def load_state_dict(self, state: Optional[Dict], rank_state: Optional[Dict]) -> None:
+        """Continue from state_dict() / rank_state_dict(): a pending average is started again from
+        the saved update (and residual), so it gives the same mean as the uninterrupted run."""
+        flat = self._buffer()
+        if state is not None and self._outer_factory is not None:
+            self.anchor = torch.nn.Parameter(state["anchor"].to(flat.device).clone())
+            self.outer = self._outer_factory([self.anchor])
+            self.outer.load_state_dict(state["outer"])
+        rank_state = rank_state or {}
+        if self.feedback is not None and rank_state.get("residual") is not None:
+            self.feedback.residual = rank_state["residual"].to(flat.device).clone()
+        if rank_state.get("pending_update") is not None and self.overlap:
+            self._launch(rank_state["pending_update"].to(flat.device).clone())
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{what} is not finite")
 
 
 def average_tensors_(c: Comm, tensors: Sequence[torch.Tensor]) -> None:
@@ -112,7 +317,9 @@ class GradientAverager:
     gradient is accumulated; the first one of a backward pass queues a callback that runs when the
     whole backward is done, and that callback averages every gradient with one fused allreduce
     (what DDP does, without bucketing). So `loss.backward(); opt.step()` steps on averaged gradients.
-    Every rank must produce gradients for the same parameters (replicas of one model do).
+    Every rank must produce gradients for the same parameters (replicas of one model do). A backward
+    that raised before its end leaves no trace: the next one averages as usual. An average that is
+    not finite raises NonFiniteError from backward() on every rank (they all see the same average).
 
     Args:
         comm: the Comm to average over.
@@ -126,7 +333,7 @@ class GradientAverager:
         self.comm = comm
         self.codec = Codec(wire_dtype) if wire_dtype != "float32" else None
         self.comm_time = 0.0
-        self._queued = False
+        self._queued_in: Optional[int] = None  # the backward pass (graph task) whose average is queued
         self.params: List[torch.nn.Parameter] = []
         self._handles: List = []
         self.attach(params)
@@ -138,24 +345,33 @@ class GradientAverager:
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
     def _on_grad(self, _param) -> None:
-        if not self._queued:
-            self._queued = True
+        task = torch._C._current_graph_task_id()
+        if self._queued_in != task:  # the first gradient of this backward (a failed one never ran its callback)
+            self._queued_in = task
             torch.autograd.Variable._execution_engine.queue_callback(self._average)
 
     def _average(self) -> None:
-        self._queued = False
+        self._queued_in = None
         t0 = time.perf_counter()
         grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        flat = pack(grads)
         if self.codec is None:
             # ---- distributed step: one fused gradient allreduce per backward ----
-            average_tensors_(self.comm, grads)
-        elif grads:
+            self.comm.allreduce_mean_(flat)
+        else:
             # ---- distributed step: the gradients' compressed average (no error feedback, as Horovod's) ----
-            unpack_(compressed_mean(self.comm, pack(grads), self.codec)[0], grads)
+            flat = compressed_mean(self.comm, flat, self.codec)[0]
+        unpack_(flat, grads)
         self.comm_time += time.perf_counter() - t0
+        _check_finite(flat, "the gradient average")
 
     def remove(self) -> None:
         """Take the hooks off (the parameters then train alone again)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+__all__ = ["Averager", "GradientAverager", "average_tensors_", "broadcast_tensors_", "NonFiniteError", "DoneWork"]

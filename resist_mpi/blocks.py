@@ -271,26 +271,25 @@ def tensor_slots(module: nn.Module, recurse: bool = True) -> List[tuple]:
 class _BlockSlots:
     """Where a block's tensors sit in its modules (fixed at construction), for fast rebinding.
 
-    A round materialises and releases several blocks on every rank; walking the modules and making
-    meta tensors each time cost ~75 us per block. The slots are found once: binding is then one
-    split of the slab plus a Parameter per weight, and releasing puts back meta tensors made once.
-    New Parameter objects are made on binding (a meta tensor cannot become a CPU/GPU one in place).
+    A round materialises and releases several blocks on every rank, so the slots are found once.
+    The block's nn.Parameter objects are the same objects for the whole run: binding points their
+    .data at views of a slab, releasing points it at an empty placeholder (and drops the gradient),
+    so an optimizer built once over model.parameters() keeps holding exactly this block's
+    parameters. A Parameter still on the meta device (a model built on meta) gets real storage
+    once, by swapping its contents in place (torch.utils.swap_tensors: the Python object stays).
+    Buffers (BN statistics) are plain tensors nobody else holds; they are rebound.
     """
 
     def __init__(self, block: nn.Module):
         slots = tensor_slots(block)  # parameters first, then float buffers
         self.first, self.last = slots[0], slots[-1]
-        self.params = [(d, n, d[n].shape, d[n].requires_grad) for d, n in slots if isinstance(d[n], nn.Parameter)]
+        self.params = [(d[n], d[n].shape) for d, n in slots if isinstance(d[n], nn.Parameter)]
         self.floats = [(d, n, d[n].shape) for d, n in slots if not isinstance(d[n], nn.Parameter)]
         # BN's num_batches_tracked: not exchanged (module_tensors leaves it out), restarts at 0
         self.counters = [(m._buffers, n, b.shape, b.dtype) for m in block.modules() for n, b in m._buffers.items()
                          if b is not None and not b.is_floating_point()]
         self.numels = [math.prod(d[n].shape) for d, n in slots]
         self.numel = sum(self.numels)
-        self.meta_params = [nn.Parameter(torch.empty(shape, dtype=torch.float32, device="meta"), requires_grad=rg)
-                            for _, _, shape, rg in self.params]
-        self.meta_floats = [torch.empty(shape, dtype=torch.float32, device="meta") for _, _, shape in self.floats]
-        self.meta_counters = [torch.zeros(shape, dtype=dt, device="meta") for _, _, shape, dt in self.counters]
 
     def tensor(self, slot) -> torch.Tensor:
         d, n = slot
@@ -303,35 +302,59 @@ class _BlockSlots:
         coming back gets zeros.
         """
         views = slab.split(self.numels)
-        for (d, name, shape, rg), v in zip(self.params, views):
-            d[name] = nn.Parameter(v.view(shape), requires_grad=rg)
+        for (p, shape), v in zip(self.params, views):
+            set_storage_(p, v.view(shape))
         for (d, name, shape), v in zip(self.floats, views[len(self.params):]):
             d[name] = v.view(shape)
         for d, name, shape, dtype in self.counters:
-            if not keep_counters or d[name].is_meta:
+            if not keep_counters or d[name].is_meta or d[name].shape != shape:
                 d[name] = torch.zeros(shape, dtype=dtype, device=slab.device)
 
-    def unbind(self) -> None:
-        """Point the block's tensors at meta tensors (shapes, no storage)."""
-        for (d, name, _, _), p in zip(self.params, self.meta_params):
-            d[name] = p
-        for (d, name, _), t in zip(self.floats, self.meta_floats):
-            d[name] = t
-        for (d, name, _, _), t in zip(self.counters, self.meta_counters):
-            d[name] = t
+    def unbind(self, device) -> None:
+        """Give the block's tensors no storage: empty placeholders on device (same Parameter objects,
+        gradients dropped, so an optimizer skips them)."""
+        for p, _ in self.params:
+            set_storage_(p, torch.empty(0, dtype=torch.float32, device=device))
+            p.grad = None
+        for d, name, _ in self.floats:
+            d[name] = torch.empty(0, dtype=torch.float32, device=device)
+        for d, name, _, dtype in self.counters:
+            d[name] = torch.empty(0, dtype=dtype, device=device)
+
+    def held(self) -> bool:
+        """Whether the block has storage (its tensors have their real shapes, off the meta device)."""
+        t = self.tensor(self.first)
+        return not t.is_meta and t.numel() == self.numels[0]
+
+
+def set_storage_(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Point p (a Parameter or tensor) at value's storage, keeping the object p: .data for real
+    tensors, a one-time swap for a tensor on the meta device (its type cannot change otherwise)."""
+    if p.is_meta and not value.is_meta:
+        holder = nn.Parameter(value, requires_grad=p.requires_grad) if isinstance(p, nn.Parameter) else value
+        torch.utils.swap_tensors(p, holder)
+    else:
+        p.data = value
 
 
 class BlockStore:
     """The storage of a list of blocks on this rank: which are held, each held one as one flat slab.
 
-    holds(b) / slab(b) / release(b) / materialize(b, device) are all a strategy needs; released
-    blocks keep their modules (shapes on the meta device), so the model's structure never changes.
+    holds(b) / slab(b) / release(b) / materialize(b, device) are all a strategy needs. Released
+    blocks keep their modules and their Parameter objects (empty placeholders, no storage), so the
+    model's structure never changes and an optimizer built once keeps holding every parameter.
     Slabs of released blocks go to a small spare pool, reused by the next round's new blocks
-    instead of faulting in fresh pages.
+    instead of faulting in fresh pages; a reused slab is only ever bound to one block at a time,
+    so no live block's storage is shared with another's.
+
+    Args:
+        blocks: the partitioned blocks.
+        device: where released blocks' placeholders live (the blocks' device).
     """
 
-    def __init__(self, blocks: Sequence[nn.Module]):
+    def __init__(self, blocks: Sequence[nn.Module], device="cpu"):
         self.blocks = list(blocks)
+        self.device = torch.device(device)
         self._slots = [_BlockSlots(b) for b in self.blocks]
         self._slabs: List[Optional[torch.Tensor]] = [None] * len(self.blocks)
         self._spares: Dict[tuple, List[torch.Tensor]] = {}
@@ -347,7 +370,7 @@ class BlockStore:
         return [s.numel for s in self._slots]
 
     def holds(self, b: int) -> bool:
-        return not self._slots[b].tensor(self._slots[b].first).is_meta
+        return self._slots[b].held()
 
     def tensors(self, b: int) -> List[torch.Tensor]:
         return module_tensors(self.blocks[b])
@@ -359,7 +382,7 @@ class BlockStore:
         if slab is None:
             return None
         first, last = slots.tensor(slots.first), slots.tensor(slots.last)
-        if first.is_meta or first.data_ptr() != slab.data_ptr() or \
+        if not slots.held() or first.data_ptr() != slab.data_ptr() or \
                 last.data_ptr() + 4 * last.numel() != slab.data_ptr() + 4 * slab.numel():
             return None
         return slab
@@ -381,9 +404,9 @@ class BlockStore:
         return slab
 
     def release(self, b: int) -> None:
-        """Free block b (its tensors move to the meta device); its slab is kept as a spare."""
+        """Free block b (its tensors become empty placeholders); its slab is kept as a spare."""
         slab = self._current_slab(b)
-        self._slots[b].unbind()  # the views would keep the slab's memory alive
+        self._slots[b].unbind(self.device)  # the views would keep the slab's memory alive
         self._slabs[b] = None
         if slab is not None:
             self._spares.setdefault((slab.numel(), slab.device), []).append(slab)
@@ -414,16 +437,17 @@ def shared_slots(model: nn.Module, blocks: Sequence[nn.Module]) -> List[tuple]:
            [(m._buffers, n) for m in mods for n, t in m._buffers.items() if t is not None and t.is_floating_point()]
 
 
-def materialize_shared(model: nn.Module, blocks: Sequence[nn.Module], device) -> None:
-    """Give the shared layers of a model built on the meta device real (uninitialised) storage on
-    device; the blocks stay on meta. Integer buffers (BN counters) start at zero."""
-    inside = {id(m) for b in blocks for m in b.modules()}
+def materialize_(model: nn.Module, device, skip: Sequence[nn.Module] = ()) -> None:
+    """Give every tensor of model still on the meta device real (uninitialised) storage on device,
+    outside the modules in skip (e.g. the blocks: they get storage when they arrive). Parameters
+    keep their identity (an optimizer built before still holds them); BN counters start at zero."""
+    inside = {id(m) for b in skip for m in b.modules()}
     for m in model.modules():
         if id(m) in inside:
             continue
-        for n, p in m._parameters.items():
+        for p in m._parameters.values():
             if p is not None and p.is_meta:
-                m._parameters[n] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                set_storage_(p, torch.empty(p.shape, dtype=p.dtype, device=device))
         for n, t in m._buffers.items():
             if t is not None and t.is_meta:
                 m._buffers[n] = torch.empty_like(t, device=device) if t.is_floating_point() else \

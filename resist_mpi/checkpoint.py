@@ -14,14 +14,19 @@ round), not of an RNG state. With another number of ranks the run trains on from
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import re
+import socket
+import time
 from typing import Any, Dict, Optional
 
 import torch
 
-FORMAT = "resist_mpi-checkpoint-2"
+from .errors import NonFiniteError
+
+FORMAT = "resist_mpi-checkpoint-3"
 _NAME = re.compile(r"ckpt-(\d{6})\.pt$")
 
 
@@ -45,11 +50,41 @@ def rank_path(path: str, rank: int) -> str:
 
 
 def _atomic_save(obj, path: str) -> None:
+    """Write obj to path so that path is either the old file or the complete new one: a temporary
+    file, fsync, rename, fsync of the directory (the rename itself survives a crash). A failure
+    (a full disk) removes the temporary file and raises OSError with one line."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path) or ".")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"cannot write checkpoint {path}: {_first_line(e)}") from None
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def check_finite(state: Dict[str, Any]) -> None:
+    """NonFiniteError unless every floating tensor of state["model"] is finite: a checkpoint is
+    never written from a diverged model (so rotation never deletes the newest good one)."""
+    for k, v in state["model"].items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise NonFiniteError(f"the model is not finite ({k}): checkpoint not written")
 
 
 def save(cfg, c, job, log, epoch: float) -> Optional[str]:
@@ -60,6 +95,8 @@ def save(cfg, c, job, log, epoch: float) -> Optional[str]:
     the checkpoint exist.
     """
     state = job.state_dict()
+    state.pop("rank_states", None)  # per-rank parts go to companion files, written by each rank
+    check_finite(state)
     rank_state = job.rank_state_dict()
     os.makedirs(checkpoint_dir(cfg.out), exist_ok=True)
     path = os.path.join(checkpoint_dir(cfg.out), f"ckpt-{job.round:06d}.pt")
@@ -138,8 +175,50 @@ def resolve_and_load(cfg, probe, rank: int = 0, world_size: int = 1) -> Optional
     if state["model_name"] != cfg.model or expected != got:
         raise CheckpointError(f"checkpoint {path} holds {state['model_name']} (width "
                               f"{state['config'].get('width')}), not the requested {cfg.model} (width {cfg.width})")
+    allowed = {cfg.strategy} | ({"local_sgd"} if cfg.warmup_epochs else set())
+    if state.get("strategy") not in allowed:
+        raise CheckpointError(f"checkpoint {path} was written by --strategy {state.get('strategy')}, not "
+                              f"{cfg.strategy}: resume it with that strategy, or start afresh with --overwrite")
     state["path"] = path
     state["rank_state"] = None
-    if state.get("per_rank") and int(state["world_size"]) == world_size:
-        state["rank_state"] = load(rank_path(path, rank), companion=True)
+    if state.get("per_rank"):
+        written = (int(state["world_size"]), str(state["config"].get("group_size", "1")))
+        if written == (world_size, str(cfg.group_size)):
+            state["rank_state"] = load(rank_path(path, rank), companion=True)
+        else:
+            state["rank_state_dropped"] = (f"the checkpoint was written by {written[0]} ranks in groups of "
+                                           f"{written[1]}, this run has {world_size} in groups of {cfg.group_size}")
     return state
+
+
+class OutLock:
+    """The run's hold on its --out directory (rank 0, for the whole run): a second job started into
+    the same directory is refused with one line instead of interleaving its records with this one's.
+
+    An flock on OUT/.lock, which the kernel releases however the process ends (a lock left by a
+    dead job is simply free again); the file names the holder (host, pid, start time) for the
+    message. On a file system without locks the run goes on unlocked.
+    """
+
+    def __init__(self, out: str):
+        os.makedirs(out, exist_ok=True)
+        self.path = os.path.join(out, ".lock")
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            raise CheckpointError(f"--out {out} is in use by another run ({holder}); wait for it to end or "
+                                  f"choose another --out") from None
+        except OSError:  # no locking here (some network file systems): carry on without it
+            pass
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._fh.flush()
+
+    def release(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()

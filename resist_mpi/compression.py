@@ -16,6 +16,11 @@ What is compressed (see README, "Compressed averaging"):
 Compressed payloads travel in float32 containers (their bytes reinterpreted), so every backend moves
 them with the float32 collectives it has, and the byte counters count the real compressed bytes.
 int8 scales every chunk of INT8_CHUNK elements by its largest magnitude; the scales travel with it.
+
+Non-finite values are never rounded away: Codec.encode refuses them (NonFiniteError), and inside a
+compressed mean a rank whose update is not finite sends NaN in their place (int8: a NaN scale), so
+the mean is NaN on every rank alike and ErrorFeedback raises NonFiniteError on every rank, before
+the model or the residual is touched (a lost update can then never hide in a residual).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .errors import NonFiniteError
 from .groups import slice_counts
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -49,6 +55,23 @@ class Codec:
         return n
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The container of x's compressed values; NonFiniteError when x holds NaN or inf."""
+        if x.device.type != "meta" and not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(f"cannot encode non-finite values for a {self.name} wire")
+        return self._encode(x)
+
+    def poison(self, n: int, device) -> torch.Tensor:
+        """A container that decodes to n NaNs (what a rank with a non-finite update sends)."""
+        out = torch.zeros(self.size(n), dtype=torch.float32, device=device)
+        if self.half is not None:
+            out.view(self.half)[:n] = float("nan")
+        elif self.name == "int8":
+            out[:math.ceil(n / INT8_CHUNK)] = float("nan")
+        else:
+            out.fill_(float("nan"))
+        return out
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         n = x.numel()
         out = torch.zeros(self.size(n), dtype=torch.float32, device=x.device)
         if self.half is not None:
@@ -59,7 +82,7 @@ class Codec:
             padded[:n] = x
             chunks = padded.view(k, INT8_CHUNK)
             scale = chunks.abs().amax(1) / 127
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero chunk; NaN stays NaN
             out[:k] = scale
             q = torch.round(chunks / scale[:, None]).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
             out[k:].view(torch.int8)[:n] = q
@@ -96,7 +119,9 @@ def compressed_mean(c, u: torch.Tensor, codec: Codec) -> Tuple[torch.Tensor, tor
     starts = [0, *accumulate(counts)]
     sizes = wire_elements(n, S, codec)
     offsets = [0, *accumulate(sizes)]  # of each chunk's container in the gathered means
-    parts = [codec.encode(u[starts[d]:starts[d] + counts[d]]) for d in range(S)]
+    finite = u.device.type == "meta" or bool(torch.isfinite(u).all())
+    parts = [codec._encode(u[starts[d]:starts[d] + counts[d]]) if finite else codec.poison(counts[d], u.device)
+             for d in range(S)]
     err = torch.cat([u[starts[d]:starts[d] + counts[d]] - codec.decode(parts[d], counts[d]) for d in range(S)]) \
         if n else u.clone()
     r, mine = c.rank, counts[c.rank]
@@ -107,7 +132,7 @@ def compressed_mean(c, u: torch.Tensor, codec: Codec) -> Tuple[torch.Tensor, tor
         total.add_(codec.decode(recv[s * sizes[r]:(s + 1) * sizes[r]], mine))
     own_mean = total.div_(S)
     gathered = torch.empty(offsets[-1], dtype=torch.float32, device=u.device)
-    gathered[offsets[r]:offsets[r + 1]] = codec.encode(own_mean)
+    gathered[offsets[r]:offsets[r + 1]] = codec._encode(own_mean)  # NaN from a poisoned chunk stays NaN
     # ---- distributed step: every chunk's compressed mean to every rank ----
     c.allgather_(gathered, sizes)
     mean = torch.cat([codec.decode(gathered[offsets[d]:offsets[d + 1]], counts[d]) for d in range(S)]) \
@@ -142,11 +167,25 @@ class ErrorFeedback:
             self.residual = self.residual.to(x.device)
 
     def average(self, x: torch.Tensor) -> None:
+        """x <- the round's start + the mean update (identical on every rank)."""
         if self.start is None:
             self.mark(x)  # nothing trained since: a zero update
-        update = x - self.start + self.residual
-        mean, self.residual, _ = compressed_mean(self.c, update, self.codec)
+        mean = self.reduce(x - self.start)
         x.copy_(self.start.add_(mean))
+
+    def reduce(self, update: torch.Tensor, c=None) -> torch.Tensor:
+        """The mean over ranks of update (+ this rank's residual, which is renewed), compressed;
+        NonFiniteError on every rank, before the residual changes, when the mean is not finite.
+        c: the communicator to average over (a background one for --overlap; default: self.c)."""
+        if self.residual is None or self.residual.numel() != update.numel():
+            self.residual = torch.zeros_like(update)
+        elif self.residual.device != update.device:  # one loaded from a checkpoint
+            self.residual = self.residual.to(update.device)
+        mean, residual, _ = compressed_mean(c or self.c, update + self.residual, self.codec)
+        if mean.device.type != "meta" and not bool(torch.isfinite(mean).all()):
+            raise NonFiniteError(f"the {self.codec.name} average of a round's update is not finite")
+        self.residual = residual
+        return mean
 
 
 def wire_elements(numel: int, size: int, codec: Codec) -> List[int]:

@@ -48,7 +48,16 @@ class Config:
     wire_dtype: str = _f("float32", "what averages move as: the model averages' round updates with error feedback, "
                          "data-parallel's gradients; blocks that move stay float32", "optim",
                          ("float32", "float16", "bfloat16", "int8"))
-    keep_shared_momentum: bool = _f(False, "keep the shared layers' momentum across rounds (paper: fresh)", "optim")
+    optimizer_state: str = _f("auto", "the optimizer's state at a round boundary: reset (the paper's fresh optimizer), "
+                              "keep_shared (the shared layers' momentum survives), keep (all of it; a block that "
+                              "arrives from another rank starts fresh); auto: reset, keep for data_parallel", "optim",
+                              ("auto", "reset", "keep_shared", "keep"))
+    overlap: bool = _f(False, "average the shared layers (local SGD: the model) in the background while the next "
+                       "round trains, one round late (blocks still move at the round boundary)", "optim")
+    outer_optimizer: str = _f("average", "what a round's averaged update does: average (the plain mean), nesterov "
+                              "(an outer Nesterov step on it, as DiLoCo)", "optim", ("average", "nesterov"))
+    outer_lr: float = _f(0.7, "outer step size (--outer-optimizer nesterov; DiLoCo's 0.7)", "optim")
+    outer_momentum: float = _f(0.9, "outer momentum (--outer-optimizer nesterov; DiLoCo's 0.9)", "optim")
     warmup_epochs: int = _f(0, "epochs of local SGD before ResIST takes over (the paper's ImageNet recipe)", "optim")
     # -- evaluation --------------------------------------------------------------------------------------
     eval_every: int = _f(1, "evaluate every N epochs (0: only at the end)", "eval")
@@ -58,7 +67,8 @@ class Config:
     # -- run ---------------------------------------------------------------------------------------------
     seed: int = _f(0, "random seed (model init, data order, partitions)", "run")
     out: str = _f("runs/resist", "output directory (metrics.jsonl, config.json, checkpoints)", "run")
-    backend: str = _f("auto", "communication backend (auto: torch/NCCL on GPUs, horovod under horovodrun, else mpi)",
+    backend: str = _f("auto", "communication backend (auto: torch under torchrun, with NCCL on GPUs and under "
+                      "horovodrun --gloo; else mpi; horovod only by name)",
                       "run", ("auto", "mpi", "horovod", "torch", "self"))
     device: str = _f("auto", "auto, cpu, cuda (one GPU per local rank) or cuda:N", "run")
     checkpoint_every: int = _f(0, "write a checkpoint every N epochs (0: off)", "run")
@@ -108,6 +118,12 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if cfg.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.outer_lr <= 0 or not 0 <= cfg.outer_momentum < 1:
+        raise ConfigError(f"--outer-lr must be positive and --outer-momentum in [0, 1), got {cfg.outer_lr} and "
+                          f"{cfg.outer_momentum}")
+    if cfg.strategy == "data_parallel" and (cfg.overlap or cfg.outer_optimizer != "average"):
+        raise ConfigError("--overlap and --outer-optimizer apply to resist and local_sgd (data_parallel averages "
+                          "gradients at every step)")
     if cfg.warmup_epochs and cfg.strategy != "resist":
         raise ConfigError("--warmup-epochs applies to --strategy resist only")
     if cfg.warmup_epochs >= cfg.epochs:
@@ -150,12 +166,19 @@ def load_config_file(path: str) -> Dict[str, Any]:
     clean = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(clean) - known)
     if unknown:
-        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+        hints = "".join(f" ({k} is now {RENAMED[k]})" for k in unknown if k in RENAMED)
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}{hints}")
     return clean
+
+
+RENAMED = {"--keep-shared-momentum": "--optimizer-state keep_shared", "keep_shared_momentum": "optimizer_state: keep_shared"}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, raised, so every rank exits the same way
+        for old, new in RENAMED.items():
+            if old.startswith("--") and old in message:
+                message += f" ({old} is now {new})"
         raise ConfigError(message)
 
 

@@ -462,7 +462,9 @@ class ShardLoader:
     train=True: the epoch-e permutation of all N samples (seeded by (seed, e)), padded by
     wrap-around to size * ceil(N / size), rank r takes every size-th element from r (as
     torch's DistributedSampler). Every rank has ceil(N / size) samples and steps_per_epoch
-    batches; every sample appears at least once per epoch across ranks.
+    batches; every sample appears at least once per epoch across ranks. A last batch of a single
+    sample is dropped (BatchNorm cannot normalise one sample in training; torchvision's models
+    fail on it): the drop_last rule applied only where it matters, the same on every rank.
 
     train=False: no shuffle, no padding, no augmentation: rank r gets r, r + size, ... so the
     shards cover the set exactly once and accuracy summed over ranks is exact. A rank may then
@@ -481,6 +483,8 @@ class ShardLoader:
         self.dataset, self.rank, self.size, self.batch_size = dataset, rank, size, batch_size
         self.seed, self.train, self.workers = seed, train, workers
         per_rank = math.ceil(n / size)
+        if train and per_rank % batch_size == 1 and per_rank > 1:
+            per_rank -= 1  # the lone last sample would be a batch of one
         self.num_samples = per_rank if train else len(range(rank, n, size))
         self.steps_per_epoch = math.ceil(per_rank / batch_size)
         self._view = _BatchView(dataset, seed, rank, train)
@@ -498,7 +502,7 @@ class ShardLoader:
         total = math.ceil(n / self.size) * self.size
         if total > n:
             perm = torch.cat([perm, perm.repeat(math.ceil((total - n) / n))[: total - n]])
-        return perm[self.rank: total: self.size]
+        return perm[self.rank: total: self.size][:self.num_samples]
 
     def batch_indices(self, e: int) -> List[torch.Tensor]:
         idx = self.indices(e)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Tuple
+from typing import Iterable, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,46 +11,93 @@ import torch.nn.functional as F
 from .averaging import average_tensors_
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, c, batches: Iterable, num_batches: int = 20, device=None) -> None:
+def _bns(model: nn.Module) -> List[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+
+
+class recalibrate_bn:
     """Re-estimate every BatchNorm's running statistics for model as it is now, from num_batches of
-    this rank's batches, averaged over ranks (collective).
+    this rank's batches, averaged over ranks (collective). Use it as a context manager: the model's
+    own statistics come back when the block ends, so an evaluation changes nothing in training.
+
+        with rm.recalibrate_bn(full, c, train_batches):
+            loss, acc = rm.evaluate(full, c, test_batches)
+
+    Called without `with`, the recalibrated statistics stay (restore() puts the old ones back).
 
     Why: inside a ResIST sub-network each block's BN saw the activations of a shallower network than
     the full model produces at test time (all blocks, branches scaled), so its running statistics
     describe other inputs. Re-estimating them for the full model is what evaluates well.
+
+    Args:
+        enabled: False does nothing (and restores nothing): one code path for every --eval-bn.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the calibration batches
-    was_training = model.training
-    model.train()
-    for x, _ in itertools.islice(batches, num_batches):
-        model(x.to(device) if device is not None else x)
-    # ---- distributed step: average the re-estimated statistics ----
-    average_tensors_(c, [t for m in bns for t in (m.running_mean, m.running_var)])
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-    model.train(was_training)
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, c, batches: Iterable, num_batches: int = 20, device=None,
+                 enabled: bool = True):
+        self.saved = []
+        if not enabled:
+            return
+        bns = _bns(model)
+        self.saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+                      for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the calibration batches
+        was_training = model.training
+        model.train()
+        try:
+            for x, _ in itertools.islice(batches, num_batches):
+                model(x.to(device) if device is not None else x)
+        finally:
+            for m, *_, momentum in self.saved:
+                m.momentum = momentum
+            model.train(was_training)
+        # ---- distributed step: average the re-estimated statistics ----
+        average_tensors_(c, [t for m in bns for t in (m.running_mean, m.running_var)])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the statistics the model had before."""
+        for m, mean, var, n, _ in self.saved:
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(n)
+        self.saved = []
+
+    def __enter__(self) -> "recalibrate_bn":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.restore()
+        return False
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, c, batches: Iterable, device=None, batch_stats: bool = False) -> Tuple[float, float]:
     """(mean loss, accuracy) of model over every rank's batches (each rank: a disjoint shard);
     one reduction of [loss sum, correct, count] (collective). batch_stats: BN normalises with each
-    test batch's own statistics (train mode) instead of its running ones."""
+    test batch's own statistics (train mode) instead of its running ones; the running statistics
+    that train mode updates are put back afterwards."""
     was_training = model.training
+    saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in _bns(model)] if batch_stats else []
     model.train(batch_stats)
     loss_sum, correct, count = 0.0, 0, 0
-    for x, y in batches:
-        if device is not None:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        count += y.numel()
+    try:
+        for x, y in batches:
+            if device is not None:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = model(x)
+            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            count += y.numel()
+    finally:
+        for m, mean, var, n in saved:
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(n)
+        model.train(was_training)
     loss_sum, correct, count = c.reduce_stats([loss_sum, correct, count], "sum")
-    model.train(was_training)
     return loss_sum / max(count, 1), correct / max(count, 1)

@@ -1,11 +1,35 @@
-"""Run records: JSONL metrics and the resolved config on rank 0, one log line per event, a progress bar."""
+"""Run records: JSONL metrics and the resolved config on rank 0, one log line per event, a progress bar.
+
+metrics.jsonl is strict JSON, one object per line: a value that is not finite (a diverged loss) is
+written as the string "NaN", "Infinity" or "-Infinity" (what Python's json module would have
+written bare, which other JSON readers reject); read_metrics turns those strings back into floats.
+Every record carries "time", the Unix time it was written (so runs and restarts line up).
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 from typing import Any, Dict, Optional
+
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def finite_json(value: Any) -> Any:
+    """value with every non-finite float replaced by its JSON-safe string ("NaN", "Infinity", ...)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def _restore(rec: Dict) -> Dict:
+    return {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in rec.items()}
 
 
 class Timer:
@@ -48,7 +72,7 @@ class RunLog:
             kept = [r for r in read_metrics(path) if r.get("round", -1) < resume_round and r.get("event") != "done"]
         self._fh = open(path, "w")
         for rec in kept:
-            self._fh.write(json.dumps(rec) + "\n")
+            self._fh.write(json.dumps(finite_json(rec), allow_nan=False) + "\n")
         show = progress == "on" or (progress == "auto" and sys.stderr.isatty())
         if show and total_rounds:
             from tqdm import tqdm
@@ -71,8 +95,8 @@ class RunLog:
         """Append one JSON record {"event": event, ...} to metrics.jsonl (rank 0)."""
         if not self.is_root:
             return
-        rec = {"event": event, **fields}
-        self._fh.write(json.dumps(rec) + "\n")
+        rec = finite_json({"event": event, **fields, "time": round(time.time(), 3)})
+        self._fh.write(json.dumps(rec, allow_nan=False) + "\n")
         self._fh.flush()
         if self._tb is not None:
             step = fields.get("round", 0)
@@ -118,5 +142,5 @@ def read_metrics(path: str, event: Optional[str] = None):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not a JSON record ({e.msg})") from None
             if isinstance(rec, dict) and (event is None or rec.get("event") == event):
-                recs.append(rec)
+                recs.append(_restore(rec))
     return recs

@@ -13,7 +13,6 @@ import sys
 from typing import Optional, Sequence
 
 from .config import ConfigError, parse_config, validate
-from .preempt import REQUEUE_EXIT
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -33,8 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c = comm.init(cfg.backend, device=cfg.device)
     trainer = Trainer(cfg, c)
     result = trainer.run()
-    if trainer.stopped:
-        return REQUEUE_EXIT  # a stop signal: checkpoint written, the job script requeues the job
+    if trainer.exit_code:  # REQUEUE_EXIT: a stop signal, checkpoint written; NONFINITE_EXIT: diverged
+        return trainer.exit_code
     if c.rank == 0 and result:
         print(f"final test accuracy: {100 * result['test_acc']:.2f}% (test loss {result['test_loss']:.4f}, "
               f"epoch {result['epoch']:.2f}); metrics in {cfg.out}/metrics.jsonl", flush=True)

@@ -1,18 +1,22 @@
 """The CLI's training loop, on the public strategy API:
 
-    job = create_strategy(cfg, model, c, ...)   # ResIST, LocalSGD, DataParallel, or a warm-up of two
+    opt = SGD(model.parameters(), ...)          # one optimizer for the run, one LR scheduler
+    job = build_strategy(cfg, model, c, ...)    # ResIST, LocalSGD, DataParallel, or a warm-up of two
     for each round:
         job.begin_round()      # ResIST: the round's assignment from rank 0, one block all-to-all
-        l local SGD steps      # on this rank's shard with job.optimizer; no communication (but
-                               # data-parallel's gradient average at the end of each backward)
+        l local SGD steps      # on this rank's shard; no communication (but data-parallel's
+                               # gradient average at the end of each backward)
         job.end_round()        # averages (shared layers / whole model / BN buffers)
+        one reduction of the round's numbers (metrics, a stop signal, non-finite values on any rank)
         evaluate at epoch boundaries, checkpoint when due (one job.full_model() for both)
 """
 from __future__ import annotations
 
 import math
 import random
+import sys
 import time
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -21,23 +25,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import partition
+from .blocks import find_blocks
 from .comm import Comm, select_device
 from .config import Config
-from .data import ShardLoader, check_compatible, load_dataset
+from .data import DataError, ShardLoader, check_compatible, load_dataset
+from .errors import NONFINITE_EXIT, NonFiniteError
+from .evaluation import evaluate, recalibrate_bn
+from .groups import resolve_group_size
 from .metrics import RunLog
 from .models import create_model
 from .preempt import REQUEUE_EXIT, StopRequest
+from .strategies import DataParallel, LocalSGD, ResIST, Strategy, Warmup
 from .watchdog import Watchdog
-from .evaluation import evaluate, recalibrate_bn
-from .groups import resolve_group_size
-from .strategies import STRATEGIES, create_strategy
+
+FAILURE_EXIT = 2  # bad input, unreadable data, a full disk: one line, every rank
+
+
+def lr_factor(cfg: Config, epoch: float) -> float:
+    """The learning rate at a (fractional) epoch, as a factor of --lr: step decay /10 at 50% and
+    75% of the epochs, or cosine."""
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(epoch / cfg.epochs, 1.0)))
+    return 0.1 ** sum(epoch >= f * cfg.epochs for f in (0.5, 0.75))
 
 
 def lr_at(cfg: Config, epoch: float) -> float:
-    """Learning rate at a (fractional) epoch: step decay /10 at 50% and 75%, or cosine."""
-    if cfg.schedule == "cosine":
-        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(epoch / cfg.epochs, 1.0)))
-    return cfg.lr * 0.1 ** sum(epoch >= f * cfg.epochs for f in (0.5, 0.75))
+    return cfg.lr * lr_factor(cfg, epoch)
 
 
 def batch_stream(loader: ShardLoader, start_step: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -46,6 +60,36 @@ def batch_stream(loader: ShardLoader, start_step: int) -> Iterator[Tuple[torch.T
     while True:
         yield from loader.epoch(epoch, start_batch=batch)
         epoch, batch = epoch + 1, 0
+
+
+def outer_optimizer(cfg: Config):
+    """The outer optimizer factory --outer-optimizer asks for (None: the plain average)."""
+    if cfg.outer_optimizer == "average":
+        return None
+    lr, momentum = cfg.outer_lr, cfg.outer_momentum
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+
+def build_strategy(cfg: Config, model: nn.Module, c: Comm, steps_per_epoch: int, **kw) -> Strategy:
+    """The strategy a Config asks for, on model (kw: device, optimizer, ...): turning the CLI's
+    settings into the strategies' keyword arguments is the CLI's job.
+
+    With --warmup-epochs K: local SGD for the rounds of the first K epochs, then cfg.strategy
+    taking over the synchronised model.
+    """
+    common = dict(kw, optimizer_state=None if cfg.optimizer_state == "auto" else cfg.optimizer_state)
+    averaged = dict(group_size=cfg.group_size, wire_dtype=cfg.wire_dtype, overlap=cfg.overlap,
+                    outer_optimizer=outer_optimizer(cfg))
+    if cfg.strategy == "data_parallel":
+        return DataParallel(model, c, wire_dtype=cfg.wire_dtype, **common)
+    if cfg.strategy == "local_sgd":
+        return LocalSGD(model, c, **averaged, **common)
+    resist = dict(averaged, stages=cfg.stages(), min_depth=cfg.min_depth, seed=cfg.seed)
+    if not cfg.warmup_epochs:
+        return ResIST(model, c, **resist, **common)
+    switch_round = -(-cfg.warmup_epochs * steps_per_epoch // cfg.local_steps)  # first round at or after K epochs
+    return Warmup(LocalSGD(model, c, **averaged, **common),
+                  lambda: ResIST(model, c, synchronized=True, **resist, **common), switch_round)
 
 
 @torch.no_grad()
@@ -60,18 +104,9 @@ def evaluate_full(model: nn.Module, c: Comm, cfg: Config, test_loader: ShardLoad
       batch:       batch statistics of each test batch (what the reference code did).
     The model's BN buffers are restored afterwards: evaluation has no side effect on training.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
-    try:
-        if cfg.eval_bn == "recalibrate":
-            recalibrate_bn(model, c, train_loader.epoch(0), cfg.bn_batches, device)
+    with recalibrate_bn(model, c, train_loader.epoch(0), cfg.bn_batches, device,
+                        enabled=cfg.eval_bn == "recalibrate"):
         return evaluate(model, c, test_loader.epoch(0), device, batch_stats=cfg.eval_bn == "batch")
-    finally:
-        for m, (mean, var, n) in zip(bns, saved):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(n)
-        model.train()
 
 
 def seed_everything(seed: int) -> None:
@@ -80,9 +115,68 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class RoundMeter:
+    """One round's numbers on this rank, then (reduce()) over every rank: metrics, the stop flag,
+    and which ranks met non-finite values, in the two reductions a round makes anyway."""
+
+    round: int
+    step0: int
+    steps: int
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    lr: float = 0.0
+    sent: int = 0
+    recv: int = 0
+    cross: int = 0
+    t_comm: float = 0.0
+    t_hidden: float = 0.0
+    t_round: float = 0.0
+    bad_loss: bool = False
+    bad_grad: bool = False
+    bad_update: bool = False
+    stop: bool = False
+    checksum: Optional[float] = None  # a compressed wire's checksum of what every rank must share
+    bad_ranks: Tuple[int, int, int] = (0, -1, -1)  # after reduce(): (count, lowest, highest)
+    consistent: Tuple[float, float] = (0.0, 0.0)  # after reduce(): (max checksum, max of minus it)
+
+    @property
+    def bad(self) -> bool:
+        return self.bad_loss or self.bad_grad or self.bad_update or not math.isfinite(self.loss_sum)
+
+    def reduce(self, c: Comm) -> None:
+        """Sums and maxima over ranks (collective: control traffic)."""
+        bad = self.bad
+        # ---- distributed step: the round's metrics, the stop flag and the non-finite flags ----
+        (self.loss_sum, self.correct, self.seen, self.sent, self.recv, self.cross, n_bad, n_loss, n_grad,
+         n_update) = c.reduce_stats([self.loss_sum, self.correct, self.seen, self.sent, self.recv, self.cross,
+                                     bad, self.bad_loss or not math.isfinite(self.loss_sum), self.bad_grad,
+                                     self.bad_update], "sum")
+        chk = [] if self.checksum is None else [self.checksum, -self.checksum]
+        t_comm, t_compute, t_hidden, stop, low, high, *chk = c.reduce_stats(
+            [self.t_comm, self.t_round - self.t_comm, self.t_hidden, float(self.stop),
+             (c.size - c.rank) if bad else 0, (c.rank + 1) if bad else 0, *chk], "max")
+        self.consistent = tuple(chk) if chk else (0.0, 0.0)
+        self.t_comm, self.t_compute, self.t_hidden, self.stop = t_comm, t_compute, t_hidden, bool(stop)
+        self.bad_loss, self.bad_grad, self.bad_update = n_loss > 0, n_grad > 0, n_update > 0
+        self.bad_ranks = (int(n_bad), int(c.size - low) if n_bad else -1, int(high - 1) if n_bad else -1)
+        self.n_bad_kinds = (int(n_loss), int(n_grad), int(n_update))
+
+    def divergence(self) -> Optional[str]:
+        """The one-line account of non-finite values after reduce(), or None."""
+        count, low, high = self.bad_ranks
+        if not count:
+            return None
+        kinds = [k for k, n in zip(("loss", "gradient average", "round update"), self.n_bad_kinds) if n]
+        where = f"rank {low}" if count == 1 else f"{count} ranks ({low} to {high})"
+        return f"round {self.round}: training diverged: non-finite {' and '.join(kinds)} on {where}"
+
+
 class Trainer:
     """The CLI's training loop, a client of the public API: a strategy from the Config, rounds of
-    local SGD steps, evaluation, logging and checkpoints. `run()` returns the final test metrics.
+    local SGD steps, evaluation, logging and checkpoints. `run()` returns the final test metrics;
+    `exit_code` is then what the process should exit with.
 
     Args:
         cfg: the validated Config.
@@ -92,6 +186,8 @@ class Trainer:
     def __init__(self, cfg: Config, c: Comm):
         self.cfg, self.c = cfg, c
         self.stopped = False  # True when a stop signal ended the run early (checkpoint written)
+        self.exit_code = 0
+        self.lock = None
         # Everything below up to `agree` is local (no collective), so a rank that fails here
         # cannot leave the others waiting: agree() makes every rank stop together.
         error = None
@@ -101,6 +197,8 @@ class Trainer:
             self.device = torch.device(select_device(c.local_rank, cfg.device))
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
+            if c.rank == 0:
+                self.lock = ckpt.OutLock(cfg.out)  # held until the process ends: one run per --out
             ckpt.check_out_dir(cfg)
             self.train_set, self.test_set, self.info = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed,
                                                                     image_size=cfg.image_size)
@@ -110,46 +208,68 @@ class Trainer:
             cifar = getattr(probe, "arch", {}).get("stem") == "cifar"
             check_compatible(self.info, 32 if cifar else None, self.info.num_classes)
             groups = c.size // resolve_group_size(cfg.group_size, c)  # groups that fit the ranks (and nodes)
-            STRATEGIES[cfg.strategy].check(cfg, probe, groups)  # e.g. enough blocks for the groups
+            if cfg.strategy == "resist":  # enough blocks for the groups
+                partition.check_partition(len(find_blocks(probe, "auto", cfg.stages())), groups, cfg.min_depth)
             self.resume_state = ckpt.resolve_and_load(cfg, probe, c.rank, c.size)
         except (ValueError, OSError) as e:  # DataError, PartitionError, CheckpointError are ValueErrors
             error = e
         if cfg.download and c.rank == 0:
             c.barrier()
-        agree(c, error)
+        try:
+            agree(c, error)
+        except SystemExit:
+            if self.lock is not None:
+                self.lock.release()
+            raise
         if cfg.overwrite and c.rank == 0:  # only once every rank is ready to start
             ckpt.clear_out_dir(cfg)
 
     def build_net(self) -> nn.Module:
         return create_model(self.cfg.model, self.info.num_classes, self.cfg.width)
 
-    def make_optimizer(self, groups: List[Dict]) -> torch.optim.Optimizer:
-        """The strategy builds the round's optimizer with this (fresh each round, or once)."""
-        cfg = self.cfg
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-    def build_strategy(self, steps_per_epoch: int):
+    def build_strategy(self, steps_per_epoch: int) -> Strategy:
         """The model (rank 0 builds the weights; other ranks only shapes, on the meta device: the
-        strategy gives them what they hold) and the strategy around it."""
+        strategy gives them what they hold), the run's one optimizer, and the strategy around both."""
+        cfg = self.cfg
         if self.c.rank == 0:
             model = self.build_net().to(self.device)
         else:
             with torch.device("meta"):
                 model = self.build_net()
-        return create_strategy(self.cfg, model, self.c, steps_per_epoch, device=self.device,
-                               optimizer=self.make_optimizer)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        return build_strategy(cfg, model, self.c, steps_per_epoch, device=self.device, optimizer=self.optimizer)
 
-    def resume(self, job, steps_per_epoch: int) -> int:
-        """Load the checkpoint into job on every rank; the round to continue at. With another
-        world size a round has another length in epochs: the run continues at the same epoch."""
+    def start_round(self, steps_per_epoch: int) -> int:
+        """The round a resumed run continues at. With another world size a round has another
+        length in epochs: the run continues at the same epoch."""
         state = self.resume_state
-        start = int(state["round"])
+        if state is None:
+            return 0
         if int(state["world_size"]) != self.c.size:
-            start = int(float(state["epoch"]) * steps_per_epoch) // self.cfg.local_steps
+            return int(float(state["epoch"]) * steps_per_epoch) // self.cfg.local_steps
+        return int(state["round"])
+
+    def resume(self, job, log: RunLog, start: int) -> None:
+        """Load the checkpoint into job on every rank, to continue at round start."""
+        state = self.resume_state
+        if state.get("rank_state_dropped"):
+            log.info(f"resume: {state['rank_state_dropped']}: per-rank state (optimizer momentum, error-feedback "
+                     f"residuals, an overlapped average in flight) starts afresh")
         job.load_state_dict({**state, "round": start}, state.get("rank_state"))
-        return start
 
     def run(self) -> Dict[str, float]:
+        try:
+            return self._run()
+        except (DataError, OSError) as e:  # unreadable data mid-epoch, a full disk: one line, every rank
+            sys.stderr.write(f"resist_mpi: error: rank {self.c.rank}: {one_line(e)}\n")
+            sys.stderr.flush()
+            self.c.abort(FAILURE_EXIT)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> Dict[str, float]:
         cfg, c = self.cfg, self.c
         seed_everything(cfg.seed)
         stop_request = StopRequest()  # SIGTERM/SIGUSR1: stop after this round, save, ask for a requeue
@@ -161,59 +281,117 @@ class Trainer:
         num_rounds = math.ceil(total_steps / cfg.local_steps)
 
         job = self.build_strategy(spe)
-        start_round = self.resume(job, spe) if self.resume_state is not None else 0
+        start_round = self.start_round(spe)
         log = self.open_log(job, num_rounds, start_round, spe)
-        batches = batch_stream(train_loader, start_round * cfg.local_steps)
+        if self.resume_state is not None:
+            self.resume(job, log, start_round)
+        self.log_start(job, log, num_rounds, start_round, spe)
+        first = start_round * cfg.local_steps
+        # the learning rate of every step, from a torch scheduler (epochs continue across restarts)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda k: lr_factor(cfg, (first + k) / spe))
+        batches = batch_stream(train_loader, first)
         result: Dict[str, float] = {}
         self.last_ckpt_time = time.perf_counter()
         for r in range(start_round, num_rounds):
             step0 = r * cfg.local_steps
-            steps = min(cfg.local_steps, total_steps - step0)
-            name, sent0, recv0, comm0, t0 = job.name, *c.counters(), job.comm_time, time.perf_counter()
-            cross0 = c.bytes_sent_cross
-            self.watchdog.beat(f"round {r}: the exchange")
-            job.begin_round()
-            if job.name != name:  # a warm-up handed over: every rank held the identical model
-                log.record("switch", round=r, epoch=step0 / spe, to=job.name)
-                log.info(f"round {r}: warm-up done, switching to {job.name}")
-            loss_sum, correct, seen, lr = self.local_steps(job, batches, step0, steps, spe)
-            self.watchdog.beat(f"round {r}: the round's averages")
-            job.end_round()
-            t_comm, t_round = job.comm_time - comm0, time.perf_counter() - t0
-            sent, recv, cross = c.bytes_sent - sent0, c.bytes_recv - recv0, c.bytes_sent_cross - cross0
-            # ---- distributed step: the round's metrics (control traffic) ----
-            loss_sum, correct, seen, sent, recv, cross = c.reduce_stats([loss_sum, correct, seen, sent, recv, cross],
-                                                                        "sum")
-            # the stop flag rides along: every rank learns whether any rank got a stop signal
-            t_comm, t_compute, stop = c.reduce_stats([t_comm, t_round - t_comm, float(stop_request.requested)], "max")
-            epoch = (step0 + steps) / spe
-            log.record("round", round=r, epoch=epoch, step=step0 + steps, strategy=job.name, world_size=c.size,
-                       train_loss=loss_sum / seen, train_acc=correct / seen, lr=lr, bytes_sent=int(sent),
-                       bytes_recv=int(recv), bytes_cross_node=int(cross), t_compute=t_compute, t_comm=t_comm,
-                       wallclock=log.wallclock())
+            m = RoundMeter(r, step0, min(cfg.local_steps, total_steps - step0))
+            self.train_round(job, batches, m, log)
+            m.stop = stop_request.requested
+            m.reduce(c)
+            job.verify_consistent(*m.consistent)  # a compressed wire: every rank the same values
+            epoch = (m.step0 + m.steps) / spe
+            log.record("round", round=r, epoch=epoch, step=m.step0 + m.steps, strategy=job.name, world_size=c.size,
+                       train_loss=m.loss_sum / m.seen, train_acc=m.correct / m.seen, lr=m.lr, bytes_sent=int(m.sent),
+                       bytes_recv=int(m.recv), bytes_cross_node=int(m.cross), t_compute=m.t_compute,
+                       t_comm=m.t_comm, t_comm_hidden=m.t_hidden, wallclock=log.wallclock())
+            diverged = m.divergence()
+            if diverged:
+                self.stop_diverged(log, diverged, r, epoch)
+                break
             last = r == num_rounds - 1
-            stop = bool(stop) and not last
-            result = self.after_round(job, log, test_loader, train_loader, r, step0, steps, spe, last, stop,
-                                      loss_sum / seen) or result
+            stop = m.stop and not last
+            result = self.after_round(job, log, test_loader, train_loader, m, spe, last, stop) or result
             if stop:
                 log.record("stop", round=r, epoch=epoch, signal=stop_request.signal_name, exit=REQUEUE_EXIT)
                 log.info(f"round {r}: stop signal received; checkpoint written, exiting with {REQUEUE_EXIT} "
                          f"to be requeued (continue with --resume auto)")
-                self.stopped = True
+                self.stopped, self.exit_code = True, REQUEUE_EXIT
                 break
         log.close()
         stop_request.close()
         self.watchdog.close()
         return result
 
-    def open_log(self, job, num_rounds: int, start_round: int, spe: int) -> RunLog:
+    def train_round(self, job: Strategy, batches, m: RoundMeter, log: RunLog) -> None:
+        """Round m.round on this rank: begin, the local steps, end; m gets this rank's numbers."""
+        c = self.c
+        name, sent0, recv0, cross0 = job.name, c.bytes_sent, c.bytes_recv, c.bytes_sent_cross
+        comm0, hidden0, t0 = job.comm_time, job.hidden_time, time.perf_counter()
+        self.watchdog.beat(f"round {m.round}: the exchange")
+        job.begin_round()
+        if job.name != name:  # a warm-up handed over: every rank held the identical model
+            log.record("switch", round=m.round, epoch=m.step0 / self.train_steps_per_epoch, to=job.name)
+            log.info(f"round {m.round}: warm-up done, switching to {job.name}")
+        try:
+            self.local_steps(job, batches, m)
+        except NonFiniteError:  # a gradient average (every rank of the group sees it): on to the round's end
+            m.bad_grad = True
+        self.watchdog.beat(f"round {m.round}: the round's averages")
+        try:
+            job.end_round()
+            if m.round == self.num_rounds - 1:
+                job.flush()  # the last round's overlapped average lands inside its own round
+            m.bad_update = not job.finite()
+            m.checksum = job.checksum()
+        except NonFiniteError:  # an average: every rank sees the same one
+            m.bad_update = True
+        m.t_comm, m.t_hidden = job.comm_time - comm0, job.hidden_time - hidden0
+        m.t_round = time.perf_counter() - t0
+        m.sent, m.recv, m.cross = c.bytes_sent - sent0, c.bytes_recv - recv0, c.bytes_sent_cross - cross0
+
+    def local_steps(self, job: Strategy, batches, m: RoundMeter) -> None:
+        """The round's SGD steps on this rank: loss sum, correct, samples and the last lr into m."""
+        model, opt = job.model, self.optimizer
+        for _ in range(m.steps):
+            self.watchdog.beat("local steps")
+            x, y = next(batches)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            m.lr = opt.param_groups[0]["lr"]
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # data-parallel's gradient average runs when backward is done
+            opt.step()  # the strategy's step hook lets a background average progress
+            self.scheduler.step()
+            m.loss_sum += loss.item() * y.numel()
+            m.correct += (out.argmax(1) == y).sum().item()
+            m.seen += y.numel()
+
+    def stop_diverged(self, log: RunLog, message: str, r: int, epoch: float) -> None:
+        """Every rank stops after a non-finite round: one line, a record, exit NONFINITE_EXIT; no
+        checkpoint is written from this model, so the newest one on disk is the last finite one."""
+        newest = ckpt.list_checkpoints(self.cfg.out)
+        kept = f"the newest checkpoint, {newest[-1]}, is from before it" if newest else "no checkpoint was written"
+        log.record("diverged", round=r, epoch=epoch, message=message, exit=NONFINITE_EXIT)
+        if self.c.rank == 0:
+            sys.stderr.write(f"resist_mpi: error: {message}; {kept} (lower --lr, or resume from it with "
+                             f"--resume auto); exit {NONFINITE_EXIT}\n")
+            sys.stderr.flush()
+        self.exit_code = NONFINITE_EXIT
+
+    def open_log(self, job, num_rounds: int, start: int, spe: int) -> RunLog:
         cfg, c = self.cfg, self.c
-        log = RunLog(cfg.out, c.rank == 0, cfg.progress, num_rounds - start_round, cfg.tensorboard,
-                     resume_round=start_round)
+        self.num_rounds, self.train_steps_per_epoch = num_rounds, spe
+        log = RunLog(cfg.out, c.rank == 0, cfg.progress, num_rounds - start, cfg.tensorboard, resume_round=start)
         log.write_config({"config": cfg.to_dict(), "world_size": c.size, "backend": c.name,
                           "device": str(self.device), "steps_per_epoch": spe, "num_rounds": num_rounds,
                           "dataset": self.info.name, "num_classes": self.info.num_classes,
                           "parameters": sum(t.numel() for t in job.model.state_dict().values())})
+        return log
+
+    def log_start(self, job, log: RunLog, num_rounds: int, start_round: int, spe: int) -> None:
+        cfg, c = self.cfg, self.c
         if self.resume_state is not None:
             log.record("resume", round=start_round, epoch=start_round * cfg.local_steps / spe,
                        path=self.resume_state["path"], world_size=c.size)
@@ -221,69 +399,60 @@ class Trainer:
         log.info(f"resist_mpi: {job.name} | {cfg.model} width {cfg.width} | {self.info.name} "
                  f"({self.info.num_train} train / {self.info.num_test} test) | {c.size} ranks, {c.name} backend, "
                  f"{self.device} | {cfg.epochs} epochs = {num_rounds} rounds of {cfg.local_steps} steps")
-        return log
 
-    def after_round(self, job, log, test_loader, train_loader, r, step0, steps, spe, last, stop, train_loss):
-        """Evaluation and checkpoint when due after round r; the evaluation's metrics, or None."""
+    def after_round(self, job, log, test_loader, train_loader, m: RoundMeter, spe: int, last: bool, stop: bool):
+        """Evaluation and checkpoint when due after round m.round; the evaluation's metrics, or None."""
         cfg, c = self.cfg, self.c
-        done = (step0 + steps) // spe
-        epoch = (step0 + steps) / spe
-        eval_due = last or (cfg.eval_every and done // cfg.eval_every > step0 // spe // cfg.eval_every)
-        ckpt_due = bool(cfg.checkpoint_every) and done // cfg.checkpoint_every > step0 // spe // cfg.checkpoint_every
+        done = (m.step0 + m.steps) // spe
+        epoch = (m.step0 + m.steps) / spe
+        eval_due = last or (cfg.eval_every and done // cfg.eval_every > m.step0 // spe // cfg.eval_every)
+        ckpt_due = bool(cfg.checkpoint_every) and done // cfg.checkpoint_every > m.step0 // spe // cfg.checkpoint_every
         if cfg.checkpoint_minutes:  # clocks differ across ranks: rank 0 decides for all
             with c.as_control():
                 ckpt_due = c.bcast_object(ckpt_due or time.perf_counter() - self.last_ckpt_time >= 60 * cfg.checkpoint_minutes)
         ckpt_due = ckpt_due or stop or (last and bool(cfg.checkpoint_every or cfg.checkpoint_minutes))
         if not (eval_due or ckpt_due):
             return None
-        self.watchdog.beat(f"round {r}: evaluation/checkpoint")
+        self.watchdog.beat(f"round {m.round}: evaluation/checkpoint")
         result = None
         # One full model for both: ResIST gathers it (counted in the eval record) and afterwards
         # every rank goes back to its own sub-network.
-        before = (*c.counters(), c.bytes_sent_cross, time.perf_counter())
+        before = EvalMeter(c, job)
         with job.full_model() as full:
             if eval_due:
-                result = self.eval_and_log(job, full, test_loader, train_loader, log, r, epoch, train_loss, before)
+                result = self.eval_and_log(job, full, test_loader, train_loader, log, m, epoch, before)
             if ckpt_due:
                 ckpt.save(cfg, c, job, log, epoch)
                 self.last_ckpt_time = time.perf_counter()
         return result
 
-    def local_steps(self, job, batches, step0: int, steps: int, spe: int) -> Tuple[float, int, int, float]:
-        """The round's SGD steps on this rank; returns (loss sum, correct, samples, last lr)."""
-        model, opt = job.model, job.optimizer
-        loss_sum, correct, seen, lr = 0.0, 0, 0, self.cfg.lr
-        for i in range(steps):
-            self.watchdog.beat("local steps")
-            x, y = next(batches)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            lr = lr_at(self.cfg, (step0 + i) / spe)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # data-parallel's gradient average runs when backward is done
-            opt.step()
-            loss_sum += loss.item() * y.numel()
-            correct += (out.argmax(1) == y).sum().item()
-            seen += y.numel()
-        return loss_sum, correct, seen, lr
-
-    def eval_and_log(self, job, full, test_loader, train_loader, log, r, epoch, train_loss, before):
-        """Evaluate the full model and write the eval record; its bytes and time count from
-        `before` = (bytes_sent, bytes_recv, bytes_sent_cross, perf_counter) taken before the gather."""
+    def eval_and_log(self, job, full, test_loader, train_loader, log, m: RoundMeter, epoch: float,
+                     before: "EvalMeter"):
+        """Evaluate the full model and write the eval record; its bytes and time count from `before`
+        (taken before the gather)."""
         c = self.c
-        sent0, recv0, cross0, t0 = before
         test_loss, test_acc = evaluate_full(full, c, self.cfg, test_loader, train_loader, self.device)
-        sent, recv, cross = c.reduce_stats([c.bytes_sent - sent0, c.bytes_recv - recv0, c.bytes_sent_cross - cross0],
-                                           "sum")
-        log.record("eval", round=r, epoch=epoch, strategy=job.name, world_size=c.size, test_loss=test_loss,
+        sent, recv, cross, t_eval = before.since()
+        log.record("eval", round=m.round, epoch=epoch, strategy=job.name, world_size=c.size, test_loss=test_loss,
                    test_acc=test_acc, bytes_sent=int(sent), bytes_recv=int(recv), bytes_cross_node=int(cross),
-                   t_eval=time.perf_counter() - t0, wallclock=log.wallclock())
-        log.info(f"epoch {epoch:6.2f} | round {r:5d} | train loss {train_loss:.4f} | "
+                   t_eval=t_eval, wallclock=log.wallclock())
+        log.info(f"epoch {epoch:6.2f} | round {m.round:5d} | train loss {m.loss_sum / m.seen:.4f} | "
                  f"test loss {test_loss:.4f} | test acc {100 * test_acc:6.2f}% | {log.wallclock():7.1f}s")
         return {"test_loss": test_loss, "test_acc": test_acc, "epoch": epoch}
+
+
+class EvalMeter:
+    """Bytes and seconds from its creation (before an evaluation's gather) to since()."""
+
+    def __init__(self, c: Comm, job: Strategy):
+        self.c = c
+        self.start = (c.bytes_sent, c.bytes_recv, c.bytes_sent_cross, time.perf_counter())
+
+    def since(self) -> Tuple[float, float, float, float]:
+        """(bytes sent, received, sent across nodes) summed over ranks (collective), seconds here."""
+        c, (s0, r0, x0, t0) = self.c, self.start
+        sent, recv, cross = c.reduce_stats([c.bytes_sent - s0, c.bytes_recv - r0, c.bytes_sent_cross - x0], "sum")
+        return sent, recv, cross, time.perf_counter() - t0
 
 
 def agree(c: Comm, error: Optional[BaseException]) -> None:
@@ -294,10 +463,9 @@ def agree(c: Comm, error: Optional[BaseException]) -> None:
     failing = c.reduce_stats([c.rank if error is not None else c.size], "min")[0]
     if failing < c.size:
         if c.rank == failing:
-            import sys
             sys.stderr.write(f"resist_mpi: error: {one_line(error)}\n")
             sys.stderr.flush()
-        raise SystemExit(2)
+        raise SystemExit(FAILURE_EXIT)
 
 
 def one_line(error: BaseException) -> str:

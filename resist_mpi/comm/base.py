@@ -22,14 +22,20 @@ Levels: ``bytes_sent_cross`` / ``bytes_recv_cross`` are the part of the payload 
 on other nodes (``nodes``: a node id per rank, from the ranks' host names), by the same model: a
 ring sends to the next rank and receives from the previous one, a broadcast goes from the root to
 each rank, an all-to-all to each destination. A communicator split from another (``split``) shares
-its counters, so a job's totals always include every sub-communicator's traffic.
+its counters, so a job's totals always include every sub-communicator's traffic. A background
+communicator (``dup``, for averages that run while training computes) counts apart, and its
+bytes are added to its parent's when the work is waited for (``Work.wait`` by the caller), on the
+training thread: per-round counts stay deterministic and no counter is written by two threads.
 """
 from __future__ import annotations
 
 import contextlib
 import pickle
 import sys
+import threading
+import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -78,6 +84,94 @@ class Counters:
     def __init__(self):
         self.sent = self.recv = self.sent_cross = self.recv_cross = self.control = 0
 
+    def take(self) -> Tuple[int, int, int, int, int]:
+        """The counts so far, and zero them (a background communicator's, merged by its parent)."""
+        counts = (self.sent, self.recv, self.sent_cross, self.recv_cross, self.control)
+        self.sent = self.recv = self.sent_cross = self.recv_cross = self.control = 0
+        return counts
+
+
+class Work:
+    """A collective (or a chain of them) in flight, started by a background call.
+
+    done() tells, without blocking, whether it finished (and lets it progress where the library
+    needs calls for that: MPI's nonblocking collectives); wait() blocks until it has. Attributes:
+    t_start and t_done (perf_counter seconds; t_done when done() first saw it finished, or at
+    the end of wait()).
+    """
+
+    def __init__(self):
+        self.t_start, self.t_done = time.perf_counter(), None
+
+    def _finished(self) -> bool:
+        raise NotImplementedError
+
+    def _complete(self) -> None:
+        raise NotImplementedError
+
+    def done(self) -> bool:
+        if self.t_done is None and self._finished():
+            self.t_done = time.perf_counter()
+        return self.t_done is not None
+
+    def wait(self) -> None:
+        self._complete()
+        if self.t_done is None:
+            self.t_done = time.perf_counter()
+
+    @property
+    def duration(self) -> float:
+        """Seconds from the start to when it was seen done (so far, if still running)."""
+        return (self.t_done or time.perf_counter()) - self.t_start
+
+
+class DoneWork(Work):
+    """Work that ran to completion when it was started (no background to run it in)."""
+
+    def __init__(self, t_start: Optional[float] = None):
+        super().__init__()
+        if t_start is not None:
+            self.t_start = t_start
+        self.t_done = time.perf_counter()
+
+    def _finished(self) -> bool:
+        return True
+
+    def _complete(self) -> None:
+        pass
+
+
+class ThreadWork(Work):
+    """Work run by the process's background thread (a Future's result)."""
+
+    def __init__(self, future: Future):
+        super().__init__()
+        self.future = future
+
+    def _finished(self) -> bool:
+        return self.future.done()
+
+    def _complete(self) -> None:
+        self.future.result()
+
+
+class _Process:
+    """What every communicator of one process (or one thread rank) shares: the background thread.
+
+    One worker runs every background job in the order they were submitted, so every rank issues
+    its background collectives in the same order, on communicators that no other thread uses.
+    """
+
+    def __init__(self):
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="resist-comm")
+            return self._executor.submit(fn)
+
 
 class Comm:
     """Base class of the backends: attributes, counters, argument checks and fail-fast handling.
@@ -99,6 +193,7 @@ class Comm:
         self.rank, self.size = rank, size
         self.local_rank, self.local_size = local_rank, local_size
         self._counters = counters or Counters()
+        self._process = _Process()
         self.set_nodes([0] * size)
 
     # -- counters ---------------------------------------------------------------------------------
@@ -301,6 +396,7 @@ class Comm:
             groups.setdefault(col, []).append(r)
         members = groups[int(color)]
         sub = self._split(int(color), int(key), groups)
+        sub._process = self._process
         sub.members = members
         sub.set_nodes([self.nodes[r] for r in members])
         mine = self.nodes[self.rank]
@@ -310,6 +406,40 @@ class Comm:
 
     def _split(self, color: int, key: int, groups: Dict[int, List[int]]) -> "Comm":
         raise NotImplementedError(f"the {self.name} backend has no sub-communicators")
+
+    # -- background communication (--overlap) ------------------------------------------------------
+    def dup(self) -> "Comm":
+        """A communicator of the same ranks whose collectives never meet this one's (collective:
+        every rank calls it), for work that runs while training computes. It counts its bytes apart
+        (its own Counters): merge them into this one with absorb(), on this thread."""
+        sub = self._dup()
+        sub._process = self._process
+        sub.members = getattr(self, "members", list(range(self.size)))
+        sub.set_nodes(self.nodes)
+        sub.local_rank, sub.local_size = self.local_rank, self.local_size
+        return sub
+
+    def _dup(self) -> "Comm":
+        raise NotImplementedError(f"the {self.name} backend has no background communicators")
+
+    def absorb(self, other: "Comm") -> None:
+        """Add the bytes other (a dup() of this communicator or of its world) counted since the
+        last absorb to this one's counters."""
+        sent, recv, sent_cross, recv_cross, control = other._counters.take()
+        self._tally(sent, recv, sent_cross, recv_cross)
+        self._counters.control += control
+
+    def submit(self, fn: Callable[[], Any]) -> Work:
+        """Run fn() on this process's background thread (jobs run one at a time, in the order
+        submitted); fn must use only background communicators. Returns its Work."""
+        return ThreadWork(self._process.submit(fn))
+
+    def start_allreduce_mean_(self, t: torch.Tensor) -> Work:
+        """allreduce_mean_(t) started in the background; call on a dup() communicator and do not
+        touch t until the Work is waited for. Backends with nonblocking collectives override it
+        (torch work handles, Horovod's asynchronous ops, MPI's Iallreduce)."""
+        check_flat(t, "start_allreduce_mean_")
+        return self.submit(lambda: self.allreduce_mean_(t))
 
     def alltoallv_tensors(self, sends: Sequence[Sequence[torch.Tensor]],
                           recvs: Sequence[Sequence[torch.Tensor]]) -> None:
@@ -464,3 +594,9 @@ class SelfComm(Comm):
 
     def _abort(self, code):
         sys.exit(code)
+
+    def _dup(self):
+        return SelfComm(Counters())
+
+    def start_allreduce_mean_(self, t):
+        return DoneWork()  # the mean over one rank is t itself

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .base import Comm, abort_process
+from .base import ELEMENT_BYTES, Comm, Counters, DoneWork, Work, abort_process, check_flat, ring_allreduce_bytes
 
 
 # ranks -> process set, for the whole process: Horovod's sets outlive any Comm object, and it refuses
@@ -69,6 +69,27 @@ class HorovodComm(Comm):
         (sub.process_set, sub.global_ranks), sub._tag = mine, f"resist.ps{mine[0].process_set_id}"
         Comm.__init__(sub, sub.global_ranks.index(self.hvd.rank()), len(sub.global_ranks), 0, 1, self._counters)
         return sub
+
+    def _dup(self):
+        # Horovod matches ranks' requests by name: the copy's names differ, the process set is the same
+        sub = HorovodComm.__new__(HorovodComm)
+        sub.hvd, sub._ops = self.hvd, self._ops
+        sub.process_set, sub.global_ranks = self.process_set, list(self.global_ranks)
+        self._dups = getattr(self, "_dups", 0) + 1
+        sub._tag = f"{self._tag}.bg{self._dups}"
+        Comm.__init__(sub, self.rank, self.size, self.local_rank, self.local_size, Counters())
+        return sub
+
+    def start_allreduce_mean_(self, t):
+        """Horovod's asynchronous allreduce (its background thread moves it); wait() synchronizes."""
+        check_flat(t, "start_allreduce_mean_")
+        if self.size == 1 or t.numel() == 0:
+            return DoneWork()
+        handle = self.hvd.allreduce_async_(t, op=self.hvd.Average, name=f"{self._tag}.allreduce_async",
+                                           process_set=self.process_set)
+        moved = ring_allreduce_bytes(ELEMENT_BYTES * t.numel(), self.size)
+        self._tally(*self._ring_tally(moved, moved))
+        return _HorovodWork(self.hvd, handle)
 
     def _allreduce_(self, t, op):
         self.hvd.allreduce_(t, op=self.hvd.Average, name=f"{self._tag}.allreduce_mean", process_set=self.process_set)
@@ -125,6 +146,20 @@ class HorovodComm(Comm):
     def _abort(self, code):
         # Horovod has no abort: MPI_Abort under its MPI controller, else exit (horovodrun stops the rest)
         abort_process(code)
+
+
+class _HorovodWork(Work):
+    def __init__(self, hvd, handle):
+        super().__init__()
+        self.hvd, self.handle = hvd, handle
+
+    def _finished(self) -> bool:
+        return self.handle is None or self.hvd.poll(self.handle)
+
+    def _complete(self) -> None:
+        if self.handle is not None:
+            self.hvd.synchronize(self.handle)
+            self.handle = None
 
 
 __all__ = ["HorovodComm"]

@@ -3,17 +3,28 @@
 CUDA tensors are staged through host memory (copy to CPU, communicate, copy back) unless the MPI
 library reports CUDA awareness (``MPI.Query_cuda_support()``, Open MPI >= 4 built with CUDA) or
 ``RESIST_CUDA_AWARE=1`` is set; then device buffers are handed to MPI directly.
+
+Background averages (--overlap) are MPI_Iallreduce on a duplicated communicator. Open MPI moves
+their bytes only while some thread is inside the library, so something must call it while torch
+computes. ``RESIST_MPI_PROGRESS`` picks who: ``thread`` (default) the process's background thread,
+which tests the request every 0.2 ms and sleeps in between (a blocking wait would spin a core the
+ranks need), or ``poll``, the training thread itself after every optimizer step (the Averager's
+poll()). Both need the MPI_THREAD_MULTIPLE level for work on the background thread (mpi4py asks
+for it): without it (``MPIComm.thread_multiple`` False) every background job runs where it is
+started, on the training thread, so nothing is hidden, and one line says so.
 """
 from __future__ import annotations
 
 import itertools
 import os
+import sys
+import time
 from typing import List, Optional
 
 import numpy as np
 import torch
 
-from .base import ELEMENT_BYTES, Comm, check_flat, ring_allreduce_bytes
+from .base import ELEMENT_BYTES, Comm, Counters, DoneWork, Work, check_flat, ring_allreduce_bytes
 from .fusion import empty_flat
 
 
@@ -47,6 +58,29 @@ def _displs(counts: List[int]) -> List[int]:
     return list(itertools.accumulate(counts[:-1], initial=0))
 
 
+class _RequestWork(Work):
+    """An MPI request of a mean in flight, progressed by the caller's done() polls."""
+
+    def __init__(self, req, arr, size):
+        super().__init__()
+        self.req, self.arr, self.size, self._divided = req, arr, size, False
+
+    def _finish(self):
+        if not self._divided:
+            np.divide(self.arr, self.size, out=self.arr)
+            self._divided = True
+
+    def _finished(self) -> bool:
+        if self.req.Test():
+            self._finish()
+            return True
+        return False
+
+    def _complete(self) -> None:
+        self.req.Wait()
+        self._finish()
+
+
 class MPIComm(Comm):
     """Backend over mpi4py's COMM_WORLD (or a given communicator, e.g. COMM_SELF in tests)."""
 
@@ -65,11 +99,53 @@ class MPIComm(Comm):
         self._displs_cache = {}
         self._counts_buffers = (np.empty(self.size, dtype=np.int64), np.empty(self.size, dtype=np.int64))
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        self.thread_multiple = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+        self.progress = os.environ.get("RESIST_MPI_PROGRESS", "thread")
+        if self.progress not in ("thread", "poll"):
+            raise ValueError(f"RESIST_MPI_PROGRESS={self.progress!r}: use thread or poll")
         if counters is None:  # a world of its own (a split is told its nodes by its parent)
             self.learn_nodes()
 
     def _split(self, color, key, groups):
         return MPIComm(self.comm.Split(color, key), counters=self._counters)
+
+    def _dup(self):
+        return MPIComm(self.comm.Dup(), counters=Counters())
+
+    def submit(self, fn):
+        if self.thread_multiple:
+            return super().submit(fn)
+        if not getattr(MPIComm, "_warned_threads", False) and self.rank == 0:
+            MPIComm._warned_threads = True
+            sys.stderr.write("resist_mpi: note: this MPI gives no MPI_THREAD_MULTIPLE: background averages run "
+                             "on the training thread (--overlap hides nothing)\n")
+        t0 = time.perf_counter()
+        fn()
+        return DoneWork(t0)
+
+    def start_allreduce_mean_(self, t):
+        """Iallreduce on this (background) communicator; progressed by the background thread or by
+        polls from the training thread (RESIST_MPI_PROGRESS, see the module docstring)."""
+        check_flat(t, "start_allreduce_mean_")
+        if t.device.type != "cpu" or self.size == 1 or t.numel() == 0:
+            return super().start_allreduce_mean_(t)
+        moved = ring_allreduce_bytes(ELEMENT_BYTES * t.numel(), self.size)
+        arr, MPI, comm, size = t.detach().numpy(), self.MPI, self.comm, self.size
+
+        def start():
+            return comm.Iallreduce(MPI.IN_PLACE, [arr, MPI.FLOAT], op=MPI.SUM)
+
+        if self.progress == "poll" or not self.thread_multiple:
+            work = _RequestWork(start(), arr, size)
+        else:
+            def run():  # test-and-sleep: progress without spinning a core the ranks compute on
+                req = start()
+                while not req.Test():
+                    time.sleep(0.0002)
+                np.divide(arr, size, out=arr)
+            work = super().submit(run)
+        self._tally(*self._ring_tally(moved, moved))
+        return work
 
     # Host staging for device tensors ----------------------------------------------------------
     def _host(self, t: torch.Tensor):

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .base import Comm, abort_process
+from .base import ELEMENT_BYTES, Comm, Counters, DoneWork, Work, abort_process, check_flat, ring_allreduce_bytes
 from .launch import world_info_from_env
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -119,6 +119,27 @@ class TorchComm(Comm):
         Comm.__init__(sub, sub.global_ranks.index(dist.get_rank()), len(sub.global_ranks), 0, 1, self._counters)
         return sub
 
+    def _dup(self):
+        if len(self.global_ranks) != dist.get_world_size():
+            raise ValueError("the torch backend duplicates only the world communicator (every rank creates "
+                             "every group): dup() the world, then split the copy")
+        sub = TorchComm.__new__(TorchComm)
+        sub.nccl, sub.device = self.nccl, self.device
+        sub.group, sub.global_ranks = dist.new_group(self.global_ranks), list(self.global_ranks)
+        Comm.__init__(sub, self.rank, self.size, self.local_rank, self.local_size, Counters())
+        return sub
+
+    def start_allreduce_mean_(self, t):
+        """An asynchronous all_reduce (a work handle: gloo's threads on the CPU, NCCL's stream on GPUs)."""
+        check_flat(t, "start_allreduce_mean_")
+        if self.size == 1 or t.numel() == 0:
+            return DoneWork()
+        w = self._on(t)
+        work = dist.all_reduce(w, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        moved = ring_allreduce_bytes(ELEMENT_BYTES * t.numel(), self.size)
+        self._tally(*self._ring_tally(moved, moved))
+        return _TorchWork(work, w, t, self.size)
+
     # NCCL only takes device tensors: host tensors (metrics, pickled metadata) go through the GPU.
     def _on(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device) if t.device != self.device else t
@@ -189,6 +210,26 @@ class TorchComm(Comm):
 
     def _abort(self, code):
         abort_process(code)
+
+
+class _TorchWork(Work):
+    """A torch.distributed work handle of a sum; wait() divides (and copies back a staged tensor)."""
+
+    def __init__(self, work, staged, target, size):
+        super().__init__()
+        self.work, self.staged, self.target, self.size = work, staged, target, size
+
+    def _finished(self) -> bool:
+        return self.work.is_completed()
+
+    def _complete(self) -> None:
+        if self.work is None:
+            return
+        self.work.wait()
+        self.staged.div_(self.size)
+        if self.staged is not self.target:
+            self.target.copy_(self.staged)
+        self.work = None
 
 
 def _destroy() -> None:

@@ -1,98 +1,167 @@
-"""The protocol every strategy follows, around the user's own local steps.
+"""The protocol every strategy follows, around the user's own optimizer and local steps.
 
-    job = rm.ResIST(model, c)                 # or rm.LocalSGD(model, c), rm.DataParallel(model, c)
+The primary form wraps the user's optimizer (built once over model.parameters(), as with Horovod
+or torchft) and counts its steps:
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1000)
+    with rm.ResIST(model, c, optimizer=opt, local_steps=50) as job:   # round 0 begins here
+        for x, y in batches:                                          # the plain batch loop
+            opt.zero_grad(); F.cross_entropy(model(x), y).backward()
+            opt.step()                # every 50th step ends the round and begins the next one
+            sched.step()
+    # leaving the block ends a round in progress (every rank consistent, also after an exception)
+
+The explicit form gives the rounds by hand (the optimizer may be built once or per round):
+
     for r in job.rounds(num_rounds):          # begin_round() before the body, end_round() after it
-        opt = torch.optim.SGD(job.parameters(), lr=0.1, momentum=0.9)
         for x, y in itertools.islice(batches, local_steps):
             ...                               # forward, loss.backward(), opt.step()
     with job.full_model() as full:            # the whole model, synchronised, for evaluation
         evaluate(full)
     state = job.state_dict()                  # collective; job.load_state_dict(state) resumes
 
-A strategy may also own the optimizer (optimizer=factory): it then builds one per round (a fresh
-one, as the paper does, or one for the run) and keeps what must survive in its state_dict, so a
-training loop holds no strategy-specific state. Each distributed step is inside a method here.
+What happens to the optimizer's state at a round boundary is a policy (optimizer_state):
+"reset" (the paper's fresh optimizer every round), "keep_shared" (the shared layers' state
+survives, the blocks' is reset) or "keep" (all state survives, except for a block that arrived
+from another rank or left this one). Each distributed step is inside a method here.
 """
 from __future__ import annotations
 
 import contextlib
+import pickle
 import time
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
 from ..averaging import broadcast_tensors_
-from ..blocks import module_tensors
+from ..blocks import materialize_, module_tensors
+from ..errors import NonFiniteError, UsageError
 
-OptimizerFactory = Callable[[List[Dict]], torch.optim.Optimizer]
+POLICIES = ("reset", "keep_shared", "keep")
 
 
 class Strategy:
     """Base class. Subclasses implement _begin(), _end() and what differs of the rest.
 
     Args:
-        model: the user's nn.Module (the strategy binds storage to it; it stays the same object).
+        model: the user's nn.Module (the strategy binds storage to it; it stays the same object,
+            and so do its Parameter objects).
         comm: the Comm (resist_mpi.init()).
-        optimizer: optional factory, param groups -> optimizer (see the module docstring).
-        keep_momentum: with a fresh optimizer per round, carry the momentum of the "shared" group.
+        optimizer: the user's torch optimizer over model.parameters(), or None (then build one per
+            round over job.parameters(), as the paper's reference code did).
+        scheduler: the user's LR scheduler, only so that state_dict() carries its state.
+        local_steps: with an optimizer, `with job:` ends and begins rounds every local_steps
+            optimizer steps (from its step hooks).
+        optimizer_state: "reset", "keep_shared" or "keep" (see the module docstring); default:
+            the strategy's (reset for ResIST and local SGD, keep for data-parallel).
     Attributes:
-        round: index of the next round (rounds() and begin_round() start there; restored on resume).
+        round: index of the next round (or of the open one); restored on resume.
         comm_time: seconds spent communicating, cumulative (for metrics).
-        optimizer: the current round's optimizer when a factory was given.
     """
 
     name = "base"
-    fresh_optimizer = True  # a new optimizer every round (the paper's reference code) or one per run
+    default_optimizer_state = "reset"
+    # the optimizer's state is the same on every rank (data-parallel): saved once, any world size
+    replicated_optimizer_state = False
 
-    def __init__(self, model: torch.nn.Module, comm, *, optimizer: Optional[OptimizerFactory] = None,
-                 keep_momentum: bool = False):
+    def __init__(self, model: torch.nn.Module, comm, *, optimizer: Optional[torch.optim.Optimizer] = None,
+                 scheduler=None, local_steps: Optional[int] = None, optimizer_state: Optional[str] = None):
         self.model, self.comm = model, comm
         self.round = 0
         self._timed = 0.0
         self._gradient_averagers: List = []  # per-step averages (GradientAverager), timed by themselves
         self._model_averagers: List = []  # Averagers of the round's end (their error feedback is per-rank state)
-        self.optimizer: Optional[torch.optim.Optimizer] = None
-        self._factory, self._keep_momentum = optimizer, keep_momentum
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer= takes a torch.optim.Optimizer built over model.parameters(), "
+                            f"got {type(optimizer).__name__}")
+        if local_steps is not None and (optimizer is None or int(local_steps) < 1):
+            raise ValueError("local_steps= needs optimizer= (the steps counted are its steps) and is at least 1")
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.local_steps = None if local_steps is None else int(local_steps)
+        self.optimizer_state = optimizer_state or self.default_optimizer_state
+        if self.optimizer_state not in POLICIES:
+            raise ValueError(f"optimizer_state={self.optimizer_state!r}: choose one of {', '.join(POLICIES)}")
+        self._open = False  # between begin_round() and end_round()
+        self._steps = 0  # optimizer steps taken in the open round
+        self._hooks: List = []
+        self._round_hook = None
+        self._names = {p: n for n, p in model.named_parameters()}
         self._resumed_optimizer: Optional[Dict] = None
-        self._resumed_momentum: Optional[List] = None
-
-    @classmethod
-    def check(cls, cfg, probe: torch.nn.Module, workers: int) -> None:
-        """What this strategy needs of the model for `workers` ranks (or groups of ranks), checked on
-        a meta-device copy before anything runs (one-line ValueError). Nothing for strategies that
-        train the whole model."""
+        if optimizer is not None:
+            self._check_foreign(optimizer)
+            self._hooks.append(optimizer.register_step_post_hook(self._count_step))
 
     # -- the round protocol --------------------------------------------------------------------------
     def rounds(self, num_rounds: int) -> Iterator[int]:
         """Yield round indices from self.round to num_rounds - 1: begin_round() before each body,
-        end_round() once the body returns (not when the loop is left with break or an error)."""
+        end_round() after it, also when the loop is left with break (every rank breaking at the
+        same round) or the generator is closed by an exception, so the ranks stay consistent."""
         while self.round < num_rounds:
             r = self.round
             self.begin_round()
-            yield r
+            try:
+                yield r
+            except GeneratorExit:
+                self._close_round()
+                self._verify()
+                raise
             self.end_round()
+            self._verify()
 
     def begin_round(self) -> None:
         """Everything before round self.round's local steps (its communication is timed)."""
+        if self._open:
+            raise UsageError(f"begin_round(): round {self.round} is already open; call end_round() first")
         t0 = time.perf_counter()
         self._begin()
         self._timed += time.perf_counter() - t0
-        for averager in self._model_averagers:  # a compressed wire sends updates from here on
+        for averager in self._model_averagers:  # updates (compressed wire, overlap, outer step) count from here
             averager.mark()
-        if self._factory is not None and (self.optimizer is None or self.fresh_optimizer):
-            self.optimizer = self._new_optimizer()
+        self._open, self._steps = True, 0
+        if self.optimizer is not None:
+            self._prepare_optimizer()
 
     def end_round(self) -> None:
-        """Everything after the round's local steps; the next round is self.round + 1."""
+        """Everything after the round's local steps; the next round is self.round + 1.
+
+        Raises NonFiniteError on every rank when an average is not finite (every rank sees the
+        same average, so they agree without another collective)."""
+        if not self._open:
+            raise UsageError("end_round() without begin_round()")
         t0 = time.perf_counter()
-        self._end()
-        self._timed += time.perf_counter() - t0
-        self.round += 1
+        try:
+            self._end()
+        finally:
+            self._timed += time.perf_counter() - t0
+            self._open = False
+            self.round += 1
+
+    def _close_round(self) -> None:
+        """Leave an open round: end it when anything was trained in it, else just close it (its
+        exchange already put every block where the round needs it; beginning it again moves nothing)."""
+        if not self._open:
+            return
+        if self._steps > 0 or self.optimizer is None:
+            self.end_round()
+        else:
+            self._open = False
 
     @property
     def comm_time(self) -> float:
-        """Seconds spent communicating so far: round starts and ends, and per-step averages."""
+        """Seconds spent communicating so far: round starts and ends (waits for background
+        averages included), and per-step averages."""
         return self._timed + sum(g.comm_time for g in self._gradient_averagers)
+
+    @property
+    def hidden_time(self) -> float:
+        """Seconds background averages (--overlap) ran while training computed, so far."""
+        return sum(a.hidden for a in self._model_averagers)
+
+    def finite(self) -> bool:
+        """Whether every tensor this rank holds is finite (a local check, no communication)."""
+        return all(bool(torch.isfinite(t).all()) for t in module_tensors(self.model) if t.numel())
 
     def _begin(self) -> None:
         pass
@@ -100,75 +169,200 @@ class Strategy:
     def _end(self) -> None:
         pass
 
+    def checksum(self) -> Optional[float]:
+        """With a compressed wire, a checksum of what every rank must hold alike after end_round()
+        (None otherwise): reduce [c, -c] with max; unequal ranks give max != -max(-c)."""
+        sums = [a.checksum() for a in self._model_averagers]
+        sums = [x for x in sums if x is not None]
+        return float(sum(sums) % (1 << 50)) if sums else None
+
+    def verify_consistent(self, high: float, low_negated: float) -> bool:
+        """After the reduction of [checksum, -checksum] with max: when ranks differ (a round ended
+        on some ranks only), give every rank rank 0's values and say so once; collective."""
+        if high == -low_negated:
+            return True
+        if self.comm.rank == 0:
+            import sys
+            sys.stderr.write(f"resist_mpi: warning: round {self.round - 1}: ranks ended the round with different "
+                             f"averaged values (a round left on some ranks only?); rank 0's values given to all\n")
+        for averager in self._model_averagers:
+            if averager.feedback is not None:
+                averager.resync()
+        return False
+
+    def _verify(self) -> None:
+        """The library's loops: one small reduction per round, only with a compressed wire."""
+        chk = self.checksum()
+        if chk is not None and self.comm.size > 1:
+            with self.comm.as_control():
+                high, low = self.comm.reduce_stats([chk, -chk], "max")
+            self.verify_consistent(high, low)
+
+    def poll(self) -> None:
+        """Let background averages progress (--overlap); called after every optimizer step."""
+        for averager in self._model_averagers:
+            averager.poll()
+
+    def flush(self) -> None:
+        """Wait for background averages and apply them (--overlap), so every rank holds the same
+        model; evaluation, checkpoints and the end of training call it."""
+        for averager in self._model_averagers:
+            averager.flush()
+
+    # -- the hook form: `with job:` ----------------------------------------------------------------------
+    def __enter__(self) -> "Strategy":
+        if self.optimizer is None or self.local_steps is None:
+            raise UsageError("`with job:` ends rounds from the optimizer's steps: pass optimizer=opt and "
+                             "local_steps=l when building the strategy (or use `for r in job.rounds(n)`)")
+        self._round_hook = self.optimizer.register_step_post_hook(self._after_step)
+        if not self._open:
+            self.begin_round()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._round_hook.remove()
+        self._round_hook = None
+        # a broken model is not averaged again; any other exception (raised on every rank, or the
+        # others meet this one in the round's average) still leaves the ranks consistent
+        if exc_type is None or (issubclass(exc_type, (Exception, KeyboardInterrupt))
+                                and not issubclass(exc_type, NonFiniteError)):
+            self._close_round()
+            self._verify()
+            self.flush()
+        return False
+
+    def _count_step(self, optimizer, args, kwargs) -> None:
+        if self._open:
+            self._steps += 1
+            self.poll()
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._steps >= self.local_steps:
+            self.end_round()
+            self._verify()
+            self.begin_round()
+
+    def close(self) -> None:
+        """Take every hook this strategy put on the optimizer and the model's parameters off."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for averager in self._gradient_averagers:
+            averager.remove()
+
     # -- what this rank trains ----------------------------------------------------------------------
     def param_groups(self) -> List[Dict]:
         """This round's parameters as optimizer groups [{'params': [...], 'name': ...}]."""
         return [{"params": list(self.model.parameters()), "name": "shared"}]
 
     def parameters(self) -> List[torch.nn.Parameter]:
-        """The parameters this rank trains this round (build the round's optimizer on these)."""
+        """The parameters this rank trains this round (a per-round optimizer is built on these)."""
         return [p for g in self.param_groups() for p in g["params"]]
 
-    def _new_optimizer(self) -> torch.optim.Optimizer:
-        groups = [g for g in self.param_groups() if g["params"]]
-        opt = self._factory(groups)
-        shared = [p for g in opt.param_groups if g.get("name") == "shared" for p in g["params"]]
-        if self._resumed_optimizer is not None:  # one optimizer for the run, from a checkpoint
+    def shared_parameters(self) -> List[torch.nn.Parameter]:
+        """Parameters every rank trains every round (their state survives "keep_shared")."""
+        return [p for g in self.param_groups() if g.get("name") == "shared" for p in g["params"]]
+
+    def _moved_parameters(self) -> List[torch.nn.Parameter]:
+        """Parameters whose values came from (or went to) another rank at this round's start: their
+        optimizer state belongs to another copy and is reset under "keep"."""
+        return []
+
+    def _check_foreign(self, optimizer: torch.optim.Optimizer) -> None:
+        mine = set(self.model.parameters())
+        foreign = [p for g in optimizer.param_groups for p in g["params"] if p not in mine]
+        if foreign:
+            raise UsageError(f"the optimizer holds {len(foreign)} tensor(s) that are not parameters of the model "
+                             f"given to the strategy (the first has shape {tuple(foreign[0].shape)}): build it "
+                             f"over that model's parameters(), e.g. SGD(model.parameters(), ...)")
+
+    def _prepare_optimizer(self) -> None:
+        """At a round's start: check the optimizer covers this round's parameters, apply the state policy."""
+        opt = self.optimizer
+        held = {p for g in opt.param_groups for p in g["params"]}
+        missing = [p for p in self.parameters() if p not in held]
+        if missing:
+            raise UsageError(f"round {self.round}: the optimizer does not hold {len(missing)} parameter(s) this rank "
+                             f"trains (the first: {self._names.get(missing[0], '?')}): build it over "
+                             f"model.parameters() so that every block it may receive is in it")
+        if self._resumed_optimizer is not None:  # from a checkpoint: the state as the run left it
             opt.load_state_dict(self._resumed_optimizer)
-        elif self._keep_momentum and self._resumed_momentum is not None:
-            for p, m in zip(shared, self._resumed_momentum):
-                if m is not None:
-                    opt.state[p] = {"momentum_buffer": m.to(p.device).clone()}
-        elif self._keep_momentum and self.optimizer is not None:
-            for p in shared:  # the shared layers are the same Parameter objects round after round
-                if p in self.optimizer.state:
-                    opt.state[p] = self.optimizer.state[p]
-        self._resumed_optimizer = self._resumed_momentum = None
-        return opt
+            self._resumed_optimizer = None
+        if self.optimizer_state == "reset":
+            opt.state.clear()
+            return
+        keep = set(self.shared_parameters()) if self.optimizer_state == "keep_shared" else None
+        moved = set(self._moved_parameters())
+        for p in list(opt.state):
+            if (keep is not None and p not in keep) or p in moved or p.numel() == 0:
+                del opt.state[p]
+
+    def _check_boundary(self, what: str) -> None:
+        if self._open and (self._steps > 0 or self.optimizer is None):
+            raise UsageError(f"{what} in the middle of round {self.round}: every rank holds a different model "
+                             f"then; call it between rounds (after end_round(), outside the rounds() body, or "
+                             f"right after the optimizer step that ended a round)")
 
     # -- the whole model -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def full_model(self):
         """The full, synchronised model (every rank: the same), for evaluation and checkpoints.
         Collective: every rank enters it. The base strategies hold the full model already."""
-        yield self.model
+        self._check_boundary("full_model()")
+        self.flush()
+        with _bn_restored(self.model):
+            yield self.model
 
     def state_dict(self) -> Dict:
-        """Everything a resume needs that is the same on every rank. Collective (ResIST gathers)."""
+        """Everything a resume needs, collective (ResIST gathers the model): the full model, the
+        round, the optimizer's and scheduler's state, and every rank's own state (rank 0 receives
+        them all; the others keep their own), so one file written by rank 0 resumes every rank."""
+        self._check_boundary("state_dict()")
         with self.full_model() as full:
             model = {k: v.detach().cpu().clone() for k, v in full.state_dict().items()}
-        state = {"strategy": self.name, "round": self.round, "model": model}
-        if self.optimizer is not None and not self.fresh_optimizer:
+        state = {"strategy": self.name, "round": self.round, "model": model, "world_size": self.comm.size}
+        if self.optimizer is not None and self.replicated_optimizer_state:
             state["optimizer"] = self.optimizer.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        shared = [a.state_dict() for a in self._model_averagers]
+        if any(x is not None for x in shared):
+            state["averagers"] = shared  # the outer optimizer's parameter and state: the same everywhere
+        own = self.rank_state_dict()
+        gathered = gather_object(self.comm, own, root=0)
+        state["rank_states"] = gathered if gathered is not None else \
+            [own if r == self.comm.rank else None for r in range(self.comm.size)]
         return state
 
     def rank_state_dict(self) -> Optional[Dict]:
-        """What differs between ranks and a resume on the same world size needs (kept momentum of
-        the shared layers, a compressed wire's error feedback), or None."""
+        """What differs between ranks and a resume on the same world size needs (the optimizer's
+        state under a keep policy, a compressed wire's error feedback, an overlapped average in
+        flight), or None."""
         state = {}
-        if self._keep_momentum and self.fresh_optimizer and self.optimizer is not None:
-            shared = [p for g in self.optimizer.param_groups if g.get("name") == "shared" for p in g["params"]]
-            state["shared_momentum"] = [None if self.optimizer.state.get(p, {}).get("momentum_buffer") is None
-                                        else self.optimizer.state[p]["momentum_buffer"].detach().cpu()
-                                        for p in shared]
-        residuals = [a.feedback.residual for a in self._model_averagers if a.feedback is not None]
-        if residuals:
-            state["wire_residual"] = [None if r is None else r.detach().cpu().clone() for r in residuals]
+        if self.optimizer is not None and not self.replicated_optimizer_state and self.optimizer_state != "reset":
+            state["optimizer"] = self.optimizer.state_dict()
+        own = [a.rank_state_dict() for a in self._model_averagers]
+        if any(x is not None for x in own):
+            state["averagers"] = own
         return state or None
 
     def load_state_dict(self, state: Dict, rank_state: Optional[Dict] = None) -> None:
-        """Continue from a state_dict() (on every rank, the same state); rank_state: this rank's
-        rank_state_dict() of that checkpoint, when the world size is the same."""
+        """Continue from a state_dict() (every rank the same state). rank_state: this rank's own
+        part, when not in state["rank_states"] (it is used only on the world size it was written on)."""
+        if self._open:
+            raise UsageError("load_state_dict() in the middle of a round: load before the first round")
         self._load_model(state["model"])
         self.round = int(state.get("round", 0))
-        self._resumed_optimizer = state.get("optimizer")
-        self._resumed_momentum = (rank_state or {}).get("shared_momentum")
-        self.optimizer = None
-        residuals = (rank_state or {}).get("wire_residual")
-        feedbacks = [a.feedback for a in self._model_averagers if a.feedback is not None]
-        if residuals is not None and len(residuals) == len(feedbacks):
-            for fb, r in zip(feedbacks, residuals):
-                fb.residual = None if r is None else r.clone()
+        same_world = int(state.get("world_size", self.comm.size)) == self.comm.size
+        if rank_state is None and same_world and state.get("rank_states"):
+            rank_state = state["rank_states"][self.comm.rank]
+        self._resumed_optimizer = state.get("optimizer") or (rank_state or {}).get("optimizer")
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        shared = state.get("averagers") or [None] * len(self._model_averagers)
+        own = (rank_state or {}).get("averagers") or [None] * len(self._model_averagers)
+        for averager, s, r in zip(self._model_averagers, shared, own):
+            averager.load_state_dict(s, r)
 
     def _load_model(self, weights: Dict) -> None:
         self.model.load_state_dict(weights)
@@ -179,15 +373,60 @@ class Replicated(Strategy):
     at construction, on ranks whose model was built on the meta device too."""
 
     def __init__(self, model, comm, *, device=None, synchronized: bool = False, **kw):
-        super().__init__(model, comm, **kw)
         if any(t.is_meta for t in model.state_dict().values()):
             if comm.rank == 0:
                 raise ValueError("rank 0's model is on the meta device: it must hold the initial weights")
-            model.to_empty(device=device or "cpu")
-            for m in model.modules():  # BN counters come back as garbage from to_empty
-                for n, b in m._buffers.items():
-                    if b is not None and not b.is_floating_point():
-                        b.zero_()
+            materialize_(model, device or "cpu")  # the same Parameter objects, given storage
+        super().__init__(model, comm, **kw)
         if not synchronized:
             # ---- distributed step: one fused broadcast of rank 0's initial model ----
             broadcast_tensors_(comm, module_tensors(model))
+
+    def shared_parameters(self) -> List[torch.nn.Parameter]:
+        return list(self.model.parameters())
+
+
+@contextlib.contextmanager
+def _bn_restored(model: torch.nn.Module):
+    """BN running statistics (and counters) as they were, after the block: an evaluation
+    (recalibration, batch statistics) changes nothing in training."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+           and m.running_mean is not None]
+    saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mean, var, n in saved:
+                if m.running_mean.shape == mean.shape:  # a block released meanwhile has no storage
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                    m.num_batches_tracked.copy_(n)
+
+
+def gather_object(c, obj, root: int = 0):
+    """Every rank's picklable object, in rank order, on root (None elsewhere); collective.
+
+    One all-to-all of the pickled bytes (in float32 containers, as every backend moves float32),
+    each rank sending only to root; counted as payload bytes.
+    """
+    if c.size == 1:
+        return [obj]
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    n = len(payload)
+    raw = bytearray(8 + n + (-(8 + n) % 4))
+    raw[:8] = n.to_bytes(8, "little")
+    raw[8:8 + n] = payload
+    send = torch.frombuffer(raw, dtype=torch.float32).clone()
+    counts = [0] * c.size
+    counts[root] = send.numel()
+    recv, got = c.alltoallv(send, counts)
+    if c.rank != root:
+        return None
+    recv = recv.cpu()
+    out, offset = [], 0
+    for k in got:
+        chunk = recv[offset:offset + k].numpy().tobytes()
+        offset += k
+        out.append(pickle.loads(chunk[8:8 + int.from_bytes(chunk[:8], "little")]))
+    return out

@@ -15,17 +15,15 @@ class DataParallel(Replicated):
     """Data-parallel SGD (the paper's other baseline). Args as for LocalSGD; one optimizer per run."""
 
     name = "data_parallel"
-    fresh_optimizer = False  # the replicas never diverge: one optimizer (and its momentum) for the run
+    # the replicas never diverge: the optimizer's state (momentum) is kept, the same on every rank
+    default_optimizer_state = "keep"
+    replicated_optimizer_state = True
 
     def __init__(self, model, comm, wire_dtype: str = "float32", **kw):
         super().__init__(model, comm, **kw)
         # a compressed wire: gradients cast (int8: scaled) for the wire, summed in float32
         self._gradient_averagers.append(GradientAverager(comm, list(model.parameters()), wire_dtype))
         self._bn = Averager(comm, lambda: [b for b in self.model.buffers() if b.is_floating_point()])
-
-    @classmethod
-    def from_config(cls, model, comm, cfg, **kw):
-        return cls(model, comm, wire_dtype=cfg.wire_dtype, **kw)
 
     def _end(self) -> None:
         # ---- distributed step: the BN statistics (parameters are identical on every rank) ----

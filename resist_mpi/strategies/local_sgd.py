@@ -22,24 +22,25 @@ class LocalSGD(Replicated):
         group_size: ranks per group (an int, or "node"): hierarchical local SGD when > 1.
         wire_dtype: float32, or float16 / bfloat16 / int8: each round's update moves compressed, with
             error feedback (resist_mpi.compression).
-        optimizer, keep_momentum: see Strategy (a fresh optimizer every round, as in the paper).
+        overlap: the model's average of a round runs while the next round trains (one round late).
+        outer_optimizer: a factory params -> torch optimizer for an outer step on each round's
+            averaged update (DiLoCo with SGD(lr=0.7, momentum=0.9, nesterov=True)); None: the average.
+            See resist_mpi.averaging.Averager.
+        optimizer, scheduler, local_steps, optimizer_state: see Strategy (default: the optimizer's
+            state is reset every round, as the paper's fresh optimizer).
     """
 
     name = "local_sgd"
-    fresh_optimizer = True
 
-    def __init__(self, model, comm, group_size: Union[int, str] = 1, wire_dtype: str = "float32", **kw):
+    def __init__(self, model, comm, group_size: Union[int, str] = 1, wire_dtype: str = "float32",
+                 overlap: bool = False, outer_optimizer=None, **kw):
         super().__init__(model, comm, **kw)
         self.groups = Groups(comm, group_size)
-        self._average = Averager(comm, lambda: module_tensors(self.model), self.groups, wire_dtype)
+        self._average = Averager(comm, lambda: module_tensors(self.model), self.groups, wire_dtype,
+                                 overlap=overlap, outer=outer_optimizer)
         self._model_averagers.append(self._average)
         if self.groups.inner is not None:  # data-parallel inside the group, every step
             self._gradient_averagers.append(GradientAverager(self.groups.inner, list(model.parameters())))
-
-    @classmethod
-    def from_config(cls, model, comm, cfg, **kw):
-        return cls(model, comm, keep_momentum=cfg.keep_shared_momentum, group_size=cfg.group_size,
-                   wire_dtype=cfg.wire_dtype, **kw)
 
     def _end(self) -> None:
         # ---- distributed step: one fused allreduce of the whole model ----

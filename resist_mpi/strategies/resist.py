@@ -7,9 +7,11 @@
     local steps: the user's, no communication at all (inactive blocks are skipped)
     end_round:   one fused allreduce averages the shared layers (parameters and BN buffers)
 
-A rank only ever holds the shared layers plus its own blocks: released blocks live on the meta
-device (BlockStore). A model whose blocks other ranks built on the meta device (the CLI does, to
-spare their memory) is fine: rank 0's weights are the initial ones, its blocks go out in round 0.
+A rank only ever holds the shared layers plus its own blocks: released blocks keep their
+Parameter objects but no storage (BlockStore), so an optimizer built once over model.parameters()
+trains exactly what this rank holds each round. A model whose blocks other ranks built on the meta
+device (the CLI does, to spare their memory) is fine: rank 0's weights are the initial ones, its
+blocks go out in round 0.
 
 With group_size G > 1 (resist_mpi.groups) the blocks are dealt to the S/G groups instead of the
 ranks; the members of a group train the group's sub-network data-parallel (gradients averaged
@@ -25,11 +27,12 @@ import torch
 
 from .. import partition
 from ..averaging import Averager, GradientAverager, average_tensors_, broadcast_tensors_
-from ..blocks import BlockStore, activate, find_blocks, make_switchable, materialize_shared, set_scale, shared_slots
+from ..blocks import BlockStore, activate, find_blocks, make_switchable, materialize_, set_scale, shared_slots
+from ..errors import UsageError
 from ..exchange import run_exchange
 from ..groups import Groups, slice_counts
 from ..routing import Holdings, everyone, needers_from_assignment
-from .base import Strategy
+from .base import Strategy, _bn_restored
 
 ASSIGNMENTS_PER_BROADCAST = 32  # rounds whose assignments rank 0 broadcasts together
 
@@ -51,15 +54,20 @@ class ResIST(Strategy):
         group_size: ranks per group (an int, or "node"), see the module docstring.
         wire_dtype: float32, or float16 / bfloat16 / int8: the shared layers' average moves each
             round's update compressed, with error feedback (resist_mpi.compression); blocks stay float32.
-        optimizer, keep_momentum: see Strategy ("shared" = the shared layers' parameters).
+        overlap: the shared layers' average of a round runs while the next round trains (one round
+            late); blocks still move at the round boundary. See resist_mpi.averaging.Averager.
+        outer_optimizer: a factory params -> torch optimizer for an outer step (DiLoCo) on the shared
+            layers' averaged update; blocks are averaged as without it (README: why).
+        optimizer, scheduler, local_steps, optimizer_state: see Strategy ("shared" = the shared
+            layers' parameters; the paper's reference code starts every round with a fresh optimizer).
     """
 
     name = "resist"
-    fresh_optimizer = True  # the paper's reference code builds a fresh optimizer every round
 
     def __init__(self, model, comm, *, blocks: Union[str, Sequence] = "auto", stages: Optional[Sequence[int]] = None,
                  min_depth: int = 0, seed: int = 0, device=None, synchronized: bool = False,
-                 group_size: Union[int, str] = 1, wire_dtype: str = "float32", **kw):
+                 group_size: Union[int, str] = 1, wire_dtype: str = "float32", overlap: bool = False,
+                 outer_optimizer=None, **kw):
         super().__init__(model, comm, **kw)
         named = find_blocks(model, blocks, stages)
         self.block_names = [n for n, _ in named]
@@ -70,9 +78,10 @@ class ResIST(Strategy):
         partition.check_partition(len(self.blocks), self.groups.count, min_depth)
         self.min_depth, self.seed = min_depth, seed
         self.device = torch.device(device) if device is not None else _device_of(model)
-        self.store = BlockStore(self.blocks)
+        self.store = BlockStore(self.blocks, self.device)
         self._shared = shared_slots(model, self.blocks)
-        self._average = Averager(comm, self.shared_tensors, self.groups, wire_dtype)
+        self._average = Averager(comm, self.shared_tensors, self.groups, wire_dtype, overlap=overlap,
+                                 outer=outer_optimizer)
         self._model_averagers.append(self._average)
         if self.groups.inner is not None:  # data-parallel inside the group, every step (the fast link)
             self._gradient_averagers.append(GradientAverager(self.groups.inner))
@@ -89,7 +98,7 @@ class ResIST(Strategy):
             return
         if comm.rank == 0 and any(t.is_meta for t in self.shared_tensors()):
             raise ValueError("rank 0's model is on the meta device: it must hold the initial weights")
-        materialize_shared(model, self.blocks, self.device)
+        materialize_(model, self.device, skip=self.blocks)
         # ---- distributed step: shared layers from rank 0 (its blocks follow in the first exchange) ----
         broadcast_tensors_(comm, self.shared_tensors())
         if self.groups.index == 0 and self.groups.inner is not None:
@@ -102,17 +111,6 @@ class ResIST(Strategy):
             for b in range(P):
                 self.store.release(b)
         self.holdings = Holdings(P, count)  # group 0 (rank 0 alone, without groups) holds every block
-
-    @classmethod
-    def from_config(cls, model, comm, cfg, **kw):
-        return cls(model, comm, stages=cfg.stages(), min_depth=cfg.min_depth, seed=cfg.seed,
-                   keep_momentum=cfg.keep_shared_momentum, group_size=cfg.group_size,
-                   wire_dtype=cfg.wire_dtype, **kw)
-
-    @classmethod
-    def check(cls, cfg, probe, workers: int) -> None:
-        """Blocks to partition in the model, and enough of them for the workers (ranks or groups)."""
-        partition.check_partition(len(find_blocks(probe, "auto", cfg.stages())), workers, cfg.min_depth)
 
     def shared_tensors(self) -> List[torch.Tensor]:
         """Parameters and float buffers of the shared layers, in a fixed order."""
@@ -173,10 +171,21 @@ class ResIST(Strategy):
         return self.assignment[self.groups.index]
 
     def param_groups(self) -> List[Dict]:
-        mine = self.mine() if self.assignment is not None else range(len(self.blocks))
-        blocks = [p for b in mine for p in self.blocks[b].parameters()]
-        shared = [d[n] for d, n in self._shared if isinstance(d[n], torch.nn.Parameter)]
-        return [{"params": shared, "name": "shared"}, {"params": blocks, "name": "blocks"}]
+        if self.assignment is None:
+            raise UsageError("job.parameters() before the first round: the blocks are not dealt yet. Build the "
+                             "optimizer once over model.parameters() (before the loop is fine), or call "
+                             "job.parameters() inside the rounds")
+        blocks = [p for b in self.mine() for p in self.blocks[b].parameters()]
+        return [{"params": self.shared_parameters(), "name": "shared"}, {"params": blocks, "name": "blocks"}]
+
+    def shared_parameters(self) -> List[torch.nn.Parameter]:
+        return [d[n] for d, n in self._shared if isinstance(d[n], torch.nn.Parameter)]
+
+    def _moved_parameters(self) -> List[torch.nn.Parameter]:
+        """This round's blocks that arrived (from other ranks, or averaged with their copies)."""
+        g, plan = self.groups.index, self.last_plan
+        return [p for b in self.mine() if plan is None or plan.sources.get((g, b)) != (g,)
+                for p in self.blocks[b].parameters()]
 
     def _end(self) -> None:
         if self.groups.inner is not None:
@@ -200,18 +209,22 @@ class ResIST(Strategy):
         what it would have moved without the evaluation. Re-entrant: an inner full_model() (e.g.
         state_dict() inside an evaluation) reuses the outer gather.
         """
+        if self._full_depth:
+            yield self.model
+            return
+        self._check_boundary("full_model()")
+        self.flush()
         self._full_depth += 1
         try:
-            if self._full_depth == 1:
-                self.exchange_to(everyone(len(self.blocks), self.groups.count), keep_workspace=False)
-                activate(self.blocks, range(len(self.blocks)))
-                set_scale(self.blocks, self.eval_scale())
-            yield self.model
+            self.exchange_to(everyone(len(self.blocks), self.groups.count), keep_workspace=False)
+            activate(self.blocks, range(len(self.blocks)))
+            set_scale(self.blocks, self.eval_scale())
+            with _bn_restored(self.model):
+                yield self.model
         finally:
             self._full_depth -= 1
-            if self._full_depth == 0:
-                set_scale(self.blocks, 1.0)
-                self._back_to_own_blocks()
+            set_scale(self.blocks, 1.0)
+            self._back_to_own_blocks()
 
     def _back_to_own_blocks(self) -> None:
         """From holding every (synchronised) block to holding only the last round's own ones."""

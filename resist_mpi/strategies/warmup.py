@@ -14,14 +14,16 @@ class Warmup(Strategy):
     Args:
         first: the warm-up strategy (every rank ends its rounds with the identical model: local SGD).
         then: called once, at the switch, to build the strategy that takes over (e.g.
-            lambda: ResIST(model, c, synchronized=True)).
+            lambda: ResIST(model, c, optimizer=opt, synchronized=True)); give both the same optimizer.
         switch_round: the first round of `then`.
     The round protocol, parameters, optimizer and state are those of the current strategy; `name`
-    says which one it is, so a training loop can log the switch.
+    says which one it is, so a training loop can log the switch. At the switch the first strategy's
+    hooks (its per-step gradient averages, its optimizer step hooks) are taken off.
     """
 
     def __init__(self, first: Strategy, then: Callable[[], Strategy], switch_round: int):
-        super().__init__(first.model, first.comm)
+        super().__init__(first.model, first.comm, optimizer=first.optimizer, scheduler=first.scheduler,
+                         local_steps=first.local_steps, optimizer_state=first.optimizer_state)
         self.first, self._then, self.switch_round = first, then, switch_round
         self.current: Strategy = first
         self._warmup_time = 0.0  # the first strategy's communication time, once it is gone
@@ -31,23 +33,20 @@ class Warmup(Strategy):
         return self.current.name
 
     @property
-    def fresh_optimizer(self) -> bool:
-        return self.current.fresh_optimizer
-
-    @property
-    def optimizer(self):
-        return self.current.optimizer
-
-    @optimizer.setter
-    def optimizer(self, value) -> None:  # the base class's __init__ sets it; the strategies own it
-        pass
-
-    @property
     def comm_time(self) -> float:
         return self._warmup_time + self.current.comm_time
 
+    @property
+    def hidden_time(self) -> float:
+        return self.current.hidden_time
+
+    def finite(self) -> bool:
+        return self.current.finite()
+
     def _switch_if_due(self) -> None:
         if self.first is not None and self.round >= self.switch_round:
+            self.first.flush()  # an overlapped average must land before the model is handed over
+            self.first.close()
             self._warmup_time = self.first.comm_time
             self.current = self._then()
             self.current.round = self.round
@@ -57,20 +56,39 @@ class Warmup(Strategy):
         self._switch_if_due()
         self.current.round = self.round
         self.current.begin_round()
+        self._open, self._steps = True, 0
 
     def end_round(self) -> None:
-        self.current.end_round()
-        self.round = self.current.round
+        try:
+            self.current.end_round()
+        finally:
+            self._open = False
+            self.round = self.current.round
+
+    def poll(self) -> None:
+        self.current.poll()
+
+    def flush(self) -> None:
+        self.current.flush()
+
+    def close(self) -> None:
+        super().close()
+        self.current.close()
 
     def param_groups(self) -> List[Dict]:
         return self.current.param_groups()
 
+    def shared_parameters(self):
+        return self.current.shared_parameters()
+
     @contextlib.contextmanager
     def full_model(self):
+        self._check_boundary("full_model()")
         with self.current.full_model() as full:
             yield full
 
     def state_dict(self) -> Dict:
+        self._check_boundary("state_dict()")
         return self.current.state_dict()
 
     def rank_state_dict(self) -> Optional[Dict]:

@@ -167,30 +167,42 @@ def test_release_and_materialize_keep_shapes_and_reset_counters():
     shapes = [t.shape for t in store.tensors(0)]
     n = store.numel(0)
     assert n == sum(t.numel() for t in module_tensors(store.blocks[0]))
+    params = list(store.blocks[0].parameters())
     store.release(0)
-    assert not store.holds(0) and all(t.is_meta for t in store.tensors(0))
-    assert [t.shape for t in store.tensors(0)] == shapes and store.numel(0) == n
+    # released: no storage (empty placeholders), but the very same Parameter objects
+    assert not store.holds(0) and all(t.numel() == 0 for t in store.tensors(0))
+    assert all(p is q for p, q in zip(store.blocks[0].parameters(), params))
+    assert store.numel(0) == n
     store.materialize(0, "cpu")
     assert store.holds(0) and store.blocks[0].bn1.num_batches_tracked.item() == 0
+    assert [t.shape for t in store.tensors(0)] == shapes
+    assert all(p is q for p, q in zip(store.blocks[0].parameters(), params))
 
 
-def test_a_block_brought_back_computes_and_trains_on_its_slab():
-    m = _thin([1, 1, 3, 1])
+def test_an_optimizer_built_once_follows_blocks_that_leave_and_come_back():
+    """The optimizer holds the same Parameters throughout: a released block has no gradient (SGD
+    skips it, weight decay and momentum included) and its placeholder never aliases a live block."""
+    m = _thin([1, 1, 4, 1])
     blocks = _switch_all(m)
     store = BlockStore(blocks)
-    m.eval()
-    x = torch.randn(2, 3, 32, 32)
-    y = m(x)
-    values = torch.cat([t.detach().reshape(-1) for t in store.tensors(1)])
-    for _ in range(3):  # repeated cycles reuse the same slots
-        store.release(1)
-        store.materialize(1, "cpu").copy_(values)
-    assert torch.equal(m(x), y)
-    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(4, 3, 32, 32)
     m(x).sum().backward()
-    block_params = list(blocks[1].parameters())
-    assert all(p.requires_grad and p.grad is not None for p in block_params)
-    assert {id(p) for p in block_params} <= {id(p) for p in m.parameters()}
+    opt.step()  # every block has momentum now
+    saved1 = store.slab(1).clone()
+    store.release(0)
+    store.release(1)
+    store.materialize(1, "cpu").copy_(saved1)  # block 1 comes back, into block 0's old slab
+    assert store.slab(1).data_ptr() != store.slab(2).data_ptr()
+    opt.zero_grad(set_to_none=False)  # only existing gradients are zeroed: released blocks have none
+    assert all(p.grad is None for b in (0, 1) for p in blocks[b].parameters())
+    before = {b: store.slab(b).clone() for b in (1, 2)}
+    opt.step()  # stale momentum exists for blocks 0 and 1: without a gradient, SGD applies none of it
+    assert all(p.numel() == 0 for p in blocks[0].parameters())
+    assert torch.equal(store.slab(1), before[1])
+    nparams = sum(p.numel() for p in blocks[2].parameters())
+    assert not torch.equal(store.slab(2)[:nparams], before[2][:nparams])  # the held block kept training
+    assert torch.equal(store.slab(2)[nparams:], before[2][nparams:])  # its BN statistics: untouched
 
 
 def test_slabs_are_reused_and_trimmed():
@@ -258,3 +270,9 @@ def test_create_model_builds_on_meta_for_other_ranks():
         m = create_model("preact_resnet34", 10, width=4)
     store = BlockStore(_switch_all(m))
     assert not any(store.holds(b) for b in range(len(store)))
+    params = list(m.parameters())
+    store.release(0)  # a meta block becomes a placeholder on the device, keeping its Parameters
+    assert not store.holds(0) and all(not t.is_meta and t.numel() == 0 for t in store.tensors(0))
+    slab = store.materialize(0, "cpu")
+    assert store.holds(0) and all(p is q for p, q in zip(m.parameters(), params))
+    assert store.tensors(0)[0].data_ptr() == slab.data_ptr()

@@ -9,8 +9,9 @@ from resist_mpi.trainer import lr_at
 def test_flags_map_to_fields_and_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("local-steps: 7\nmodel: preact_resnet34\nwidth: 8\n")
-    cfg = parse_config(["--config", str(path), "--width", "16", "--keep-shared-momentum"])
-    assert (cfg.local_steps, cfg.model, cfg.width, cfg.keep_shared_momentum) == (7, "preact_resnet34", 16, True)
+    cfg = parse_config(["--config", str(path), "--width", "16", "--optimizer-state", "keep_shared", "--overlap"])
+    assert (cfg.local_steps, cfg.model, cfg.width, cfg.optimizer_state, cfg.overlap) == \
+        (7, "preact_resnet34", 16, "keep_shared", True)
     jpath = tmp_path / "c.json"
     jpath.write_text(json.dumps({"min_depth": 3, "epochs": 2}))
     cfg = parse_config(["--config", str(jpath)])
@@ -27,6 +28,10 @@ def test_flags_map_to_fields_and_file(tmp_path):
     (["--warmup-epochs", "5", "--epochs", "5"], "leaves no ResIST"),
     (["--warmup-epochs", "1", "--strategy", "local_sgd"], "resist only"),
     (["--batch-size", "abc"], "invalid int"),
+    (["--keep-shared-momentum"], "is now --optimizer-state keep_shared"),
+    (["--outer-optimizer", "adam"], "invalid choice"),
+    (["--outer-optimizer", "nesterov", "--outer-momentum", "1"], "outer-momentum in"),
+    (["--strategy", "data_parallel", "--overlap"], "apply to resist and local_sgd"),
 ])
 def test_bad_settings_one_line(argv, msg):
     with pytest.raises(ConfigError, match=msg) as e:
@@ -39,12 +44,17 @@ def test_bad_config_file(tmp_path):
     p.write_text("lokal_steps: 3\n")
     with pytest.raises(ConfigError, match="unknown setting"):
         parse_config(["--config", str(p)])
+    p.write_text("keep_shared_momentum: true\n")
+    with pytest.raises(ConfigError, match="is now optimizer_state: keep_shared"):
+        parse_config(["--config", str(p)])
     with pytest.raises(ConfigError, match="not found"):
         parse_config(["--config", str(tmp_path / "none.yaml")])
 
 
 def test_lr_schedules():
+    from resist_mpi.trainer import lr_factor
     cfg = Config(lr=0.1, epochs=100)
+    assert all(lr_at(cfg, e) == cfg.lr * lr_factor(cfg, e) for e in (0, 10, 50, 80))
     assert lr_at(cfg, 0) == 0.1 and lr_at(cfg, 49.9) == 0.1
     assert lr_at(cfg, 50) == pytest.approx(0.01) and lr_at(cfg, 75) == pytest.approx(0.001)
     cfg.schedule = "cosine"

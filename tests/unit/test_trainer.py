@@ -24,7 +24,7 @@ def _run(out, **kw):
 
 @pytest.mark.parametrize("kw", [dict(strategy="resist"), dict(strategy="local_sgd"),
                                 dict(strategy="data_parallel"), dict(strategy="resist", warmup_epochs=1),
-                                dict(strategy="resist", keep_shared_momentum=True),
+                                dict(strategy="resist", optimizer_state="keep_shared"),
                                 dict(strategy="local_sgd", wire_dtype="int8")],
                          ids=["resist", "local_sgd", "data_parallel", "warmup", "resist-momentum", "local_sgd-int8"])
 def test_run_then_resume_from_a_checkpoint_bit_for_bit(tmp_path, kw):
@@ -38,7 +38,7 @@ def test_run_then_resume_from_a_checkpoint_bit_for_bit(tmp_path, kw):
     ckpts = sorted(p for p in (tmp_path / "full" / "checkpoints").glob("ckpt-*.pt") if ".rank" not in p.name)
     assert [p.name for p in ckpts] == ["ckpt-000003.pt", "ckpt-000006.pt"]  # after epoch 1 and 2
     companions = sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("*.rank*.pt"))
-    per_rank = kw.get("keep_shared_momentum") or kw.get("wire_dtype")  # momentum, error feedback
+    per_rank = kw.get("optimizer_state") or kw.get("wire_dtype")  # momentum, error feedback
     assert companions == (["ckpt-000003.rank0.pt", "ckpt-000006.rank0.pt"] if per_rank else [])
     part = tmp_path / "part" / "checkpoints"
     part.mkdir(parents=True)

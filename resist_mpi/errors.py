@@ -1,0 +1,17 @@
+"""The package's exception types that several layers raise (each module's own stay with it:
+BlockError in blocks, PartitionError in partition, ConfigError in config, ...)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite value (NaN or inf): a loss, a gradient average, a round's
+    update or an average. Raised on every rank alike when the value is one every rank shares (an
+    average); the CLI agrees on per-rank values first, then stops with exit status NONFINITE_EXIT."""
+
+
+class UsageError(RuntimeError):
+    """The library was used in a way that would train the wrong thing silently (an optimizer that
+    misses this round's parameters, the full model asked for in the middle of a round, ...). The
+    message names the fix."""
+
+
+NONFINITE_EXIT = 4  # the CLI's exit status when training diverged (documented in the CLI reference)

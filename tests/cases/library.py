@@ -1,0 +1,213 @@
+"""The library on the user's own optimizer: bodies run by every rank, on any Comm.
+
+tests/unit/test_library.py runs them on ranks that are threads of one process (2 and 4 of them);
+tests/mpi/test_library.py runs them on real ranks under mpirun/torchrun/horovodrun, for every
+backend. Each body takes the rank's Comm and its own copy of the initial model (built by the
+caller: in a thread world, before the threads start, since torch's global RNG is shared).
+"""
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+import resist_mpi as rm
+from resist_mpi.models import create_model
+
+ROUNDS, STEPS, LR = 3, 2, 0.05
+
+
+def make_model():
+    torch.manual_seed(1234)
+    return create_model("preact_resnet34", 10, width=4)  # 5 partitionable blocks in stage 3
+
+
+def batch(rank, step):
+    g = torch.Generator().manual_seed(100 * rank + step)
+    return torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+def lr_of_step(k):
+    """What StepLR(step_size=3, gamma=0.5) gives at step k (powers of two: exact in floats)."""
+    return LR * 0.5 ** (k // 3)
+
+
+def full_state(job):
+    with job.full_model() as full:
+        return {k: v.detach().clone() for k, v in full.state_dict().items()}
+
+
+def step(model, opt, c, k):
+    opt.zero_grad()
+    x, y = batch(c.rank, k)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def train_per_round_optimizer(c, model, strategy="resist", **kw):
+    """Today's pattern: a fresh optimizer over job.parameters() every round, lr set by hand."""
+    job = _strategy(strategy, model, c, **kw)
+    k = 0
+    for _ in job.rounds(ROUNDS):
+        opt = torch.optim.SGD(job.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+        for _ in range(STEPS):
+            for g in opt.param_groups:
+                g["lr"] = lr_of_step(k)
+            step(model, opt, c, k)
+            k += 1
+    return full_state(job)
+
+
+def train_one_optimizer_hooks(c, model, strategy="resist", **kw):
+    """The Horovod/torchft shape: one optimizer and a scheduler built before, a plain batch loop.
+    Returns (full state, lr of every step, per round: whether every held block's parameters changed
+    in the round, looked at in the last step between the optimizer's update and the round's end)."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    lrs, trained, at = [], [], {}
+
+    def look(optimizer, args, kwargs):  # registered before the strategy's hooks: runs before them
+        if at["k"] % STEPS == STEPS - 1:
+            trained.append(all(not torch.equal(p, q) for b in at["held"] for p, q in zip(at["held"][b], at["before"][b])))
+    opt.register_step_post_hook(look)
+    job = _strategy(strategy, model, c, optimizer=opt, scheduler=sched, local_steps=STEPS, **kw)
+    with job:
+        for k in range(ROUNDS * STEPS):
+            at["k"] = k
+            if k % STEPS == 0:
+                at["held"] = _held_blocks(job)
+                at["before"] = {b: [p.detach().clone() for p in ps] for b, ps in at["held"].items()}
+            lrs.append(opt.param_groups[0]["lr"])
+            step(model, opt, c, k)
+            sched.step()
+    return full_state(job), lrs, trained
+
+
+def _held_blocks(job):
+    if not hasattr(job, "blocks"):
+        return {}
+    return {b: list(job.blocks[b].parameters()) for b in job.mine()}
+
+
+def train_one_optimizer_rounds(c, model, strategy="resist", **kw):
+    """The explicit form with an optimizer built once."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    job = _strategy(strategy, model, c, optimizer=opt, **kw)
+    k = 0
+    for _ in job.rounds(ROUNDS):
+        for _ in range(STEPS):
+            for g in opt.param_groups:
+                g["lr"] = lr_of_step(k)
+            step(model, opt, c, k)
+            k += 1
+    return full_state(job)
+
+
+def single_process_lrs():
+    """The same scheduler in a plain single-process loop."""
+    m = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=LR)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    lrs = []
+    for _ in range(ROUNDS * STEPS):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def _strategy(name, model, c, **kw):
+    cls = {"resist": rm.ResIST, "local_sgd": rm.LocalSGD, "data_parallel": rm.DataParallel}[name]
+    if name == "resist":
+        kw.setdefault("seed", 7)
+    return cls(model, c, **kw)
+
+
+def states_equal(a, b):
+    """Equal weights and BN statistics (BN's step counters are not exchanged: they restart when a
+    block moves, and the hook form's last step already began the next round's exchange)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+def blocks_all_changed(c, init, state):
+    """Every partitioned block's parameters differ from the initial model's (trained at least once)."""
+    job_blocks = [n for n, _ in rm.find_blocks(init)]
+    names = [k for k in state if any(k.startswith(b + ".") for b in job_blocks) and "running" not in k
+             and "num_batches" not in k]
+    return bool(names) and all(not torch.equal(state[k], init.state_dict()[k]) for k in names)
+
+
+# -- misuse ------------------------------------------------------------------------------------------------
+def misuse(c, model, case):
+    """Raise the UsageError (or return None) that `case` should produce, on every rank alike."""
+    if case == "foreign":
+        other = make_model()
+        opt = torch.optim.SGD(other.parameters(), lr=LR)
+        rm.ResIST(model, c, optimizer=opt)
+    elif case == "missing":
+        blocks = [n + "." for n, _ in rm.find_blocks(model)]
+        shared = [p for n, p in model.named_parameters() if not any(n.startswith(b) for b in blocks)]
+        opt = torch.optim.SGD(shared, lr=LR)
+        with rm.ResIST(model, c, optimizer=opt, local_steps=STEPS):
+            pass
+    elif case == "parameters_first":
+        rm.ResIST(model, c).parameters()
+    elif case == "full_model_mid_round":
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        with rm.ResIST(model, c, optimizer=opt, local_steps=STEPS) as job:
+            step(model, opt, c, 0)
+            with job.full_model():
+                pass
+    elif case == "state_dict_in_rounds_body":
+        job = rm.ResIST(model, c)
+        for _ in job.rounds(1):
+            job.state_dict()
+    elif case == "factory":
+        rm.ResIST(model, c, optimizer=lambda groups: torch.optim.SGD(groups, lr=LR))
+
+
+# -- policies -------------------------------------------------------------------------------------------------
+def policy_states(c, model, policy):
+    """Per round boundary: which parameters have optimizer state right after the round began, and
+    whether the shared layers' momentum survived it unchanged."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    job = rm.ResIST(model, c, optimizer=opt, optimizer_state=policy, seed=7)
+    shared = set(job.shared_parameters())
+    out = []
+    momentum = None
+    for r in job.rounds(ROUNDS):
+        stated = {p for p in opt.state if opt.state[p]}
+        kept = momentum is not None and all(torch.equal(opt.state[p]["momentum_buffer"], m)
+                                            for p, m in momentum.items() if p in opt.state)
+        moved = set(job._moved_parameters())
+        mine = {p for b in job.mine() for p in job.blocks[b].parameters()}
+        out.append({"round": r, "stated_shared": stated & shared == shared if r else None,
+                    "stated_blocks": stated & mine, "moved": moved, "mine": mine, "kept": kept,
+                    "stated_outside": stated - shared - mine})
+        for k in range(STEPS):
+            step(model, opt, c, 10 * r + k)
+        momentum = {p: opt.state[p]["momentum_buffer"].clone() for p in shared}
+    return out
+
+
+# -- leaving a loop ------------------------------------------------------------------------------------------
+def leave_early(c, model, how, wire="int8"):
+    """Leave the rounds in the middle (break, or an exception every rank raises); returns the
+    shared layers' values and the next round, to be compared across ranks."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    if how == "break":
+        job = rm.ResIST(model, c, optimizer=opt, wire_dtype=wire, seed=7)
+        for r in job.rounds(ROUNDS):
+            step(model, opt, c, r)
+            if r == 1:
+                break
+    else:
+        job = rm.ResIST(model, c, optimizer=opt, local_steps=STEPS, wire_dtype=wire, seed=7)
+        try:
+            with job:
+                for k in itertools.count():
+                    step(model, opt, c, k)
+                    if k == STEPS + 1:  # the middle of round 1
+                        raise KeyError("every rank stops here")
+        except KeyError:
+            pass
+    return torch.cat([t.detach().reshape(-1) for t in job.shared_tensors()]), job.round

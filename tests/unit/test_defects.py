@@ -1,0 +1,163 @@
+"""Defects found reading the code and trying it as a new user, each pinned by a test that failed
+before its fix (issue #20). Multi-rank cases run on thread ranks."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import resist_mpi as rm
+from cases import library as L
+from resist_mpi import checkpoint as ckpt
+from resist_mpi.comm import ring_allreduce_bytes
+from resist_mpi.comm.thread import run_ranks
+from resist_mpi.data import ShardLoader, TensorImageDataset
+
+
+def test_warmup_takes_the_first_strategys_gradient_hooks_off_at_the_switch():
+    """--warmup-epochs with --group-size: local SGD's gradient hooks stayed on after the switch, so
+    every backward ran two gradient averages in the group (356 kB became 712 kB a round)."""
+    models = [L.make_model() for _ in range(4)]
+
+    def body(c):
+        model = models[c.rank]
+        opt = torch.optim.SGD(model.parameters(), lr=L.LR)
+        job = rm.Warmup(rm.LocalSGD(model, c, optimizer=opt, group_size=2),
+                        lambda: rm.ResIST(model, c, optimizer=opt, group_size=2, synchronized=True, seed=7), 1)
+        per_backward = []
+        for r in job.rounds(3):
+            before = c.bytes_sent
+            x, y = L.batch(c.rank, r)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            per_backward.append((job.name, c.bytes_sent - before, sum(p.numel() for p in job.parameters())))
+            opt.step()
+        return per_backward
+    for per_backward in run_ranks(4, body):
+        for name, sent, numel in per_backward:  # one average of this round's parameters in the group of 2
+            assert sent == ring_allreduce_bytes(4 * numel, 2), (name, sent, numel)
+        assert [n for n, _, _ in per_backward] == ["local_sgd", "resist", "resist"]
+
+
+def test_bn_helpers_leave_the_models_statistics_as_they_found_them():
+    model = L.make_model()
+    c = rm.init("self", fail_fast=False)
+    model.train()
+    model(L.batch(0, 0)[0])
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    batches = [L.batch(0, k) for k in range(3)]
+
+    def unchanged():
+        now = model.state_dict()
+        return all(torch.equal(saved[k], now[k]) for k in saved)
+    rm.evaluate(model, c, batches, batch_stats=True)  # train-mode BN used to update the running stats
+    assert unchanged() and model.training
+    with rm.recalibrate_bn(model, c, batches, 2):
+        assert not unchanged()  # recalibrated inside the block
+    assert unchanged()
+    job = rm.ResIST(model, c, seed=1)
+    for _ in job.rounds(1):
+        pass
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with job.full_model() as full:
+        rm.recalibrate_bn(full, c, batches, 2)  # called plainly: full_model() still puts them back
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_last_batch_of_one_is_dropped_and_torchvision_trains_through_the_epoch():
+    """129 samples on one rank with batch 128: the second batch had one sample, and torchvision's
+    BatchNorm raised 'Expected more than 1 value per channel when training'."""
+    images = torch.rand(129, 3, 32, 32)
+    data = TensorImageDataset(images, torch.arange(129) % 10, (0.5,) * 3, (0.25,) * 3)
+    loader = ShardLoader(data, 0, 1, 128)
+    assert loader.steps_per_epoch == 1 and [len(y) for _, y in loader.epoch(0)] == [128]
+    assert [len(y) for _, y in ShardLoader(data, 0, 1, 64).epoch(0)] == [64, 64]
+    two = [ShardLoader(data, r, 2, 64) for r in range(2)]  # 65 per rank: the lone 65th is dropped
+    assert [[len(y) for _, y in ld.epoch(0)] for ld in two] == [[64], [64]]
+    model = torchvision.models.resnet18(num_classes=10)
+    for x, y in ShardLoader(data, 0, 1, 128).epoch(0):
+        F.cross_entropy(model(x), y).backward()
+    test = ShardLoader(data, 0, 1, 128, train=False)  # evaluation keeps every sample
+    assert [len(y) for _, y in test.epoch(0)] == [128, 1]
+
+
+def test_checkpoint_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", spy)
+    ckpt._atomic_save({"a": torch.ones(1)}, str(tmp_path / "x.pt"))
+    assert synced[-1] == str(tmp_path)  # the directory, after the file itself
+    assert str(tmp_path / "x.pt.tmp") in synced
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_nothing_under_its_name(tmp_path, monkeypatch):
+    def full(*a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 128 vs 64")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="cannot write checkpoint .*x.pt: .*unexpected pos"):
+        ckpt._atomic_save({"a": torch.ones(1)}, str(tmp_path / "x.pt"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_out_directory_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_is_free(tmp_path):
+    out = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; from resist_mpi.checkpoint import OutLock; "
+                               f"l = OutLock({out!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ckpt.CheckpointError, match=r"--out .* is in use by another run \(host .*, pid "
+                                                       rf"{holder.pid}, since"):
+            ckpt.OutLock(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    lock = ckpt.OutLock(out)  # the dead run's lock file is still there; its lock went with it
+    assert f"pid {os.getpid()}" in open(os.path.join(out, ".lock")).read()
+    lock.release()
+
+
+def _fake_checkpoint(path, **over):
+    state = {"format": ckpt.FORMAT, "model_name": "preact_resnet34", "strategy": "resist", "round": 1,
+             "world_size": 4, "epoch": 1.0, "per_rank": True, "model": L.make_model().state_dict(),
+             "config": {"width": 4, "group_size": "2"}}
+    state.update(over)
+    torch.save(state, path)
+    for r in range(4):
+        torch.save({"rank": r}, ckpt.rank_path(str(path), r))
+
+
+def test_resume_under_another_strategy_is_refused_in_one_line(tmp_path):
+    from resist_mpi.config import Config
+    path = tmp_path / "ckpt-000001.pt"
+    _fake_checkpoint(path)
+    with torch.device("meta"):
+        probe = L.make_model()
+    cfg = Config(model="preact_resnet34", width=4, strategy="local_sgd", resume=str(path))
+    with pytest.raises(ckpt.CheckpointError, match="written by --strategy resist, not local_sgd") as e:
+        ckpt.resolve_and_load(cfg, probe, 0, 4)
+    assert "\n" not in str(e.value)
+
+
+def test_resume_with_another_group_size_says_its_per_rank_state_starts_afresh(tmp_path):
+    from resist_mpi.config import Config
+    path = tmp_path / "ckpt-000001.pt"
+    _fake_checkpoint(path)
+    with torch.device("meta"):
+        probe = L.make_model()
+    same = ckpt.resolve_and_load(Config(model="preact_resnet34", width=4, group_size="2", resume=str(path)), probe, 1, 4)
+    assert same["rank_state"] == {"rank": 1} and "rank_state_dropped" not in same
+    other = ckpt.resolve_and_load(Config(model="preact_resnet34", width=4, group_size="1", resume=str(path)), probe, 1, 4)
+    assert other["rank_state"] is None
+    assert other["rank_state_dropped"] == ("the checkpoint was written by 4 ranks in groups of 2, this run has 4 "
+                                           "in groups of 1")

@@ -1,0 +1,169 @@
+"""A diverging run stops: non-finite values are refused, agreed on by every rank, never averaged
+away, never checkpointed; metrics.jsonl stays strict JSON. Ranks are threads of one process."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resist_mpi as rm
+from cases import library as L
+from resist_mpi.averaging import GradientAverager
+from resist_mpi.comm.thread import run_ranks
+from resist_mpi.compression import Codec, ErrorFeedback
+
+
+def test_the_codec_refuses_non_finite_values():
+    for wire in ("float16", "bfloat16", "int8"):
+        with pytest.raises(rm.NonFiniteError, match=wire):
+            Codec(wire).encode(torch.tensor([1.0, float("nan"), 2.0]))
+
+
+@pytest.mark.parametrize("wire", ["float16", "bfloat16", "int8"])
+def test_a_non_finite_update_on_one_rank_stops_every_rank_before_anything_is_lost(wire):
+    """int8 used to turn a NaN chunk into zeros (its scale fell back to 1): the model stayed finite,
+    the rank's error-feedback residual kept the NaN and its updates to the chunk were lost."""
+    def body(c):
+        fb = ErrorFeedback(c, wire)
+        x = torch.linspace(-1, 1, 10_000)
+        fb.mark(x)
+        x += 1e-3 * (c.rank + 1)
+        fb.average(x)  # a good round leaves a residual
+        residual = fb.residual.clone()
+        fb.mark(x)
+        x += 1e-3
+        if c.rank == 1:
+            x[5000] = float("nan")
+        try:
+            fb.average(x)
+        except rm.NonFiniteError as e:
+            return "raised", torch.equal(fb.residual, residual), str(e)
+        return "passed", None, None
+    for raised, kept, msg in run_ranks(2, body):
+        assert raised == "raised" and kept and "not finite" in msg
+
+
+def test_a_diverging_round_raises_on_every_rank_and_the_loop_does_not_average_it_again():
+    def body(c, model):
+        opt = torch.optim.SGD(model.parameters(), lr=1e6, momentum=0.9)
+        try:
+            with rm.ResIST(model, c, optimizer=opt, local_steps=2, seed=7):
+                for k in range(20):
+                    L.step(model, opt, c, k)
+        except rm.NonFiniteError as e:
+            return str(e)
+        return None
+    models = [L.make_model() for _ in range(2)]
+    out = run_ranks(2, lambda c: body(c, models[c.rank]))
+    assert all(m and "not finite" in m for m in out), out
+
+
+def test_gradient_average_not_finite_raises_from_backward_on_every_rank():
+    def body(c):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.ones(3))
+        GradientAverager(c, [w])
+        scale = float("inf") if c.rank == 0 else 1.0
+        try:
+            (w * scale).sum().backward()
+        except rm.NonFiniteError:
+            return True
+        return False
+    assert run_ranks(2, body) == [True, True]
+
+
+def test_gradient_averager_recovers_after_a_backward_that_raised():
+    """The averager queued its callback on the first gradient of a backward and waited for the
+    callback to clear the flag: a backward that raised in between left it set for ever, and the
+    group silently stopped averaging."""
+    def body(c):
+        w = torch.nn.Parameter(torch.ones(2))
+        v = torch.nn.Parameter(torch.ones(2))
+        GradientAverager(c, [w, v])
+        boom = {"on": True}
+
+        def hook(grad):
+            if boom["on"]:
+                raise RuntimeError("a failing backward")
+            return grad
+        z = v * 2.0  # built first: autograd runs the later-built w branch first, then z's failing hook
+        z.register_hook(hook)
+        y = w * (c.rank + 1.0)
+        try:
+            (z.sum() + y.sum()).backward()  # w's gradient arrives first, then z's hook raises
+        except RuntimeError:
+            pass
+        boom["on"] = False
+        w.grad = v.grad = None
+        (w * (c.rank + 1.0)).sum().backward()
+        return w.grad.tolist()
+    assert run_ranks(2, body) == [[1.5, 1.5], [1.5, 1.5]]  # the average of 1 and 2
+
+
+def test_trainer_stops_on_a_diverging_round_with_its_own_exit_and_keeps_the_finite_checkpoint(tmp_path):
+    from resist_mpi import checkpoint as ckpt
+    from resist_mpi.comm import init
+    from resist_mpi.config import Config, validate
+    from resist_mpi.trainer import Trainer
+    tiny = dict(model="preact_resnet34", width=4, dataset="synthetic", batch_size=128, local_steps=4,
+                bn_batches=1, checkpoint_every=1, keep_checkpoints=1, progress="off", out=str(tmp_path), epochs=1)
+    first = Trainer(validate(Config(**tiny)), init("self", fail_fast=False))
+    first.run()
+    assert first.exit_code == 0
+    good = ckpt.list_checkpoints(str(tmp_path))
+    assert len(good) == 1
+    bad = Trainer(validate(Config(**{**tiny, "epochs": 3, "lr": 1e6, "resume": "auto"})),
+                  init("self", fail_fast=False))
+    bad.run()
+    assert bad.exit_code == rm.NONFINITE_EXIT == 4
+    # the newest checkpoint is still the finite one: nothing was written from the broken model, and
+    # rotation (--keep-checkpoints 1) did not delete it
+    assert ckpt.list_checkpoints(str(tmp_path)) == good
+    state = ckpt.load(good[0])
+    assert all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
+    # metrics.jsonl is strict JSON: non-finite values are strings
+    lines = open(tmp_path / "metrics.jsonl").read().splitlines()
+    recs = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for line in lines]
+    diverged = [r for r in recs if r["event"] == "diverged"]
+    assert len(diverged) == 1 and diverged[0]["exit"] == 4 and "non-finite" in diverged[0]["message"]
+    assert "rank 0" in diverged[0]["message"]
+    assert [r["round"] for r in recs if r["event"] == "round"][-1] == diverged[0]["round"] == 2
+
+
+def test_metrics_write_non_finite_values_as_strings_and_read_them_back(tmp_path):
+    from resist_mpi.metrics import RunLog, read_metrics
+    log = RunLog(str(tmp_path), True, progress="off")
+    log.record("round", round=0, train_loss=math.nan, lr=math.inf, x=[1.0, -math.inf], name="NaN-free")
+    log.close()
+    line = open(tmp_path / "metrics.jsonl").read()
+    rec = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert rec["train_loss"] == "NaN" and rec["lr"] == "Infinity" and rec["x"] == [1.0, "-Infinity"]
+    back = read_metrics(str(tmp_path))[0]
+    assert math.isnan(back["train_loss"]) and back["lr"] == math.inf and back["name"] == "NaN-free"
+
+
+def test_a_non_finite_model_is_never_checkpointed():
+    from resist_mpi.checkpoint import check_finite
+    check_finite({"model": {"w": torch.ones(2), "n": torch.tensor(3)}})
+    with pytest.raises(rm.NonFiniteError, match="checkpoint not written"):
+        check_finite({"model": {"w": torch.tensor([1.0, math.inf])}})
+
+
+def test_round_meter_names_the_ranks():
+    from resist_mpi.trainer import RoundMeter
+
+    def body(c):
+        m = RoundMeter(3, 0, 1, loss_sum=math.nan if c.rank in (1, 2) else 1.0, seen=1)
+        m.reduce(c)
+        return m.divergence()
+    out = run_ranks(4, body)
+    assert out == ["round 3: training diverged: non-finite loss on 2 ranks (1 to 2)"] * 4
+    assert run_ranks(2, lambda c: _one(c)) == ["round 0: training diverged: non-finite round update on rank 1"] * 2
+
+
+def _one(c):
+    from resist_mpi.trainer import RoundMeter
+    m = RoundMeter(0, 0, 1, loss_sum=1.0, seen=1, bad_update=c.rank == 1)
+    m.reduce(c)
+    return m.divergence()
