@@ -38,8 +38,10 @@ class Averager:
       outer step on the round's starting values of the parameters; BN statistics are averaged.
     - overlap: the average of round r's update (across the groups) runs in the background while
       round r+1 trains; at round r+1's end each rank replaces its own round-r update by the
-      average one, x <- x - own_r + mean_r (with an outer optimizer: + the outer step's change),
-      keeping its round-r+1 progress. flush() waits and applies at once (evaluation, checkpoints).
+      average one and keeps its round-r+1 progress: x <- x - own_r + mean_r, computed as
+      agreed + own_{r+1} where agreed (the same on every rank) has taken mean_r (or the outer
+      step), so no rounding accumulates in x and a flush leaves every rank the same bits. flush()
+      waits and applies at once (evaluation, checkpoints, the end of training).
 
     Args:
         comm: the Comm to average over.
@@ -61,9 +63,10 @@ class Averager:
         self.feedback = ErrorFeedback(across, wire_dtype) if wire_dtype != "float32" else None
         self.overlap, self._outer_factory = bool(overlap), outer
         self.outer: Optional[torch.optim.Optimizer] = None
-        self.anchor: Optional[torch.nn.Parameter] = None  # the outer step's parameter: agreed values
+        self.anchor: Optional[torch.nn.Parameter] = None  # the outer step's parameter: agreed[:params]
         self.flat: Optional[torch.Tensor] = None
-        self.start: Optional[torch.Tensor] = None  # the round's starting values (overlap, outer)
+        self.agreed: Optional[torch.Tensor] = None  # what every rank holds alike (outer step, overlap)
+        self.start: Optional[torch.Tensor] = None  # the round's starting values (overlap)
         self._steps: List[Callable] = []
         self._params = 0  # elements of the parameters' part of the buffer (a prefix)
         self._pending = None  # (Work, own update, mean buffer, residual before it) of the last round
@@ -116,15 +119,19 @@ class Averager:
             if self.feedback is not None:
                 self.feedback.mark(self._part(flat))
             return
-        if self.start is None or self.start.numel() != flat.numel():
-            self.start = torch.empty_like(flat)
-        self.start.copy_(flat)
-        if self._outer_factory is not None and self._pending is None:  # x is the agreed model now
-            if self.anchor is None:
-                self.anchor = torch.nn.Parameter(flat[:self._params].detach().clone())
-                self.outer = self._outer_factory([self.anchor])
-            else:
-                self.anchor.data.copy_(flat[:self._params])
+        if self.agreed is None or self.agreed.numel() != flat.numel():
+            self._allocate(flat)
+        if self._pending is None:  # every rank holds the agreed values now
+            self.agreed.copy_(flat)
+        if self.overlap:
+            self.start.copy_(flat)
+
+    def _allocate(self, flat: torch.Tensor) -> None:
+        self.agreed = torch.empty_like(flat)
+        self.start = torch.empty_like(flat) if self.overlap else None
+        if self._outer_factory is not None:  # its parameter is the agreed parameters' part, in place
+            self.anchor = torch.nn.Parameter(self.agreed[:self._params])
+            self.outer = self._outer_factory([self.anchor])
 
     def average(self) -> None:
         """The round ends: average (or, with overlap, apply last round's average and start this one's).
@@ -136,16 +143,18 @@ class Averager:
             return
         if self.groups is not None:
             self._steps[0]()  # ---- distributed step: the group's average (full precision, the fast link) ----
-        update = flat - self.start
         if not self.overlap:
+            update = flat - self.agreed
             self._reduce(update, self.comm if self.groups is None else self.groups.across,
                          None if self.groups is None else self.groups.inner)
             _check_finite(update, "the round's average update")
-            self._apply(flat, None, update)
+            self._advance(update)
+            flat.copy_(self.agreed)
             return
-        self._apply_pending(flat)
+        update = flat - self.start
+        self._apply_pending()
+        torch.add(self.agreed, update, out=flat)  # the agreed values plus this rank's round, one round late
         self._launch(update)
-
     def _plain_average(self, flat: torch.Tensor) -> None:
         if self.feedback is None:
             # ---- distributed step: one allreduce of the flat buffer (three, hierarchical, with groups) ----
@@ -174,27 +183,19 @@ class Averager:
             # ---- distributed step: the group puts the slices together ----
             inner.allgather_(update, slice_counts(update.numel(), self.groups.size))
 
-    def _apply(self, flat: torch.Tensor, own: Optional[torch.Tensor], mean: torch.Tensor) -> None:
-        """The averaged update lands: without overlap flat <- start + mean (the parameters: the outer
-        step's result); with overlap flat <- flat - own + mean (+ the outer step's change)."""
-        P = self._params
-        if self.outer is None:
-            if own is None:
-                flat.copy_(self.start.add_(mean))
-            else:
-                flat.sub_(own).add_(mean)
-            return
-        before = self.anchor.detach().clone() if own is not None else None
-        self.anchor.grad = mean[:P].neg()  # the pseudo-gradient: start minus the average of the trained values
-        self.outer.step()
-        self.anchor.grad = None
+    def _advance(self, mean: torch.Tensor) -> None:
+        """The agreed values take a round's averaged update: added (the plain mean), or, on the
+        parameters, an outer step with the update as the negative pseudo-gradient (BN statistics
+        are added)."""
         with torch.no_grad():
-            if own is None:
-                flat[:P].copy_(self.anchor)
-                flat[P:].copy_(self.start[P:].add_(mean[P:]))
-            else:
-                flat[:P].sub_(own[:P]).add_(self.anchor.detach() - before)
-                flat[P:].sub_(own[P:]).add_(mean[P:])
+            if self.outer is None:
+                self.agreed.add_(mean)
+                return
+            P = self._params
+            self.anchor.grad = mean[:P].neg()  # the pseudo-gradient: start minus the average of the trained values
+            self.outer.step()
+            self.anchor.grad = None
+            self.agreed[P:].add_(mean[P:])
 
     # -- overlap -----------------------------------------------------------------------------------------
     def _launch(self, update: torch.Tensor) -> None:
@@ -211,10 +212,11 @@ class Averager:
             work = self._bg_world.submit(lambda: self._reduce(buf, across, inner))
         self._pending = (work, update, buf, residual)
 
-    def _apply_pending(self, flat: torch.Tensor) -> None:
+    def _apply_pending(self) -> None:
+        """Wait for last round's background mean and advance the agreed values by it."""
         if self._pending is None:
             return
-        work, own, mean, _ = self._pending
+        work, _, mean, _ = self._pending
         self._pending = None
         t0 = time.perf_counter()
         work.wait()
@@ -223,7 +225,7 @@ class Averager:
         self.hidden += max(0.0, work.duration - waited)
         self.comm.absorb(self._bg_world)  # its bytes count now, on this thread
         _check_finite(mean, "the overlapped average of a round's update")
-        self._apply(flat, own, mean)
+        self._advance(mean)
 
     def poll(self) -> None:
         """Let a background average progress (MPI's poll mode needs the calls)."""
@@ -233,7 +235,9 @@ class Averager:
     def flush(self) -> None:
         """Wait for the background average and apply it: every rank holds the same values after."""
         if self._pending is not None:
-            self._apply_pending(self._buffer())
+            flat = self._buffer()
+            self._apply_pending()
+            flat.copy_(self.agreed)
 
     @property
     def pending(self) -> bool:
@@ -246,8 +250,8 @@ class Averager:
         reduction; None on a float32 wire (an allreduce leaves every rank the same values)."""
         if self.feedback is None or self.flat is None or self.flat.device.type == "meta":
             return None
-        flat = self.flat if self._pending is None else self.flat - self._pending[1]
-        return int(flat.view(torch.int32).sum(dtype=torch.int64)) % (1 << 50)
+        shared = self.flat if self.plain else self.agreed
+        return int(shared.view(torch.int32).sum(dtype=torch.int64)) % (1 << 50)
 
     def resync(self) -> None:
         """Give every rank rank 0's values (after ranks were found to differ): collective."""
@@ -257,10 +261,12 @@ class Averager:
 
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> Optional[Dict]:
-        """What every rank holds alike: the outer step's parameter and state (None without one)."""
-        if self.outer is None:
+        """What every rank holds alike: the agreed values and the outer step's state (None in the
+        plain mode, where the model itself is what every rank holds alike)."""
+        if self.plain or self.agreed is None:
             return None
-        return {"anchor": self.anchor.detach().cpu().clone(), "outer": self.outer.state_dict()}
+        return {"agreed": self.agreed.detach().cpu().clone(),
+                "outer": None if self.outer is None else self.outer.state_dict()}
 
     def rank_state_dict(self) -> Optional[Dict]:
         """This rank's own: the error-feedback residual, the round update whose average is in flight."""
@@ -278,10 +284,11 @@ class Averager:
         """Continue from state_dict() / rank_state_dict(): a pending average is started again from
         the saved update (and residual), so it gives the same mean as the uninterrupted run."""
         flat = self._buffer()
-        if state is not None and self._outer_factory is not None:
-            self.anchor = torch.nn.Parameter(state["anchor"].to(flat.device).clone())
-            self.outer = self._outer_factory([self.anchor])
-            self.outer.load_state_dict(state["outer"])
+        if state is not None and not self.plain:
+            self._allocate(flat)
+            self.agreed.copy_(state["agreed"])
+            if self.outer is not None and state.get("outer") is not None:
+                self.outer.load_state_dict(state["outer"])
         rank_state = rank_state or {}
         if self.feedback is not None and rank_state.get("residual") is not None:
             self.feedback.residual = rank_state["residual"].to(flat.device).clone()

@@ -66,7 +66,7 @@ class HorovodComm(Comm):
                 mine = (ps, list(ranks))
         sub = HorovodComm.__new__(HorovodComm)
         sub.hvd, sub._ops = self.hvd, self._ops
-        (sub.process_set, sub.global_ranks), sub._tag = mine, f"resist.ps{mine[0].process_set_id}"
+        (sub.process_set, sub.global_ranks), sub._tag = mine, f"{self._tag}.ps{mine[0].process_set_id}"
         Comm.__init__(sub, sub.global_ranks.index(self.hvd.rank()), len(sub.global_ranks), 0, 1, self._counters)
         return sub
 

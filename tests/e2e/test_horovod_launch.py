@@ -87,7 +87,8 @@ def horovodrun(np_, controller, args, timeout=300, **extra_env):
 def test_horovod_backend_under_horovodrun(np_, controller):
     # No cache plugin: N ranks writing one .pytest_cache at once would race. On 4 ranks the groups
     # (--group-size: Horovod process sets) and the compressed averages (--wire-dtype) too.
-    tests = [TEST] + (["tests/mpi/test_groups.py", "tests/mpi/test_compression.py"] if np_ == 4 else [])
+    tests = [TEST, "tests/mpi/test_library.py", "tests/mpi/test_averaging_modes.py"] + \
+        (["tests/mpi/test_groups.py", "tests/mpi/test_compression.py"] if np_ == 4 else [])
     proc = horovodrun(np_, controller, ["-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                       RESIST_TEST_BACKEND="horovod")
     passed_on_every_rank(proc, np_)

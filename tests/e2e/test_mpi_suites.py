@@ -14,8 +14,10 @@ pytestmark = pytest.mark.skipif(not have_mpirun(), reason="mpirun not found (run
 
 SUITES = {  # backend -> files
     "mpi": ["tests/mpi/test_comm_contract.py", "tests/mpi/test_comm.py", "tests/mpi/test_resist_exchange.py",
-            "tests/mpi/test_traffic_mpi.py", "tests/mpi/test_groups.py", "tests/mpi/test_compression.py"],
-    "torch": ["tests/mpi/test_comm_contract.py", "tests/mpi/test_groups.py", "tests/mpi/test_compression.py"],
+            "tests/mpi/test_traffic_mpi.py", "tests/mpi/test_groups.py", "tests/mpi/test_compression.py",
+            "tests/mpi/test_library.py", "tests/mpi/test_averaging_modes.py"],
+    "torch": ["tests/mpi/test_comm_contract.py", "tests/mpi/test_groups.py", "tests/mpi/test_compression.py",
+              "tests/mpi/test_library.py", "tests/mpi/test_averaging_modes.py"],
 }
 
 

@@ -1,0 +1,65 @@
+"""The library on the user's own optimizer on real ranks (RESIST_TEST_BACKEND: mpi, torch, horovod),
+the bodies of tests/cases/library.py, which tests/unit/test_library.py runs on thread ranks.
+
+    mpirun -np 4 python -m pytest tests/mpi/test_library.py
+"""
+import os
+import re
+
+import pytest
+import torch
+
+from cases import library as L
+from resist_mpi import UsageError
+from resist_mpi import comm as C
+
+BACKEND = os.environ.get("RESIST_TEST_BACKEND", "mpi")
+
+
+@pytest.fixture(scope="module")
+def c():
+    torch.set_num_threads(1)
+    return C.init(BACKEND, fail_fast=False, device="cpu")
+
+
+def _same_everywhere(c, state):
+    flat = torch.cat([v.reshape(-1).float() for k, v in sorted(state.items()) if v.is_floating_point()])
+    other = flat.clone()
+    c.bcast_(other, root=0)
+    return torch.equal(flat, other)
+
+
+@pytest.mark.parametrize("strategy", ["resist", "local_sgd"])
+def test_one_optimizer_built_before_the_loop_equals_a_fresh_one_per_round(c, strategy):
+    per_round = L.train_per_round_optimizer(c, L.make_model(), strategy)
+    state, lrs, trained = L.train_one_optimizer_hooks(c, L.make_model(), strategy)
+    rounds = L.train_one_optimizer_rounds(c, L.make_model(), strategy)
+    assert L.states_equal(state, per_round) and L.states_equal(rounds, per_round)
+    assert lrs == L.single_process_lrs() and len(trained) == L.ROUNDS and all(trained)
+    assert _same_everywhere(c, per_round)
+    if strategy == "resist":
+        assert L.blocks_all_changed(c, L.make_model(), per_round)
+
+
+def test_data_parallel_hooks_and_rounds_agree(c):
+    state, lrs, _ = L.train_one_optimizer_hooks(c, L.make_model(), "data_parallel")
+    assert L.states_equal(state, L.train_one_optimizer_rounds(c, L.make_model(), "data_parallel"))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("foreign", "not parameters of the model"),
+    ("missing", r"does not hold \d+ parameter"),
+    ("parameters_first", "before the first round"),
+    ("full_model_mid_round", r"full_model\(\) in the middle of round 0"),
+])
+def test_misuse_is_one_clear_error_on_every_rank(c, case, message):
+    with pytest.raises(UsageError, match=message):
+        L.misuse(c, L.make_model(), case)
+
+
+@pytest.mark.parametrize("how", ["break", "exception"])
+def test_leaving_the_rounds_early_leaves_every_rank_consistent(c, how):
+    flat, r = L.leave_early(c, L.make_model(), how)
+    other = flat.clone()
+    c.bcast_(other, root=0)
+    assert torch.equal(flat, other) and r == 2

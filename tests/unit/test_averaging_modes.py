@@ -1,0 +1,65 @@
+"""--overlap and --outer-optimizer to the bit on 2 and 4 thread ranks (tests/cases/averaging.py)."""
+import itertools
+
+import pytest
+import torch
+
+from cases import averaging as A
+from resist_mpi.comm.thread import run_ranks
+
+MODES = [dict(overlap=o, outer=out) for o, out in itertools.product((False, True), (None, (0.5, 0.5)))]
+IDS = ["plain", "outer", "overlap", "overlap+outer"]
+
+
+def on_ranks(size, **kw):
+    models = [A.make_model() for _ in range(size)]
+    torch.set_num_threads(1)
+    return run_ranks(size, lambda c: A.run(c, models[c.rank], **kw))
+
+
+def check(size, **kw):
+    got = on_ranks(size, **kw)
+    want = A.reference(size, **{k: v for k, v in kw.items() if k in ("strategy", "overlap", "outer", "wire",
+                                                                        "group_size")})
+    for r, per_rank in enumerate(want):
+        for rank in range(size):
+            assert torch.equal(got[rank][0][r], per_rank[rank]), (r, rank)
+    return got
+
+
+@pytest.mark.parametrize("mode", MODES, ids=IDS)
+@pytest.mark.parametrize("wire", ["float32", "int8", "bfloat16"])
+@pytest.mark.parametrize("size, group_size", [(2, 1), (4, 1), (4, 2)], ids=["S2", "S4", "S4-G2"])
+@pytest.mark.parametrize("strategy", ["local_sgd", "resist"])
+def test_rounds_equal_the_single_process_computation(strategy, size, group_size, wire, mode):
+    got = check(size, strategy=strategy, wire=wire, group_size=group_size, **mode)
+    if mode["overlap"]:  # the delay is real: after round 0 the ranks differ, after the flush they agree
+        assert not torch.equal(got[0][0][0], got[-1][0][0])  # ranks of two groups
+    assert all(torch.equal(g[0][-1], got[0][0][-1]) for g in got)
+    if strategy == "resist":  # blocks move and average as without overlap or outer step
+        plain = on_ranks(size, strategy=strategy, wire=wire, group_size=group_size)
+        block_keys = [k for k in got[0][1] if k.startswith("stages.2.") and not k.startswith("stages.2.0.")]
+        assert block_keys and all(torch.equal(got[0][1][k], plain[0][1][k]) for k in block_keys)
+
+
+def test_diloco_settings_equal_the_single_process_computation():
+    """DiLoCo's outer lr 0.7 and momentum 0.9 (thread ranks add in rank order, as the reference)."""
+    check(4, strategy="local_sgd", outer=(0.7, 0.9))
+    check(4, strategy="local_sgd", outer=(0.7, 0.9), overlap=True, wire="int8")
+
+
+@pytest.mark.parametrize("mode", MODES[1:], ids=IDS[1:])
+def test_state_dict_and_load_continue_bit_for_bit(mode):
+    for wire in ("float32", "int8"):
+        a = on_ranks(2, strategy="resist", wire=wire, checkpoint_at=1, **mode)
+        b = on_ranks(2, strategy="resist", wire=wire, checkpoint_at=1, resume=True, **mode)
+        for x, y in zip(a, b):
+            assert all(torch.equal(u, v) for u, v in zip(x[0], y[0]))
+            assert x[1].keys() == y[1].keys() and all(torch.equal(x[1][k], y[1][k]) for k in x[1])
+
+
+def test_overlap_on_one_rank_changes_nothing():
+    plain = on_ranks(1, strategy="local_sgd")
+    for mode in MODES[2:3]:
+        got = on_ranks(1, strategy="local_sgd", **mode)
+        assert all(torch.equal(u, v) for u, v in zip(plain[0][0], got[0][0]))
