@@ -265,8 +265,9 @@ class Averager:
         plain mode, where the model itself is what every rank holds alike)."""
         if self.plain or self.agreed is None:
             return None
-        return {"agreed": self.agreed.detach().cpu().clone(),
-                "outer": None if self.outer is None else self.outer.state_dict()}
+        return {"agreed": self.agreed.detach().cpu().clone(), "params": self._params,
+                "outer": None if self.outer is None else _cpu_copy(self.outer.state_dict()),
+                "outer_class": None if self.outer is None else type(self.outer).__name__}
 
     def rank_state_dict(self) -> Optional[Dict]:
         """This rank's own: the error-feedback residual, the round update whose average is in flight."""
@@ -293,7 +294,47 @@ class Averager:
         if self.feedback is not None and rank_state.get("residual") is not None:
             self.feedback.residual = rank_state["residual"].to(flat.device).clone()
         if rank_state.get("pending_update") is not None and self.overlap:
-            self._launch(rank_state["pending_update"].to(flat.device).clone())
+            update = rank_state["pending_update"].to(flat.device).clone()
+            torch.add(self.agreed, update, out=flat)  # this rank's values, as average() left them
+            self._launch(update)
+
+    def set_values(self, values: torch.Tensor) -> None:
+        """Every rank's values (after an in-flight average was applied outside the run)."""
+        self._buffer().copy_(values)
+
+
+def replay_outer_step(values: torch.Tensor, mean: torch.Tensor, saved: Dict) -> tuple:
+    """An Averager's outer step taken again outside a run (a checkpoint's average in flight, applied
+    when the world changed): (the advanced values, the outer optimizer's state after the step).
+
+    Args:
+        values: the agreed values (its parameters' part is the outer optimizer's parameter).
+        mean: the round's mean update; saved: Averager.state_dict() of the run.
+    """
+    P = saved["params"]
+    anchor = torch.nn.Parameter(values[:P].clone())
+    groups = saved["outer"]["param_groups"][0]
+    hyper = {k: v for k, v in groups.items() if k not in ("params", "initial_lr")}
+    opt = getattr(torch.optim, saved["outer_class"])([anchor], **hyper)
+    opt.load_state_dict(saved["outer"])
+    anchor.grad = mean[:P].neg()
+    opt.step()
+    out = values.clone()
+    with torch.no_grad():
+        out[:P].copy_(anchor)
+        out[P:].add_(mean[P:])
+    return out, _cpu_copy(opt.state_dict())
+
+
+def _cpu_copy(obj):
+    """obj with every tensor in it copied to the CPU (a snapshot that training cannot change)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:

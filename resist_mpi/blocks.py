@@ -437,6 +437,20 @@ def shared_slots(model: nn.Module, blocks: Sequence[nn.Module]) -> List[tuple]:
            [(m._buffers, n) for m in mods for n, t in m._buffers.items() if t is not None and t.is_floating_point()]
 
 
+def shared_keys(model: nn.Module, blocks: Sequence[nn.Module]) -> List[str]:
+    """The state_dict keys of shared_slots(model, blocks), in the same order."""
+    inside = {id(m) for b in blocks for m in b.modules()}
+    mods = [(name, m) for name, m in model.named_modules() if id(m) not in inside]
+    join = lambda a, b: f"{a}.{b}" if a else b  # noqa: E731
+    return [join(mn, n) for mn, m in mods for n, p in m._parameters.items() if p is not None] + \
+           [join(mn, n) for mn, m in mods for n, t in m._buffers.items() if t is not None and t.is_floating_point()]
+
+
+def module_keys(model: nn.Module) -> List[str]:
+    """The state_dict keys of module_tensors(model), in the same order."""
+    return shared_keys(model, [])
+
+
 def materialize_(model: nn.Module, device, skip: Sequence[nn.Module] = ()) -> None:
     """Give every tensor of model still on the meta device real (uninitialised) storage on device,
     outside the modules in skip (e.g. the blocks: they get storage when they arrive). Parameters

@@ -61,9 +61,14 @@ class Config:
     warmup_epochs: int = _f(0, "epochs of local SGD before ResIST takes over (the paper's ImageNet recipe)", "optim")
     # -- evaluation --------------------------------------------------------------------------------------
     eval_every: int = _f(1, "evaluate every N epochs (0: only at the end)", "eval")
-    eval_bn: str = _f("recalibrate", "BN statistics for the full model at test time", "eval",
-                      ("recalibrate", "running", "batch"))
-    bn_batches: int = _f(20, "training batches per rank used to recalibrate BN statistics", "eval")
+    eval_bn: str = _f("recalibrate", "BN statistics for the full model at test time: recalibrate (re-estimated "
+                      "from the first partitioned block on), recalibrate_all (every BN layer), running "
+                      "(the averaged running statistics), batch (each test batch's)", "eval",
+                      ("recalibrate", "recalibrate_all", "running", "batch"))
+    bn_images: int = _f(1024, "training images, all ranks together, that re-estimate BN statistics for the full "
+                        "model (at most one pass of the training set)", "eval")
+    bn_batches: int = _f(0, "training batches per rank for the BN re-estimate instead of --bn-images (0: from "
+                         "--bn-images)", "eval")
     # -- run ---------------------------------------------------------------------------------------------
     seed: int = _f(0, "random seed (model init, data order, partitions)", "run")
     out: str = _f("runs/resist", "output directory (metrics.jsonl, config.json, checkpoints)", "run")
@@ -73,7 +78,9 @@ class Config:
     device: str = _f("auto", "auto, cpu, cuda (one GPU per local rank) or cuda:N", "run")
     checkpoint_every: int = _f(0, "write a checkpoint every N epochs (0: off)", "run")
     checkpoint_minutes: float = _f(0.0, "also write a checkpoint every M minutes (0: off)", "run")
-    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", "run")
+    checkpoint_rounds: int = _f(0, "also write a checkpoint every N rounds (1: every round; sharded and in the "
+                                "background, so it costs little: a lost node then costs at most a round)", "run")
+    keep_checkpoints: int = _f(2, "how many recent complete checkpoints to keep", "run")
     resume: Optional[str] = _f(None, "checkpoint path, or 'auto' for the newest in --out", "run")
     overwrite: bool = _f(False, "start afresh in an --out that holds a run (its records and checkpoints are deleted)", "run")
     comm_timeout: float = _f(300.0, "seconds without progress before peers are probed; an unreachable one "
@@ -111,7 +118,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     non_negative = {"min_depth": cfg.min_depth, "warmup_epochs": cfg.warmup_epochs, "eval_every": cfg.eval_every,
                     "workers": cfg.workers, "checkpoint_every": cfg.checkpoint_every, "bn_batches": cfg.bn_batches,
-                    "checkpoint_minutes": cfg.checkpoint_minutes, "weight_decay": cfg.weight_decay,
+                    "bn_images": cfg.bn_images,
+                    "checkpoint_minutes": cfg.checkpoint_minutes,
+                    "checkpoint_rounds": cfg.checkpoint_rounds, "weight_decay": cfg.weight_decay,
                     "comm_timeout": cfg.comm_timeout}
     for name, value in non_negative.items():
         if value < 0:

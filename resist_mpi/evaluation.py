@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,16 +30,23 @@ class recalibrate_bn:
     describe other inputs. Re-estimating them for the full model is what evaluates well.
 
     Args:
+        only: the BN modules to re-estimate (default: all). The others keep their statistics and
+            normalise with them during the calibration passes, as they will at test time, so the
+            modules after them see exactly the activations evaluation gives them. ResIST passes the
+            BN layers from its first partitioned block on: those before it see the same inputs in
+            the full model as in every sub-network, and their averaged running statistics hold.
         enabled: False does nothing (and restores nothing): one code path for every --eval-bn.
     """
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, c, batches: Iterable, num_batches: int = 20, device=None,
-                 enabled: bool = True):
+                 enabled: bool = True, only: Optional[Sequence[nn.Module]] = None):
         self.saved = []
         if not enabled:
             return
-        bns = _bns(model)
+        everything = _bns(model)
+        chosen = {id(m) for m in only} if only is not None else {id(m) for m in everything}
+        bns = [m for m in everything if id(m) in chosen]
         self.saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
                       for m in bns]
         for m in bns:
@@ -47,6 +54,9 @@ class recalibrate_bn:
             m.momentum = None  # a cumulative average over the calibration batches
         was_training = model.training
         model.train()
+        kept = [m for m in everything if id(m) not in chosen]
+        for m in kept:
+            m.eval()  # normalise with their own statistics, as at test time
         try:
             for x, _ in itertools.islice(batches, num_batches):
                 model(x.to(device) if device is not None else x)

@@ -94,19 +94,34 @@ def build_strategy(cfg: Config, model: nn.Module, c: Comm, steps_per_epoch: int,
 
 @torch.no_grad()
 def evaluate_full(model: nn.Module, c: Comm, cfg: Config, test_loader: ShardLoader, train_loader: ShardLoader,
-                  device) -> Tuple[float, float]:
-    """Test loss and accuracy of the full model, each rank on its disjoint shard of the test set.
+                  device, only=None) -> Tuple[float, float, float, float]:
+    """(test loss, accuracy, seconds recalibrating, seconds testing) of the full model, each rank
+    on its disjoint shard of the test set.
 
     BN statistics (cfg.eval_bn):
-      recalibrate: running statistics re-estimated for the *full* model from bn_batches training
-                   batches per rank, averaged over ranks (evaluation.recalibrate_bn says why).
-      running:     the running statistics averaged during training, as they are.
-      batch:       batch statistics of each test batch (what the reference code did).
+      recalibrate:     re-estimated for the *full* model (evaluation.recalibrate_bn says why) from
+                       calibration_batches() training batches per rank, averaged over ranks, in the
+                       BN layers `only` names (ResIST: from its first partitioned block on);
+      recalibrate_all: the same in every BN layer;
+      running:         the running statistics averaged during training, as they are;
+      batch:           batch statistics of each test batch (what the reference code did).
     The model's BN buffers are restored afterwards: evaluation has no side effect on training.
     """
-    with recalibrate_bn(model, c, train_loader.epoch(0), cfg.bn_batches, device,
-                        enabled=cfg.eval_bn == "recalibrate"):
-        return evaluate(model, c, test_loader.epoch(0), device, batch_stats=cfg.eval_bn == "batch")
+    t0 = time.perf_counter()
+    recalibrate = cfg.eval_bn in ("recalibrate", "recalibrate_all")
+    with recalibrate_bn(model, c, train_loader.epoch(0), calibration_batches(cfg, train_loader, c.size), device,
+                        enabled=recalibrate, only=only if cfg.eval_bn == "recalibrate" else None):
+        t1 = time.perf_counter()
+        loss, acc = evaluate(model, c, test_loader.epoch(0), device, batch_stats=cfg.eval_bn == "batch")
+    return loss, acc, t1 - t0, time.perf_counter() - t1
+
+
+def calibration_batches(cfg: Config, loader: ShardLoader, size: int) -> int:
+    """Training batches per rank for the BN re-estimate: --bn-batches, else --bn-images over all
+    ranks, never more than one pass of the training set."""
+    if cfg.bn_batches:
+        return cfg.bn_batches
+    return max(1, min(loader.steps_per_epoch, math.ceil(cfg.bn_images / (size * loader.batch_size))))
 
 
 def seed_everything(seed: int) -> None:
@@ -138,6 +153,10 @@ class RoundMeter:
     bad_update: bool = False
     stop: bool = False
     checksum: Optional[float] = None  # a compressed wire's checksum of what every rank must share
+    ckpt_done: int = -1  # the newest round this rank's checkpoint files are all written for
+    ckpt_failed: bool = False  # this rank's background checkpoint writer failed
+    ckpt_done_everywhere: int = -1  # after reduce(): the newest round written on every rank
+    ckpt_failed_rank: Optional[int] = None  # after reduce(): the lowest rank whose writer failed
     bad_ranks: Tuple[int, int, int] = (0, -1, -1)  # after reduce(): (count, lowest, highest)
     consistent: Tuple[float, float] = (0.0, 0.0)  # after reduce(): (max checksum, max of minus it)
 
@@ -154,9 +173,12 @@ class RoundMeter:
                                      bad, self.bad_loss or not math.isfinite(self.loss_sum), self.bad_grad,
                                      self.bad_update], "sum")
         chk = [] if self.checksum is None else [self.checksum, -self.checksum]
-        t_comm, t_compute, t_hidden, stop, low, high, *chk = c.reduce_stats(
+        t_comm, t_compute, t_hidden, stop, low, high, done_neg, failed, *chk = c.reduce_stats(
             [self.t_comm, self.t_round - self.t_comm, self.t_hidden, float(self.stop),
-             (c.size - c.rank) if bad else 0, (c.rank + 1) if bad else 0, *chk], "max")
+             (c.size - c.rank) if bad else 0, (c.rank + 1) if bad else 0, -float(self.ckpt_done),
+             (c.size - c.rank) if self.ckpt_failed else 0, *chk], "max")
+        self.ckpt_done_everywhere = int(-done_neg)
+        self.ckpt_failed_rank = int(c.size - failed) if failed else None
         self.consistent = tuple(chk) if chk else (0.0, 0.0)
         self.t_comm, self.t_compute, self.t_hidden, self.stop = t_comm, t_compute, t_hidden, bool(stop)
         self.bad_loss, self.bad_grad, self.bad_update = n_loss > 0, n_grad > 0, n_update > 0
@@ -210,7 +232,8 @@ class Trainer:
             groups = c.size // resolve_group_size(cfg.group_size, c)  # groups that fit the ranks (and nodes)
             if cfg.strategy == "resist":  # enough blocks for the groups
                 partition.check_partition(len(find_blocks(probe, "auto", cfg.stages())), groups, cfg.min_depth)
-            self.resume_state = ckpt.resolve_and_load(cfg, probe, c.rank, c.size)
+            # rank 0 picks and checks the checkpoint; the others take its choice (below)
+            self.resume_state = ckpt.resolve_and_load(cfg, probe, c.rank, c.size) if c.rank == 0 else None
         except (ValueError, OSError) as e:  # DataError, PartitionError, CheckpointError are ValueErrors
             error = e
         if cfg.download and c.rank == 0:
@@ -221,8 +244,24 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
             raise
+        self.resume_state = self.share_resume_state(self.resume_state)
         if cfg.overwrite and c.rank == 0:  # only once every rank is ready to start
             ckpt.clear_out_dir(cfg)
+        if self.resume_state is not None and c.rank == 0:  # a killed run's half-written newer rounds
+            ckpt.clear_incomplete_after(cfg.out, self.resume_state["round"])
+
+    def share_resume_state(self, state):
+        """Every rank gets rank 0's checkpoint choice (one broadcast of a few fields; each rank then
+        reads only the files it needs)."""
+        with self.c.as_control():
+            info = self.c.bcast_object(None if state is None else {k: v for k, v in state.items() if k != "reader"})
+        if info is None or info.get("path") is None:
+            self.skipped = (info or {}).get("skipped", [])
+            return None
+        if state is None:
+            info["reader"] = ckpt.Reader(info["path"], ckpt.load_manifest(info["path"]))
+            return info
+        return state
 
     def build_net(self) -> nn.Module:
         return create_model(self.cfg.model, self.info.num_classes, self.cfg.width)
@@ -242,7 +281,8 @@ class Trainer:
 
     def start_round(self, steps_per_epoch: int) -> int:
         """The round a resumed run continues at. With another world size a round has another
-        length in epochs: the run continues at the same epoch."""
+        length in epochs (the batch per rank stays, the global batch changes): the run continues at
+        the same epoch, and the learning-rate schedule with it."""
         state = self.resume_state
         if state is None:
             return 0
@@ -255,12 +295,15 @@ class Trainer:
         state = self.resume_state
         if state.get("rank_state_dropped"):
             log.info(f"resume: {state['rank_state_dropped']}: per-rank state (optimizer momentum, error-feedback "
-                     f"residuals, an overlapped average in flight) starts afresh")
-        job.load_state_dict({**state, "round": start}, state.get("rank_state"))
+                     f"residuals) starts afresh; an overlapped average in flight is applied")
+        job.load_shards(state["reader"], start, state["same_layout"])
 
     def run(self) -> Dict[str, float]:
         try:
             return self._run()
+        except ckpt.PeerWriteFailed:  # the rank that failed says why
+            time.sleep(1.0)
+            self.c.abort(FAILURE_EXIT)
         except (DataError, OSError) as e:  # unreadable data mid-epoch, a full disk: one line, every rank
             sys.stderr.write(f"resist_mpi: error: rank {self.c.rank}: {one_line(e)}\n")
             sys.stderr.flush()
@@ -282,10 +325,16 @@ class Trainer:
 
         job = self.build_strategy(spe)
         start_round = self.start_round(spe)
+        before = self.previous_records() if self.resume_state is not None else []
         log = self.open_log(job, num_rounds, start_round, spe)
+        for line in getattr(self, "skipped", []) + (self.resume_state or {}).get("skipped", []):
+            log.info(f"resume: {line}")
         if self.resume_state is not None:
             self.resume(job, log, start_round)
+            self.log_membership(log, before, start_round)
         self.log_start(job, log, num_rounds, start_round, spe)
+        self.checkpointer = ckpt.Checkpointer(cfg, c, {"model_name": cfg.model, "config": cfg.to_dict(),
+                                                        "group_size": str(cfg.group_size)})
         first = start_round * cfg.local_steps
         # the learning rate of every step, from a torch scheduler (epochs continue across restarts)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -298,8 +347,12 @@ class Trainer:
             m = RoundMeter(r, step0, min(cfg.local_steps, total_steps - step0))
             self.train_round(job, batches, m, log)
             m.stop = stop_request.requested
+            m.ckpt_done, m.ckpt_failed = self.checkpointer.done, self.checkpointer.failed() is not None
             m.reduce(c)
             job.verify_consistent(*m.consistent)  # a compressed wire: every rank the same values
+            if m.ckpt_failed_rank is not None:  # a rank's background write failed (a full disk)
+                self.stop_failed_write(m.ckpt_failed_rank)
+            self.checkpointer.commit(m.ckpt_done_everywhere, log)  # rank 0: manifests of finished rounds
             epoch = (m.step0 + m.steps) / spe
             log.record("round", round=r, epoch=epoch, step=m.step0 + m.steps, strategy=job.name, world_size=c.size,
                        train_loss=m.loss_sum / m.seen, train_acc=m.correct / m.seen, lr=m.lr, bytes_sent=int(m.sent),
@@ -307,11 +360,14 @@ class Trainer:
                        t_comm=m.t_comm, t_comm_hidden=m.t_hidden, wallclock=log.wallclock())
             diverged = m.divergence()
             if diverged:
+                self.checkpointer.finish(log)  # the finite checkpoints still being written
                 self.stop_diverged(log, diverged, r, epoch)
                 break
             last = r == num_rounds - 1
             stop = m.stop and not last
             result = self.after_round(job, log, test_loader, train_loader, m, spe, last, stop) or result
+            if last or stop:
+                self.checkpointer.finish(log)  # every rank's files, and their manifests, before the exit
             if stop:
                 log.record("stop", round=r, epoch=epoch, signal=stop_request.signal_name, exit=REQUEUE_EXIT)
                 log.info(f"round {r}: stop signal received; checkpoint written, exiting with {REQUEUE_EXIT} "
@@ -380,6 +436,48 @@ class Trainer:
             sys.stderr.flush()
         self.exit_code = NONFINITE_EXIT
 
+    def previous_records(self) -> List[Dict]:
+        """The records of the run being continued (rank 0), read before the log is reopened."""
+        import os
+        from .metrics import read_metrics
+        path = os.path.join(self.cfg.out, "metrics.jsonl")
+        if self.c.rank != 0 or not os.path.isfile(path):
+            return []
+        try:
+            return read_metrics(path)
+        except ValueError:
+            return []
+
+    def log_membership(self, log: RunLog, before: List[Dict], start: int) -> None:
+        """A `membership` record when the world differs from the checkpoint's (a node lost or added):
+        who left and who joined, at which round, how many rounds are trained again, and the seconds
+        from the last round trained before the change to now (training resumes right after)."""
+        old = list(self.resume_state.get("hosts") or [])
+        new = list(self.c.hosts)
+        if sorted(old) == sorted(new) and int(self.resume_state["world_size"]) == self.c.size:
+            return
+        left, joined = _difference(old, new), _difference(new, old)
+        rounds = [r for r in before if r.get("event") == "round"]
+        last = max(rounds, key=lambda r: r["round"]) if rounds else None
+        repeated = max(0, last["round"] + 1 - start) if last else 0
+        seconds = time.time() - last["time"] if last and isinstance(last.get("time"), (int, float)) else None
+        log.record("membership", round=start, world_size=self.c.size, previous_world_size=self.resume_state["world_size"],
+                   left=left, joined=joined, rounds_repeated=repeated, t_recovery=seconds)
+        log.info(f"membership: {self.resume_state['world_size']} -> {self.c.size} ranks at round {start} "
+                 f"(left: {', '.join(left) or '-'}; joined: {', '.join(joined) or '-'}); {repeated} round(s) "
+                 f"trained again" + (f", {seconds:.0f} s since the last round before the change" if seconds else ""))
+
+    def stop_failed_write(self, rank: int) -> None:
+        """Every rank ends after a rank's checkpoint files could not be written: that rank says why
+        (one line), the job exits with FAILURE_EXIT; checkpoints already complete stay as they are."""
+        error = self.checkpointer.failed()
+        if self.c.rank == rank:
+            sys.stderr.write(f"resist_mpi: error: rank {rank}: {one_line(error)}\n")
+            sys.stderr.flush()
+        else:
+            time.sleep(1.0)  # let that line out first
+        self.c.abort(FAILURE_EXIT)
+
     def open_log(self, job, num_rounds: int, start: int, spe: int) -> RunLog:
         cfg, c = self.cfg, self.c
         self.num_rounds, self.train_steps_per_epoch = num_rounds, spe
@@ -407,52 +505,68 @@ class Trainer:
         epoch = (m.step0 + m.steps) / spe
         eval_due = last or (cfg.eval_every and done // cfg.eval_every > m.step0 // spe // cfg.eval_every)
         ckpt_due = bool(cfg.checkpoint_every) and done // cfg.checkpoint_every > m.step0 // spe // cfg.checkpoint_every
+        ckpt_due = ckpt_due or bool(cfg.checkpoint_rounds and (m.round + 1) % cfg.checkpoint_rounds == 0)
         if cfg.checkpoint_minutes:  # clocks differ across ranks: rank 0 decides for all
             with c.as_control():
                 ckpt_due = c.bcast_object(ckpt_due or time.perf_counter() - self.last_ckpt_time >= 60 * cfg.checkpoint_minutes)
-        ckpt_due = ckpt_due or stop or (last and bool(cfg.checkpoint_every or cfg.checkpoint_minutes))
+        ckpt_due = ckpt_due or stop or (last and bool(cfg.checkpoint_every or cfg.checkpoint_minutes or
+                                                       cfg.checkpoint_rounds))
         if not (eval_due or ckpt_due):
             return None
         self.watchdog.beat(f"round {m.round}: evaluation/checkpoint")
         result = None
-        # One full model for both: ResIST gathers it (counted in the eval record) and afterwards
-        # every rank goes back to its own sub-network.
-        before = EvalMeter(c, job)
-        with job.full_model() as full:
-            if eval_due:
-                result = self.eval_and_log(job, full, test_loader, train_loader, log, m, epoch, before)
-            if ckpt_due:
-                ckpt.save(cfg, c, job, log, epoch)
-                self.last_ckpt_time = time.perf_counter()
+        if eval_due:
+            meter = EvalMeter(c)
+            with job.full_model() as full:
+                meter.mark("gather")
+                test_loss, test_acc, meter.t["calibrate"], meter.t["test"] = evaluate_full(
+                    full, c, cfg, test_loader, train_loader, self.device, job.bn_to_recalibrate())
+                meter.mark(None)
+            meter.mark("return")
+            result = self.log_eval(job, log, m, epoch, test_loss, test_acc, meter)
+        if ckpt_due:
+            # after the evaluation (which applied an overlapped average: the run goes on from there);
+            # nothing is gathered: each rank hands its own part to its background writer
+            self.checkpointer.snapshot(job, epoch)
+            self.last_ckpt_time = time.perf_counter()
         return result
 
-    def eval_and_log(self, job, full, test_loader, train_loader, log, m: RoundMeter, epoch: float,
-                     before: "EvalMeter"):
-        """Evaluate the full model and write the eval record; its bytes and time count from `before`
-        (taken before the gather)."""
+    def log_eval(self, job, log, m: RoundMeter, epoch: float, test_loss: float, test_acc: float,
+                 meter: "EvalMeter") -> Dict[str, float]:
         c = self.c
-        test_loss, test_acc = evaluate_full(full, c, self.cfg, test_loader, train_loader, self.device)
-        sent, recv, cross, t_eval = before.since()
+        sent, recv, cross, t = meter.totals()
         log.record("eval", round=m.round, epoch=epoch, strategy=job.name, world_size=c.size, test_loss=test_loss,
                    test_acc=test_acc, bytes_sent=int(sent), bytes_recv=int(recv), bytes_cross_node=int(cross),
-                   t_eval=t_eval, wallclock=log.wallclock())
+                   t_eval=sum(t.values()), **{f"t_{k}": v for k, v in t.items()}, wallclock=log.wallclock())
         log.info(f"epoch {epoch:6.2f} | round {m.round:5d} | train loss {m.loss_sum / m.seen:.4f} | "
                  f"test loss {test_loss:.4f} | test acc {100 * test_acc:6.2f}% | {log.wallclock():7.1f}s")
         return {"test_loss": test_loss, "test_acc": test_acc, "epoch": epoch}
 
 
 class EvalMeter:
-    """Bytes and seconds from its creation (before an evaluation's gather) to since()."""
+    """An evaluation's bytes and seconds by phase (gather, calibrate, test, return: the maximum over
+    ranks), counted from its creation, before the gather."""
 
-    def __init__(self, c: Comm, job: Strategy):
+    def __init__(self, c: Comm):
         self.c = c
-        self.start = (c.bytes_sent, c.bytes_recv, c.bytes_sent_cross, time.perf_counter())
+        self.start = (c.bytes_sent, c.bytes_recv, c.bytes_sent_cross)
+        self.t = {"gather": 0.0, "calibrate": 0.0, "test": 0.0, "return": 0.0}
+        self._last = time.perf_counter()
 
-    def since(self) -> Tuple[float, float, float, float]:
-        """(bytes sent, received, sent across nodes) summed over ranks (collective), seconds here."""
-        c, (s0, r0, x0, t0) = self.c, self.start
+    def mark(self, phase: Optional[str]) -> None:
+        """The time since the last mark belongs to phase (None: to no phase of the evaluation)."""
+        now = time.perf_counter()
+        if phase is not None:
+            self.t[phase] += now - self._last
+        self._last = now
+
+    def totals(self) -> Tuple[float, float, float, Dict[str, float]]:
+        """(bytes sent, received, sent across nodes) summed over ranks, seconds per phase as the
+        slowest rank spent them (two reductions: control traffic)."""
+        c, (s0, r0, x0) = self.c, self.start
         sent, recv, cross = c.reduce_stats([c.bytes_sent - s0, c.bytes_recv - r0, c.bytes_sent_cross - x0], "sum")
-        return sent, recv, cross, time.perf_counter() - t0
+        times = dict(zip(self.t, c.reduce_stats(list(self.t.values()), "max")))
+        return sent, recv, cross, times
 
 
 def agree(c: Comm, error: Optional[BaseException]) -> None:
@@ -466,6 +580,18 @@ def agree(c: Comm, error: Optional[BaseException]) -> None:
             sys.stderr.write(f"resist_mpi: error: {one_line(error)}\n")
             sys.stderr.flush()
         raise SystemExit(FAILURE_EXIT)
+
+
+def _difference(a: List[str], b: List[str]) -> List[str]:
+    """The hosts of a that b lacks, as a multiset (a host with two ranks that lost one counts once)."""
+    rest = list(b)
+    out = []
+    for h in a:
+        if h in rest:
+            rest.remove(h)
+        else:
+            out.append(h)
+    return out
 
 
 def one_line(error: BaseException) -> str:

@@ -195,6 +195,7 @@ class Comm:
         self._counters = counters or Counters()
         self._process = _Process()
         self.set_nodes([0] * size)
+        self.hosts: List[str] = ["localhost"] * size  # every rank's host name (learn_nodes)
 
     # -- counters ---------------------------------------------------------------------------------
     bytes_sent = property(lambda self: self._counters.sent, lambda self, v: setattr(self._counters, "sent", v))
@@ -217,9 +218,11 @@ class Comm:
         """Every rank's node, from the host names (one allgather of metadata: control bytes)."""
         import socket
         if self.size == 1:
+            self.hosts = [socket.gethostname()]
             return
         with self.as_control():
             hosts = self.allgather_object(socket.gethostname())
+        self.hosts = list(hosts)
         ids = {h: k for k, h in enumerate(dict.fromkeys(hosts))}
         self.set_nodes([ids[h] for h in hosts])
 
@@ -398,6 +401,7 @@ class Comm:
         sub = self._split(int(color), int(key), groups)
         sub._process = self._process
         sub.members = members
+        sub.hosts = [self.hosts[r] for r in members]
         sub.set_nodes([self.nodes[r] for r in members])
         mine = self.nodes[self.rank]
         sub.local_rank = sum(1 for r in members[:members.index(self.rank)] if self.nodes[r] == mine)
@@ -416,6 +420,7 @@ class Comm:
         sub._process = self._process
         sub.members = getattr(self, "members", list(range(self.size)))
         sub.set_nodes(self.nodes)
+        sub.hosts = list(self.hosts)
         sub.local_rank, sub.local_size = self.local_rank, self.local_size
         return sub
 
@@ -582,6 +587,7 @@ class SelfComm(Comm):
 
     def __init__(self, counters: Optional[Counters] = None):
         super().__init__(0, 1, 0, 1, counters)
+        self.learn_nodes()
 
     def _alltoallv(self, send, send_counts, recv_counts):
         return send.clone()

@@ -159,6 +159,11 @@ class Strategy:
         """Seconds background averages (--overlap) ran while training computed, so far."""
         return sum(a.hidden for a in self._model_averagers)
 
+    def bn_to_recalibrate(self) -> Optional[List[torch.nn.Module]]:
+        """The BN modules whose statistics an evaluation of the full model must re-estimate
+        (None: all of them)."""
+        return None
+
     def finite(self) -> bool:
         """Whether every tensor this rank holds is finite (a local check, no communication)."""
         return all(bool(torch.isfinite(t).all()) for t in module_tensors(self.model) if t.numel())
@@ -367,6 +372,50 @@ class Strategy:
     def _load_model(self, weights: Dict) -> None:
         self.model.load_state_dict(weights)
 
+    # -- sharded checkpoints (resist_mpi.checkpoint): each rank its own part, no communication -----------
+    def shard(self):
+        """This rank's part of a sharded checkpoint at a round boundary (CPU copies; no communication)."""
+        raise NotImplementedError(f"{type(self).__name__} has no sharded checkpoints")
+
+    def load_shards(self, reader, round_index: int, same_layout: bool) -> None:
+        """Continue from a sharded checkpoint at round round_index (collective for ResIST: the first
+        round's assignment). same_layout: the checkpoint's world and group sizes are this run's, so
+        per-rank state is used; otherwise it starts afresh and an average in flight is applied."""
+        raise NotImplementedError(f"{type(self).__name__} has no sharded checkpoints")
+
+    def _shared_state(self, model_state: Dict, keys) -> Dict:
+        """What rank 0 writes for everyone: the given model entries and what every rank holds alike."""
+        from ..averaging import _cpu_copy
+        state = {"strategy": self.name, "round": self.round, "model": _cpu_copy(model_state),
+                 "averagers": [a.state_dict() for a in self._model_averagers], "averaged_keys": keys}
+        if self.optimizer is not None and self.replicated_optimizer_state:
+            state["optimizer"] = _cpu_copy(self.optimizer.state_dict())
+        return state
+
+    def _rank_shard(self) -> Dict:
+        from ..averaging import _cpu_copy
+        return _cpu_copy(self.rank_state_dict() or {})
+
+    def _load_shared_parts(self, reader, same_layout: bool) -> None:
+        """Optimizer and averagers from a sharded checkpoint (after the model's tensors)."""
+        shared = reader.shared
+        own = reader.rank_state(self.comm.rank) if same_layout else {}
+        self._resumed_optimizer = shared.get("optimizer") or own.get("optimizer")
+        globals_ = shared.get("averagers") or [None] * len(self._model_averagers)
+        ranks = own.get("averagers") or [None] * len(self._model_averagers)
+        for i, (averager, g, r) in enumerate(zip(self._model_averagers, globals_, ranks)):
+            if same_layout:
+                averager.load_state_dict(g, r)
+                continue
+            from ..checkpoint import flushed_values
+            flushed = flushed_values(reader, i)
+            if flushed is None:
+                averager.load_state_dict(g, None)
+            else:  # the old world's average in flight, applied here: every rank starts from it
+                values, outer = flushed
+                averager.load_state_dict({**g, "agreed": values, "outer": outer}, None)
+                averager.set_values(values)
+
 
 class Replicated(Strategy):
     """Every rank holds the full model (local SGD, data-parallel): rank 0's weights are given to all
@@ -384,6 +433,21 @@ class Replicated(Strategy):
 
     def shared_parameters(self) -> List[torch.nn.Parameter]:
         return list(self.model.parameters())
+
+    def shard(self):
+        from ..blocks import module_keys
+        from ..checkpoint import Shard
+        shard = Shard(rank=self._rank_shard())
+        if self.comm.rank == 0:
+            shard.shared = self._shared_state(self.model.state_dict(), module_keys(self.model))
+        return shard
+
+    def load_shards(self, reader, round_index: int, same_layout: bool) -> None:
+        if self._open:
+            raise UsageError("load_shards() in the middle of a round: load before the first round")
+        self.model.load_state_dict(reader.shared["model"])
+        self.round = round_index
+        self._load_shared_parts(reader, same_layout)
 
 
 @contextlib.contextmanager

@@ -196,6 +196,13 @@ class ResIST(Strategy):
         self.holdings.trained()  # blocks several ranks trained now differ: averaged in the next exchange
 
     # -- evaluation / checkpoints ----------------------------------------------------------------------
+    def bn_to_recalibrate(self) -> List[torch.nn.Module]:
+        """The BN layers from the first partitioned block on: before it, the full model computes what
+        every sub-network computes, so those layers' averaged running statistics hold."""
+        order = list(self.model.modules())
+        first = min(order.index(b) for b in self.blocks)
+        return [m for m in order[first:] if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
     def eval_scale(self) -> float:
         return partition.eval_residual_scale(len(self.blocks), self.groups.count, self.min_depth)
 
@@ -260,6 +267,75 @@ class ResIST(Strategy):
         self.model.load_state_dict(weights)
         activate(self.blocks, range(len(self.blocks)))
         self.holdings.synchronized(everyone(len(self.blocks), self.groups.count))
+
+
+    # -- sharded checkpoints ----------------------------------------------------------------------------
+    def block_writers(self) -> Dict[int, List[int]]:
+        """block -> the ranks that write it to a sharded checkpoint: member 0 of its lowest holding
+        group (copies are identical), or of every holding group when several trained it this round."""
+        G, h = self.groups.size, self.holdings
+        return {b: [g * G for g in (holders if b in h.divergent else holders[:1])]
+                for b, holders in enumerate(h.holders)}
+
+    def shard(self):
+        from ..averaging import _cpu_copy
+        from ..blocks import shared_keys
+        from ..checkpoint import Shard
+        shard = Shard(rank=self._rank_shard(), writers=self.block_writers())
+        for b, writers in shard.writers.items():
+            if self.comm.rank in writers:
+                shard.blocks[b] = _cpu_copy(self.blocks[b].state_dict(prefix=self.block_names[b] + "."))
+        if self.comm.rank == 0:
+            prefixes = tuple(n + "." for n in self.block_names)
+            own = {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefixes)}
+            shard.shared = self._shared_state(own, shared_keys(self.model, self.blocks))
+            shard.shared.update(assignment=self.assignment, holders=[list(h) for h in self.holdings.holders],
+                                divergent=sorted(self.holdings.divergent))
+        return shard
+
+    def load_shards(self, reader, round_index: int, same_layout: bool) -> None:
+        """Each rank reads only the blocks it holds: with the checkpoint's layout, those of the round
+        it was written after (copies several ranks trained stay apart, to be averaged by the next
+        exchange as in the uninterrupted run); otherwise those of the first round's new assignment
+        (drawn now: collective), copies averaged in rank order, as the exchange would have."""
+        if self._open:
+            raise UsageError("load_shards() in the middle of a round: load before the first round")
+        shared = reader.shared
+        self.model.load_state_dict(shared["model"], strict=False)  # the shared layers (blocks: below)
+        self.round = round_index
+        P, count, g = len(self.blocks), self.groups.count, self.groups.index
+        if same_layout:
+            self.assignment = tuple(tuple(a) for a in shared["assignment"])
+            holders = [tuple(h) for h in shared["holders"]]
+            divergent = set(shared["divergent"])
+            for b in range(P):
+                if g in holders[b]:
+                    copies = dict(reader.block_copies(b))
+                    self._put_block(b, copies[g * self.groups.size] if b in divergent else next(iter(copies.values())))
+                else:
+                    self.store.release(b)
+            self.holdings = Holdings(P, count, holders)
+            self.holdings.divergent = divergent
+            activate(self.blocks, self.mine())
+        else:
+            self.assignment = None
+            needers = needers_from_assignment(self.draw(round_index), P)
+            from ..checkpoint import average_copies
+            for b in range(P):
+                if g in needers[b]:
+                    self._put_block(b, average_copies([copy for _, copy in reader.block_copies(b)]))
+                else:
+                    self.store.release(b)
+            self.holdings = Holdings(P, count, needers)
+        self.store.trim_spares(0)
+        self._load_shared_parts(reader, same_layout)
+
+    def _put_block(self, b: int, entries: Dict[str, torch.Tensor]) -> None:
+        if not self.store.holds(b):
+            self.store.materialize(b, self.device)
+        self.store.slab(b)
+        prefix = self.block_names[b] + "."
+        self.blocks[b].load_state_dict({k[len(prefix):]: v for k, v in entries.items()})
 
 
 def _device_of(model) -> torch.device:

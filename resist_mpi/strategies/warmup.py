@@ -43,6 +43,9 @@ class Warmup(Strategy):
     def finite(self) -> bool:
         return self.current.finite()
 
+    def bn_to_recalibrate(self):
+        return self.current.bn_to_recalibrate()
+
     def _switch_if_due(self) -> None:
         if self.first is not None and self.round >= self.switch_round:
             self.first.flush()  # an overlapped average must land before the model is handed over
@@ -93,6 +96,18 @@ class Warmup(Strategy):
 
     def rank_state_dict(self) -> Optional[Dict]:
         return self.current.rank_state_dict()
+
+    def shard(self):
+        return self.current.shard()
+
+    def load_shards(self, reader, round_index: int, same_layout: bool) -> None:
+        self.round = round_index
+        if reader.manifest["strategy"] == self.first.name:  # written during the warm-up
+            self.first.load_shards(reader, round_index, same_layout)
+            self._switch_if_due()  # (at the switch round: the next strategy takes over the loaded model)
+            return
+        self._switch_if_due()  # the first strategy's full model is every rank's; the next one takes over
+        self.current.load_shards(reader, round_index, same_layout)
 
     def load_state_dict(self, state: Dict, rank_state: Optional[Dict] = None) -> None:
         self.round = int(state.get("round", 0))

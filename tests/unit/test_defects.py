@@ -94,7 +94,7 @@ def test_checkpoint_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatc
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real(fd)
     monkeypatch.setattr(os, "fsync", spy)
-    ckpt._atomic_save({"a": torch.ones(1)}, str(tmp_path / "x.pt"))
+    ckpt.atomic_save({"a": torch.ones(1)}, str(tmp_path / "x.pt"))
     assert synced[-1] == str(tmp_path)  # the directory, after the file itself
     assert str(tmp_path / "x.pt.tmp") in synced
 
@@ -104,7 +104,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_under_its_name(tmp_p
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 128 vs 64")
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(OSError, match="cannot write checkpoint .*x.pt: .*unexpected pos"):
-        ckpt._atomic_save({"a": torch.ones(1)}, str(tmp_path / "x.pt"))
+        ckpt.atomic_save({"a": torch.ones(1)}, str(tmp_path / "x.pt"))
     assert os.listdir(tmp_path) == []
 
 
@@ -127,19 +127,24 @@ def test_an_out_directory_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_i
     lock.release()
 
 
-def _fake_checkpoint(path, **over):
-    state = {"format": ckpt.FORMAT, "model_name": "preact_resnet34", "strategy": "resist", "round": 1,
-             "world_size": 4, "epoch": 1.0, "per_rank": True, "model": L.make_model().state_dict(),
-             "config": {"width": 4, "group_size": "2"}}
-    state.update(over)
-    torch.save(state, path)
-    for r in range(4):
-        torch.save({"rank": r}, ckpt.rank_path(str(path), r))
+def _fake_checkpoint(directory, **over):
+    """A complete sharded checkpoint of 4 ranks in groups of 2 (the whole model in shared.pt)."""
+    import json
+    os.makedirs(directory)
+    files = {"shared.pt": {"model": L.make_model().state_dict(), "averagers": []}}
+    files.update({ckpt.shard_name("rank", r): {"rank": r} for r in range(4)})
+    for name, obj in files.items():
+        torch.save(obj, os.path.join(directory, name))
+    manifest = {"format": ckpt.FORMAT, "model_name": "preact_resnet34", "strategy": "resist", "round": 1,
+                "world_size": 4, "epoch": 1.0, "config": {"width": 4, "group_size": "2"}, "blocks": {},
+                "files": sorted(files), "bytes": {n: os.path.getsize(os.path.join(directory, n)) for n in files}}
+    manifest.update(over)
+    json.dump(manifest, open(os.path.join(directory, ckpt.MANIFEST), "w"))
 
 
 def test_resume_under_another_strategy_is_refused_in_one_line(tmp_path):
     from resist_mpi.config import Config
-    path = tmp_path / "ckpt-000001.pt"
+    path = tmp_path / "ckpt-000001"
     _fake_checkpoint(path)
     with torch.device("meta"):
         probe = L.make_model()
@@ -151,13 +156,14 @@ def test_resume_under_another_strategy_is_refused_in_one_line(tmp_path):
 
 def test_resume_with_another_group_size_says_its_per_rank_state_starts_afresh(tmp_path):
     from resist_mpi.config import Config
-    path = tmp_path / "ckpt-000001.pt"
+    path = tmp_path / "ckpt-000001"
     _fake_checkpoint(path)
     with torch.device("meta"):
         probe = L.make_model()
     same = ckpt.resolve_and_load(Config(model="preact_resnet34", width=4, group_size="2", resume=str(path)), probe, 1, 4)
-    assert same["rank_state"] == {"rank": 1} and "rank_state_dropped" not in same
+    assert same["same_layout"] and "rank_state_dropped" not in same
+    assert same["reader"].rank_state(1) == {"rank": 1}
     other = ckpt.resolve_and_load(Config(model="preact_resnet34", width=4, group_size="1", resume=str(path)), probe, 1, 4)
-    assert other["rank_state"] is None
+    assert not other["same_layout"]
     assert other["rank_state_dropped"] == ("the checkpoint was written by 4 ranks in groups of 2, this run has 4 "
                                            "in groups of 1")

@@ -120,8 +120,9 @@ def test_trainer_stops_on_a_diverging_round_with_its_own_exit_and_keeps_the_fini
     # the newest checkpoint is still the finite one: nothing was written from the broken model, and
     # rotation (--keep-checkpoints 1) did not delete it
     assert ckpt.list_checkpoints(str(tmp_path)) == good
-    state = ckpt.load(good[0])
-    assert all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
+    manifest, why = ckpt.verify(good[0])
+    state = ckpt.full_state_dict(ckpt.Reader(good[0], manifest))
+    assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
     # metrics.jsonl is strict JSON: non-finite values are strings
     lines = open(tmp_path / "metrics.jsonl").read().splitlines()
     recs = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for line in lines]
@@ -148,6 +149,8 @@ def test_a_non_finite_model_is_never_checkpointed():
     check_finite({"model": {"w": torch.ones(2), "n": torch.tensor(3)}})
     with pytest.raises(rm.NonFiniteError, match="checkpoint not written"):
         check_finite({"model": {"w": torch.tensor([1.0, math.inf])}})
+    with pytest.raises(rm.NonFiniteError, match=r"blocks.3.w"):
+        check_finite({"blocks": {3: {"w": torch.tensor([math.nan])}}})
 
 
 def test_round_meter_names_the_ranks():

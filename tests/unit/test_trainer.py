@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from resist_mpi import checkpoint as ckpt
 from resist_mpi import comm
 from resist_mpi.config import Config, validate
 from resist_mpi.trainer import Trainer
@@ -25,8 +26,10 @@ def _run(out, **kw):
 @pytest.mark.parametrize("kw", [dict(strategy="resist"), dict(strategy="local_sgd"),
                                 dict(strategy="data_parallel"), dict(strategy="resist", warmup_epochs=1),
                                 dict(strategy="resist", optimizer_state="keep_shared"),
-                                dict(strategy="local_sgd", wire_dtype="int8")],
-                         ids=["resist", "local_sgd", "data_parallel", "warmup", "resist-momentum", "local_sgd-int8"])
+                                dict(strategy="local_sgd", wire_dtype="int8"),
+                                dict(strategy="resist", overlap=True, outer_optimizer="nesterov", checkpoint_rounds=1)],
+                         ids=["resist", "local_sgd", "data_parallel", "warmup", "resist-momentum", "local_sgd-int8",
+                              "resist-overlap-outer-every-round"])
 def test_run_then_resume_from_a_checkpoint_bit_for_bit(tmp_path, kw):
     result, recs = _run(tmp_path / "full", **kw)
     rounds = [r for r in recs if r["event"] == "round"]
@@ -35,21 +38,25 @@ def test_run_then_resume_from_a_checkpoint_bit_for_bit(tmp_path, kw):
     assert [r["strategy"] for r in rounds] == \
         [("local_sgd" if kw.get("warmup_epochs") and r["round"] < 3 else kw["strategy"]) for r in rounds]
     assert len([r for r in recs if r["event"] == "switch"]) == (1 if kw.get("warmup_epochs") else 0)
-    ckpts = sorted(p for p in (tmp_path / "full" / "checkpoints").glob("ckpt-*.pt") if ".rank" not in p.name)
-    assert [p.name for p in ckpts] == ["ckpt-000003.pt", "ckpt-000006.pt"]  # after epoch 1 and 2
-    companions = sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("*.rank*.pt"))
-    per_rank = kw.get("optimizer_state") or kw.get("wire_dtype")  # momentum, error feedback
-    assert companions == (["ckpt-000003.rank0.pt", "ckpt-000006.rank0.pt"] if per_rank else [])
+    names = [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path / "full"))]
+    every = kw.get("checkpoint_rounds")
+    assert names == ([f"ckpt-{r:06d}" for r in range(2, 7)] if every else ["ckpt-000003", "ckpt-000006"])
+    first = "ckpt-000003"  # after epoch 1 (round 2)
     part = tmp_path / "part" / "checkpoints"
     part.mkdir(parents=True)
-    for p in (tmp_path / "full" / "checkpoints").glob("ckpt-000003*"):
-        shutil.copy(p, part / p.name)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / first, part / first)
     resumed, recs2 = _run(tmp_path / "part", resume="auto", **kw)
     assert resumed == result
     assert [r for r in recs2 if r["event"] == "resume"][0]["round"] == 3
     keep = ("round", "train_loss", "train_acc", "bytes_sent")
     assert [{k: r[k] for k in keep} for r in recs2 if r["event"] == "round"] == \
         [{k: r[k] for k in keep} for r in rounds[3:]]
-    a = torch.load(ckpts[-1], weights_only=True)["model"]
-    b = torch.load(part / "ckpt-000006.pt", weights_only=True)["model"]
+    a = ckpt.full_state_dict(ckpt.Reader(*_verified(tmp_path / "full" / "checkpoints" / "ckpt-000006")))
+    b = ckpt.full_state_dict(ckpt.Reader(*_verified(part / "ckpt-000006")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _verified(path):
+    manifest, why = ckpt.verify(str(path))
+    assert manifest is not None, why
+    return str(path), manifest
