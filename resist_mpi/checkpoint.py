@@ -85,8 +85,9 @@ def atomic_save(obj, path: str) -> None:
     failure (a full disk) removes the temporary file and raises OSError with one line."""
     tmp = path + ".tmp"
     try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
+        with open(tmp, "wb") as fh:  # through a Python file: a full disk is an OSError with its errno
+            torch.save(obj, fh)
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(os.path.dirname(path) or ".")

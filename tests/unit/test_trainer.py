@@ -60,3 +60,21 @@ def _verified(path):
     manifest, why = ckpt.verify(str(path))
     assert manifest is not None, why
     return str(path), manifest
+
+
+def test_imagenet_style_model_trains_on_an_image_folder(tmp_path):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = tmp_path / "data" / split / cls
+            d.mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    result, recs = _run(tmp_path / "run", model="preact_resnet50_imagenet", dataset="imagefolder",
+                        data_dir=str(tmp_path / "data"), image_size=64, epochs=1, batch_size=8, local_steps=2,
+                        checkpoint_every=0)
+    rounds = [r for r in recs if r["event"] == "round"]
+    assert len(rounds) == 1 and rounds[0]["step"] == 2  # 16 images, 8 a step: one round of 2 steps
+    assert 0.0 <= result["test_acc"] <= 1.0

@@ -1,0 +1,104 @@
+"""Bad input stops every rank before training with one line from one rank and exit status 2, and
+leaves the user's files as they were: the trainer's set-up on 1, 2 and 4 thread ranks (one real
+launch per kind of failure: tests/e2e/test_cli.py::test_bad_input_one_line_nonzero_everywhere)."""
+import os
+
+import pytest
+import torch
+
+from resist_mpi.comm import init
+from resist_mpi.comm.thread import run_ranks
+from resist_mpi.config import Config, ConfigError, parse_config, validate
+from resist_mpi.trainer import Trainer
+
+
+def _truncated_h5(tmp_path):
+    """A real packed dataset cut in half, as an interrupted copy leaves it."""
+    from resist_mpi.data import main as data_main
+    full = tmp_path / "digits.h5"
+    assert data_main(["pack", "digits", str(full)]) == 0
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(full.read_bytes()[: os.path.getsize(full) // 2])
+    return str(cut)
+
+
+def _image_folder(tmp_path, size):
+    from PIL import Image
+    import numpy as np
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = tmp_path / "folder" / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return str(tmp_path / "folder")
+
+
+def _checkpoint(tmp_path, kind):
+    """A damaged checkpoint, or a real one of another model."""
+    if kind == "corrupt":
+        d = tmp_path / "ckpt-000001"
+        d.mkdir()
+        (d / "manifest.json").write_text('{"format": "resist_mpi-sharded-1", "files": ["shared.pt"], '
+                                         '"bytes": {"shared.pt": 16}}')
+        (d / "shared.pt").write_bytes(b"PK\x03\x04 this is not")
+        return str(d)
+    out = tmp_path / "other"
+    cfg = validate(Config(model="preact_resnet18", width=4, epochs=1, batch_size=256, min_depth=1, checkpoint_every=1,
+                          out=str(out), progress="off", bn_batches=1))
+    Trainer(cfg, init("self", fail_fast=False)).run()
+    return str(next((out / "checkpoints").iterdir()))
+
+
+CASES = [
+    (2, dict(min_depth=99), "exceeds the 22 partitionable blocks"),
+    (4, dict(model="preact_resnet18"), "4 ranks but only 1 partitionable blocks"),
+    (2, dict(dataset="cifar10", data_dir="/nonexistent/cifar"), "cifar10"),
+    (2, dict(resume="CORRUPT"), "shared.pt is unreadable"),
+    (2, dict(resume="OTHER"), "holds preact_resnet18"),
+    (2, dict(dataset="hdf5", data_dir="TRUNCATED_H5"), "TRUNCATED_H5"),
+    (2, dict(dataset="imagefolder", data_dir="FOLDER64"), "expects 32x32"),
+    (2, dict(device="cuda:7"), "device cuda:7 requested but only"),
+    (1, dict(device="cuda"), "no GPU is visible"),
+    (4, dict(group_size="3"), "--group-size 3: the 4 ranks do not split into groups of 3"),
+    (2, dict(resume="/nonexistent/ckpt-000003"), "checkpoint /nonexistent/ckpt-000003 not found"),
+]
+
+
+@pytest.mark.parametrize("size, settings, message", CASES, ids=[m[:30] for _, _, m in CASES])
+def test_bad_input_stops_every_rank_with_one_line(tmp_path, capsys, size, settings, message):
+    made = {"TRUNCATED_H5": lambda: _truncated_h5(tmp_path), "FOLDER64": lambda: _image_folder(tmp_path, 64),
+            "CORRUPT": lambda: _checkpoint(tmp_path, "corrupt"), "OTHER": lambda: _checkpoint(tmp_path, "other")}
+    settings = {k: made[v]() if isinstance(v, str) and v in made else v for k, v in settings.items()}
+    message = settings["data_dir"] if message in made else message
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    cfg = validate(Config(**{"width": 4, "epochs": 1, "out": str(tmp_path / "run"), "progress": "off", **settings}))
+    torch.set_num_threads(1)
+    outcome = run_ranks(size, lambda c: _exit_code(cfg, c))
+    assert outcome == [2] * size
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resist_mpi: error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert files == {p: p.read_bytes() for p in files}  # the user's files, untouched
+
+
+def _exit_code(cfg, c):
+    try:
+        Trainer(cfg, c)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "resnet_nope"], "unknown model"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda"),
+    (["--overwrite", "--resume", "auto"], "--overwrite starts afresh and --resume continues"),
+    (["--group-size", "two"], "--group-size 'two': give a number of ranks per group, or 'node'"),
+    (["--group-size", "2", "--strategy", "data_parallel"], "--group-size applies to resist and local_sgd"),
+])
+def test_bad_settings_are_refused_before_any_rank_starts(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        validate(parse_config(argv))
+    assert "\n" not in str(e.value)
