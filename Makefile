@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 MPIRUN ?= mpirun --oversubscribe
 STAMP := $(VENV)/.resist-setup-stamp
 
-.PHONY: setup mpi demo test test-unit test-mpi horovod bench clean
+.PHONY: setup mpi demo test test-fast lint docs horovod bench clean
 
 setup: $(STAMP) cluster-deps
 
@@ -61,17 +61,29 @@ cluster-deps:
 	  echo "setup: no iproute2 here; tests/test_multinode.py will skip (needs root + apt-get install iproute2)"; \
 	fi
 
-$(STAMP): setup.py | mpi
+$(STAMP): pyproject.toml | mpi
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,plot]'
+	$(VENV)/bin/pip install -q -e '.[test,plot,docs]'
 	@touch $(STAMP)
 
 demo: setup
 	$(MPIRUN) -np $(NP) $(VENV)/bin/python -m resist_mpi.train --config configs/demo.yaml --out runs/demo --overwrite
 
-test: setup scheduler-deps horovod-or-warn
+# Everything: the linter, the docs site (warnings are errors), then every test tier.
+test: setup scheduler-deps horovod-or-warn lint docs
 	$(VENV)/bin/python -m pytest tests -q
+
+# The unit tier without the slow tests: one process, no launches (ranks as threads), a few minutes.
+test-fast: setup
+	$(VENV)/bin/python -m pytest tests/unit -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# The docs site (mkdocs.yml, docs/) into build/site; a broken link or a page left out of nav fails.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict -q -d build/site
 
 # A failed Horovod build skips its tests with a warning on a user's machine; under CI=true (.ci/run
 # sets it) it fails the run, so CI never passes with a backend silently untested.

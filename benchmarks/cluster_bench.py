@@ -37,8 +37,10 @@ the package (summed over ranks) and by the kernel (tx summed over nodes, all tra
 rounds), and their ratio over the whole job. Each shaped rate is mapped to the rate beside the
 published GPUs with the same communication-to-compute ratio for local SGD (gpu_scale.py).
 
-Writes OUT/cluster_bench.json (everything, with command lines, rates, probes and git commit) and
-OUT/cluster_bench.png (time to target relative to local SGD against local SGD's comm fraction).
+Writes OUT/cluster_bench.json (everything, with command lines, rates, probes and git commit),
+OUT/cluster_bench.png (time to target relative to local SGD against local SGD's comm fraction) and
+OUT/cluster_bench_rounds.png (per rate and strategy: compute, exposed and hidden communication per
+round). Times to target are given with and without the evaluations' own time (t_eval).
 """
 from __future__ import annotations
 
@@ -158,10 +160,17 @@ def run_sweep(cl: Cluster, args, rates: List[str]) -> None:
 
 
 def resolve_rates(requested: List[str], fit: Optional[Dict]) -> List[Dict]:
-    """[{"label", "requested", "bits"}]: `auto` becomes the fitted rate's label (left out if none)."""
+    """[{"label", "requested", "bits"}]: `auto` becomes the fitted rate's label, `auto/K` that rate
+    divided by K (left out if there is no fit)."""
     out = []
     for r in requested:
-        label = (fit or {}).get("label") if r == "auto" else r
+        if r == "auto" or r.startswith("auto/"):
+            bits = (fit or {}).get("rate_bits")
+            if not bits:
+                continue
+            label = (fit or {}).get("label") if r == "auto" else report.rate_label(bits / float(r.split("/", 1)[1]))
+        else:
+            label = r
         if label:
             out.append({"label": label, "requested": r, "bits": parse_rate(label)})
     return out
@@ -280,7 +289,7 @@ def parse_args(argv=None):
     args.targets = [float(t) for t in args.targets.split(",") if t.strip()]
     args.rates = [r.strip() for r in args.rates.split(",") if r.strip()]
     args.probe_rates = [r.strip() for r in args.probe_rates.split(",") if r.strip()]
-    for r in args.probe_rates + [r for r in args.rates if r != "auto"]:
+    for r in args.probe_rates + [r for r in args.rates if not r.startswith("auto")]:
         parse_rate(r)  # a typo fails here, not after an hour of runs
     return args
 
@@ -300,12 +309,12 @@ def main(argv=None) -> int:
             return 2
         profile = {k: v for k, v in compare.mpi_env().items() if k in ("OMP_NUM_THREADS", "PYTHONUNBUFFERED")}
         with Cluster(nodes=args.nodes, prefix=args.prefix, subnet=args.subnet, profile=profile) as cl:
-            if "auto" in args.rates:
+            if any(r.startswith("auto") for r in args.rates):
                 fit = find_half_rate(cl, args, args.seeds[0])
                 with open(os.path.join(args.out, AUTO_FILE), "w") as fh:
                     json.dump(fit, fh, indent=2)  # --report-only reads the rate the runs used
             run_sweep(cl, args, [r["label"] for r in resolve_rates(args.rates, fit)])
-    elif "auto" in args.rates:
+    elif any(r.startswith("auto") for r in args.rates):
         saved = os.path.join(args.out, AUTO_FILE)
         fit = json.load(open(saved)) if os.path.exists(saved) else find_half_rate(None, args, args.seeds[0])
     rates = resolve_rates(args.rates, fit)
@@ -327,8 +336,10 @@ def main(argv=None) -> int:
              f"seeds {','.join(map(str, args.seeds))}")
     drawn = report.plot(result["summary"], sorted(args.targets, reverse=True)[:2], png, title, args.baseline,
                         args.goals)
-    print(f"cluster_bench: wrote {path}" + (f" and {png}" if drawn else " (no figure: no rate has local SGD "
-                                                                          "and a strategy reaching a target)"), flush=True)
+    rounds_png = png[:-len(".png")] + "_rounds.png" if png.endswith(".png") else png + "_rounds.png"
+    report.plot_round_times(result["summary"], rounds_png, title)
+    print(f"cluster_bench: wrote {path}, {rounds_png}" + (f" and {png}" if drawn else " (no figure: no rate has "
+                                                          "local SGD and a strategy reaching a target)"), flush=True)
     return 0
 
 

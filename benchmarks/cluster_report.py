@@ -90,6 +90,8 @@ def round_stats(records: List[Dict]) -> Optional[Dict]:
     return {"rounds": len(rounds),
             "t_compute_s": statistics.median(r["t_compute"] for r in rounds),
             "t_comm_s": statistics.median(r["t_comm"] for r in rounds),
+            "t_hidden_s": statistics.median(r.get("t_comm_hidden", 0.0) for r in rounds),
+            "t_eval_s": statistics.median(e["t_eval"] for e in evals) if evals and "t_eval" in evals[0] else None,
             "comm_fraction": statistics.median(fractions) if fractions else None,
             "bytes_sent_per_round": statistics.fmean(r["bytes_sent"] for r in rounds),
             "bytes_sent": sum(r["bytes_sent"] for r in rounds + evals)}
@@ -141,22 +143,25 @@ def aggregate_rate(runs: Dict[str, Dict[int, Optional[Dict]]], targets: List[flo
         if not done:
             continue
         s = summary[strategy]
-        for key in ("t_compute_s", "t_comm_s", "comm_fraction", "bytes_sent_per_round", "rounds"):
-            s[key] = _mean(r[key] for r in done)
+        for key in ("t_compute_s", "t_comm_s", "t_hidden_s", "t_eval_s", "comm_fraction", "bytes_sent_per_round",
+                    "rounds"):
+            s[key] = _mean(r.get(key) for r in done)
         s["kernel_tx_per_round"] = _mean(r["kernel"]["tx_per_round"] for r in done if r.get("kernel"))
         s["kernel_over_package"] = _mean(r["kernel"]["over_package"] for r in done if r.get("kernel"))
     for strategy, s in summary.items():
         s["relative_time_to_target"] = relative_times(summary, strategy, targets, baseline)
+        s["relative_train_time_to_target"] = relative_times(summary, strategy, targets, baseline, "train_mean_s")
     return summary
 
 
 def relative_times(summary: Dict, strategy: str, targets: List[float],
-                   baseline: str = BASELINE) -> Dict[str, Optional[float]]:
-    """Time to each target of strategy / the baseline's at the same rate (None where either never got there)."""
+                   baseline: str = BASELINE, key: str = "mean_s") -> Dict[str, Optional[float]]:
+    """Time to each target of strategy / the baseline's at the same rate (None where either never got
+    there); key "train_mean_s": the training time alone (evaluations' own time left out)."""
     out = {}
     for t in targets:
-        mine = summary.get(strategy, {}).get("time_to_target", {}).get(str(t), {}).get("mean_s")
-        base = summary.get(baseline, {}).get("time_to_target", {}).get(str(t), {}).get("mean_s")
+        mine = summary.get(strategy, {}).get("time_to_target", {}).get(str(t), {}).get(key)
+        base = summary.get(baseline, {}).get("time_to_target", {}).get(str(t), {}).get(key)
         out[str(t)] = mine / base if mine is not None and base else None
     return out
 
@@ -183,8 +188,9 @@ def gpu_mapping(rate: str, local_sgd: Dict, model: Dict, gpu_step_s: float) -> O
 def format_table(summary: Dict[str, Dict], targets: List[float]) -> str:
     """One block per rate: accuracy, time to targets (and relative to local SGD), round times, bytes."""
     head = (f"{'rate':>10} | {'strategy':>13} | {'final acc':>14} | "
-            + " | ".join(f"{'t@' + format(t, '.0%') + ' (rel)':>19}" for t in targets)
-            + f" | {'compute':>7} | {'comm':>7} | {'comm%':>5} | {'pkg MB/rd':>9} | {'kern MB/rd':>10} | {'kern/pkg':>8}")
+            + " | ".join(f"{'t@' + format(t, '.0%') + ' (rel) train (rel)':>31}" for t in targets)
+            + f" | {'compute':>7} | {'comm':>7} | {'hidden':>7} | {'eval':>6} | {'comm%':>5} | {'pkg MB/rd':>9} | "
+              f"{'kern MB/rd':>10} | {'kern/pkg':>8}")
     lines = [head, "-" * len(head)]
     for rate, by_strategy in summary.items():
         for strategy, s in by_strategy.items():
@@ -194,13 +200,18 @@ def format_table(summary: Dict[str, Dict], targets: List[float]) -> str:
             cells = []
             for t in targets:
                 d, rel = s["time_to_target"][str(t)], s["relative_time_to_target"][str(t)]
+                trel = s.get("relative_train_time_to_target", {}).get(str(t))
                 cell = f"{d['mean_s']:6.1f}s {d['reached']}/{d['of']}" if d["reached"] else f"{'-':>7} 0/{d['of']}"
-                cells.append(cell + (f" {rel:5.2f}" if rel is not None else f" {'':5}"))
+                cell += f" {rel:5.2f}" if rel is not None else f" {'':5}"
+                train = d.get("train_mean_s")
+                cell += f" {train:6.1f}s" if d["reached"] and train is not None else f" {'-':>7}"
+                cells.append(cell + (f" {trel:5.2f}" if trel is not None else f" {'':5}"))
             kern = s.get("kernel_tx_per_round")
             kover = s.get("kernel_over_package")
             lines.append(f"{rate:>10} | {strategy:>13} | {100 * s['final_acc_mean']:6.2f}% ± {100 * s['final_acc_std']:4.2f} | "
-                         + " | ".join(f"{c:>19}" for c in cells)
-                         + f" | {s['t_compute_s']:6.2f}s | {s['t_comm_s']:6.2f}s | {100 * (s['comm_fraction'] or 0):4.0f}%"
+                         + " | ".join(f"{c:>31}" for c in cells)
+                         + f" | {s['t_compute_s']:6.2f}s | {s['t_comm_s']:6.2f}s | {s.get('t_hidden_s') or 0:6.2f}s | "
+                           f"{s.get('t_eval_s') or 0:5.2f}s | {100 * (s['comm_fraction'] or 0):4.0f}%"
                          f" | {s['bytes_sent_per_round'] / 1e6:9.2f} | "
                          + (f"{kern / 1e6:10.2f} | {kover:8.3f}" if kern is not None else f"{'-':>10} | {'-':>8}"))
     return "\n".join(lines)
@@ -245,3 +256,35 @@ def plot(summary: Dict[str, Dict], targets: Sequence[float], path: str, title: s
         fig.savefig(path, dpi=120)
     plt.close(fig)
     return drawn
+
+
+def plot_round_times(summary: Dict[str, Dict], path: str, title: str) -> bool:
+    """Per rate and strategy, the median round split into compute, exposed communication (the
+    training thread waited for it) and hidden communication (background averages that ran while it
+    computed; drawn beside, since they took no round time). False when there is nothing to draw."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rates = [r for r, by in summary.items() if any(s.get("seeds") for s in by.values())]
+    if not rates:
+        return False
+    fig, axes = plt.subplots(1, len(rates), figsize=(4.5 * len(rates), 4), squeeze=False)
+    for ax, rate in zip(axes[0], rates):
+        names = [n for n, s in summary[rate].items() if s.get("seeds")]
+        compute = [summary[rate][n]["t_compute_s"] for n in names]
+        exposed = [summary[rate][n]["t_comm_s"] for n in names]
+        hidden = [summary[rate][n].get("t_hidden_s") or 0.0 for n in names]
+        x = range(len(names))
+        ax.bar(x, compute, color="C0", label="compute")
+        ax.bar(x, exposed, bottom=compute, color="C3", label="exposed communication")
+        ax.bar([i + 0.28 for i in x], hidden, width=0.25, color="C2", alpha=0.7, label="hidden communication")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("seconds per round (median)")
+        ax.set_title(f"{title}: {rate}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

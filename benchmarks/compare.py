@@ -155,8 +155,11 @@ def summarise_run(path: str, targets: List[float]) -> Optional[Dict]:
     steps = rounds[-1]["step"]
     reached = {}
     for t in targets:
-        hit = next((e for e in evals if e["test_acc"] >= t), None)
-        reached[str(t)] = None if hit is None else {"wallclock": hit["wallclock"], "epoch": hit["epoch"]}
+        k = next((i for i, e in enumerate(evals) if e["test_acc"] >= t), None)
+        # training time: the wall-clock at that evaluation less every evaluation's own time so far
+        reached[str(t)] = None if k is None else {
+            "wallclock": evals[k]["wallclock"], "epoch": evals[k]["epoch"],
+            "train_wallclock": evals[k]["wallclock"] - sum(e.get("t_eval", 0.0) for e in evals[:k + 1])}
     launch = os.path.join(path, "launch.json")
     return {
         "final_acc": evals[-1]["test_acc"], "final_epoch": evals[-1]["epoch"],
@@ -166,6 +169,8 @@ def summarise_run(path: str, targets: List[float]) -> Optional[Dict]:
         "steps": steps,
         "step_time": sum(r["t_compute"] + r["t_comm"] for r in rounds) / steps,
         "comm_time": sum(r["t_comm"] for r in rounds),
+        "eval_time": sum(e.get("t_eval", 0.0) for e in evals),
+        "evals": len(evals),
         "wallclock": evals[-1]["wallclock"],
         "launch": json.load(open(launch)) if os.path.exists(launch) else None,
         "curve": [(e["wallclock"], e["test_acc"]) for e in evals],
@@ -188,9 +193,11 @@ def aggregate(runs: Dict[str, Dict[int, Dict]], targets: List[float]) -> Dict:
         acc_mean, acc_std = mean_std([r["final_acc"] for r in done.values()])
         ttt = {}
         for t in targets:
-            hits = [r["time_to_target"][str(t)]["wallclock"] for r in done.values() if r["time_to_target"][str(t)]]
-            ttt[str(t)] = {"mean_s": mean_std(hits)[0], "std_s": mean_std(hits)[1],
-                           "reached": len(hits), "of": len(done)}
+            hits = [r["time_to_target"][str(t)] for r in done.values() if r["time_to_target"][str(t)]]
+            walls = [h["wallclock"] for h in hits]
+            train = [h.get("train_wallclock", h["wallclock"]) for h in hits]
+            ttt[str(t)] = {"mean_s": mean_std(walls)[0], "std_s": mean_std(walls)[1],
+                           "train_mean_s": mean_std(train)[0], "reached": len(hits), "of": len(done)}
         summary[strategy] = {
             "seeds": sorted(done), "final_acc_mean": acc_mean, "final_acc_std": acc_std,
             "time_to_target": ttt,
@@ -198,6 +205,9 @@ def aggregate(runs: Dict[str, Dict[int, Dict]], targets: List[float]) -> Dict:
             "eval_bytes_mean": statistics.fmean(r["eval_bytes"] for r in done.values()),
             "step_time_mean_s": statistics.fmean(r["step_time"] for r in done.values()),
             "wallclock_mean_s": statistics.fmean(r["wallclock"] for r in done.values()),
+            "eval_time_mean_s": statistics.fmean(r.get("eval_time", 0.0) for r in done.values()),
+            "eval_time_per_eval_s": statistics.fmean(r.get("eval_time", 0.0) / max(1, r.get("evals", 1))
+                                                     for r in done.values()),
         }
     return summary
 
@@ -215,7 +225,8 @@ def format_table(summary: Dict, targets: List[float]) -> str:
         for t in targets:
             d = s["time_to_target"][str(t)]
             cells.append(f"{d['mean_s']:7.1f}s {d['reached']}/{d['of']}" if d["reached"] else f"{'-':>8} 0/{d['of']}")
-        lines.append(f"{strategy:>14} | {len(s['seeds']):>5} | {100 * s['final_acc_mean']:6.2f}% ± {100 * s['final_acc_std']:4.2f} | "
+        lines.append(f"{strategy:>14} | {len(s['seeds']):>5} | "
+                     f"{100 * s['final_acc_mean']:6.2f}% ± {100 * s['final_acc_std']:4.2f} | "
                      + " | ".join(f"{c:>12}" for c in cells)
                      + f" | {s['bytes_mean'] / 1e6:10.1f} MB | {s['eval_bytes_mean'] / 1e6:10.1f} MB"
                      f" | {1e3 * s['step_time_mean_s']:6.1f}ms | "

@@ -102,6 +102,7 @@ def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: i
     # round 0 (not timed): blocks leave rank 0's fresh model; also warms up every code path
     resist.begin_round()
     resist.end_round()
+    local.begin_round()
     local.end_round()
     if same_buffers:  # the flat buffers the strategies' Averagers reduce
         shared_buf, full_buf = resist._average.flat.numpy(), local._average.flat.numpy()
@@ -145,6 +146,7 @@ def run(model_name: str, num_classes: int, width: int, rounds: int, min_depth: i
         exchange_bytes.append(4 * int(sc.sum()))
 
     def t_local(_r):
+        local.begin_round()  # moves nothing for local SGD: only opens the round
         before = c.counters()
         mpicomm.Barrier()
         t0 = MPI.Wtime()
@@ -201,10 +203,12 @@ def format_result(res: Dict) -> str:
     m = {k: v * 1e3 for k, v in res["median_s"].items()}
     b = res["bytes_sent_per_round_all_ranks"]
     return "\n".join([
-        f"sync_bench: {res['world_size']} ranks, {res['backend']} backend, {res['model']} width {res['width']}, {res['num_classes']} classes: "
+        f"sync_bench: {res['world_size']} ranks, {res['backend']} backend, {res['model']} width {res['width']}, "
+        f"{res['num_classes']} classes: "
         f"shared {res['elements']['shared']:,} + {len(res['elements']['block'])} blocks of "
         f"{res['elements']['block'][0]:,} elements; median of {res['rounds_timed']} rounds, max over ranks; "
-        f"raw allreduces on {'the package' + chr(39) + 's own' if res['raw_allreduce_buffers'] == 'same' else 'separate'} buffers",
+        f"raw allreduces on "
+        f"{'the package' + chr(39) + 's own' if res['raw_allreduce_buffers'] == 'same' else 'separate'} buffers",
         f"{'':>24} {'package':>10} {'raw mpi4py':>11} {'raw/pkg':>8}",
         f"{'ResIST sync':>24} {m['resist']:8.1f}ms {m['resist_raw']:9.1f}ms {res['efficiency_vs_raw']:8.3f}",
         f"{'  block exchange':>24} {m['resist_exchange']:8.1f}ms {m['resist_raw_alltoallv']:9.1f}ms "

@@ -58,6 +58,12 @@ RESIST_DATASET=${RESIST_DATASET:-cifar10}
 RESIST_DATA_DIR=${RESIST_DATA_DIR:-$RESIST_HOME/data/$RESIST_DATASET}
 RESIST_EPOCHS=${RESIST_EPOCHS:-160}
 RESIST_CHECKPOINT_MINUTES=${RESIST_CHECKPOINT_MINUTES:-20}
+# A sharded checkpoint every this many rounds (written in the background: a lost node costs a round)
+RESIST_CHECKPOINT_ROUNDS=${RESIST_CHECKPOINT_ROUNDS:-1}
+# After a lost node: relaunch on the nodes still alive, this many times at most (0: never)
+RESIST_MAX_RESTARTS=${RESIST_MAX_RESTARTS:-3}
+# Seconds to wait for the scheduler to see the lost node (SLURM marks it after its SlurmdTimeout)
+RESIST_NODE_WAIT=${RESIST_NODE_WAIT:-120}
 RESIST_EXTRA_ARGS=${RESIST_EXTRA_ARGS:-}
 # One thread per rank unless the job asked for more cores per task (ranks share a node's cores).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -71,7 +77,8 @@ RESIST_WORKERS=${RESIST_WORKERS:-$(( _resist_cores > OMP_NUM_THREADS ? _resist_c
 # The train flags every job passes: data, length, and what makes a requeued job continue
 # (--resume auto picks the newest checkpoint in --out; none yet means a fresh start).
 resist_train_args() {
-    local args=(--progress off --resume auto --checkpoint-minutes "$RESIST_CHECKPOINT_MINUTES")
+    local args=(--progress off --resume auto --checkpoint-minutes "$RESIST_CHECKPOINT_MINUTES"
+                --checkpoint-rounds "$RESIST_CHECKPOINT_ROUNDS")
     _resist_wants() { [ -z "$RESIST_CONFIG" ] || [[ $_resist_set_by_user == *" $1 "* ]]; }
     if [ -n "$RESIST_CONFIG" ]; then args+=(--config "$RESIST_CONFIG"); fi
     if _resist_wants dataset; then args+=(--dataset "$RESIST_DATASET"); fi
@@ -85,8 +92,10 @@ resist_train_args() {
 }
 
 # -- launch --------------------------------------------------------------------------------------
-_resist_hosts() {  # host1,host2,... of the allocation
-    if [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scontrol >/dev/null; then
+_resist_hosts() {  # host1,host2,... of the launch: RESIST_HOSTS (after a lost node), else the allocation's
+    if [ -n "${RESIST_HOSTS:-}" ]; then
+        echo "$RESIST_HOSTS"
+    elif [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scontrol >/dev/null; then
         scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd, -
     elif [ -n "${PBS_NODEFILE:-}" ] && [ -r "$PBS_NODEFILE" ]; then
         awk '!seen[$0]++' "$PBS_NODEFILE" | paste -sd, -
@@ -109,9 +118,15 @@ resist_launch() {
     case $RESIST_LAUNCHER in
         srun)
             cmd=(srun --nodes="$RESIST_NODES" --ntasks="$RESIST_NP" --ntasks-per-node="$RESIST_RANKS_PER_NODE"
-                 --mpi="$(_resist_srun_mpi)" --kill-on-bad-exit=1) ;;
+                 --mpi="$(_resist_srun_mpi)" --kill-on-bad-exit=1)
+            if [ -n "${RESIST_HOSTS:-}" ]; then cmd+=(--nodelist="$RESIST_HOSTS"); fi ;;
         mpirun)
             cmd=(mpirun -np "$RESIST_NP")
+            if [ -n "${RESIST_HOSTS:-}" ]; then  # a relaunch on the nodes still alive
+                local h spec=""
+                for h in ${RESIST_HOSTS//,/ }; do spec+="${spec:+,}$h:$RESIST_RANKS_PER_NODE"; done
+                cmd+=(-H "$spec")
+            fi
             if [[ $(mpirun --version 2>&1) == *"Open MPI"* ]]; then  # (no pipe: grep -q + pipefail misfires)
                 cmd+=(--map-by "ppr:$RESIST_RANKS_PER_NODE:node")
                 # Open MPI reads SLURM allocations itself; a PBS one only when built with tm.
@@ -169,11 +184,72 @@ resist_finish() {
 }
 
 # resist_train OUT [FLAGS...]: one training run into OUT with the job's settings, FLAGS, then
-# RESIST_EXTRA_ARGS (last, so they override anything before them).
+# RESIST_EXTRA_ARGS (last, so they override anything before them). When the run fails because a
+# node was lost (a rank's exit 3, srun's node failure), it runs again on the nodes that are still
+# alive, continuing from the newest complete checkpoint (--resume auto), RESIST_MAX_RESTARTS times
+# at most; then it fails with a line that says why. A SLURM job needs --no-kill for this (else
+# SLURM ends the whole job when a node fails): jobs/README.md, "Lost nodes".
 resist_train() {
     local out=$1; shift
-    local common
+    local common rc restarts=0 hosts alive lost
     mapfile -t common < <(resist_train_args)
-    # shellcheck disable=SC2086  # RESIST_EXTRA_ARGS is a list of flags
-    resist_launch -m resist_mpi.train "${common[@]}" --out "$out" "$@" $RESIST_EXTRA_ARGS
+    while :; do
+        rc=0
+        # shellcheck disable=SC2086  # RESIST_EXTRA_ARGS is a list of flags
+        resist_launch -m resist_mpi.train "${common[@]}" --out "$out" "$@" $RESIST_EXTRA_ARGS || rc=$?
+        case $rc in  # done, bad input, diverged, stopped to be requeued: nothing a relaunch would fix
+            0|2|4|"$RESIST_REQUEUE_EXIT") return "$rc" ;;
+        esac
+        if [ "$RESIST_MAX_RESTARTS" -le "$restarts" ]; then
+            echo "resist: the run failed (exit $rc) and the restarts are used up ($restarts of RESIST_MAX_RESTARTS=$RESIST_MAX_RESTARTS)" >&2
+            return "$rc"
+        fi
+        hosts=$(_resist_hosts)
+        alive=$(_resist_wait_for_lost "$hosts")
+        if [ "$alive" = "$hosts" ]; then
+            echo "resist: the run failed (exit $rc) and every node still answers: not a lost node, no relaunch" >&2
+            return "$rc"
+        fi
+        if [ -z "$alive" ]; then
+            echo "resist: the run failed (exit $rc) and no node of the job answers: nowhere to relaunch" >&2
+            return "$rc"
+        fi
+        lost=$(comm -23 <(tr , '\n' <<<"$hosts" | sort) <(tr , '\n' <<<"$alive" | sort) | paste -sd, -)
+        restarts=$((restarts + 1))
+        RESIST_HOSTS=$alive
+        RESIST_NODES=$(tr , '\n' <<<"$alive" | grep -c .)
+        RESIST_NP=$((RESIST_NODES * RESIST_RANKS_PER_NODE))
+        echo "resist: lost $lost (exit $rc); relaunching on $RESIST_NODES nodes ($alive), restart $restarts of" \
+             "$RESIST_MAX_RESTARTS, from the newest checkpoint"
+    done
+}
+
+# The hosts (comma-separated) of $1 that are still alive: SLURM's view of its nodes (a node whose
+# slurmd stopped answering is "not responding" after SlurmdTimeout), else a ping of each. Waits up to
+# RESIST_NODE_WAIT seconds for one of them to be seen lost; prints the alive ones.
+_resist_alive_now() {
+    local h out=""
+    for h in ${1//,/ }; do
+        if [ -n "${SLURM_JOB_ID:-}" ] && command -v sinfo >/dev/null; then
+            # %t: the state, with * when the node does not respond; down/drain/fail: not usable
+            case $(sinfo -h -N -n "$h" -o %t 2>/dev/null | head -1) in
+                *"*"*|down*|drain*|fail*|"") continue ;;
+            esac
+        elif ! ping -c 1 -W 2 "$h" >/dev/null 2>&1; then
+            continue
+        fi
+        out+="${out:+,}$h"
+    done
+    echo "$out"
+}
+
+_resist_wait_for_lost() {
+    local waited=0 alive
+    alive=$(_resist_alive_now "$1")
+    while [ "$alive" = "$1" ] && [ "$waited" -lt "$RESIST_NODE_WAIT" ]; do
+        sleep 5
+        waited=$((waited + 5))
+        alive=$(_resist_alive_now "$1")
+    done
+    echo "$alive"
 }

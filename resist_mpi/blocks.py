@@ -321,10 +321,11 @@ class _BlockSlots:
         for d, name, _, dtype in self.counters:
             d[name] = torch.empty(0, dtype=dtype, device=device)
 
-    def held(self) -> bool:
-        """Whether the block has storage (its tensors have their real shapes, off the meta device)."""
+    def held(self, on_meta: bool = False) -> bool:
+        """Whether the block has storage (its tensors have their real shapes, off the meta device
+        unless the store itself is on meta: counting bytes without data, resist_mpi.traffic)."""
         t = self.tensor(self.first)
-        return not t.is_meta and t.numel() == self.numels[0]
+        return (on_meta or not t.is_meta) and t.numel() == self.numels[0]
 
 
 def set_storage_(p: torch.Tensor, value: torch.Tensor) -> None:
@@ -370,7 +371,7 @@ class BlockStore:
         return [s.numel for s in self._slots]
 
     def holds(self, b: int) -> bool:
-        return self._slots[b].held()
+        return self._slots[b].held(self.device.type == "meta")
 
     def tensors(self, b: int) -> List[torch.Tensor]:
         return module_tensors(self.blocks[b])
@@ -382,7 +383,7 @@ class BlockStore:
         if slab is None:
             return None
         first, last = slots.tensor(slots.first), slots.tensor(slots.last)
-        if not slots.held() or first.data_ptr() != slab.data_ptr() or \
+        if not slots.held(self.device.type == "meta") or first.data_ptr() != slab.data_ptr() or \
                 last.data_ptr() + 4 * last.numel() != slab.data_ptr() + 4 * slab.numel():
             return None
         return slab

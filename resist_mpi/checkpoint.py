@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import glob
 import json
 import os
 import queue
@@ -162,6 +161,7 @@ class ShardWriter:
         self.done = -1
         self.error: Optional[BaseException] = None
         self.t_written = 0.0  # seconds the thread spent writing (the cost hidden from training)
+        self.t_round: Dict[int, float] = {}  # round -> seconds its files took
         threading.Thread(target=self._run, name="resist-checkpoint", daemon=True).start()
 
     def submit(self, round_index: int, directory: str, files: Dict[str, Any]) -> None:
@@ -176,7 +176,8 @@ class ShardWriter:
                     os.makedirs(directory, exist_ok=True)
                     for name, obj in files.items():
                         atomic_save(obj, os.path.join(directory, name))
-                    self.t_written += time.perf_counter() - t0
+                    self.t_round[round_index] = time.perf_counter() - t0
+                    self.t_written += self.t_round[round_index]
                     self.done = round_index
             except OSError as e:
                 self.error = e
@@ -218,6 +219,7 @@ class Checkpointer:
         self.cfg, self.c, self.meta = cfg, c, meta
         self.writer = ShardWriter()
         self.t_snapshot = 0.0  # seconds the training thread spent taking snapshots
+        self._snap: Dict[int, float] = {}
         self._pending: List[Tuple[int, Dict]] = []  # rank 0: rounds waiting for their manifest
         self.written: List[int] = []  # rank 0: rounds whose manifest exists (this run)
 
@@ -239,7 +241,8 @@ class Checkpointer:
                         "blocks": {str(b): ws for b, ws in sorted(shard.writers.items())}}
             self._pending.append((job.round, manifest))
         self.writer.submit(job.round, round_dir(self.cfg.out, job.round), files)
-        self.t_snapshot += time.perf_counter() - t0
+        self._snap[job.round] = time.perf_counter() - t0
+        self.t_snapshot += self._snap[job.round]
 
     @property
     def done(self) -> int:
@@ -261,8 +264,9 @@ class Checkpointer:
             manifest["time"] = time.time()
             atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), os.path.join(directory, MANIFEST))
             self.written.append(r)
-            if log is not None:
-                log.record("checkpoint", round=r - 1, path=directory)
+            if log is not None:  # rank 0's seconds: the snapshot (training waits), the write (background)
+                log.record("checkpoint", round=r - 1, path=directory, t_snapshot=self._snap.pop(r, None),
+                           t_write=self.writer.t_round.pop(r, None))
         if ready:
             rotate(self.cfg.out, self.cfg.keep_checkpoints)
 

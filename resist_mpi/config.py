@@ -56,6 +56,9 @@ class Config:
                        "round trains, one round late (blocks still move at the round boundary)", "optim")
     outer_optimizer: str = _f("average", "what a round's averaged update does: average (the plain mean), nesterov "
                               "(an outer Nesterov step on it, as DiLoCo)", "optim", ("average", "nesterov"))
+    mpi_progress: str = _f("thread", "who moves an overlapped average's bytes under the mpi backend: thread (the "
+                           "background thread) or poll (the training thread, after every optimizer step)", "optim",
+                           ("thread", "poll"))
     outer_lr: float = _f(0.7, "outer step size (--outer-optimizer nesterov; DiLoCo's 0.7)", "optim")
     outer_momentum: float = _f(0.9, "outer momentum (--outer-optimizer nesterov; DiLoCo's 0.9)", "optim")
     warmup_epochs: int = _f(0, "epochs of local SGD before ResIST takes over (the paper's ImageNet recipe)", "optim")
@@ -65,8 +68,10 @@ class Config:
                       "from the first partitioned block on), recalibrate_all (every BN layer), running "
                       "(the averaged running statistics), batch (each test batch's)", "eval",
                       ("recalibrate", "recalibrate_all", "running", "batch"))
-    bn_images: int = _f(1024, "training images, all ranks together, that re-estimate BN statistics for the full "
-                        "model (at most one pass of the training set)", "eval")
+    bn_images: int = _f(0, "training images, all ranks together, that re-estimate BN statistics for the full "
+                        "model (at most one pass of the training set); 0: 128 when only the layers from ResIST's "
+                        "first partitioned block are re-estimated, 256 when every layer is (benchmarks/eval_bench.py)",
+                        "eval")
     bn_batches: int = _f(0, "training batches per rank for the BN re-estimate instead of --bn-images (0: from "
                          "--bn-images)", "eval")
     # -- run ---------------------------------------------------------------------------------------------

@@ -14,4 +14,10 @@ class UsageError(RuntimeError):
     message names the fix."""
 
 
+class PeerLost(ConnectionError):
+    """A collective failed because another rank is gone (its process died, its link is down): the
+    CLI ends with one line and exit status LOST_PEER_EXIT; a launcher that restarts workers
+    (torchrun --max-restarts, the job scripts) then continues from the newest checkpoint."""
+
+
 NONFINITE_EXIT = 4  # the CLI's exit status when training diverged (documented in the CLI reference)

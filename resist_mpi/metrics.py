@@ -55,7 +55,7 @@ class RunLog:
     """
 
     def __init__(self, out: str, is_root: bool, progress: str = "auto", total_rounds: int = 0,
-                 tensorboard: bool = False, resume_round: int = 0):
+                 tensorboard: bool = False, resume_round: int = 0, resume_epoch: Optional[float] = None):
         self.is_root = is_root
         self.out = out
         self.start = time.perf_counter()
@@ -68,8 +68,9 @@ class RunLog:
         path = os.path.join(out, "metrics.jsonl")
         kept = []
         if resume_round and os.path.exists(path):
-            # a resumed run continues the record: keep what happened before the checkpoint only
-            kept = [r for r in read_metrics(path) if r.get("round", -1) < resume_round and r.get("event") != "done"]
+            # a resumed run continues the record: keep what happened before the checkpoint only (by
+            # epoch when the world size changed: a round is then another length)
+            kept = [r for r in read_metrics(path) if _before(r, resume_round, resume_epoch)]
         self._fh = open(path, "w")
         for rec in kept:
             self._fh.write(json.dumps(finite_json(rec), allow_nan=False) + "\n")
@@ -123,6 +124,14 @@ class RunLog:
             self._fh.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _before(rec: Dict, resume_round: int, resume_epoch: Optional[float]) -> bool:
+    if rec.get("event") == "done":
+        return False
+    if resume_epoch is not None and isinstance(rec.get("epoch"), (int, float)):
+        return rec["epoch"] <= resume_epoch + 1e-9 and rec.get("event") != "resume"
+    return rec.get("round", -1) < resume_round
 
 
 def read_metrics(path: str, event: Optional[str] = None):

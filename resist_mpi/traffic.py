@@ -11,13 +11,15 @@ paper   the ResIST paper's view (a parameter server in spirit), in trainable par
         the blocks it trained this round) and downloads its next sub-model (shared layers + its
         next blocks). Local SGD: the full model up and down per worker. Data-parallel: the full
         gradient up and down per worker per step, l steps.
-wire    what this package moves per round, with the backend counters' own formulas (comm/base.py):
-        a ring allreduce of n bytes costs every rank 2(S-1)/S * n sent and as much received;
-        an alltoallv counts what goes to other ranks (routing.Plan send counts, self excluded).
+wire    what this package moves per round, counted, not derived: the real strategies (ResIST,
+        LocalSGD, DataParallel) run their rounds on S ranks that are threads of this process
+        (comm.thread) on meta tensors (shapes only: nothing is computed, nothing is stored), and the
+        backends' own counters (comm/base.py) add up what every collective moves. So the model
+        cannot drift from the code: a new collective or another byte layout shows here at once.
         ResIST: the block exchange planned from last round's holders to this round's assignment
-        (routing.plan_exchange, blocks several ranks trained are averaged where needed next) plus
-        the shared-layer allreduce. Local SGD: one allreduce of the full model. Data-parallel: l
-        gradient allreduces plus one allreduce of the BN buffers per round.
+        plus the shared layers' average; local SGD: the model's average; data-parallel: l gradient
+        averages plus one average of the BN buffers per round (with groups, also the gradient
+        averages inside each group at every step).
 
 Tensors: in the wire accounting a model transfer (sub-model, block, shared layers, full model) is
 its parameters AND its floating-point BatchNorm buffers (running mean / variance), as the package
@@ -34,20 +36,19 @@ exchange moves nothing, but the evaluation's gather moved the blocks).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import partition
-from .comm.base import ELEMENT_BYTES, ring_allreduce_bytes
+from .comm.base import ELEMENT_BYTES
 from .blocks import find_blocks, module_tensors
 from .models import create_model
-from .compression import WIRE_DTYPES, Codec, wire_elements
-from .groups import slice_counts
-from .routing import simulate
+from .compression import WIRE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class ModelSizes:
     buffers: int
     shared_params: int
     block_params: Tuple[int, ...]
+    model: Any = field(default=None, compare=False, repr=False)  # the model on the meta device (for counting)
+    stages: Tuple[int, ...] = field(default=(3,), compare=False, repr=False)
 
     @property
     def full(self) -> int:
@@ -83,8 +86,10 @@ def model_sizes(model, blocks: Union[str, Sequence] = "auto", stages: Sequence[i
     block_params = tuple(sum(p.numel() for p in b.parameters()) for b in parts)
     full = sum(t.numel() for t in module_tensors(model))
     blocks_numel = tuple(sum(t.numel() for t in module_tensors(b)) for b in parts)
+    meta = model if all(t.is_meta for t in model.state_dict().values()) else copy.deepcopy(model).to("meta")
     return ModelSizes(shared=full - sum(blocks_numel), blocks=blocks_numel, params=params, buffers=full - params,
-                      shared_params=params - sum(block_params), block_params=block_params)
+                      shared_params=params - sum(block_params), block_params=block_params, model=meta,
+                      stages=tuple(stages))
 
 
 def build_sizes(name: str, num_classes: int, width: int = 64, stages: Sequence[int] = (3,)) -> ModelSizes:
@@ -115,184 +120,150 @@ def data_parallel_paper_round(sizes: ModelSizes, size: int, local_steps: int) ->
     return 2 * size * ELEMENT_BYTES * sizes.params * local_steps
 
 
-# -- wire accounting (the backend counters' formulas) ------------------------------------------------
-def allreduce_wire(numel: int, size: int) -> int:
-    """sent + received, summed over ranks, of one allreduce_mean_ of numel float32 elements."""
-    return 2 * size * ring_allreduce_bytes(numel * ELEMENT_BYTES, size) if numel else 0
+# -- wire accounting: the strategies' own rounds, counted ------------------------------------------------
+def count_rounds(sizes: ModelSizes, size: int, strategy: str = "resist", rounds: int = 1, *,
+                 assignments: Optional[Sequence] = None, holders: Optional[Sequence[Sequence[int]]] = None,
+                 group_size: int = 1, ranks_per_node: Optional[int] = None, local_steps: int = 0,
+                 wire_dtype: str = "float32", min_depth: int = 0, seed: int = 0) -> List[Dict[str, int]]:
+    """Bytes of `rounds` rounds of a strategy, summed over `size` thread ranks on meta tensors.
 
+    Per round: sent, recv, total (sent + received), sent_cross (to ranks of other nodes: nodes of
+    ranks_per_node consecutive ranks), sent_within; for ResIST also exchange_sent (the block
+    exchange and the groups' gathers of what arrived) and shared_allreduce (the shared layers'
+    average, sent + received). Local steps move nothing but, with groups or data-parallel, the
+    gradient average of every step. assignments: ResIST's assignment of each round (default: drawn
+    as rank 0 draws them from seed); holders: who holds each block before the first of them, copies
+    identical (default: rank 0's fresh model). A backward's gradient average is the same at every
+    step of a round: it is counted once and taken local_steps times.
+    """
+    from .comm.thread import run_ranks
+    from .strategies import DataParallel, LocalSGD, ResIST
+    if sizes.model is None:
+        raise ValueError("count_rounds needs ModelSizes with its model (model_sizes or build_sizes)")
+    nodes = [r // ranks_per_node for r in range(size)] if ranks_per_node else None
+    models = [copy.deepcopy(sizes.model) for _ in range(size)]
+    if assignments is not None and not min_depth:  # given assignments may share blocks: allow it
+        min_depth = max(1, min(len(blocks) for a in assignments for blocks in a))
 
-@dataclass(frozen=True)
-class Layout:
-    """S ranks in groups of G consecutive ranks (--group-size), on nodes of R consecutive ranks."""
-
-    size: int
-    group: int = 1
-    per_node: Optional[int] = None  # None: every rank on one node
-
-    def __post_init__(self):
-        if self.size % self.group or (self.per_node and self.size % self.per_node):
-            raise ValueError(f"{self.size} ranks do not split into groups of {self.group}"
-                             + (f" and nodes of {self.per_node}" if self.per_node else ""))
-
-    @property
-    def groups(self) -> int:
-        return self.size // self.group
-
-    def node(self, rank: int) -> int:
-        return rank // self.per_node if self.per_node else 0
-
-    def group_ranks(self, g: int) -> List[int]:
-        return list(range(g * self.group, (g + 1) * self.group))
-
-    def across_ranks(self, member: int) -> List[int]:
-        return [g * self.group + member for g in range(self.groups)]
-
-
-class Wire:
-    """Bytes sent, summed over ranks, and the part sent across nodes, counted as the backends count
-    them (comm/base.py): a ring sends to the next member, an exchange to each destination. Every
-    byte sent is received once, so received bytes are the same totals."""
-
-    def __init__(self, layout: Layout):
-        self.layout, self.sent, self.cross = layout, 0, 0
-
-    def send(self, src: int, dst: int, nbytes: int) -> None:
-        self.sent += nbytes
-        if self.layout.node(src) != self.layout.node(dst):
-            self.cross += nbytes
-
-    def ring(self, members: Sequence[int], nbytes: Sequence[int]) -> None:
-        """members[i] sends nbytes[i] to members[i + 1] (wrapping)."""
-        for i, m in enumerate(members):
-            if len(members) > 1:
-                self.send(m, members[(i + 1) % len(members)], nbytes[i])
-
-    def allreduce(self, members: Sequence[int], numel: int) -> None:
-        moved = ring_allreduce_bytes(numel * ELEMENT_BYTES, len(members)) if numel else 0
-        self.ring(members, [moved] * len(members))
-
-    def allgather(self, members: Sequence[int], counts: Sequence[int]) -> None:
-        total = ELEMENT_BYTES * sum(counts)
-        self.ring(members, [total - ELEMENT_BYTES * counts[(i + 1) % len(counts)] for i in range(len(counts))])
-
-    def compressed_allreduce(self, members: Sequence[int], numel: int, codec: Codec) -> None:
-        """compression.compressed_mean: an all-to-all of compressed chunks, an allgather of the
-        compressed means (float32 containers of the compressed bytes, scales included)."""
-        if len(members) < 2:
-            return
-        sizes = wire_elements(numel, len(members), codec)
-        for i, src in enumerate(members):
-            for d, dst in enumerate(members):
-                if d != i:
-                    self.send(src, dst, ELEMENT_BYTES * sizes[d])
-        self.allgather(members, sizes)
-
-    def average(self, members: Sequence[int], numel: int, codec: Optional[Codec] = None) -> None:
-        if codec is None:
-            self.allreduce(members, numel)
+    def body(c) -> List[Dict[str, int]]:
+        model = models[c.rank]
+        if strategy == "resist":
+            job = ResIST(model, c, stages=sizes.stages, min_depth=min_depth, seed=seed, device="meta",
+                         group_size=group_size, wire_dtype=wire_dtype)
+            if assignments is not None:  # the rounds' assignments, as rank 0 would have broadcast them
+                job._drawn = {r: tuple(tuple(a) for a in asg) for r, asg in enumerate(assignments)}
+            if holders is not None:
+                _hold(job, holders)
+        elif strategy == "local_sgd":
+            job = LocalSGD(model, c, device="meta", group_size=group_size, wire_dtype=wire_dtype)
         else:
-            self.compressed_allreduce(members, numel, codec)
+            job = DataParallel(model, c, device="meta", wire_dtype=wire_dtype)
+        shared = _meter(c, getattr(job, "_average", None)) if strategy == "resist" else None
+        out = []
+        for _ in range(rounds):
+            start = _snapshot(c)
+            job.begin_round()
+            exchange = c.bytes_sent - start[0]
+            step = (0, 0, 0)
+            if local_steps and job._gradient_averagers:  # what a backward pass averages: the same every step
+                before = _snapshot(c)
+                for averager in job._gradient_averagers:
+                    for p in averager.params:
+                        p.grad = torch.empty_like(p)
+                    averager._average()
+                step = tuple((local_steps - 1) * (a - b) for a, b in zip(_snapshot(c), before))
+            before_shared = shared["bytes"] if shared else 0
+            job.end_round()
+            sent, recv, cross = (a - b + k for a, b, k in zip(_snapshot(c), start, step))
+            rec = {"sent": sent, "recv": recv, "sent_cross": cross}
+            if strategy == "resist":
+                rec.update(exchange_sent=exchange, shared_allreduce=shared["bytes"] - before_shared)
+            out.append(rec)
+        return out
 
-    def hierarchical_allreduce(self, numel: int, codec: Optional[Codec] = None) -> None:
-        """An Averager's average: in the group, across the groups by slices (compressed with a
-        codec), gathered in the group."""
-        lay = self.layout
-        if lay.group == 1:
-            return self.average(list(range(lay.size)), numel, codec)
-        counts = slice_counts(numel, lay.group)
-        for g in range(lay.groups):
-            self.allreduce(lay.group_ranks(g), numel)
-        for j in range(lay.group):
-            self.average(lay.across_ranks(j), counts[j], codec)
-        for g in range(lay.groups):
-            self.allgather(lay.group_ranks(g), counts)
+    per_rank = run_ranks(size, body, nodes=nodes)
+    rows = []
+    for r in range(rounds):
+        row = {k: sum(rank[r][k] for rank in per_rank) for k in per_rank[0][r]}
+        row.update(total=row["sent"] + row["recv"], sent_within=row["sent"] - row["sent_cross"])
+        rows.append(row)
+    return rows
 
-    def totals(self) -> Dict[str, int]:
-        return {"sent": self.sent, "recv": self.sent, "total": 2 * self.sent, "sent_cross": self.cross,
-                "sent_within": self.sent - self.cross}
+
+def _snapshot(c) -> Tuple[int, int, int]:
+    return c.bytes_sent, c.bytes_recv, c.bytes_sent_cross
+
+
+def _meter(c, averager) -> Dict[str, int]:
+    """Count what averager.average() moves (sent + received) into the returned dict."""
+    counted = {"bytes": 0}
+    average = averager.average
+
+    def measured():
+        sent, recv = c.bytes_sent, c.bytes_recv
+        average()
+        counted["bytes"] += (c.bytes_sent - sent) + (c.bytes_recv - recv)
+    averager.average = measured
+    return counted
+
+
+def _hold(job, holders: Sequence[Sequence[int]]) -> None:
+    """Start a ResIST job from the given holders (group ids per block, identical copies)."""
+    from .routing import Holdings
+    g = job.groups.index
+    for b, hs in enumerate(holders):
+        if g in hs and not job.store.holds(b):
+            job.store.materialize(b, "meta")
+        elif g not in hs and job.store.holds(b):
+            job.store.release(b)
+    job.holdings = Holdings(len(job.blocks), job.groups.count, holders)
 
 
 def resist_wire_rounds(sizes: ModelSizes, size: int, assignments: Sequence[Sequence[Sequence[int]]],
                        holders: Optional[Sequence[Sequence[int]]] = None, group_size: int = 1,
                        ranks_per_node: Optional[int] = None, local_steps: int = 0,
                        wire_dtype: str = "float32") -> List[Dict[str, int]]:
-    """Wire bytes of ResIST rounds, as ResIST.begin_round / end_round (and, with groups, the local
-    steps' gradient averages inside each group) move them.
-
-    Args:
-        sizes: the model's ModelSizes.
-        size: S, the number of ranks.
-        assignments: the assignment of each round (group -> blocks), in order.
-        holders: who holds each block before the first of these rounds, copies identical (as after
-            an evaluation or a warm-up); None: group 0 (rank 0) alone holds every block (a fresh model).
-        group_size, ranks_per_node: the Layout (G ranks per group, nodes of R ranks; None: one node).
-        local_steps: steps per round (the gradient averages inside the groups; nothing when G == 1).
-        wire_dtype: what the shared layers' average moves as (blocks stay float32).
-    Returns:
-        Per round: exchange_sent (the block exchange and the groups' gathers), shared_allreduce
-        (sent + received), sent, recv, total (sent + received), sent_cross, sent_within; summed over ranks.
-    """
-    lay = Layout(size, group_size, ranks_per_node)
-    G, P = lay.group, len(sizes.blocks)
-    rounds = []
-    for plan, assignment in zip(simulate(assignments, P, lay.groups, sizes.blocks, holders), assignments):
-        wire = Wire(lay)
-        for (src, dst), blocks in plan.transfers.items():  # member j moves slice j
-            for b in blocks:
-                for j, n in enumerate(slice_counts(sizes.blocks[b], G)):
-                    wire.send(src * G + j, dst * G + j, ELEMENT_BYTES * n)
-        if G > 1:
-            for g in range(lay.groups):
-                for b in plan.needed(g):
-                    if plan.sources[(g, b)] != (g,):
-                        wire.allgather(lay.group_ranks(g), slice_counts(sizes.blocks[b], G))
-        exchange = wire.sent
-        if G > 1:
-            for g, blocks in enumerate(assignment):
-                params = sizes.shared_params + sum(sizes.block_params[b] for b in blocks)
-                for _ in range(local_steps):
-                    wire.allreduce(lay.group_ranks(g), params)
-                wire.allreduce(lay.group_ranks(g), sum(sizes.blocks[b] for b in blocks))  # BN stats made one
-        before = wire.sent
-        wire.hierarchical_allreduce(sizes.shared, _codec(wire_dtype))
-        rounds.append({"exchange_sent": exchange, "shared_allreduce": 2 * (wire.sent - before), **wire.totals()})
-    return rounds
+    """Wire bytes of ResIST rounds with the given assignments (count_rounds)."""
+    return count_rounds(sizes, size, "resist", len(assignments), assignments=assignments, holders=holders,
+                        group_size=group_size, ranks_per_node=ranks_per_node, local_steps=local_steps,
+                        wire_dtype=wire_dtype)
 
 
 def local_sgd_wire(sizes: ModelSizes, size: int, group_size: int = 1, ranks_per_node: Optional[int] = None,
                    local_steps: int = 0, wire_dtype: str = "float32") -> Dict[str, int]:
     """A round of (hierarchical) local SGD: the groups' gradient averages, the model's average."""
-    lay = Layout(size, group_size, ranks_per_node)
-    wire = Wire(lay)
-    if lay.group > 1:
-        for g in range(lay.groups):
-            for _ in range(local_steps):
-                wire.allreduce(lay.group_ranks(g), sizes.params)
-    wire.hierarchical_allreduce(sizes.full, _codec(wire_dtype))
-    return wire.totals()
+    return count_rounds(sizes, size, "local_sgd", group_size=group_size, ranks_per_node=ranks_per_node,
+                        local_steps=local_steps, wire_dtype=wire_dtype)[0]
 
 
 def data_parallel_wire(sizes: ModelSizes, size: int, local_steps: int,
                        ranks_per_node: Optional[int] = None, wire_dtype: str = "float32") -> Dict[str, int]:
-    """A round of data-parallel SGD: a gradient average per step (compressed with a wire dtype) and
-    the BN statistics' average."""
-    wire = Wire(Layout(size, 1, ranks_per_node))
-    for _ in range(local_steps):
-        wire.average(list(range(size)), sizes.params, _codec(wire_dtype))
-    wire.allreduce(list(range(size)), sizes.buffers)
-    return wire.totals()
-
-
-def _codec(wire_dtype: str) -> Optional[Codec]:
-    return None if wire_dtype == "float32" else Codec(wire_dtype)
+    """A round of data-parallel SGD: a gradient average per step, the BN statistics' average."""
+    return count_rounds(sizes, size, "data_parallel", ranks_per_node=ranks_per_node, local_steps=local_steps,
+                        wire_dtype=wire_dtype)[0]
 
 
 def local_sgd_wire_round(sizes: ModelSizes, size: int) -> int:
-    return allreduce_wire(sizes.full, size)
+    return local_sgd_wire(sizes, size)["total"]
 
 
 def data_parallel_wire_round(sizes: ModelSizes, size: int, local_steps: int) -> int:
-    return local_steps * allreduce_wire(sizes.params, size) + allreduce_wire(sizes.buffers, size)
+    return data_parallel_wire(sizes, size, local_steps)["total"]
+
+
+def average_wire(numel: int, size: int, wire_dtype: str = "float32") -> int:
+    """Bytes sent, summed over ranks, by one average of numel float32 elements (an Averager's)."""
+    from .averaging import Averager
+    from .comm.thread import run_ranks
+
+    def body(c):
+        t = torch.empty(numel, device="meta")
+        averager = Averager(c, lambda: [t], wire_dtype=wire_dtype)
+        averager.mark()
+        before = c.bytes_sent
+        averager.average()
+        return c.bytes_sent - before
+    return sum(run_ranks(size, body))
 
 
 # -- the report ----------------------------------------------------------------------------------------
@@ -315,12 +286,15 @@ def traffic(sizes: ModelSizes, size: int, min_depth: int = 0, local_steps: int =
     """
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
-    lay = Layout(size, group_size, ranks_per_node)
+    if size % group_size or (ranks_per_node and size % ranks_per_node):
+        raise ValueError(f"{size} ranks do not split into groups of {group_size}"
+                         + (f" and nodes of {ranks_per_node}" if ranks_per_node else ""))
+    groups = size // group_size
     P = len(sizes.blocks)
-    partition.check_partition(P, lay.groups, min_depth)
-    drawn = draw_rounds(P, lay.groups, min_depth, seed, rounds + 2)  # round rounds+1: the "next" of the last
-    wire = resist_wire_rounds(sizes, size, drawn[:rounds + 1], group_size=group_size,
-                              ranks_per_node=ranks_per_node, local_steps=local_steps, wire_dtype=wire_dtype)[1:]
+    partition.check_partition(P, groups, min_depth)
+    drawn = draw_rounds(P, groups, min_depth, seed, rounds + 2)  # round rounds+1: the "next" of the last
+    wire = count_rounds(sizes, size, "resist", rounds + 1, group_size=group_size, ranks_per_node=ranks_per_node,
+                        local_steps=local_steps, wire_dtype=wire_dtype, min_depth=min_depth, seed=seed)[1:]
     paper = [resist_paper_round(sizes, drawn[r], drawn[r + 1]) for r in range(1, rounds + 1)]
 
     def mean(rows, key):
@@ -331,7 +305,7 @@ def traffic(sizes: ModelSizes, size: int, min_depth: int = 0, local_steps: int =
               "wire_sent": mean(wire, "sent"), "wire_sent_cross": mean(wire, "sent_cross"),
               "exchange_sent": mean(wire, "exchange_sent"), "shared_allreduce": mean(wire, "shared_allreduce")}
     lw = local_sgd_wire(sizes, size, group_size, ranks_per_node, local_steps, wire_dtype)
-    local = {"paper_bytes": local_sgd_paper_round(sizes, lay.groups), "wire_bytes": lw["total"],
+    local = {"paper_bytes": local_sgd_paper_round(sizes, groups), "wire_bytes": lw["total"],
              "wire_sent": lw["sent"], "wire_sent_cross": lw["sent_cross"]}
     dw = data_parallel_wire(sizes, size, local_steps, ranks_per_node, wire_dtype)
     dp = {"paper_bytes": data_parallel_paper_round(sizes, size, local_steps), "wire_bytes": dw["total"],
@@ -343,7 +317,9 @@ def traffic(sizes: ModelSizes, size: int, min_depth: int = 0, local_steps: int =
             "wire_dtype": wire_dtype,
             "min_depth": min_depth, "local_steps": local_steps, "rounds": rounds,
             "seed": seed, "element_bytes": ELEMENT_BYTES,
-            "elements": {**asdict(sizes), "blocks": list(sizes.blocks), "block_params": list(sizes.block_params),
+            "elements": {"shared": sizes.shared, "blocks": list(sizes.blocks), "params": sizes.params,
+                         "buffers": sizes.buffers, "shared_params": sizes.shared_params,
+                         "block_params": list(sizes.block_params),
                          "full": sizes.full,
                          "num_partitionable": P},
             "resist": resist, "local_sgd": local, "data_parallel": dp, "ratios": ratios}

@@ -27,8 +27,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stderr.write(f"resist_mpi: error: {e}\n")
         return 2
 
+    import os
+
     from . import comm
     from .trainer import Trainer
+    os.environ["RESIST_MPI_PROGRESS"] = cfg.mpi_progress  # read by the mpi backend (comm/mpi.py)
     c = comm.init(cfg.backend, device=cfg.device)
     trainer = Trainer(cfg, c)
     result = trainer.run()

@@ -41,3 +41,63 @@ def passed_on_every_rank(p, np_):
     assert p.returncode == 0, out[-4000:]
     passed = re.findall(r"(\d+) passed", out)
     assert len(passed) == np_ and all(int(n) > 0 for n in passed), out[-4000:]
+
+
+# -- what a test needs: one marker and one skip reason per need -------------------------------------------
+def horovodrun_path():
+    beside = Path(sys.executable).parent / "horovodrun"  # the venv's, when pytest runs from it
+    return str(beside) if beside.exists() else shutil.which("horovodrun")
+
+
+def _why_no_horovod():
+    import importlib.util
+    try:
+        found = importlib.util.find_spec("horovod.torch") is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        return "Horovod is not installed (make horovod)"
+    return None if horovodrun_path() else "horovodrun is not on PATH"
+
+
+def _why_no_cluster():
+    from resist_mpi.cluster import why_unavailable
+    return why_unavailable()
+
+
+def _why_no_slurm():
+    from slurm_helpers import why_no_slurm
+    return why_no_slurm()
+
+
+_WHY_NOT = {  # need -> () -> None when available, else the reason the tests skip
+    "mpi": lambda: None if have_mpirun() else "mpirun not found (run `make setup`)",
+    "horovod": _why_no_horovod,
+    "root": lambda: None if os.geteuid() == 0 else "needs root",
+    "cluster": _why_no_cluster,
+    "slurm": _why_no_slurm,
+    "slow": lambda: None,
+}
+
+
+class _Marks(list):
+    def __call__(self, test):  # used as a decorator: apply every mark
+        for mark in self:
+            test = mark(test)
+        return test
+
+
+def requires(*needs):
+    """The marks of a test that needs each of `needs`: the marker of that name (so `-m "not cluster"`
+    deselects it) and a skip with the reason when it is missing here. A module's `pytestmark =
+    requires(...)`, or a decorator `@requires(...)` on one test."""
+    import pytest
+    marks = _Marks()
+    for need in needs:
+        if need not in _WHY_NOT:
+            raise ValueError(f"requires({need!r}): not one of {sorted(_WHY_NOT)}")
+        marks.append(getattr(pytest.mark, need))
+        reason = _WHY_NOT[need]()
+        if reason:
+            marks.append(pytest.mark.skip(reason=reason))
+    return marks

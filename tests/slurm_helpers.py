@@ -88,7 +88,7 @@ JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 SlurmctldTimeout=30
-SlurmdTimeout=30
+SlurmdTimeout={slurmd_timeout}
 InactiveLimit=0
 KillWait=5
 MinJobAge=600
@@ -111,15 +111,17 @@ class Slurm:
         env: the environment of daemons and clients (default os.environ); SLURM_/PBS_/RESIST_
             variables are dropped, SLURM_CONF and the Open MPI root settings are added.
         cgroup_plugin: CgroupPlugin of cgroup.conf; default: none written (slurmd autodetects).
+        slurmd_timeout: seconds without an answer before slurmctld marks a node not responding.
     """
 
     def __init__(self, d: Path, nodes: Optional[Sequence[Tuple[str, str]]] = None,
                  on: Callable[[str], List[str]] = lambda node: [], env: Optional[dict] = None,
-                 cgroup_plugin: Optional[str] = None):
+                 cgroup_plugin: Optional[str] = None, slurmd_timeout: int = 30):
         self.dir = d
         self.nodes = list(nodes or [(socket.gethostname().split(".")[0], "127.0.0.1")])
         self.on = on
         self.cgroup_plugin = cgroup_plugin
+        self.slurmd_timeout = slurmd_timeout
         self.procs = []  # (name, Popen) of the daemons started here
         self.env = {k: v for k, v in (os.environ if env is None else env).items()
                     if not k.startswith(("SLURM_", "PBS_", "RESIST_"))}
@@ -141,7 +143,7 @@ class Slurm:
         lines = "\n".join(f"NodeName={n} NodeAddr={a} CPUs={cpus} State=UNKNOWN" for n, a in self.nodes)
         (d / "slurm.conf").write_text(SLURM_CONF.format(
             ctld_host=self.nodes[0][0], ctld_addr=self.nodes[0][1], d=d, ctld_port=ctld_port, d_port=d_port,
-            node_lines=lines, node_list=",".join(n for n, _ in self.nodes)))
+            node_lines=lines, node_list=",".join(n for n, _ in self.nodes), slurmd_timeout=self.slurmd_timeout))
         if self.cgroup_plugin:
             (d / "cgroup.conf").write_text(f"CgroupPlugin={self.cgroup_plugin}\n")
         m = d / "munge"  # one munged serves every node: its socket is a file, seen from every namespace

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import os
 import socket
 from typing import Optional
@@ -27,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..errors import PeerLost
 from .base import ELEMENT_BYTES, Comm, Counters, DoneWork, Work, abort_process, check_flat, ring_allreduce_bytes
 from .launch import world_info_from_env
 
@@ -62,6 +64,27 @@ def _rendezvous(rank: int, size: int) -> None:
 def nccl_usable(device: str = "auto") -> bool:
     """Whether this process would run NCCL: CUDA present, NCCL built in, and no CPU device asked for."""
     return device != "cpu" and torch.cuda.is_available() and dist.is_nccl_available()
+
+
+# What gloo and NCCL say when the other end of a collective is gone (a process that died, a link
+# that is down): those failures are a lost peer, not a bug, and end the job with one line.
+_PEER_GONE = ("connection closed by peer", "connection reset", "connection timed out", "connection refused",
+              "broken pipe", "socket timeout", "timed out", "remote worker", "ncclremoteerror",
+              "no route to host")
+
+
+def _peer_errors(fn):
+    """Turn a collective's failure that says the peer is gone into PeerLost (one line, exit 3)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:  # torch.distributed.DistError is a RuntimeError
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if any(s in text.lower() for s in _PEER_GONE):
+                raise PeerLost(f"a collective failed because a peer is gone: {text[:200]}") from None
+            raise
+    return call
 
 
 class TorchComm(Comm):
@@ -129,6 +152,7 @@ class TorchComm(Comm):
         Comm.__init__(sub, self.rank, self.size, self.local_rank, self.local_size, Counters())
         return sub
 
+    @_peer_errors
     def start_allreduce_mean_(self, t):
         """An asynchronous all_reduce (a work handle: gloo's threads on the CPU, NCCL's stream on GPUs)."""
         check_flat(t, "start_allreduce_mean_")
@@ -150,23 +174,27 @@ class TorchComm(Comm):
         if work is not t:
             t.copy_(work)
 
+    @_peer_errors
     def _allreduce_(self, t, op):
         def reduce(w):
             dist.all_reduce(w, op=dist.ReduceOp.SUM, group=self.group)
             w.div_(self.size)
         self._inplace(t, reduce)
 
+    @_peer_errors
     def _alltoallv(self, send, send_counts, recv_counts):
         out = torch.empty(sum(recv_counts), dtype=send.dtype, device=self.device)
         dist.all_to_all_single(out, self._on(send), output_split_sizes=list(recv_counts),
                                input_split_sizes=list(send_counts), group=self.group)
         return out.to(send.device)
 
+    @_peer_errors
     def _alltoallv_into(self, send, send_counts, recv_counts, out):
         self._inplace(out, lambda w: dist.all_to_all_single(w, self._on(send), output_split_sizes=list(recv_counts),
                                                             input_split_sizes=list(send_counts), group=self.group))
         return out
 
+    @_peer_errors
     def _alltoallv_tensors(self, sends, recvs):
         tensors = [t for ts in list(sends) + list(recvs) for t in ts]
         if any(t.device != self.device for t in tensors):
@@ -182,15 +210,18 @@ class TorchComm(Comm):
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
 
+    @_peer_errors
     def _exchange_counts(self, send_counts):
         send = torch.tensor(send_counts, dtype=torch.int64, device=self.device)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         return recv.tolist()
 
+    @_peer_errors
     def _bcast_(self, t, root):
         self._inplace(t, lambda w: dist.broadcast(w, src=self.global_ranks[root], group=self.group))
 
+    @_peer_errors
     def _bcast_bytes(self, payload: Optional[bytes], root: int) -> bytes:
         src = self.global_ranks[root]
         n = torch.tensor([len(payload) if self.rank == root else 0], dtype=torch.int64, device=self.device)
@@ -202,9 +233,11 @@ class TorchComm(Comm):
         dist.broadcast(buf, src=src, group=self.group)
         return payload if self.rank == root else buf.cpu().numpy().tobytes()
 
+    @_peer_errors
     def _reduce_stats_(self, t, op):
         self._inplace(t, lambda w: dist.all_reduce(w, op=_OPS[op], group=self.group))
 
+    @_peer_errors
     def _barrier(self):
         dist.barrier(group=self.group)
 
@@ -222,6 +255,7 @@ class _TorchWork(Work):
     def _finished(self) -> bool:
         return self.work.is_completed()
 
+    @_peer_errors
     def _complete(self) -> None:
         if self.work is None:
             return

@@ -423,7 +423,8 @@ class Replicated(Strategy):
 
     def __init__(self, model, comm, *, device=None, synchronized: bool = False, **kw):
         if any(t.is_meta for t in model.state_dict().values()):
-            if comm.rank == 0:
+            # device="meta": shapes only, to count what rounds move (resist_mpi.traffic)
+            if comm.rank == 0 and str(device) != "meta":
                 raise ValueError("rank 0's model is on the meta device: it must hold the initial weights")
             materialize_(model, device or "cpu")  # the same Parameter objects, given storage
         super().__init__(model, comm, **kw)

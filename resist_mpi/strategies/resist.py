@@ -96,7 +96,7 @@ class ResIST(Strategy):
             for b in range(P):  # own storage per block: none may stay a view of another strategy's buffer
                 self.store.slab(b)
             return
-        if comm.rank == 0 and any(t.is_meta for t in self.shared_tensors()):
+        if comm.rank == 0 and self.device.type != "meta" and any(t.is_meta for t in self.shared_tensors()):
             raise ValueError("rank 0's model is on the meta device: it must hold the initial weights")
         materialize_(model, self.device, skip=self.blocks)
         # ---- distributed step: shared layers from rank 0 (its blocks follow in the first exchange) ----

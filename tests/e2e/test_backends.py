@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, have_mpirun, mpi_env, mpirun, passed_on_every_rank
+from helpers import ROOT, mpi_env, mpirun, passed_on_every_rank, requires
 
 CONTRACT = "tests/mpi/test_comm_contract.py"
 
@@ -49,7 +49,7 @@ def _records(out):
     return [{k: r[k] for k in keep if k in r} for r in recs if r["event"] in ("round", "eval")]
 
 
-@pytest.mark.skipif(not have_mpirun(), reason="mpirun not found (run `make setup`)")
+@requires("mpi")
 def test_training_on_torch_backend_equals_mpi(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)

@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, have_mpirun, mpi_env, mpirun
+from helpers import ROOT, mpi_env, mpirun, requires
 
-pytestmark = [pytest.mark.skipif(not have_mpirun(), reason="mpirun not found (run `make setup`)"), pytest.mark.mpi]
+pytestmark = requires("mpi", "slow")
 
 TINY = ["--model", "preact_resnet34", "--width", "4", "--batch-size", "64", "--local-steps", "4"]
 

@@ -24,7 +24,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, have_mpirun, mpi_env, mpirun
+from helpers import ROOT, mpi_env, mpirun, requires
 
 DOCS = ["README.md", "jobs/README.md"]
 MARKER = re.compile(r"#\s*\((?P<marker>[^()]*)\)\s*$")
@@ -100,7 +100,7 @@ def simulated_cluster():
     subprocess.run(down, cwd=ROOT, capture_output=True, timeout=120)
 
 
-@pytest.mark.skipif(not have_mpirun(), reason="mpirun not found (run `make setup`)")
+@requires("mpi")
 @pytest.mark.parametrize("where, command, marker", RUN, ids=[c[0] for c in RUN])
 def test_documented_command_runs(request, tmp_path, where, command, marker):
     if "horovodrun" in command and importlib.util.find_spec("horovod") is None:
@@ -173,7 +173,7 @@ def test_documented_job_submission_as_a_dry_run(tmp_path, where, command, marker
 
 
 # -- the README's python example -----------------------------------------------------------------------
-@pytest.mark.skipif(not have_mpirun(), reason="mpirun not found (run `make setup`)")
+@requires("mpi")
 def test_readme_library_example_runs_as_written(tmp_path):
     [(_, code)] = [b for b in blocks("README.md", "python") if "rm.ResIST(" in b[1]]
     script = tmp_path / "example.py"

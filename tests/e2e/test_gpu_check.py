@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, have_mpirun, mpi_env
+from helpers import ROOT, mpi_env, requires
 
 spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "scripts", "gpu_check.py"))
 gpu_check = importlib.util.module_from_spec(spec)
@@ -55,7 +55,7 @@ def test_compare_runs_finds_each_kind_of_difference(tmp_path):
     assert cmp("short").startswith("rounds [0]")
 
 
-@pytest.mark.skipif(not have_mpirun(), reason="mpirun not found")
+@requires("mpi")
 def test_checks_run_end_to_end_on_the_cpu():
     p = _check("--backends", "torch", "--ranks", "2", RESIST_GPU_CHECK_DEVICE="cpu")  # mpirun + gloo
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]

@@ -20,40 +20,22 @@ steps: there, the mpi backend itself differs from itself by up to 4e-3 in train 
 MPI is made to use another allreduce algorithm (coll_tuned_allreduce_algorithm), as much as
 horovodrun --gloo differs from it.
 """
-import importlib.util
 import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, have_mpirun, mpi_env, passed_on_every_rank
+from helpers import ROOT, have_mpirun, horovodrun_path, mpi_env, passed_on_every_rank, requires
 
 TEST = "tests/mpi/test_comm_contract.py"
 
 
-def _horovodrun():
-    beside = Path(sys.executable).parent / "horovodrun"  # the venv's, when pytest runs from it
-    return str(beside) if beside.exists() else shutil.which("horovodrun")
-
-
-def _horovod_importable():
-    try:
-        return importlib.util.find_spec("horovod.torch") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-pytestmark = [
-    pytest.mark.skipif(not _horovod_importable(), reason="Horovod is not installed (make horovod)"),
-    pytest.mark.skipif(_horovodrun() is None, reason="horovodrun is not on PATH"),
-]
+pytestmark = requires("horovod", "slow")
 
 
 def _horovodrun_cmd(np_, controller, args, **extra_env):
@@ -67,7 +49,7 @@ def _horovodrun_cmd(np_, controller, args, **extra_env):
     """
     env = mpi_env(OMPI_MCA_mpi_yield_when_idle="1", **extra_env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    cmd = [_horovodrun(), "-np", str(np_), "-H", f"localhost:{np_}"]
+    cmd = [horovodrun_path(), "-np", str(np_), "-H", f"localhost:{np_}"]
     cmd += ["--gloo"] if controller == "gloo" else ["--mpi"]
     return cmd + [sys.executable] + list(args), env
 

@@ -8,9 +8,9 @@ horovodrun and torchrun start theirs in test_horovod_launch.py and test_backends
 """
 import pytest
 
-from helpers import have_mpirun, mpi_pytest, passed_on_every_rank
+from helpers import mpi_pytest, passed_on_every_rank, requires
 
-pytestmark = pytest.mark.skipif(not have_mpirun(), reason="mpirun not found (run `make setup`)")
+pytestmark = requires("mpi", "slow")
 
 SUITES = {  # backend -> files
     "mpi": ["tests/mpi/test_comm_contract.py", "tests/mpi/test_comm.py", "tests/mpi/test_resist_exchange.py",

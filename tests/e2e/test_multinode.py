@@ -17,7 +17,6 @@ cluster's environment, and ranks on other nodes talk to each other only over the
 Needs root and iproute2 (skipped with the reason otherwise); the scheduler tests also need SLURM
 (`make scheduler-deps`), the horovodrun tests Horovod (`make horovod`).
 """
-import importlib.util
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, have_mpirun, mpi_env
+from helpers import ROOT, horovodrun_path, mpi_env, requires
 from slurm_helpers import Slurm, tail, which, why_no_slurm
 from resist_mpi.cluster import Cluster, ClusterError, why_unavailable
 
@@ -62,7 +61,7 @@ with open(f"{{out}}/counters.{{made[0].rank}}.json", "w") as f:
                "cross": sum(c.bytes_sent_cross for c in made), "control": sum(c.control_bytes for c in made)}}, f)
 """
 
-pytestmark = pytest.mark.skipif(not have_mpirun(), reason="mpirun not found (run `make setup`)")
+pytestmark = requires("mpi", "root", "cluster", "slow")
 
 
 @pytest.fixture(scope="module")
@@ -228,26 +227,13 @@ def test_two_ranks_per_node_local_rank_and_device(cluster, tmp_path):
 
 
 # -- horovodrun --------------------------------------------------------------------------------------
-def _horovodrun():
-    beside = Path(sys.executable).parent / "horovodrun"
-    return str(beside) if beside.exists() else which("horovodrun")
-
-
-def _horovod_importable():
-    try:
-        return importlib.util.find_spec("horovod.torch") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(not _horovod_importable() or _horovodrun() is None,
-                    reason="Horovod is not installed (make horovod)")
+@requires("horovod")
 @pytest.mark.parametrize("controller", ["mpi", "gloo"])
 def test_horovodrun_across_nodes(cluster, train_runs, tmp_path, controller):
     """horovodrun checks ssh to every host, finds the common interface (net0) and starts one rank
     per node; the Horovod backend then moves the same bytes as the mpi backend, to the byte."""
     before = cluster.counters()
-    p = _run(cluster, [_horovodrun(), "-np", "4", "-H", ",".join(f"{h}:1" for h in HOSTS), f"--{controller}",
+    p = _run(cluster, [horovodrun_path(), "-np", "4", "-H", ",".join(f"{h}:1" for h in HOSTS), f"--{controller}",
                        sys.executable, "-m", "resist_mpi.train", *TRAIN, "--strategy", "resist", "--out", str(tmp_path),
                        "--backend", "horovod"])
     tx = _delta(before, cluster.counters())
@@ -350,7 +336,7 @@ def test_cut_link_ends_job_with_one_line_then_resume_continues(cluster, tmp_path
     try:
         ckpts = out / "checkpoints"
         t0 = time.time()
-        while not (ckpts.is_dir() and any(ckpts.glob("ckpt-*.pt"))) and job.poll() is None:
+        while not (ckpts.is_dir() and any(ckpts.glob("ckpt-*/manifest.json"))) and job.poll() is None:
             assert time.time() - t0 < TIMEOUT, "no checkpoint"
             time.sleep(0.2)
         assert job.poll() is None, "the job ended before its link could be cut"
@@ -368,7 +354,7 @@ def test_cut_link_ends_job_with_one_line_then_resume_continues(cluster, tmp_path
     assert rc != 0
     errors = [line for line in text.splitlines() if "resist_mpi: error:" in line]
     assert len(errors) == 1 and "lost rank 3 (node3)" in errors[0], text[-4000:]
-    saved = int(sorted(ckpts.glob("ckpt-*.pt"))[-1].stem.split("-")[1])
+    saved = int(sorted(ckpts.glob("ckpt-*/manifest.json"))[-1].parent.name.split("-")[1])
     p = _run(cluster, cmd + ["--resume", "auto"])
     assert p.returncode == 0, p.stdout[-4000:]
     _, records = _read(out)

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, requires
 
 from slurm_helpers import FINAL_STATES, Slurm
 from slurm_helpers import tail as _tail, which as _which, why_no_slurm as _why_no_slurm
 
 TINY = "--model preact_resnet18 --width 4 --batch-size 32 --local-steps 5 --min-depth 1 --bn-batches 2"
+SLURM = requires("slurm", "root", "slow")  # the tests that start the one-node SLURM
 JOB_TIMEOUT = 150  # seconds per job; a tiny run takes ~10 s when the machine is quiet
 
 
@@ -75,6 +76,7 @@ def _sbatch(cluster, script, name, **env):
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+@SLURM
 def test_sbatch_train(cluster, launcher):
     job, out, log = _sbatch(cluster, "jobs/slurm/train.sbatch", f"train-{launcher}", RESIST_LAUNCHER=launcher)
     info = cluster.wait(job, log)
@@ -83,6 +85,7 @@ def test_sbatch_train(cluster, launcher):
     _check_run(out, log)
 
 
+@SLURM
 def test_qsub_pbs_train(cluster):
     if _which("qsub") is None:
         pytest.skip("qsub not installed (Debian: slurm-wlm-torque)")
@@ -97,6 +100,7 @@ def test_qsub_pbs_train(cluster):
     _check_run(out, log)
 
 
+@SLURM
 def test_sbatch_baselines(cluster):
     job, out, log = _sbatch(cluster, "jobs/slurm/baselines.sbatch", "baselines")
     info = cluster.wait(job, log)
@@ -106,9 +110,8 @@ def test_sbatch_baselines(cluster):
         assert {r["strategy"] for r in recs if r["event"] == "round"} == {strategy}
 
 
+@SLURM
 def test_sbatch_comm_bench(cluster):
-    if not (ROOT / "benchmarks" / "comm_bench.py").is_file():
-        pytest.skip("benchmarks/comm_bench.py does not exist yet")
     out, log = cluster.dir / "out" / "bench", cluster.dir / "out" / "bench.log"
     proc = cluster.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={log}",
                         "jobs/slurm/comm_bench.sbatch"],
@@ -119,13 +122,14 @@ def test_sbatch_comm_bench(cluster):
     assert result["world_size"] == 2 and result["rows"], result
 
 
+@SLURM
 def test_requeued_job_resumes(cluster):
     """`scontrol requeue` kills the running job and starts it again: it must continue from its
     checkpoint, leaving each round in metrics.jsonl exactly once."""
     job, out, log = _sbatch(cluster, "jobs/slurm/train.sbatch", "requeue", RESIST_EPOCHS="3",
                             RESIST_EXTRA_ARGS=TINY + " --checkpoint-every 1")
     ckpts = out / "checkpoints"  # the first one: after epoch 1 of 3
-    _wait_for(cluster, job, log, lambda: ckpts.is_dir() and any(ckpts.iterdir()), "no checkpoint")
+    _wait_for(cluster, job, log, lambda: ckpts.is_dir() and any(ckpts.glob("ckpt-*/manifest.json")), "no checkpoint")
     cluster.run(["scontrol", "requeue", job])
     _start_requeued_now(cluster, job, log)
     info = cluster.wait(job, log)
@@ -169,6 +173,7 @@ def _has_round(out):
     return path.is_file() and '"event": "round"' in path.read_text()
 
 
+@SLURM
 def test_stop_signal_checkpoints_requeues_and_matches_uninterrupted(cluster):
     """SLURM's warning signal (what --signal=B:USR1@120 sends, here at once with scancel --batch)
     reaches the batch script, which passes it to the ranks: they stop after the round, checkpoint,

@@ -1,7 +1,7 @@
 """--group-size: one grouped round on real ranks equals the same round computed in one process.
 
-Run on 4 ranks (2 groups of 2), any backend (RESIST_TEST_BACKEND): ResIST between the groups, data-parallel inside each. Every rank
-computes the reference: every member of every group trains a copy of the initial model on its own
+Run on 4 ranks (2 groups of 2), any backend (RESIST_TEST_BACKEND): ResIST between the groups, data-parallel
+inside each. Every rank computes the reference: every member of every group trains a copy of the initial model on its own
 batches, the members of a group stepping on their averaged gradients; then the round's averages as
 the method says (a group's blocks averaged over its members, the shared layers over the groups'
 averages), and the next round's blocks arrive in slices that the receiving group puts together.
@@ -93,8 +93,8 @@ def test_grouped_round_matches_single_process(c, min_depth):
     s.begin_round()
     a0 = s.assignment
     assert len(a0) == groups.count
+    opt = torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     for step in range(STEPS):
-        opt = torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) if step == 0 else opt
         opt.zero_grad()
         x, y = batch(c.rank, step)
         F.cross_entropy(model(x), y).backward()  # the group's gradient average runs in a hook

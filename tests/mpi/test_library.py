@@ -4,7 +4,6 @@ the bodies of tests/cases/library.py, which tests/unit/test_library.py runs on t
     mpirun -np 4 python -m pytest tests/mpi/test_library.py
 """
 import os
-import re
 
 import pytest
 import torch

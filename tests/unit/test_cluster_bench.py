@@ -60,12 +60,13 @@ def test_half_rate_says_why_when_there_is_none():
 
 
 def test_auto_becomes_the_fitted_rate_or_is_left_out():
-    fit = {"label": "31.6mbit"}
-    assert cluster_bench.resolve_rates(["unshaped", "auto", "10mbit"], fit) == [
+    fit = {"label": "31.6mbit", "rate_bits": 31_600_000}
+    assert cluster_bench.resolve_rates(["unshaped", "auto", "10mbit", "auto/4"], fit) == [
         {"label": "unshaped", "requested": "unshaped", "bits": None},
         {"label": "31.6mbit", "requested": "auto", "bits": 31_600_000},
-        {"label": "10mbit", "requested": "10mbit", "bits": 10_000_000}]
-    assert [r["label"] for r in cluster_bench.resolve_rates(["auto", "1gbit"], {"label": None})] == ["1gbit"]
+        {"label": "10mbit", "requested": "10mbit", "bits": 10_000_000},
+        {"label": "7.9mbit", "requested": "auto/4", "bits": 7_900_000}]  # a quarter of the fitted rate
+    assert [r["label"] for r in cluster_bench.resolve_rates(["auto", "1gbit", "auto/4"], {"label": None})] == ["1gbit"]
 
 
 def _fake_run(path, t_comm, t_compute, acc_times, sent=1_000_000, kernel_tx=None):
@@ -73,7 +74,7 @@ def _fake_run(path, t_comm, t_compute, acc_times, sent=1_000_000, kernel_tx=None
     os.makedirs(path)
     rounds = [{"event": "round", "round": i, "step": 10 * (i + 1), "bytes_sent": sent, "bytes_recv": sent,
                "t_compute": t_compute[i], "t_comm": t_comm[i]} for i in range(5)]
-    evals = [{"event": "eval", "round": 4, "epoch": 1.0 + i, "test_acc": acc, "wallclock": w,
+    evals = [{"event": "eval", "round": 4, "epoch": 1.0 + i, "test_acc": acc, "wallclock": w, "t_eval": 2.0,
               "bytes_sent": 500_000, "bytes_recv": 500_000} for i, (w, acc) in enumerate(acc_times)]
     with open(os.path.join(path, "metrics.jsonl"), "w") as fh:
         fh.write("".join(json.dumps(r) + "\n" for r in rounds + evals))
@@ -114,7 +115,10 @@ def test_summaries_of_fabricated_runs(fabricated):
     assert runs["local_sgd"][1] is None  # never ran
     summary = report.aggregate_rate(runs, targets)
     resist, local = summary["resist"], summary["local_sgd"]
-    assert resist["time_to_target"]["0.97"] == {"mean_s": 27, "std_s": 0.0, "reached": 1, "of": 2}
+    # with and without the evaluations' own time (2 s each, two of them by the time 97% is seen)
+    assert resist["time_to_target"]["0.97"] == {"mean_s": 27, "std_s": 0.0, "train_mean_s": 23, "reached": 1, "of": 2}
+    assert resist["relative_train_time_to_target"]["0.97"] == pytest.approx(23 / 56)
+    assert resist["t_eval_s"] == 2.0
     assert resist["time_to_target"]["0.95"]["mean_s"] == 21
     assert resist["relative_time_to_target"] == {"0.95": pytest.approx(21 / 60), "0.97": pytest.approx(27 / 60)}
     assert local["relative_time_to_target"] == {"0.95": 1.0, "0.97": 1.0}
@@ -122,7 +126,7 @@ def test_summaries_of_fabricated_runs(fabricated):
     assert resist["kernel_tx_per_round"] == pytest.approx(10_500_000 / 5)  # seed 1 has no kernel.json
     table = report.format_table({"20mbit": summary}, targets)
     resist_row = next(line for line in table.splitlines() if "resist" in line)
-    assert "27.0s 1/2  0.45" in resist_row and "21.0s 2/2  0.35" in resist_row
+    assert "27.0s 1/2  0.45   23.0s  0.41" in resist_row and "21.0s 2/2  0.35" in resist_row
 
 
 def test_gpu_equivalent_rate():

@@ -19,12 +19,14 @@ def _run(path, rounds, evals):
 def test_train_and_eval_bytes_reported_apart(tmp_path):
     rounds = [{"event": "round", "round": i, "step": 10 * (i + 1), "bytes_sent": 100, "bytes_recv": 100,
                "t_compute": 1.0, "t_comm": 0.5} for i in range(3)]
-    evals = [{"event": "eval", "round": 2, "epoch": 1.0, "test_acc": 0.96, "wallclock": 4.5,
+    evals = [{"event": "eval", "round": 2, "epoch": 1.0, "test_acc": 0.96, "wallclock": 4.5, "t_eval": 1.5,
               "bytes_sent": 7_000_000, "bytes_recv": 7_000_000}]
     _run(tmp_path / "resist-0", rounds, evals)
     run = compare.summarise_run(str(tmp_path / "resist-0"), [0.95, 0.97])
     assert run["bytes"] == 600 and run["eval_bytes"] == 14_000_000
-    assert run["time_to_target"] == {"0.95": {"wallclock": 4.5, "epoch": 1.0}, "0.97": None}
+    # the time to target with and without the evaluation's own 1.5 s
+    assert run["time_to_target"] == {"0.95": {"wallclock": 4.5, "epoch": 1.0, "train_wallclock": 3.0}, "0.97": None}
+    assert run["eval_time"] == 1.5 and run["evals"] == 1
     summary = compare.aggregate({"resist": {0: run}}, [0.95, 0.97])
     assert summary["resist"]["bytes_mean"] == 600 and summary["resist"]["eval_bytes_mean"] == 14_000_000
     table = compare.format_table(summary, [0.95, 0.97])

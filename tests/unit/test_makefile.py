@@ -29,3 +29,13 @@ def test_failed_horovod_build_only_warns_elsewhere():
 def test_ci_entry_point_runs_make_test_under_ci():
     text = open(os.path.join(ROOT, ".ci", "run")).read()
     assert "export CI=true" in text and "make test" in text
+
+
+def test_phony_targets_exist_and_test_runs_lint_and_docs():
+    import re
+    text = open(os.path.join(ROOT, "Makefile")).read()
+    rules = set(re.findall(r"^([\w-]+):", text, re.M))
+    phony = {t for line in re.findall(r"^\.PHONY:(.*)$", text, re.M) for t in line.split()}
+    assert phony and phony <= rules, phony - rules
+    test_rule = re.search(r"^test:(.*)$", text, re.M).group(1).split()
+    assert "lint" in test_rule and "docs" in test_rule

@@ -5,9 +5,11 @@ running mean, running var; convs without bias; a 1x1 shortcut conv when shape ch
 the package's own counting, and every byte total is derived from them in the test.
 """
 import json
+from pathlib import Path
 
 import pytest
 
+from helpers import requires
 from resist_mpi import traffic as T
 
 F32 = 4
@@ -171,3 +173,20 @@ def test_cli_impossible_partition_is_one_line(capsys):
     assert T.main(["--model", "preact_resnet18", "--num-classes", "3", "--width", "2", "--world-size", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("resist_mpi.traffic: error:") and "\n" not in err
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+OPTIONS = ("model", "num_classes", "width", "partition_stages", "world_size", "group_size", "ranks_per_node",
+           "wire_dtype", "min_depth", "local_steps", "rounds", "seed")
+
+
+@requires("slow")
+@pytest.mark.parametrize("name", ["traffic_resnet101_c100_S4_int8.json", "traffic_resnet101_c100_S16_G4.json"])
+def test_committed_traffic_results_are_what_the_code_counts(capsys, name):
+    """The committed results (one compressed wire, one grouped 16-rank world with nodes) are what
+    `python -m resist_mpi.traffic` prints today, to the byte: the count comes from running the
+    strategies, so a change to what a round sends shows here."""
+    committed = json.loads((RESULTS / name).read_text())
+    argv = [a for k in OPTIONS for a in (f"--{k.replace('_', '-')}", str(committed[k]))] + ["--json"]
+    assert T.main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == committed
