@@ -15,7 +15,7 @@
 Prints, per model and strategy, the accuracy of each setting (mean over seeds, and its difference to
 the reference setting --reference), and the eval/round time ratio; writes OUT/eval_bench.json.
 The smallest setting within 0.3 points of the reference on every model and strategy is the default
-(README, "Evaluation").
+(docs/method.md, "Evaluation").
 """
 from __future__ import annotations
 

@@ -119,7 +119,10 @@ resist_launch() {
         srun)
             cmd=(srun --nodes="$RESIST_NODES" --ntasks="$RESIST_NP" --ntasks-per-node="$RESIST_RANKS_PER_NODE"
                  --mpi="$(_resist_srun_mpi)" --kill-on-bad-exit=1)
-            if [ -n "${RESIST_HOSTS:-}" ]; then cmd+=(--nodelist="$RESIST_HOSTS"); fi ;;
+            # a relaunch after a lost node: only the nodes left, and --overlap, because the failed
+            # step still holds its CPUs until the lost node's part of it is cleaned up, which never
+            # happens while that node is down ("Requested nodes are busy" otherwise)
+            if [ -n "${RESIST_HOSTS:-}" ]; then cmd+=(--nodelist="$RESIST_HOSTS" --overlap); fi ;;
         mpirun)
             cmd=(mpirun -np "$RESIST_NP")
             if [ -n "${RESIST_HOSTS:-}" ]; then  # a relaunch on the nodes still alive

@@ -12,8 +12,9 @@ addition). This module is everything ResIST needs to know about them, for any mo
   e.g. the ReLU after the addition in torchvision's blocks). The model's code is not changed: the
   block instance's forward is replaced, its class, parameters and state_dict keys stay as they were.
 - BlockStore: where a rank's blocks live. A held block's tensors are views of one flat slab (sent,
-  received and averaged as one piece); a released block's tensors are on the meta device (shapes
-  only, no memory), so a rank only ever keeps storage for the blocks it holds.
+  received and averaged as one piece); a released block's tensors are empty placeholders (the same
+  Parameter objects, numel 0, no gradient), so a rank only ever keeps storage for the blocks it holds
+  and an optimizer built once over model.parameters() stays valid.
 
 A block of another kind can be registered with register_block(cls, scaled_forward); an unregistered
 module passed explicitly is treated as out = x + f(x) (its scaled form is x + s * (block(x) - x)).

@@ -1,6 +1,6 @@
 """Fewer bytes per average: --wire-dtype float16, bfloat16 or int8, with error feedback.
 
-What is compressed (see README, "Compressed averaging"):
+What is compressed (docs/method.md, "Compressed averaging"):
 
 - Model averages (ResIST's shared layers, local SGD's whole model): every rank knows the values the
   round started from, so it sends its *update* (trained value minus round-start value) plus the

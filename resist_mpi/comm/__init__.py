@@ -26,7 +26,7 @@ def resolve_backend(name: str = "auto", device: str = "auto") -> str:
     - mpi under mpirun/srun, and under horovodrun's MPI controller too: its ranks are MPI processes,
       and mpi4py moves the same bytes without Horovod's background thread (benchmarks/results);
     - torch (gloo) under horovodrun's Gloo controller, where there is no MPI: gloo through
-      torch.distributed was faster than Horovod's (README, "Horovod").
+      torch.distributed was faster than Horovod's (docs/backends.md, "Horovod").
     Horovod itself is used when asked for by name (--backend horovod).
     """
     if name not in BACKENDS:

@@ -23,6 +23,7 @@ import datetime
 import functools
 import os
 import socket
+import sys
 from typing import Optional
 
 import torch
@@ -66,6 +67,15 @@ def nccl_usable(device: str = "auto") -> bool:
     return device != "cpu" and torch.cuda.is_available() and dist.is_nccl_available()
 
 
+def _elastic_with_shared_store() -> bool:
+    """Under torchrun with restarts allowed and its rendezvous store shared with the workers (its
+    default): the keys of a dead generation stay in that one store, so a restarted world can read a
+    dead worker's address (gloo: "Connection refused" at init) and burn its restarts."""
+    return (bool(os.environ.get("TORCHELASTIC_RUN_ID")) and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+            and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0") != "1")
+
+
 # What gloo and NCCL say when the other end of a collective is gone (a process that died, a link
 # that is down): those failures are a lost peer, not a bug, and end the job with one line.
 _PEER_GONE = ("connection closed by peer", "connection reset", "connection timed out", "connection refused",
@@ -104,6 +114,10 @@ class TorchComm(Comm):
         local_rank = int(os.environ.get("LOCAL_RANK", info.local_rank))
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", info.local_size))
         self.nccl = nccl_usable(device)
+        if rank == 0 and _elastic_with_shared_store():
+            sys.stderr.write("resist_mpi: note: torchrun may restart these workers, but it shares one rendezvous "
+                             "store across restarts, where a restarted world can read a dead worker's address and "
+                             "fail to connect; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (docs/multinode.md)\n")
         if not dist.is_initialized():
             if size > 1:
                 _rendezvous(rank, size)

@@ -57,7 +57,7 @@ class ResIST(Strategy):
         overlap: the shared layers' average of a round runs while the next round trains (one round
             late); blocks still move at the round boundary. See resist_mpi.averaging.Averager.
         outer_optimizer: a factory params -> torch optimizer for an outer step (DiLoCo) on the shared
-            layers' averaged update; blocks are averaged as without it (README: why).
+            layers' averaged update; blocks are averaged as without it (docs/method.md, "Overlap and the outer optimizer": why).
         optimizer, scheduler, local_steps, optimizer_state: see Strategy ("shared" = the shared
             layers' parameters; the paper's reference code starts every round with a fresh optimizer).
     """

@@ -1,4 +1,4 @@
-"""Every command in README.md and jobs/README.md is checked, or says what it needs that CI lacks.
+"""Every command in README.md, jobs/README.md and docs/*.md is checked, or says what it needs that CI lacks.
 
 Each command line of a ```bash block ends with a comment in parentheses:
 
@@ -26,7 +26,9 @@ import pytest
 
 from helpers import ROOT, mpi_env, mpirun, requires
 
-DOCS = ["README.md", "jobs/README.md"]
+DOCS = ["README.md", "jobs/README.md", "docs/index.md", "docs/usage.md", "docs/library.md", "docs/method.md",
+        "docs/backends.md", "docs/multinode.md", "docs/checkpoints.md", "docs/benchmarks.md", "docs/testing.md",
+        "docs/departures.md", "docs/layout.md"]
 MARKER = re.compile(r"#\s*\((?P<marker>[^()]*)\)\s*$")
 
 

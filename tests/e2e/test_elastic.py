@@ -56,7 +56,9 @@ def torchrun(cl, out, tag, log_dir, extra=()):
                "--rdzv-conf", "last_call_timeout=3,join_timeout=120", *TRAIN, "--backend", "torch",
                "--out", str(out), *extra]
         log = log_dir / f"{tag}-{h}.log"
-        procs[h] = (cl.popen(cmd, host=h, env=cl.env(mpi_env()), cwd=ROOT, stdout=open(log, "w"),
+        # a fresh rendezvous store for every restart (torchrun's shared one keeps the dead workers' keys)
+        env = cl.env(mpi_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
+        procs[h] = (cl.popen(cmd, host=h, env=env, cwd=ROOT, stdout=open(log, "w"),
                              stderr=subprocess.STDOUT, start_new_session=True), log)
     return procs
 
@@ -95,9 +97,16 @@ def complete_checkpoints(out):
     return sorted(p.name for p in d.glob("ckpt-*") if (p / "manifest.json").is_file()) if d.is_dir() else []
 
 
+def newest_round(out):
+    """The round of the newest complete checkpoint (0: none yet); rotation keeps only the newest few."""
+    names = complete_checkpoints(out)
+    return int(names[-1].split("-")[1]) if names else 0
+
+
 def wait_for_checkpoints(out, n, procs):
+    """Until the checkpoint after round n - 1 exists."""
     t0 = time.time()
-    while len(complete_checkpoints(out)) < n:
+    while newest_round(out) < n:
         assert time.time() - t0 < TIMEOUT, "no checkpoints"
         assert all(p.poll() is None for p, _ in procs.values()), "an agent ended before the node was lost"
         time.sleep(0.2)
@@ -204,7 +213,7 @@ def test_sbatch_relaunches_on_the_nodes_left(cluster, reference, tmp_path):
         job = p.stdout.strip().split(";")[0]
         assert job.isdigit(), p.stdout + p.stderr
         t0 = time.time()
-        while len(complete_checkpoints(out)) < 3:
+        while newest_round(out) < 3:
             assert time.time() - t0 < TIMEOUT, f"no checkpoints:\n{tail(log)}"
             time.sleep(0.5)
         kill_node(cluster, "node3")  # its slurmd and its rank

@@ -200,7 +200,7 @@ def test_train_matches_mpi_backend(train_jobs, controller, strategy):
 
 @pytest.mark.parametrize("controller, expected", [("mpi", "mpi"), ("gloo", "torch")])
 def test_auto_backend_under_horovodrun(controller, expected):
-    """The fastest correct backend for each controller (README, "Horovod": launcher_bench)."""
+    """The fastest correct backend for each controller (docs/backends.md, "Horovod": launcher_bench)."""
     code = ("import sys; from resist_mpi.comm import resolve_backend; "
             "sys.stdout.write(f\"AUTO {resolve_backend('auto', 'cpu')}\\n\"); sys.stdout.flush()")
     proc = horovodrun(2, controller, ["-c", code], timeout=120)

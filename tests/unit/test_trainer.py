@@ -78,3 +78,35 @@ def test_imagenet_style_model_trains_on_an_image_folder(tmp_path):
     rounds = [r for r in recs if r["event"] == "round"]
     assert len(rounds) == 1 and rounds[0]["step"] == 2  # 16 images, 8 a step: one round of 2 steps
     assert 0.0 <= result["test_acc"] <= 1.0
+
+
+def test_checkpoint_cli_verifies_and_exports_a_plain_state_dict(tmp_path, capsys):
+    """`python -m resist_mpi.checkpoint verify|export`: a complete checkpoint verifies; export
+    writes one state_dict file that torch alone loads (weights_only), equal to the checkpoint's full
+    model and shaped like a fresh model; a damaged newest checkpoint in a run directory is skipped
+    with a line saying why, and the previous one exported."""
+    from resist_mpi.models import create_model
+    _run(tmp_path / "run", strategy="resist")
+    names = [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path / "run"))]
+    old, new = [str(tmp_path / "run" / "checkpoints" / n) for n in names[-2:]]
+    assert ckpt.main(["verify", new]) == 0
+    assert "complete (round" in capsys.readouterr().out
+    out = tmp_path / "model.pt"
+    assert ckpt.main(["export", new, str(out)]) == 0
+    state = torch.load(out, weights_only=True)
+    fresh = create_model(TINY["model"], num_classes=10, width=TINY["width"]).state_dict()
+    assert state.keys() == fresh.keys() and all(state[k].shape == fresh[k].shape for k in fresh)
+    full = ckpt.full_state_dict(ckpt.Reader(*_verified(new)))
+    assert all(torch.equal(state[k], full[k]) for k in state)
+    blocks = next(p for p in os.listdir(new) if p.startswith("blocks-"))
+    with open(os.path.join(new, blocks), "r+b") as f:  # an interrupted copy
+        f.truncate(os.path.getsize(os.path.join(new, blocks)) // 2)
+    capsys.readouterr()
+    assert ckpt.main(["verify", new]) == 1
+    assert "incomplete" in capsys.readouterr().out
+    assert ckpt.main(["export", str(tmp_path / "run"), str(tmp_path / "older.pt")]) == 0
+    captured = capsys.readouterr()
+    assert os.path.basename(new) in captured.err and os.path.basename(old) in captured.out
+    older = torch.load(tmp_path / "older.pt", weights_only=True)
+    expect = ckpt.full_state_dict(ckpt.Reader(*_verified(old)))
+    assert older.keys() == fresh.keys() and all(torch.equal(older[k], expect[k]) for k in older)
