@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -82,24 +81,13 @@ def run_job(cl: Cluster, jargs: SimpleNamespace, strategy: str, seed: int) -> Di
                              tag="cluster_bench")
     after = cl.counters()
     if launch["returncode"] is None:
-        _kill_node_processes(cl)  # a timed-out job's ranks on other nodes, should any outlive mpirun
+        cl.kill()  # a timed-out job's ranks on other nodes, should any outlive mpirun
     kernel = {"rate": cl.rate, "shaping": cl.shaping(),
               "tx_bytes": {h: after[h]["tx_bytes"] - before[h]["tx_bytes"] for h in cl.hosts},
               "rx_bytes": {h: after[h]["rx_bytes"] - before[h]["rx_bytes"] for h in cl.hosts}}
     with open(os.path.join(jargs.out, f"{strategy}-{seed}", "kernel.json"), "w") as fh:
         json.dump(kernel, fh, indent=2)
     return launch
-
-
-def _kill_node_processes(cl: Cluster) -> None:
-    """SIGKILL what still runs in this cluster's node namespaces (only this bench starts processes there)."""
-    for host in cl.hosts:
-        pids = subprocess.run(["ip", "netns", "pids", cl.ns(host)], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 # -- the half-communication rate ------------------------------------------------------------------------------------

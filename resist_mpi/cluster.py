@@ -163,6 +163,14 @@ class Cluster:
         """The network namespace of a node (or "sw" for the switch)."""
         return self.prefix + host
 
+    def kill(self, host: Optional[str] = None) -> None:
+        """SIGKILL every process in a node's namespace (its launcher daemon, ranks, slurmd), or in
+        every node's: what a node that dies, or a job that must not outlive a timeout, leaves."""
+        for h in [host] if host else self.hosts:
+            pids = {int(p) for p in _sh(["ip", "netns", "pids", self.ns(h)], check=False).stdout.split()}
+            pids.discard(os.getpid())
+            _signal_all(pids, signal.SIGKILL)
+
     def address(self, host: str) -> str:
         return f"{self.subnet}.{self.hosts.index(host) + 1}"
 

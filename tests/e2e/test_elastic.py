@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, mpi_env, requires
-from resist_mpi.cluster import Cluster, why_unavailable
+from resist_mpi.cluster import Cluster
 
 pytestmark = requires("mpi", "root", "cluster", "slow")
 
@@ -37,9 +37,6 @@ TIMEOUT = 900
 
 @pytest.fixture(scope="module")
 def cluster():
-    reason = why_unavailable()
-    if reason:
-        pytest.skip(reason)
     state = tempfile.mkdtemp(prefix="rce-")
     keep = ("OMP_NUM_THREADS", "PYTHONUNBUFFERED")
     with Cluster(nodes=len(HOSTS), prefix="rce-", state_dir=state,
@@ -73,16 +70,6 @@ def wait_all(procs, hosts, timeout=TIMEOUT):
         except subprocess.TimeoutExpired:
             pytest.fail(f"{h}'s agent did not finish:\n{log.read_text()[-4000:]}")
     return codes
-
-
-def kill_node(cl, host):
-    """SIGKILL every process of a node (its torchrun agent, its worker, its slurmd)."""
-    pids = subprocess.run(["ip", "netns", "pids", cl.ns(host)], capture_output=True, text=True).stdout.split()
-    for pid in pids:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def stop_all(cl, procs):
@@ -157,7 +144,7 @@ def test_torchrun_goes_on_without_a_lost_node(cluster, reference, tmp_path, how)
     try:
         wait_for_checkpoints(out, 3, procs)
         if how == "kill":
-            kill_node(cluster, "node3")
+            cluster.kill("node3")  # its agent and its worker
         else:
             subprocess.run(link + ["down"], check=True)
         codes = wait_all(procs, HOSTS[:3])
@@ -180,7 +167,7 @@ def test_the_rendezvous_hosts_loss_ends_the_job_with_one_line_per_worker(cluster
     procs = torchrun(cluster, out, "lost-host", tmp_path)
     try:
         wait_for_checkpoints(out, 2, procs)
-        kill_node(cluster, "node0")
+        cluster.kill("node0")
         t0 = time.time()
         codes = wait_all(procs, HOSTS[1:], timeout=300)
         took = time.time() - t0
@@ -216,7 +203,7 @@ def test_sbatch_relaunches_on_the_nodes_left(cluster, reference, tmp_path):
         while newest_round(out) < 3:
             assert time.time() - t0 < TIMEOUT, f"no checkpoints:\n{tail(log)}"
             time.sleep(0.5)
-        kill_node(cluster, "node3")  # its slurmd and its rank
+        cluster.kill("node3")  # its slurmd and its rank
         info = s.wait(job, log, timeout=TIMEOUT)
     finally:
         s.stop()

@@ -31,7 +31,7 @@ import pytest
 
 from helpers import ROOT, horovodrun_path, mpi_env, requires
 from slurm_helpers import Slurm, tail, which, why_no_slurm
-from resist_mpi.cluster import Cluster, ClusterError, why_unavailable
+from resist_mpi.cluster import Cluster, ClusterError
 
 HOSTS = ["node0", "node1", "node2", "node3"]
 STRATEGIES = ("resist", "local_sgd", "data_parallel")
@@ -66,9 +66,6 @@ pytestmark = requires("mpi", "root", "cluster", "slow")
 
 @pytest.fixture(scope="module")
 def cluster():
-    reason = why_unavailable()
-    if reason:
-        pytest.skip(reason)
     state = tempfile.mkdtemp(prefix="rct-")
     with Cluster(nodes=len(HOSTS), prefix="rct-", state_dir=state, profile=_profile()) as cl:
         yield cl
