@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import compare
 import gpu_scale
 from resist_mpi.cluster import parse_rate
-from resist_mpi.metrics import read_metrics
+from resist_mpi.metrics import read_metrics, training_rounds
 
 BASELINE = "local_sgd"
 
@@ -82,7 +82,7 @@ def fit_half_rate(probes: Sequence[Dict]) -> Dict:
 # -- one run ----------------------------------------------------------------------------------------------
 def round_stats(records: List[Dict]) -> Optional[Dict]:
     """Medians over the round records of t_compute, t_comm and the comm fraction; bytes per round."""
-    rounds = [r for r in records if r.get("event") == "round"]
+    rounds = training_rounds(records)  # an evaluation's early exchange back in its round
     if not rounds:
         return None
     fractions = [r["t_comm"] / (r["t_comm"] + r["t_compute"]) for r in rounds if r["t_comm"] + r["t_compute"] > 0]

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 
-from resist_mpi.metrics import read_metrics  # noqa: E402
+from resist_mpi.metrics import read_metrics, training_rounds  # noqa: E402
 
 
 def mpi_env() -> Dict[str, str]:
@@ -149,7 +149,7 @@ def summarise_run(path: str, targets: List[float]) -> Optional[Dict]:
         return None
     recs = read_metrics(path)
     evals = [r for r in recs if r.get("event") == "eval"]
-    rounds = [r for r in recs if r.get("event") == "round"]
+    rounds = training_rounds(recs)  # an evaluation's early exchange back in its round
     if not evals or not rounds:
         return None
     steps = rounds[-1]["step"]

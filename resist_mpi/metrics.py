@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -153,3 +153,25 @@ def read_metrics(path: str, event: Optional[str] = None):
             if isinstance(rec, dict) and (event is None or rec.get("event") == event):
                 recs.append(_restore(rec))
     return recs
+
+
+def training_rounds(records: List[Dict]) -> List[Dict]:
+    """The round records, each with the exchange that ran early for it folded back in.
+
+    An evaluation that a round follows runs that round's block exchange first (ResIST,
+    Strategy.prepare_round): the eval record holds its seconds and bytes (t_next_exchange,
+    bytes_next_exchange, summed over ranks like a round's bytes), the round record what was left
+    (nothing). Here they go back to the round: t_comm and the bytes are what the round cost,
+    wherever it was paid."""
+    early = {e["round"] + 1: e for e in records if e.get("event") == "eval" and e.get("bytes_next_exchange")}
+    out = []
+    for r in records:
+        if r.get("event") != "round":
+            continue
+        e = early.get(r["round"])
+        if e is not None:
+            r = dict(r, t_comm=r["t_comm"] + e.get("t_next_exchange", 0.0),
+                     bytes_sent=r["bytes_sent"] + e["bytes_next_exchange"],
+                     bytes_recv=r["bytes_recv"] + e["bytes_next_exchange"])
+        out.append(r)
+    return out

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from .metrics import read_metrics
+from .metrics import read_metrics, training_rounds
 
 
 class PlotError(ValueError):
@@ -81,7 +81,7 @@ def load_run(path: str) -> Run:
     if not os.path.isfile(metrics):
         raise PlotError(f"{path}: no metrics.jsonl (not an --out directory of resist_mpi.train?)")
     recs = _continuous_wallclock(_read_records(metrics))
-    rounds = [r for r in recs if r.get("event") == "round"]
+    rounds = training_rounds(recs)  # an evaluation's early exchange back in its round
     evals = [r for r in recs if r.get("event") == "eval"]
     if not rounds and not evals:
         raise PlotError(f"{metrics}: no round or eval records")

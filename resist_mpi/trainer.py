@@ -533,6 +533,12 @@ class Trainer:
         result = None
         if eval_due:
             meter = EvalMeter(c)
+            if not (last or stop):
+                # the next round's exchange now (Strategy.prepare_round): the gather then moves only
+                # what the next round's holders lack, and the round starts with nothing to move.
+                # Training work done early: recorded apart, not as the evaluation's.
+                job.prepare_round()
+                meter.mark_next_exchange()
             with job.full_model() as full:
                 meter.mark("gather")
                 test_loss, test_acc, meter.t["calibrate"], meter.t["test"] = evaluate_full(
@@ -550,10 +556,11 @@ class Trainer:
     def log_eval(self, job, log, m: RoundMeter, epoch: float, test_loss: float, test_acc: float,
                  meter: "EvalMeter") -> Dict[str, float]:
         c = self.c
-        sent, recv, cross, t = meter.totals()
+        sent, recv, cross, t, early_sent, t_early = meter.totals()
         log.record("eval", round=m.round, epoch=epoch, strategy=job.name, world_size=c.size, test_loss=test_loss,
                    test_acc=test_acc, bytes_sent=int(sent), bytes_recv=int(recv), bytes_cross_node=int(cross),
-                   t_eval=sum(t.values()), **{f"t_{k}": v for k, v in t.items()}, wallclock=log.wallclock())
+                   t_eval=sum(t.values()), **{f"t_{k}": v for k, v in t.items()},
+                   t_next_exchange=t_early, bytes_next_exchange=int(early_sent), wallclock=log.wallclock())
         log.info(f"epoch {epoch:6.2f} | round {m.round:5d} | train loss {m.loss_sum / m.seen:.4f} | "
                  f"test loss {test_loss:.4f} | test acc {100 * test_acc:6.2f}% | {log.wallclock():7.1f}s")
         return {"test_loss": test_loss, "test_acc": test_acc, "epoch": epoch}
@@ -561,13 +568,22 @@ class Trainer:
 
 class EvalMeter:
     """An evaluation's bytes and seconds by phase (gather, calibrate, test, return: the maximum over
-    ranks), counted from its creation, before the gather."""
+    ranks), counted from its creation, before the gather; the next round's exchange when it runs
+    first (mark_next_exchange()) is counted apart: training work, done early."""
 
     def __init__(self, c: Comm):
         self.c = c
         self.start = (c.bytes_sent, c.bytes_recv, c.bytes_sent_cross)
         self.t = {"gather": 0.0, "calibrate": 0.0, "test": 0.0, "return": 0.0}
+        self.early_sent, self.t_early = 0, 0.0
         self._last = time.perf_counter()
+
+    def mark_next_exchange(self) -> None:
+        """What happened since the creation was the next round's exchange: count it apart."""
+        c, now = self.c, time.perf_counter()
+        self.early_sent, self.t_early = c.bytes_sent - self.start[0], now - self._last
+        self.start = (c.bytes_sent, c.bytes_recv, c.bytes_sent_cross)
+        self._last = now
 
     def mark(self, phase: Optional[str]) -> None:
         """The time since the last mark belongs to phase (None: to no phase of the evaluation)."""
@@ -576,13 +592,15 @@ class EvalMeter:
             self.t[phase] += now - self._last
         self._last = now
 
-    def totals(self) -> Tuple[float, float, float, Dict[str, float]]:
+    def totals(self) -> Tuple[float, float, float, Dict[str, float], float, float]:
         """(bytes sent, received, sent across nodes) summed over ranks, seconds per phase as the
-        slowest rank spent them (two reductions: control traffic)."""
+        slowest rank spent them, then the next round's early exchange: bytes sent (summed) and
+        seconds (the slowest rank's). Two reductions: control traffic."""
         c, (s0, r0, x0) = self.c, self.start
-        sent, recv, cross = c.reduce_stats([c.bytes_sent - s0, c.bytes_recv - r0, c.bytes_sent_cross - x0], "sum")
-        times = dict(zip(self.t, c.reduce_stats(list(self.t.values()), "max")))
-        return sent, recv, cross, times
+        sent, recv, cross, early_sent = c.reduce_stats(
+            [c.bytes_sent - s0, c.bytes_recv - r0, c.bytes_sent_cross - x0, self.early_sent], "sum")
+        *times, t_early = c.reduce_stats([*self.t.values(), self.t_early], "max")
+        return sent, recv, cross, dict(zip(self.t, times)), early_sent, t_early
 
 
 def agree(c: Comm, error: Optional[BaseException]) -> None:

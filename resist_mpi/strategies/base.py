@@ -168,6 +168,22 @@ class Strategy:
         """Whether every tensor this rank holds is finite (a local check, no communication)."""
         return all(bool(torch.isfinite(t).all()) for t in module_tensors(self.model) if t.numel())
 
+    def prepare_round(self) -> None:
+        """Do the next round's start-of-round communication now, between rounds (collective), so
+        that begin_round() finds nothing left to move. The trainer calls it before an evaluation
+        that a round follows: ResIST then gathers the full model from where the next round's blocks
+        already are, and every rank keeps those blocks afterwards. The base strategies move nothing
+        at a round's start: nothing to do."""
+        self._check_boundary("prepare_round()")
+
+    def _forget_state(self, params) -> None:
+        """Drop the optimizer state of params (their values came from another copy) under the
+        policies that keep state; what _prepare_optimizer would drop at the round's start."""
+        if self.optimizer is None or self.optimizer_state == "reset":
+            return
+        for p in params:
+            self.optimizer.state.pop(p, None)
+
     def _begin(self) -> None:
         pass
 

@@ -21,6 +21,7 @@ puts back together, and the shared layers are averaged hierarchically. G = 1 is 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -88,6 +89,7 @@ class ResIST(Strategy):
         self._workspace: Dict = {}  # the exchange's averaging buffer, reused round after round
         self._drawn: Dict[int, partition.Assignment] = {}  # round -> assignment, from rank 0's last broadcast
         self._full_depth = 0
+        self._prepared: Optional[tuple] = None  # (round, its exchange's plan) when prepare_round() ran it early
         self.assignment: Optional[partition.Assignment] = None
         self.last_plan = None
         P, count = len(self.blocks), self.groups.count
@@ -159,9 +161,33 @@ class ResIST(Strategy):
         self.last_plan = plan
         self.holdings.exchanged(plan)
 
-    def _begin(self) -> None:
+    def _deal(self) -> None:
+        """This round's assignment, and the exchange that brings every rank its blocks."""
         self.assignment = self.draw(self.round)
         self.exchange_to(needers_from_assignment(self.assignment, len(self.blocks)))
+
+    def prepare_round(self) -> None:
+        """The next round's assignment and block exchange, now (see Strategy.prepare_round). An
+        evaluation that follows gathers only what the next round's holders lack and leaves every
+        rank with its next round's blocks; begin_round() then moves nothing. The optimizer state of
+        the blocks that arrived is dropped now (under the policies that keep state), as the round's
+        start would, so a checkpoint written in between holds what the resumed run needs."""
+        super().prepare_round()
+        if self._open or (self._prepared is not None and self._prepared[0] == self.round):
+            return  # the open round's exchange ran at its start (`with job:`), or this one already did
+        t0 = time.perf_counter()
+        self._deal()
+        self._timed += time.perf_counter() - t0
+        self._prepared = (self.round, self.last_plan)
+        activate(self.blocks, self.mine())
+        self._forget_state(self._moved_parameters())
+
+    def _begin(self) -> None:
+        if self._prepared is not None and self._prepared[0] == self.round:
+            self.last_plan = self._prepared[1]  # dealt and exchanged early; what arrived then counts as moved
+        else:
+            self._deal()
+        self._prepared = None
         activate(self.blocks, self.mine())
         for averager in self._gradient_averagers:  # this round's parameters, data-parallel in the group
             averager.attach(self.parameters())
@@ -211,9 +237,9 @@ class ResIST(Strategy):
         """Gather the blocks this rank lacks (averaging divergent ones), run all blocks at 1/S scale.
 
         Afterwards every rank goes back to its own sub-network: it keeps the blocks of the round just
-        trained (now identical copies wherever several ranks trained one) and releases the rest, so
-        the memory a rank needs stays that of one sub-network, and the next round's exchange moves
-        what it would have moved without the evaluation. Re-entrant: an inner full_model() (e.g.
+        trained (now identical copies wherever several ranks trained one), or after prepare_round()
+        those of the next round, and releases the rest, so the memory a rank needs stays that of one
+        sub-network. Re-entrant: an inner full_model() (e.g.
         state_dict() inside an evaluation) reuses the outer gather.
         """
         if self._full_depth:
@@ -254,6 +280,7 @@ class ResIST(Strategy):
         """Every rank loads the full model; with the checkpoint's world size each then goes back to
         the sub-network it trained then, as the uninterrupted run did after saving."""
         super().load_state_dict(state, rank_state)
+        self._prepared = None
         assignment = state.get("assignment")
         self.assignment = None
         if assignment is not None and len(assignment) == self.groups.count:
@@ -301,6 +328,7 @@ class ResIST(Strategy):
         if self._open:
             raise UsageError("load_shards() in the middle of a round: load before the first round")
         shared = reader.shared
+        self._prepared = None
         self.model.load_state_dict(shared["model"], strict=False)  # the shared layers (blocks: below)
         self.round = round_index
         P, count, g = len(self.blocks), self.groups.count, self.groups.index

@@ -68,6 +68,11 @@ class Warmup(Strategy):
             self._open = False
             self.round = self.current.round
 
+    def prepare_round(self) -> None:
+        if self.first is None:  # after the switch (no early work across it: the switch happens at begin_round)
+            self.current.round = self.round
+            self.current.prepare_round()
+
     def poll(self) -> None:
         self.current.poll()
 

@@ -102,6 +102,35 @@ def train_one_optimizer_rounds(c, model, strategy="resist", **kw):
     return full_state(job)
 
 
+def train_with_evaluations(c, model, prepare, optimizer_state="reset", evaluate=True, **kw):
+    """Explicit rounds, one optimizer, the full model looked at after every round but the last
+    (evaluate), with or without prepare_round() first (what the trainer does before an evaluation).
+    Returns (the full states seen, the final one, per round (bytes sent, received) by begin_round(),
+    per evaluation (bytes sent, received) by prepare_round() and the gather, the momentum buffers)."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    job = _strategy("resist", model, c, optimizer=opt, optimizer_state=optimizer_state, **kw)
+    seen, begins, evals, k = [], [], [], 0
+    for r in range(ROUNDS):
+        before = c.counters()
+        job.begin_round()
+        after = c.counters()
+        begins.append((after[0] - before[0], after[1] - before[1]))
+        for _ in range(STEPS):
+            step(model, opt, c, k)
+            k += 1
+        job.end_round()
+        if evaluate and r < ROUNDS - 1:
+            before = c.counters()
+            if prepare:
+                job.prepare_round()
+                job.prepare_round()  # a second call does nothing
+            seen.append(full_state(job))
+            after = c.counters()
+            evals.append((after[0] - before[0], after[1] - before[1]))
+    momenta = {job._names[p]: opt.state[p]["momentum_buffer"].clone() for p in opt.state if p.numel()}
+    return seen, full_state(job), begins, evals, momenta
+
+
 def single_process_lrs():
     """The same scheduler in a plain single-process loop."""
     m = torch.nn.Linear(2, 2)

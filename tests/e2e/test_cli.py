@@ -285,18 +285,23 @@ def test_out_dir_holding_a_run_is_never_overwritten_unasked(tmp_path):
 
 
 def test_round_records_do_not_depend_on_evaluation_or_loader_workers(tmp_path):
-    """Evaluation gathers every block, then each rank goes back to its own sub-ResNet: the next
-    round moves (and its record counts) what it would have without the evaluation. DataLoader
-    workers (--workers 2) deliver the very batches of --workers 0, evaluation's reads included."""
+    """An evaluation that a round follows runs that round's exchange first (recorded in the eval
+    record as bytes_next_exchange), gathers the rest, and leaves each rank its next round's blocks:
+    training is bit for bit that of a run without evaluations, and the round's bytes plus those of the
+    early exchange are what the round moved there. DataLoader workers (--workers 2) deliver the very
+    batches of --workers 0, evaluation's reads included."""
     args = [*TINY, "--epochs", "3", "--bn-batches", "2"]
     keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
     assert _train(2, tmp_path / "final", *args, "--eval-every", "0").returncode == 0
     p = _train(2, tmp_path / "every", *args, "--eval-every", "1")
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(_records(tmp_path / "every", "eval")) == 3 and len(_records(tmp_path / "final", "eval")) == 1
-    assert _round_records(tmp_path / "every", *keys) == _round_records(tmp_path / "final", *keys)
-    assert all(r["bytes_sent"] > 0 for r in _round_records(tmp_path / "every", *keys)[1:])
     evals = _records(tmp_path / "every", "eval")
+    early = {e["round"] + 1: e["bytes_next_exchange"] for e in evals}
+    every = [dict(r, bytes_sent=r["bytes_sent"] + early.get(r["round"], 0),
+                  bytes_recv=r["bytes_recv"] + early.get(r["round"], 0)) for r in _round_records(tmp_path / "every", *keys)]
+    assert every == _round_records(tmp_path / "final", *keys)
+    assert sum(early.values()) > 0 and evals[-1]["bytes_next_exchange"] == 0  # none after the last round
     assert all(e["bytes_sent"] > 0 for e in evals)  # the gather is counted where it happens
     p = _train(2, tmp_path / "workers", *args, "--eval-every", "1", "--workers", "2")
     assert p.returncode == 0, p.stderr[-2000:]

@@ -33,3 +33,16 @@ def test_train_and_eval_bytes_reported_apart(tmp_path):
     assert "bytes (train)" in table and "bytes (eval)" in table
     cells = [c.strip() for c in table.splitlines()[-1].split("|")]
     assert cells[-4:-2] == ["0.0 MB", "14.0 MB"]  # training, then evaluation
+
+
+def test_training_rounds_fold_an_evaluations_early_exchange_back_into_its_round():
+    from resist_mpi.metrics import training_rounds
+    recs = [{"event": "round", "round": 0, "t_comm": 1.0, "bytes_sent": 10, "bytes_recv": 10},
+            {"event": "eval", "round": 0, "t_next_exchange": 0.5, "bytes_next_exchange": 7},
+            {"event": "round", "round": 1, "t_comm": 0.25, "bytes_sent": 3, "bytes_recv": 3},
+            {"event": "eval", "round": 1, "t_next_exchange": 0.0, "bytes_next_exchange": 0},
+            {"event": "round", "round": 2, "t_comm": 1.0, "bytes_sent": 10, "bytes_recv": 10}]
+    out = training_rounds(recs)
+    assert [(r["round"], r["t_comm"], r["bytes_sent"], r["bytes_recv"]) for r in out] == \
+        [(0, 1.0, 10, 10), (1, 0.75, 10, 10), (2, 1.0, 10, 10)]
+    assert recs[2]["bytes_sent"] == 3  # the records themselves are left as they were

@@ -1,0 +1,47 @@
+"""prepare_round() before an evaluation (the trainer's order): the next round's exchange first, the
+gather of the rest, every rank left holding its next round's blocks. On 2 and 4 thread ranks: the
+evaluation sees the same full model, training goes on bit for bit as with no evaluation at all
+(under every optimizer-state policy), the next round's start moves nothing, and with blocks several
+ranks trained the gather and the next round's exchange together move fewer bytes than before."""
+import pytest
+import torch
+
+from cases import library as L
+from resist_mpi.comm.thread import run_ranks
+
+
+def _run(size, **kw):
+    models = [L.make_model() for _ in range(size)]  # built here: torch's global RNG is shared by threads
+    torch.set_num_threads(1)
+    return run_ranks(size, lambda c: L.train_with_evaluations(c, models[c.rank], **kw))
+
+
+def _momenta_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("size, kw", [(2, {}), (4, {}), (4, dict(min_depth=2)), (4, dict(group_size=2))],
+                         ids=["2", "4", "4-shared-blocks", "4-groups"])
+@pytest.mark.parametrize("policy", ["reset", "keep"])
+def test_evaluation_after_prepare_round_changes_nothing_in_training(size, kw, policy):
+    plain = _run(size, prepare=False, evaluate=False, optimizer_state=policy, **kw)
+    old = _run(size, prepare=False, optimizer_state=policy, **kw)
+    new = _run(size, prepare=True, optimizer_state=policy, **kw)
+    for r in range(size):
+        # training: what a run without evaluations trains, weights and momentum, to the bit
+        assert L.states_equal(new[r][1], plain[r][1]) and _momenta_equal(new[r][4], plain[r][4])
+        # the round after an evaluation begins with every block in place: nothing moves
+        assert all(b == (0, 0) for b in new[r][2][1:])
+        assert len(new[r][3]) == L.ROUNDS - 1
+    for r in range(size):  # every rank evaluates the same full model
+        assert all(L.states_equal(x, y) for x, y in zip(new[r][0], new[0][0]))
+    if policy == "reset":  # the evaluations themselves see what they saw before
+        for r in range(size):
+            assert all(L.states_equal(x, y) for x, y in zip(new[r][0], old[r][0]))
+    # bytes: the exchange and the gather together never move more than the gather and the next
+    # round's exchange did; with blocks several ranks trained (min_depth), strictly fewer
+    before = sum(sum(e[0] for e in old[r][3]) + sum(b[0] for b in old[r][2][1:]) for r in range(size))
+    after = sum(sum(e[0] for e in new[r][3]) + sum(b[0] for b in new[r][2][1:]) for r in range(size))
+    assert after <= before
+    if kw.get("min_depth"):
+        assert after < before
