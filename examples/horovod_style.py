@@ -10,6 +10,7 @@ round, the shared layers are averaged and the next round's blocks arrive), and f
 evaluation (each rank holds only its own blocks while training). Local SGD, DiLoCo and
 data-parallel SGD are the same script with another strategy line.
 """
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -21,28 +22,29 @@ EPOCHS, LOCAL_STEPS = 8, 8
 
 
 def main():
-    c = rm.init()                                        # Horovod: hvd.init()
-    train, test, info = load_dataset("digits")
+    c = rm.init()                                        # Horovod: hvd.init() (the backend from the launcher)
+    train, test, info = load_dataset("digits")           # embedded: nothing to download
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=info.num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)  # yours, built once
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[100, 150], gamma=0.1)
-    job = rm.ResIST(model, c, optimizer=opt, local_steps=LOCAL_STEPS, stages=(2, 3, 4))
-    #                                                    # Horovod: opt = hvd.DistributedOptimizer(opt, ...)
-    loader = ShardLoader(train, c.rank, c.size, batch_size=32, seed=0)  # each rank its shard
-    with job:                                            # round 0 begins; leaving ends the last one
+    job = rm.ResIST(model, c, optimizer=opt, scheduler=sched, local_steps=LOCAL_STEPS, stages=(2, 3, 4))
+    #     Horovod: opt = hvd.DistributedOptimizer(opt, ...); or rm.LocalSGD(...) / rm.DataParallel(...)
+    loader = ShardLoader(train, c.rank, c.size, batch_size=32, seed=0)  # each rank its own shard
+    with job:                                            # round 0 begins; leaving ends the last round
         for epoch in range(EPOCHS):
             for x, y in loader.epoch(epoch):
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
-                opt.step()
+                opt.step()                               # every LOCAL_STEPS-th step: average, next blocks
                 sched.step()
     with job.full_model() as full:                       # Horovod: the model is whole on every rank
-        with rm.recalibrate_bn(full, c, loader.epoch(0), num_batches=4):
+        with rm.recalibrate_bn(full, c, loader.epoch(0), num_batches=4):  # BN statistics of the full model
             loss, acc = rm.evaluate(full, c, ShardLoader(test, c.rank, c.size, 256, train=False).epoch(0))
+    state = job.state_dict()                             # collective; job.load_state_dict(state) resumes
     if c.rank == 0:
-        print(f"{job.name}: test accuracy {100 * acc:.2f}% (test loss {loss:.4f}) after {job.round} rounds",
-              flush=True)
+        print(f"{job.name}: test accuracy {100 * acc:.2f}% (test loss {loss:.4f}) after {job.round} rounds, "
+              f"{len(state['model'])} tensors saved", flush=True)
 
 
 if __name__ == "__main__":

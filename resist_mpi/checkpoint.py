@@ -45,12 +45,12 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .errors import NonFiniteError
+from .strategies.shard import Shard, average_copies, flushed_values  # noqa: F401 (part of this module's API)
 
 FORMAT = "resist_mpi-sharded-1"
 _DIR = re.compile(r"ckpt-(\d{6})$")
@@ -187,22 +187,6 @@ class ShardWriter:
     def wait(self) -> None:
         """Block until everything submitted is written (or failed)."""
         self._queue.join()
-
-
-@dataclass
-class Shard:
-    """One rank's part of a checkpoint (CPU tensors, taken at a round boundary).
-
-    shared: what every rank holds alike (written by rank 0 only; None elsewhere).
-    blocks: {block id: the block's state_dict entries} this rank writes.
-    rank: this rank's own state (always written, possibly empty).
-    writers: {block id: ranks whose blocks file holds a copy} (every rank computes the same).
-    """
-
-    shared: Optional[Dict] = None
-    blocks: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict)
-    rank: Dict = field(default_factory=dict)
-    writers: Dict[int, List[int]] = field(default_factory=dict)
 
 
 class Checkpointer:
@@ -448,47 +432,6 @@ def full_state_dict(reader: Reader, with_pending: bool = True) -> Dict[str, torc
                 state[key] = flat[offset:offset + n].view_as(state[key]).clone()
                 offset += n
     return state
-
-
-def average_copies(copies: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Copies of one block averaged in the order given (floating tensors; counters from the first)."""
-    out = {}
-    for k, v in copies[0].items():
-        if not v.is_floating_point() or len(copies) == 1:
-            out[k] = v.clone()
-            continue
-        acc = v.clone()
-        for other in copies[1:]:
-            acc.add_(other[k])
-        out[k] = acc.div_(len(copies))
-    return out
-
-
-def flushed_values(reader: Reader, index: int) -> Optional[Tuple[torch.Tensor, Optional[Dict]]]:
-    """Averager `index`'s values with its in-flight average applied, and its outer optimizer's
-    state after that (a float32 mean in rank order of every old rank's update, each with its
-    error-feedback residual added); None when nothing was in flight."""
-    shared = reader.shared
-    agreed = (shared.get("averagers") or [None])[index]
-    if agreed is None:
-        return None
-    updates = []
-    for r in range(reader.world_size):
-        own = (reader.rank_state(r).get("averagers") or [None])[index] or {}
-        if own.get("pending_update") is None:
-            return None
-        u = own["pending_update"]
-        if own.get("residual") is not None and own["residual"].numel() == u.numel():
-            u = u + own["residual"]
-        updates.append(u)
-    mean = updates[0].clone()
-    for u in updates[1:]:
-        mean.add_(u)
-    mean.div_(len(updates))
-    if agreed.get("outer") is None:
-        return agreed["agreed"].clone().add_(mean), None
-    from .averaging import replay_outer_step
-    return replay_outer_step(agreed["agreed"], mean, agreed)
 
 
 # -- the out directory ------------------------------------------------------------------------------------

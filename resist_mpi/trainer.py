@@ -534,9 +534,9 @@ class Trainer:
         if eval_due:
             meter = EvalMeter(c)
             if not (last or stop):
-                # the next round's exchange now (Strategy.prepare_round): the gather then moves only
-                # what the next round's holders lack, and the round starts with nothing to move.
-                # Training work done early: recorded apart, not as the evaluation's.
+                # ready the next round (Strategy.prepare_round): after the gather every rank keeps
+                # its next round's blocks, and the round starts with nothing to move. An exchange
+                # it runs now is training work done early: recorded apart, not as the evaluation's.
                 job.prepare_round()
                 meter.mark_next_exchange()
             with job.full_model() as full:

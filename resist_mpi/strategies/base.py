@@ -169,11 +169,10 @@ class Strategy:
         return all(bool(torch.isfinite(t).all()) for t in module_tensors(self.model) if t.numel())
 
     def prepare_round(self) -> None:
-        """Do the next round's start-of-round communication now, between rounds (collective), so
-        that begin_round() finds nothing left to move. The trainer calls it before an evaluation
-        that a round follows: ResIST then gathers the full model from where the next round's blocks
-        already are, and every rank keeps those blocks afterwards. The base strategies move nothing
-        at a round's start: nothing to do."""
+        """Ready the next round before a full_model() that it follows (collective, between rounds),
+        so that begin_round() finds nothing left to move: ResIST draws the next assignment and
+        every rank keeps that round's blocks after the gather. The trainer calls it before every
+        evaluation but the last. The base strategies move nothing at a round's start: nothing to do."""
         self._check_boundary("prepare_round()")
 
     def _forget_state(self, params) -> None:
@@ -423,7 +422,7 @@ class Strategy:
             if same_layout:
                 averager.load_state_dict(g, r)
                 continue
-            from ..checkpoint import flushed_values
+            from .shard import flushed_values
             flushed = flushed_values(reader, i)
             if flushed is None:
                 averager.load_state_dict(g, None)
@@ -453,7 +452,7 @@ class Replicated(Strategy):
 
     def shard(self):
         from ..blocks import module_keys
-        from ..checkpoint import Shard
+        from .shard import Shard
         shard = Shard(rank=self._rank_shard())
         if self.comm.rank == 0:
             shard.shared = self._shared_state(self.model.state_dict(), module_keys(self.model))

@@ -89,7 +89,8 @@ class ResIST(Strategy):
         self._workspace: Dict = {}  # the exchange's averaging buffer, reused round after round
         self._drawn: Dict[int, partition.Assignment] = {}  # round -> assignment, from rank 0's last broadcast
         self._full_depth = 0
-        self._prepared: Optional[tuple] = None  # (round, its exchange's plan) when prepare_round() ran it early
+        self._next: Optional[tuple] = None  # (round, assignment) drawn by prepare_round()
+        self._prepared: Optional[tuple] = None  # (round, plan that brought its blocks) once they are in place early
         self.assignment: Optional[partition.Assignment] = None
         self.last_plan = None
         P, count = len(self.blocks), self.groups.count
@@ -167,27 +168,46 @@ class ResIST(Strategy):
         self.exchange_to(needers_from_assignment(self.assignment, len(self.blocks)))
 
     def prepare_round(self) -> None:
-        """The next round's assignment and block exchange, now (see Strategy.prepare_round). An
-        evaluation that follows gathers only what the next round's holders lack and leaves every
-        rank with its next round's blocks; begin_round() then moves nothing. The optimizer state of
-        the blocks that arrived is dropped now (under the policies that keep state), as the round's
-        start would, so a checkpoint written in between holds what the resumed run needs."""
+        """Ready the next round before an evaluation (see Strategy.prepare_round): its assignment is
+        drawn now and the gather that follows leaves every rank with that round's blocks, so
+        begin_round() moves nothing. Of the two ways to get there, the one whose busiest rank moves
+        fewer bytes is taken (every rank computes the same, from the pure plans):
+
+        - the gather alone, from where the blocks are now (copies several ranks trained sent to
+          every rank): always the cheaper when no block has divergent copies, as after the default
+          partition, since it delivers the next round's blocks too;
+        - the next round's exchange now (averaging divergent copies where they are needed next),
+          then a gather of one synchronised copy of what each rank lacks.
+
+        The optimizer state of the blocks that arrive is dropped as soon as they have (under the
+        policies that keep state), as the round's start would, so a checkpoint written in between
+        holds what the resumed run needs. A prepared round that no full_model() follows begins as
+        usual."""
         super().prepare_round()
-        if self._open or (self._prepared is not None and self._prepared[0] == self.round):
-            return  # the open round's exchange ran at its start (`with job:`), or this one already did
-        t0 = time.perf_counter()
-        self._deal()
-        self._timed += time.perf_counter() - t0
-        self._prepared = (self.round, self.last_plan)
-        activate(self.blocks, self.mine())
-        self._forget_state(self._moved_parameters())
+        if self._open or (self._next is not None and self._next[0] == self.round):
+            return  # the open round's exchange ran at its start (`with job:`), or this one is ready
+        assignment = self.draw(self.round)
+        P, count = len(self.blocks), self.groups.count
+        numel = self.store.sizes()
+        needers = needers_from_assignment(assignment, P)
+        early = self.holdings.plan(needers, numel)
+        then = Holdings(P, count, early.holders_after).plan(everyone(P, count), numel)
+        alone = self.holdings.plan(everyone(P, count), numel)
+        self._next = (self.round, assignment)
+        if _busiest(early, numel) + _busiest(then, numel) < _busiest(alone, numel):
+            t0 = time.perf_counter()
+            self._deal()
+            self._timed += time.perf_counter() - t0
+            self._prepared = (self.round, self.last_plan)
+            activate(self.blocks, self.mine())
+            self._forget_state(self._moved_parameters())
 
     def _begin(self) -> None:
         if self._prepared is not None and self._prepared[0] == self.round:
-            self.last_plan = self._prepared[1]  # dealt and exchanged early; what arrived then counts as moved
+            self.last_plan = self._prepared[1]  # its blocks arrived early; what arrived then counts as moved
         else:
             self._deal()
-        self._prepared = None
+        self._prepared = self._next = None
         activate(self.blocks, self.mine())
         for averager in self._gradient_averagers:  # this round's parameters, data-parallel in the group
             averager.attach(self.parameters())
@@ -257,7 +277,13 @@ class ResIST(Strategy):
         finally:
             self._full_depth -= 1
             set_scale(self.blocks, 1.0)
+            ready = self._next is not None and self._next[0] == self.round and self._prepared is None
+            if ready:  # prepare_round() left the delivery of the next round's blocks to this gather
+                self.assignment = self._next[1]
             self._back_to_own_blocks()
+            if ready:
+                self._prepared = (self.round, self.last_plan)  # the gather's plan: what arrived for the next round
+                self._forget_state(self._moved_parameters())
 
     def _back_to_own_blocks(self) -> None:
         """From holding every (synchronised) block to holding only the last round's own ones."""
@@ -280,7 +306,7 @@ class ResIST(Strategy):
         """Every rank loads the full model; with the checkpoint's world size each then goes back to
         the sub-network it trained then, as the uninterrupted run did after saving."""
         super().load_state_dict(state, rank_state)
-        self._prepared = None
+        self._prepared = self._next = None
         assignment = state.get("assignment")
         self.assignment = None
         if assignment is not None and len(assignment) == self.groups.count:
@@ -307,7 +333,7 @@ class ResIST(Strategy):
     def shard(self):
         from ..averaging import _cpu_copy
         from ..blocks import shared_keys
-        from ..checkpoint import Shard
+        from .shard import Shard
         shard = Shard(rank=self._rank_shard(), writers=self.block_writers())
         for b, writers in shard.writers.items():
             if self.comm.rank in writers:
@@ -328,7 +354,7 @@ class ResIST(Strategy):
         if self._open:
             raise UsageError("load_shards() in the middle of a round: load before the first round")
         shared = reader.shared
-        self._prepared = None
+        self._prepared = self._next = None
         self.model.load_state_dict(shared["model"], strict=False)  # the shared layers (blocks: below)
         self.round = round_index
         P, count, g = len(self.blocks), self.groups.count, self.groups.index
@@ -348,7 +374,7 @@ class ResIST(Strategy):
         else:
             self.assignment = None
             needers = needers_from_assignment(self.draw(round_index), P)
-            from ..checkpoint import average_copies
+            from .shard import average_copies
             for b in range(P):
                 if g in needers[b]:
                     self._put_block(b, average_copies([copy for _, copy in reader.block_copies(b)]))
@@ -364,6 +390,11 @@ class ResIST(Strategy):
         self.store.slab(b)
         prefix = self.block_names[b] + "."
         self.blocks[b].load_state_dict({k[len(prefix):]: v for k, v in entries.items()})
+
+
+def _busiest(plan, numel: Sequence[int]) -> int:
+    """Elements the busiest rank of a plan sends or receives (what its time is bounded by)."""
+    return max(max(sum(plan.send_counts(r, numel)), sum(plan.recv_counts(r, numel))) for r in range(plan.size))
 
 
 def _device_of(model) -> torch.device:

@@ -2,7 +2,7 @@
 gather of the rest, every rank left holding its next round's blocks. On 2 and 4 thread ranks: the
 evaluation sees the same full model, training goes on bit for bit as with no evaluation at all
 (under every optimizer-state policy), the next round's start moves nothing, and with blocks several
-ranks trained the gather and the next round's exchange together move fewer bytes than before."""
+ranks trained or not, the evaluation and the next round together move fewer bytes than before."""
 import pytest
 import torch
 
@@ -38,10 +38,9 @@ def test_evaluation_after_prepare_round_changes_nothing_in_training(size, kw, po
     if policy == "reset":  # the evaluations themselves see what they saw before
         for r in range(size):
             assert all(L.states_equal(x, y) for x, y in zip(new[r][0], old[r][0]))
-    # bytes: the exchange and the gather together never move more than the gather and the next
-    # round's exchange did; with blocks several ranks trained (min_depth), strictly fewer
-    before = sum(sum(e[0] for e in old[r][3]) + sum(b[0] for b in old[r][2][1:]) for r in range(size))
-    after = sum(sum(e[0] for e in new[r][3]) + sum(b[0] for b in new[r][2][1:]) for r in range(size))
-    assert after <= before
-    if kw.get("min_depth"):
-        assert after < before
+    # bytes: what an evaluation and the round after it move together is less than before (when
+    # that round's exchange moved anything), and on no rank more
+    before = [sum(e[0] + e[1] for e in old[r][3]) + sum(b[0] + b[1] for b in old[r][2][1:]) for r in range(size)]
+    after = [sum(e[0] + e[1] for e in new[r][3]) + sum(b[0] + b[1] for b in new[r][2][1:]) for r in range(size)]
+    assert sum(b[0] for r in range(size) for b in old[r][2][1:]) > 0
+    assert sum(after) < sum(before) and max(after) <= max(before)
