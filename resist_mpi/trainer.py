@@ -556,10 +556,10 @@ class Trainer:
     def log_eval(self, job, log, m: RoundMeter, epoch: float, test_loss: float, test_acc: float,
                  meter: "EvalMeter") -> Dict[str, float]:
         c = self.c
-        sent, recv, cross, t, early_sent, t_early = meter.totals()
+        sent, recv, cross, t, total, early_sent, t_early = meter.totals()
         log.record("eval", round=m.round, epoch=epoch, strategy=job.name, world_size=c.size, test_loss=test_loss,
                    test_acc=test_acc, bytes_sent=int(sent), bytes_recv=int(recv), bytes_cross_node=int(cross),
-                   t_eval=sum(t.values()), **{f"t_{k}": v for k, v in t.items()},
+                   t_eval=total, **{f"t_{k}": v for k, v in t.items()},
                    t_next_exchange=t_early, bytes_next_exchange=int(early_sent), wallclock=log.wallclock())
         log.info(f"epoch {epoch:6.2f} | round {m.round:5d} | train loss {m.loss_sum / m.seen:.4f} | "
                  f"test loss {test_loss:.4f} | test acc {100 * test_acc:6.2f}% | {log.wallclock():7.1f}s")
@@ -592,15 +592,17 @@ class EvalMeter:
             self.t[phase] += now - self._last
         self._last = now
 
-    def totals(self) -> Tuple[float, float, float, Dict[str, float], float, float]:
+    def totals(self) -> Tuple[float, float, float, Dict[str, float], float, float, float]:
         """(bytes sent, received, sent across nodes) summed over ranks, seconds per phase as the
-        slowest rank spent them, then the next round's early exchange: bytes sent (summed) and
-        seconds (the slowest rank's). Two reductions: control traffic."""
+        slowest rank spent them, the slowest rank's whole evaluation (at most the sum of the phases:
+        a rank that finished its gather early waits for the others in the calibration's average),
+        then the next round's early exchange: bytes sent (summed) and seconds (the slowest rank's).
+        Two reductions: control traffic."""
         c, (s0, r0, x0) = self.c, self.start
         sent, recv, cross, early_sent = c.reduce_stats(
             [c.bytes_sent - s0, c.bytes_recv - r0, c.bytes_sent_cross - x0, self.early_sent], "sum")
-        *times, t_early = c.reduce_stats([*self.t.values(), self.t_early], "max")
-        return sent, recv, cross, dict(zip(self.t, times)), early_sent, t_early
+        *times, total, t_early = c.reduce_stats([*self.t.values(), sum(self.t.values()), self.t_early], "max")
+        return sent, recv, cross, dict(zip(self.t, times)), total, early_sent, t_early
 
 
 def agree(c: Comm, error: Optional[BaseException]) -> None:
