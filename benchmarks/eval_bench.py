@@ -128,9 +128,10 @@ def evaluate_all(args) -> Dict:
 
 
 def round_and_eval_times(run: str) -> Dict:
-    from resist_mpi.metrics import read_metrics
-    rounds = [r for r in read_metrics(run, "round") if r["round"] > 0]
-    evals = read_metrics(run, "eval")
+    from resist_mpi.metrics import read_metrics, training_rounds
+    recs = read_metrics(run)
+    rounds = [r for r in training_rounds(recs) if r["round"] > 0]  # an evaluation's early exchange folded back
+    evals = [r for r in recs if r.get("event") == "eval"]
     t_round = statistics.median(r["t_compute"] + r["t_comm"] for r in rounds)
     phases = {k: statistics.median(e[k] for e in evals) for k in ("t_eval", "t_gather", "t_calibrate", "t_test",
                                                                    "t_return") if all(k in e for e in evals)}

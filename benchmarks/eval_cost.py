@@ -1,14 +1,16 @@
 """What an evaluation costs a run, from finished runs: the same training with evaluations every epoch
 and with the final one only.
 
-    python benchmarks/eval_cost.py --every runs/a/resist-0,runs/a/resist-1 --none runs/a/resist-noeval-0,... \\
-        --label new --every runs/b/resist-0 --label old --json benchmarks/results/eval_cost_cluster.json
+    python benchmarks/eval_cost.py --every runs/a/resist-0,runs/a/resist-1 --label new \\
+        --none runs/a/resist-noeval-0,runs/a/resist-noeval-1 --every runs/b/resist-0 --label old --none "" \\
+        --json benchmarks/results/eval_cost_cluster.json
 
-Per run with evaluations (--every; --label names the group it and the following ones belong to):
+Groups of runs: each --every (run directories with evaluations, comma-separated) with the --label
+and --none given after it (in order; --none "" for a group without). Per run with evaluations:
 the median training round (compute + communication, an evaluation's early exchange folded back in:
 resist_mpi.metrics.training_rounds), the median evaluation (`t_eval`) and its phases, and their
-ratio. Where a run without evaluations of the same seed is given (--none, matched by the seed at
-the end of the directory name), also the net cost of one evaluation: the difference of the two
+ratio. Where the group has a run without evaluations of the same seed (--none, matched by the seed
+at the end of the directory name), also the net cost of one evaluation: the difference of the two
 runs' wall-clock times at their final evaluation over the difference of their evaluation counts
 (training is the same bit for bit, so the difference is what the evaluations cost the run,
 including what they save the rounds after them), and its ratio to the median round.
@@ -63,15 +65,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--every", action="append", default=[], help="run directories with evaluations, comma-separated")
     p.add_argument("--label", action="append", default=[], help="the name of the group of the --every before it")
-    p.add_argument("--none", default="", help="run directories of the same seeds without evaluations, comma-separated")
+    p.add_argument("--none", action="append", default=[],
+                   help="the group's run directories of the same seeds without evaluations, comma-separated")
     p.add_argument("--json", help="results file")
     args = p.parse_args(argv)
-    none = {seed_of(d): run_numbers(d) for d in args.none.split(",") if d}
     groups = {}
     for k, dirs in enumerate(args.every):
         label = args.label[k] if k < len(args.label) else f"group{k}"
         runs = [run_numbers(d) for d in dirs.split(",") if d]
-        groups[label] = {"runs": runs, "mean": summarise(runs, none)}
+        none = {seed_of(d): run_numbers(d) for d in (args.none[k] if k < len(args.none) else "").split(",") if d}
+        groups[label] = {"runs": runs, "none": list(none.values()), "mean": summarise(runs, none)}
     print(f"{'group':10} {'runs':>4} {'round':>7} {'eval':>7} {'gather':>7} {'calib':>7} {'test':>6} {'early':>6} "
           f"{'eval/round':>10} {'net eval':>8} {'net/round':>9} {'final acc':>9}")
     for label, g in groups.items():
@@ -82,8 +85,8 @@ def main(argv=None) -> int:
               f"{net} {100 * m['final_acc']:8.2f}%")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"benchmark": "eval_cost", "argv": sys.argv[1:] if argv is None else argv, "groups": groups,
-                       "none": none}, fh, indent=1)
+            json.dump({"benchmark": "eval_cost", "argv": sys.argv[1:] if argv is None else argv, "groups": groups},
+                      fh, indent=1)
     return 0
 
 

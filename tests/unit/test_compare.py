@@ -46,3 +46,31 @@ def test_training_rounds_fold_an_evaluations_early_exchange_back_into_its_round(
     assert [(r["round"], r["t_comm"], r["bytes_sent"], r["bytes_recv"]) for r in out] == \
         [(0, 1.0, 10, 10), (1, 0.75, 10, 10), (2, 1.0, 10, 10)]
     assert recs[2]["bytes_sent"] == 3  # the records themselves are left as they were
+
+
+def test_eval_cost_net_cost_from_runs_with_and_without_evaluations(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("eval_cost", os.path.join(ROOT, "benchmarks", "eval_cost.py"))
+    eval_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_cost)
+
+    def rounds(n, early_after=()):
+        return [{"event": "round", "round": i, "step": i + 1, "t_compute": 3.0, "bytes_sent": 1, "bytes_recv": 1,
+                 "t_comm": 0.5 if i in early_after else 1.0} for i in range(n)]
+
+    def ev(i, wall, t_eval, early=0.0):
+        return {"event": "eval", "round": i, "epoch": i + 1, "test_acc": 0.9, "wallclock": wall, "t_eval": t_eval,
+                "t_gather": t_eval / 2, "t_calibrate": t_eval / 4, "t_test": t_eval / 4, "t_return": 0.0,
+                "t_next_exchange": early, "bytes_next_exchange": 5 if early else 0}
+
+    _run(tmp_path / "every-0", rounds(5, early_after=(2, 4)), [ev(1, 10.0, 2.0, 0.5), ev(3, 20.0, 2.0, 0.5),
+                                                                 ev(4, 30.0, 2.0)])
+    _run(tmp_path / "none-0", rounds(5), [ev(4, 22.0, 1.0)])
+    out = tmp_path / "cost.json"
+    assert eval_cost.main(["--every", str(tmp_path / "every-0"), "--label", "x", "--none", str(tmp_path / "none-0"),
+                           "--every", str(tmp_path / "every-0"), "--label", "y", "--none", "", "--json", str(out)]) == 0
+    assert "net_eval_s" not in json.load(open(out))["groups"]["y"]["mean"]  # no run without evaluations given
+    mean = json.load(open(out))["groups"]["x"]["mean"]
+    # rounds 2 and 4 get their early exchange back: every training round is 4 s
+    assert mean["t_round"] == 4.0 and mean["t_eval"] == 2.0 and mean["eval_over_round"] == 0.5
+    assert mean["net_eval_s"] == (30.0 - 22.0) / (3 - 1) and mean["net_over_round"] == 1.0
+    assert "x" in capsys.readouterr().out
