@@ -62,3 +62,16 @@ def test_leaving_the_rounds_early_leaves_every_rank_consistent(c, how):
     other = flat.clone()
     c.bcast_(other, root=0)
     assert torch.equal(flat, other) and r == 2
+
+
+@pytest.mark.parametrize("kw", [dict(optimizer_state="keep"), dict(optimizer_state="keep", min_depth=2)],
+                         ids=["keep", "keep-shared-blocks"])
+def test_prepare_round_before_evaluations_trains_as_without_them(c, kw):
+    """tests/unit/test_prepare_round.py on real ranks: training (weights, momentum) is a run's without
+    evaluations to the bit, the round after an evaluation moves nothing, every rank sees one model."""
+    plain = L.train_with_evaluations(c, L.make_model(), prepare=False, evaluate=False, **kw)
+    new = L.train_with_evaluations(c, L.make_model(), prepare=True, **kw)
+    assert L.states_equal(new[1], plain[1])
+    assert new[4].keys() == plain[4].keys() and all(torch.equal(new[4][k], plain[4][k]) for k in new[4])
+    assert all(b == (0, 0) for b in new[2][1:])
+    assert all(_same_everywhere(c, seen) for seen in new[0])
