@@ -8,9 +8,10 @@ and with the final one only.
 Groups of runs: each --every (run directories with evaluations, comma-separated) with the --label
 and --none given after it (in order; --none "" for a group without). Per run with evaluations:
 the median training round (compute + communication, an evaluation's early exchange folded back in:
-resist_mpi.metrics.training_rounds), the median evaluation (`t_eval`) and its phases, and their
-ratio. Where the group has a run without evaluations of the same seed (--none, matched by the seed
-at the end of the directory name), also the net cost of one evaluation: the difference of the two
+resist_mpi.metrics.training_rounds), the median evaluation (`t_eval`) and its phases over every
+evaluation but the last (which no round follows), and their ratio. Where the group has a run
+without evaluations of the same seed (--none, matched by the seed at the end of the directory
+name), also the net cost of one evaluation: the difference of the two
 runs' wall-clock times at their final evaluation over the difference of their evaluation counts
 (training is the same bit for bit, so the difference is what the evaluations cost the run,
 including what they save the rounds after them), and its ratio to the median round.

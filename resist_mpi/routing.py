@@ -65,6 +65,11 @@ class Plan:
         """Bytes crossing the network in this exchange, all ranks together."""
         return sum(self.bytes_sent(r, block_numel, element_bytes) for r in range(self.size))
 
+    def busiest_bytes(self, block_numel: Sequence[int], element_bytes: int = 4) -> int:
+        """Bytes the busiest rank sends or receives in this exchange (what its time is bounded by)."""
+        return max(max(self.bytes_sent(r, block_numel, element_bytes), self.bytes_recv(r, block_numel, element_bytes))
+                   for r in range(self.size))
+
 
 def plan_exchange(holders: Sequence[Sequence[int]], needers: Sequence[Sequence[int]], size: int,
                   divergent: Optional[Set[int]] = None,

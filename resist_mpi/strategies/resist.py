@@ -194,7 +194,7 @@ class ResIST(Strategy):
         then = Holdings(P, count, early.holders_after).plan(everyone(P, count), numel)
         alone = self.holdings.plan(everyone(P, count), numel)
         self._next = (self.round, assignment)
-        if _busiest(early, numel) + _busiest(then, numel) < _busiest(alone, numel):
+        if early.busiest_bytes(numel) + then.busiest_bytes(numel) < alone.busiest_bytes(numel):
             t0 = time.perf_counter()
             self._deal()
             self._timed += time.perf_counter() - t0
@@ -390,11 +390,6 @@ class ResIST(Strategy):
         self.store.slab(b)
         prefix = self.block_names[b] + "."
         self.blocks[b].load_state_dict({k[len(prefix):]: v for k, v in entries.items()})
-
-
-def _busiest(plan, numel: Sequence[int]) -> int:
-    """Elements the busiest rank of a plan sends or receives (what its time is bounded by)."""
-    return max(max(sum(plan.send_counts(r, numel)), sum(plan.recv_counts(r, numel))) for r in range(plan.size))
 
 
 def _device_of(model) -> torch.device:

@@ -69,6 +69,7 @@ class Warmup(Strategy):
             self.round = self.current.round
 
     def prepare_round(self) -> None:
+        self._check_boundary("prepare_round()")
         if self.first is None:  # after the switch (no early work across it: the switch happens at begin_round)
             self.current.round = self.round
             self.current.prepare_round()

@@ -20,6 +20,7 @@ def test_kept_blocks_do_not_move():
     numel = [10, 20, 30, 40]
     assert plan.send_counts(0, numel) == [0, 20] and plan.recv_counts(0, numel) == [0, 30]
     assert plan.bytes_sent(1, numel) == 120 and plan.total_bytes(numel) == 200
+    assert plan.busiest_bytes(numel) == 120  # rank 0 receives 30 elements, rank 1 sends them
 
 
 def test_same_assignment_moves_nothing():
