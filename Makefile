@@ -28,7 +28,7 @@ mpi:
 	  echo "setup: no mpirun/mpicc and no apt-get: load your cluster's MPI module (e.g. 'module load openmpi') and rerun" >&2; exit 1; \
 	fi
 
-# tests/test_scheduler.py starts a one-node SLURM (and its PBS qsub wrapper) on localhost. Where the
+# tests/e2e/test_scheduler.py starts a one-node SLURM (and its PBS qsub wrapper) on localhost. Where the
 # daemons are missing and apt-get exists (CI: a fresh machine, as root), install them; otherwise
 # that test skips itself and says why. Never fatal: `make test` runs the rest either way.
 SLURM_DEBS := slurmctld slurmd munge slurm-client slurm-wlm-torque
@@ -38,14 +38,14 @@ scheduler-deps:
 	if have sbatch && have qsub && have slurmctld && have slurmd && have munged; then \
 	  :; \
 	elif have apt-get && [ "$$(id -u)" = 0 ]; then \
-	  echo "setup: installing SLURM and munge with apt for tests/test_scheduler.py"; \
+	  echo "setup: installing SLURM and munge with apt for tests/e2e/test_scheduler.py"; \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_DEBS); } >/dev/null \
-	    || echo "setup: apt could not install $(SLURM_DEBS); tests/test_scheduler.py will skip" >&2; \
+	    || echo "setup: apt could not install $(SLURM_DEBS); tests/e2e/test_scheduler.py will skip" >&2; \
 	else \
-	  echo "setup: no SLURM here; tests/test_scheduler.py will skip (needs root + apt-get install $(SLURM_DEBS))"; \
+	  echo "setup: no SLURM here; tests/e2e/test_scheduler.py will skip (needs root + apt-get install $(SLURM_DEBS))"; \
 	fi
 
-# tests/test_multinode.py builds a simulated cluster from network namespaces (resist_mpi/cluster.py):
+# tests/e2e/test_multinode.py builds a simulated cluster from network namespaces (resist_mpi/tools/cluster.py):
 # it needs root and iproute2 (ip, tc). Installed with apt where missing and possible; otherwise that
 # test skips itself and says why. Never fatal.
 .PHONY: cluster-deps
@@ -54,11 +54,11 @@ cluster-deps:
 	if command -v ip >/dev/null && command -v tc >/dev/null; then \
 	  :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  echo "setup: installing iproute2 with apt for tests/test_multinode.py"; \
+	  echo "setup: installing iproute2 with apt for tests/e2e/test_multinode.py"; \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } >/dev/null \
-	    || echo "setup: apt could not install iproute2; tests/test_multinode.py will skip" >&2; \
+	    || echo "setup: apt could not install iproute2; tests/e2e/test_multinode.py will skip" >&2; \
 	else \
-	  echo "setup: no iproute2 here; tests/test_multinode.py will skip (needs root + apt-get install iproute2)"; \
+	  echo "setup: no iproute2 here; tests/e2e/test_multinode.py will skip (needs root + apt-get install iproute2)"; \
 	fi
 
 $(STAMP): pyproject.toml | mpi

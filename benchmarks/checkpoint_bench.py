@@ -34,7 +34,7 @@ MODELS = {
 
 
 def periods(run: str):
-    from resist_mpi.metrics import read_metrics
+    from resist_mpi.cli.metrics import read_metrics
     rounds = read_metrics(run, "round")
     walls = [r["wallclock"] for r in rounds]
     return [b - a for a, b in zip(walls[1:], walls[2:])], read_metrics(run, "checkpoint")

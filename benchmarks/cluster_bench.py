@@ -58,7 +58,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # run from a checkout: the package
 import compare  # noqa: E402
 import cluster_report as report  # noqa: E402
 import gpu_scale  # noqa: E402
-from resist_mpi.cluster import Cluster, ClusterError, parse_rate, why_unavailable  # noqa: E402
+from resist_mpi.tools.cluster import Cluster, ClusterError, parse_rate, why_unavailable  # noqa: E402
 
 ROOT = compare.ROOT
 AUTO_FILE = "auto_rate.json"  # the fit that resolved `auto`, with its probes

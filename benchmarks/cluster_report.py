@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Sequence
 
 import compare
 import gpu_scale
-from resist_mpi.cluster import parse_rate
-from resist_mpi.metrics import read_metrics, training_rounds
+from resist_mpi.tools.cluster import parse_rate
+from resist_mpi.cli.metrics import read_metrics, training_rounds
 
 BASELINE = "local_sgd"
 
@@ -172,7 +172,7 @@ def gpu_mapping(rate: str, local_sgd: Dict, model: Dict, gpu_step_s: float) -> O
     bits = parse_rate(rate)
     if bits is None or not local_sgd.get("t_compute_s") or not model:
         return None
-    from resist_mpi.traffic import build_sizes
+    from resist_mpi.tools.traffic import build_sizes
     here = build_sizes(model["model"], model["num_classes"], model["width"]).full
     anchor = gpu_scale.PUBLISHED
     gpu = build_sizes(anchor["model"], 10, anchor["width"]).full  # the anchor is CIFAR-10

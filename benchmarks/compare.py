@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 
-from resist_mpi.metrics import read_metrics, training_rounds  # noqa: E402
+from resist_mpi.cli.metrics import read_metrics, training_rounds  # noqa: E402
 
 
 def mpi_env() -> Dict[str, str]:

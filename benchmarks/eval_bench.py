@@ -51,12 +51,13 @@ def setting_flags(setting: str) -> List[str]:
 # -- the evaluation of one checkpoint, on every rank (mpirun -np N python eval_bench.py --evaluate ...) --------
 def evaluate_checkpoint(path: str, flags: List[str]) -> None:
     import torch
-    from resist_mpi import checkpoint as ckpt
+    from resist_mpi.cli import checkpoint as ckpt
     from resist_mpi import comm
-    from resist_mpi.config import Config, validate
-    from resist_mpi.data import ShardLoader, load_dataset
+    from resist_mpi.cli.config import Config, validate
+    from resist_mpi.data.loader import ShardLoader
+    from resist_mpi.data.datasets import load_dataset
     from resist_mpi.models import create_model
-    from resist_mpi.trainer import build_strategy, evaluate_full
+    from resist_mpi.cli.trainer import build_strategy, evaluate_full
     manifest, why = ckpt.verify(path)
     if manifest is None:
         raise SystemExit(f"eval_bench: {path}: {why}")
@@ -105,7 +106,7 @@ def train_all(args) -> None:
 def evaluate_all(args) -> Dict:
     results = {}
     for run in sorted(glob.glob(os.path.join(args.out, "*", "*-*"))):
-        from resist_mpi.checkpoint import list_checkpoints
+        from resist_mpi.cli.checkpoint import list_checkpoints
         ckpts = list_checkpoints(run)
         if not ckpts:
             continue
@@ -128,7 +129,7 @@ def evaluate_all(args) -> Dict:
 
 
 def round_and_eval_times(run: str) -> Dict:
-    from resist_mpi.metrics import read_metrics, training_rounds
+    from resist_mpi.cli.metrics import read_metrics, training_rounds
     recs = read_metrics(run)
     rounds = [r for r in training_rounds(recs) if r["round"] > 0]  # an evaluation's early exchange folded back
     evals = [r for r in recs if r.get("event") == "eval"]

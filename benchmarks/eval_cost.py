@@ -8,7 +8,7 @@ and with the final one only.
 Groups of runs: each --every (run directories with evaluations, comma-separated) with the --label
 and --none given after it (in order; --none "" for a group without). Per run with evaluations:
 the median training round (compute + communication, an evaluation's early exchange folded back in:
-resist_mpi.metrics.training_rounds), the median evaluation (`t_eval`) and its phases over every
+resist_mpi.cli.metrics.training_rounds), the median evaluation (`t_eval`) and its phases over every
 evaluation but the last (which no round follows), and their ratio. Where the group has a run
 without evaluations of the same seed (--none, matched by the seed at the end of the directory
 name), also the net cost of one evaluation: the difference of the two
@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from resist_mpi.metrics import read_metrics, training_rounds  # noqa: E402
+from resist_mpi.cli.metrics import read_metrics, training_rounds  # noqa: E402
 
 PHASES = ("t_gather", "t_calibrate", "t_test", "t_return", "t_next_exchange")
 

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, ROOT)
 
 from compare import mpi_env, run_logged  # noqa: E402
-from resist_mpi.metrics import read_metrics  # noqa: E402
+from resist_mpi.cli.metrics import read_metrics  # noqa: E402
 
 VARIANTS = {  # name: (launcher argv before the interpreter, --backend or None for auto)
     "mpirun": (["mpirun", "--oversubscribe", "-np", "{np}"], "mpi"),

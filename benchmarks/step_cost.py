@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 def variants(width: int, ranks: int, seed: int = 0):
     import resist_mpi as rm
-    from resist_mpi.blocks import activate
+    from resist_mpi.blocks.switch import activate
     from resist_mpi.models import create_model
     torch.manual_seed(seed)
     full = create_model("preact_resnet101", 10, width)

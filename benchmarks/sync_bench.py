@@ -43,9 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from resist_mpi import comm as C  # noqa: E402
 from resist_mpi.comm.fusion import empty_flat  # noqa: E402
-from resist_mpi import traffic as T  # noqa: E402
+from resist_mpi.tools import traffic as T  # noqa: E402
 from resist_mpi.models import create_model  # noqa: E402
-from resist_mpi.routing import simulate  # noqa: E402
+from resist_mpi.plan.routing import simulate  # noqa: E402
 from resist_mpi.strategies import LocalSGD, ResIST  # noqa: E402
 
 

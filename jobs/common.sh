@@ -5,7 +5,7 @@
 #   source "$RESIST_HOME/jobs/common.sh"
 #   resist_launch -m resist_mpi.train --out "$RESIST_OUT" ...    # arguments after the interpreter
 #
-# RESIST_DRY_RUN=1 prints the command instead of running it (used by tests/test_scheduler.py).
+# RESIST_DRY_RUN=1 prints the command instead of running it (used by tests/e2e/test_scheduler.py).
 
 # The repository: where the batch script was submitted from, unless told otherwise. Batch systems
 # run a copy of the script from a spool directory, so its own location says nothing.
@@ -156,7 +156,7 @@ resist_launch() {
     # The launcher runs in the background so this shell can pass a stop signal on: SLURM's
     # --signal=B:USR1@T signals the batch shell alone, and a preempting SIGTERM becomes a USR1 for
     # the launcher (mpirun would kill its ranks on TERM at once). The ranks then stop after the
-    # round, save a checkpoint and exit with $RESIST_REQUEUE_EXIT (resist_mpi/preempt.py).
+    # round, save a checkpoint and exit with $RESIST_REQUEUE_EXIT (resist_mpi/cli/preempt.py).
     "${cmd[@]}" &
     local pid=$! rc=0
     trap 'echo "resist: stop signal: asking the ranks to checkpoint and stop"; kill -USR1 '"$pid"' 2>/dev/null' USR1 TERM
@@ -168,7 +168,7 @@ resist_launch() {
     return "$rc"
 }
 
-RESIST_REQUEUE_EXIT=99  # resist_mpi.preempt.REQUEUE_EXIT: stopped on a signal, checkpoint written
+RESIST_REQUEUE_EXIT=99  # resist_mpi.cli.preempt.REQUEUE_EXIT: stopped on a signal, checkpoint written
 
 # resist_finish STATUS: end the job script; a run that stopped on a signal requeues the job.
 resist_finish() {

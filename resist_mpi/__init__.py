@@ -12,7 +12,8 @@ Training", UAI 2022 (arXiv 2107.00961).
     with job.full_model() as full:                   # every block present, synchronised
         evaluate(full)
 """
-from .blocks import BlockError, find_blocks, register_block
+from .blocks.find import find_blocks
+from .blocks.kinds import BlockError, register_block
 from .comm import Comm, init
 from .errors import NONFINITE_EXIT, NonFiniteError, UsageError
 from .evaluation import evaluate, recalibrate_bn

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .averaging import average_tensors_
+from .averaging.tensors import average_tensors_
 
 
 def _bns(model: nn.Module) -> List[nn.Module]:

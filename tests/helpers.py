@@ -61,7 +61,7 @@ def _why_no_horovod():
 
 
 def _why_no_cluster():
-    from resist_mpi.cluster import why_unavailable
+    from resist_mpi.tools.cluster import why_unavailable
     return why_unavailable()
 
 

@@ -1,7 +1,7 @@
 """A private SLURM for tests: munged (own key and socket), slurmctld and one slurmd per node.
 
-Used by tests/test_scheduler.py (one node: this machine, on 127.0.0.1) and tests/test_multinode.py
-(one slurmd in each node of a resist_mpi.cluster.Cluster, slurmctld on node0). Everything lives in
+Used by tests/e2e/test_scheduler.py (one node: this machine, on 127.0.0.1) and tests/e2e/test_multinode.py
+(one slurmd in each node of a resist_mpi.tools.cluster.Cluster, slurmctld on node0). Everything lives in
 one temp dir: slurm.conf (free ports), state, per-node spool/pid/log files (%n: the node name), job
 output. SlurmUser=root, proctrack/linuxproc and task/none: no cgroups or slurm user needed.
 """

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 
-from .base import ELEMENT_BYTES, Comm, SelfComm, check_flat, ring_allreduce_bytes
+from .accounting import ELEMENT_BYTES, ring_allreduce_bytes
+from .base import Comm, check_flat
+from .single import SelfComm
 from .fusion import flat_size, pack, unpack_
 from .launch import WorldInfo, launched_by_horovodrun, select_device, world_info_from_env
 

@@ -1,51 +1,20 @@
-"""The communication API every backend implements, and the byte accounting they share.
+"""The communication API every backend implements.
 
 Everything above this package speaks in flat float32 tensors and plans; only the backends know
-MPI or Horovod. Byte counters are *payload* bytes this rank put on / took off the wire:
-
-- ``allreduce_mean_`` of n bytes on S ranks counts the ring-algorithm volume, 2(S-1)/S * n sent and
-  the same received per rank (reduce-scatter then allgather), rounded down to whole bytes. This is
-  the bandwidth-optimal algorithmic count; the MPI library may pick another algorithm internally.
-- ``alltoallv`` counts exactly what goes to / comes from *other* ranks; the part a rank keeps for
-  itself never touches the wire and is not counted.
-- ``bcast_`` / ``bcast_object`` count a flat broadcast: the root sends n bytes to each of the S-1
-  others, each of them receives n bytes (for an object, n is its pickled size).
-
-- ``allgather_`` counts the ring volume: rank r sends every segment but its successor's and
-  receives every segment but its own.
-
-Small bookkeeping traffic (the per-round metric reduction, the recv-count exchange of an
-alltoallv whose counts are not given) is counted separately in ``control_bytes`` so that the
-payload counters equal what a routing plan predicts, to the byte.
-
-Levels: ``bytes_sent_cross`` / ``bytes_recv_cross`` are the part of the payload exchanged with ranks
-on other nodes (``nodes``: a node id per rank, from the ranks' host names), by the same model: a
-ring sends to the next rank and receives from the previous one, a broadcast goes from the root to
-each rank, an all-to-all to each destination. A communicator split from another (``split``) shares
-its counters, so a job's totals always include every sub-communicator's traffic. A background
-communicator (``dup``, for averages that run while training computes) counts apart, and its
-bytes are added to its parent's when the work is waited for (``Work.wait`` by the caller), on the
-training thread: per-round counts stay deterministic and no counter is written by two threads.
+MPI or Horovod. What each call counts (payload bytes, the part across nodes, control bytes) is
+accounting.py's: Comm mixes in its counters and tallies.
 """
 from __future__ import annotations
 
-import contextlib
 import pickle
 import sys
-import threading
-import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-ELEMENT_BYTES = 4  # payload is float32
-
-
-def ring_allreduce_bytes(nbytes: int, size: int) -> int:
-    """Bytes one rank sends (and receives) in a ring allreduce of an nbytes buffer over size ranks."""
-    return 2 * (size - 1) * nbytes // size if size > 1 else 0
+from .accounting import ELEMENT_BYTES, Accounting, Counters, ring_allreduce_bytes
+from .work import ThreadWork, Work, _Process
 
 
 def check_flat(t: torch.Tensor, what: str) -> None:
@@ -57,123 +26,7 @@ def check_flat(t: torch.Tensor, what: str) -> None:
                          f"shape={tuple(t.shape)} contiguous={t.is_contiguous()} (use comm.pack)")
 
 
-def abort_process(code: int) -> None:
-    """End this process so that the launcher ends the job: MPI_Abort when MPI is running here (it
-    takes every rank down), else a plain exit (horovodrun, torchrun and srun --kill-on-bad-exit
-    then stop the others). For backends that have no abort of their own."""
-    import os
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        import mpi4py
-        if "mpi4py.MPI" not in sys.modules:
-            mpi4py.rc.initialize = False  # only look: never start MPI just to abort
-        from mpi4py import MPI
-        if MPI.Is_initialized() and not MPI.Is_finalized():
-            MPI.COMM_WORLD.Abort(code)
-    except Exception:  # noqa: BLE001 - nothing may stop the exit below
-        pass
-    os._exit(code)
-
-
-class Counters:
-    """Bytes counted by a Comm and by every communicator split from it (one object, shared)."""
-
-    __slots__ = ("sent", "recv", "sent_cross", "recv_cross", "control")
-
-    def __init__(self):
-        self.sent = self.recv = self.sent_cross = self.recv_cross = self.control = 0
-
-    def take(self) -> Tuple[int, int, int, int, int]:
-        """The counts so far, and zero them (a background communicator's, merged by its parent)."""
-        counts = (self.sent, self.recv, self.sent_cross, self.recv_cross, self.control)
-        self.sent = self.recv = self.sent_cross = self.recv_cross = self.control = 0
-        return counts
-
-
-class Work:
-    """A collective (or a chain of them) in flight, started by a background call.
-
-    done() tells, without blocking, whether it finished (and lets it progress where the library
-    needs calls for that: MPI's nonblocking collectives); wait() blocks until it has. Attributes:
-    t_start and t_done (perf_counter seconds; t_done when done() first saw it finished, or at
-    the end of wait()).
-    """
-
-    def __init__(self):
-        self.t_start, self.t_done = time.perf_counter(), None
-
-    def _finished(self) -> bool:
-        raise NotImplementedError
-
-    def _complete(self) -> None:
-        raise NotImplementedError
-
-    def done(self) -> bool:
-        if self.t_done is None and self._finished():
-            self.t_done = time.perf_counter()
-        return self.t_done is not None
-
-    def wait(self) -> None:
-        self._complete()
-        if self.t_done is None:
-            self.t_done = time.perf_counter()
-
-    @property
-    def duration(self) -> float:
-        """Seconds from the start to when it was seen done (so far, if still running)."""
-        return (self.t_done or time.perf_counter()) - self.t_start
-
-
-class DoneWork(Work):
-    """Work that ran to completion when it was started (no background to run it in)."""
-
-    def __init__(self, t_start: Optional[float] = None):
-        super().__init__()
-        if t_start is not None:
-            self.t_start = t_start
-        self.t_done = time.perf_counter()
-
-    def _finished(self) -> bool:
-        return True
-
-    def _complete(self) -> None:
-        pass
-
-
-class ThreadWork(Work):
-    """Work run by the process's background thread (a Future's result)."""
-
-    def __init__(self, future: Future):
-        super().__init__()
-        self.future = future
-
-    def _finished(self) -> bool:
-        return self.future.done()
-
-    def _complete(self) -> None:
-        self.future.result()
-
-
-class _Process:
-    """What every communicator of one process (or one thread rank) shares: the background thread.
-
-    One worker runs every background job in the order they were submitted, so every rank issues
-    its background collectives in the same order, on communicators that no other thread uses.
-    """
-
-    def __init__(self):
-        self._executor: Optional[ThreadPoolExecutor] = None
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="resist-comm")
-            return self._executor.submit(fn)
-
-
-class Comm:
+class Comm(Accounting):
     """Base class of the backends: attributes, counters, argument checks and fail-fast handling.
 
     Attributes:
@@ -197,23 +50,7 @@ class Comm:
         self.set_nodes([0] * size)
         self.hosts: List[str] = ["localhost"] * size  # every rank's host name (learn_nodes)
 
-    # -- counters ---------------------------------------------------------------------------------
-    bytes_sent = property(lambda self: self._counters.sent, lambda self, v: setattr(self._counters, "sent", v))
-    bytes_recv = property(lambda self: self._counters.recv, lambda self, v: setattr(self._counters, "recv", v))
-    bytes_sent_cross = property(lambda self: self._counters.sent_cross,
-                                lambda self, v: setattr(self._counters, "sent_cross", v))
-    bytes_recv_cross = property(lambda self: self._counters.recv_cross,
-                                lambda self, v: setattr(self._counters, "recv_cross", v))
-    control_bytes = property(lambda self: self._counters.control,
-                             lambda self, v: setattr(self._counters, "control", v))
-
-    def set_nodes(self, nodes: Sequence[int]) -> None:
-        """Which node every rank is on (the backends learn it from the host names)."""
-        self.nodes = list(nodes)
-        me = self.nodes[self.rank]
-        self._remote = [n != me for n in self.nodes]  # per peer: on another node?
-        self._single_node = not any(self._remote)
-
+    # -- topology (the byte counters and tallies: Accounting) ------------------------------------
     def learn_nodes(self) -> None:
         """Every rank's node, from the host names (one allgather of metadata: control bytes)."""
         import socket
@@ -226,49 +63,11 @@ class Comm:
         ids = {h: k for k, h in enumerate(dict.fromkeys(hosts))}
         self.set_nodes([ids[h] for h in hosts])
 
-    def _tally(self, sent: int, recv: int, sent_cross: int = 0, recv_cross: int = 0) -> None:
-        c = self._counters
-        c.sent += sent
-        c.recv += recv
-        c.sent_cross += sent_cross
-        c.recv_cross += recv_cross
 
-    def _ring_tally(self, nbytes_sent: int, nbytes_recv: int) -> Tuple[int, int, int, int]:
-        """(sent, recv, sent across nodes, recv across nodes) of a ring step: to the next rank, from the previous."""
-        if self._single_node:
-            return nbytes_sent, nbytes_recv, 0, 0
-        succ, pred = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        return (nbytes_sent, nbytes_recv, nbytes_sent if self._remote[succ] else 0,
-                nbytes_recv if self._remote[pred] else 0)
 
-    def _peer_tally(self, sent_to: Sequence[int], recv_from: Sequence[int]) -> Tuple[int, int, int, int]:
-        """Counts of a personalised exchange from bytes per destination and per source (self excluded)."""
-        r = self.rank
-        sent, recv = sum(sent_to) - sent_to[r], sum(recv_from) - recv_from[r]
-        if self._single_node:
-            return sent, recv, 0, 0
-        remote = self._remote
-        return (sent, recv, sum(b for p, b in enumerate(sent_to) if remote[p]),
-                sum(b for p, b in enumerate(recv_from) if remote[p]))
 
-    def counters(self) -> Tuple[int, int]:
-        """(bytes_sent, bytes_recv) so far; subtract two snapshots to count one phase."""
-        return self.bytes_sent, self.bytes_recv
 
-    def cross_counters(self) -> Tuple[int, int]:
-        """(bytes_sent_cross, bytes_recv_cross) so far: the part exchanged with other nodes."""
-        return self.bytes_sent_cross, self.bytes_recv_cross
 
-    @contextlib.contextmanager
-    def as_control(self):
-        """Inside this block, payload counters are moved to control_bytes (for metadata calls)."""
-        c = self._counters
-        saved = (c.sent, c.recv, c.sent_cross, c.recv_cross)
-        try:
-            yield
-        finally:
-            c.control += (c.sent - saved[0]) + (c.recv - saved[1])
-            c.sent, c.recv, c.sent_cross, c.recv_cross = saved
 
     # -- the API (backends implement the underscored primitives) ---------------------------------
     def allreduce_mean_(self, t: torch.Tensor) -> torch.Tensor:
@@ -348,9 +147,6 @@ class Comm:
                 raise ValueError(f"alltoallv: out has {out.numel()} elements, recv_counts sum to {sum(recv_counts)}")
         return send_counts, recv_counts
 
-    def _alltoallv_tally(self, send_counts: List[int], recv_counts: List[int]) -> Tuple[int, int, int, int]:
-        """Payload of an alltoallv: what goes to and comes from other ranks (not the own segment)."""
-        return self._peer_tally([ELEMENT_BYTES * n for n in send_counts], [ELEMENT_BYTES * n for n in recv_counts])
 
     def allgather_(self, flat: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Every rank's segment of flat to every rank, in place: segment r (counts[r] elements from
@@ -530,11 +326,6 @@ class Comm:
         self.control_bytes += 2 * 8 * (self.size - 1)
         return self._exchange_counts(send_counts)
 
-    def _count_bcast(self, nbytes: int, root: int) -> None:
-        if self.rank == root:
-            self._tally(nbytes * (self.size - 1), 0, nbytes * sum(self._remote), 0)
-        else:
-            self._tally(0, nbytes, 0, nbytes if self._remote[root] else 0)
 
     # -- fail fast --------------------------------------------------------------------------------
     def install_excepthook(self) -> None:
@@ -578,31 +369,3 @@ class Comm:
 
     def _abort(self, code: int) -> None:
         raise NotImplementedError
-
-
-class SelfComm(Comm):
-    """A world of one (plain `python`, no MPI needed): every collective is the identity."""
-
-    name = "self"
-
-    def __init__(self, counters: Optional[Counters] = None):
-        super().__init__(0, 1, 0, 1, counters)
-        self.learn_nodes()
-
-    def _alltoallv(self, send, send_counts, recv_counts):
-        return send.clone()
-
-    def _split(self, color, key, groups):
-        return SelfComm(self._counters)
-
-    def _exchange_counts(self, send_counts):
-        return list(send_counts)
-
-    def _abort(self, code):
-        sys.exit(code)
-
-    def _dup(self):
-        return SelfComm(Counters())
-
-    def start_allreduce_mean_(self, t):
-        return DoneWork()  # the mean over one rank is t itself

@@ -21,7 +21,10 @@ from typing import Optional
 
 import torch
 
-from .base import ELEMENT_BYTES, Comm, Counters, DoneWork, Work, abort_process, check_flat, ring_allreduce_bytes
+from .accounting import ELEMENT_BYTES, Counters, ring_allreduce_bytes
+from .base import Comm, check_flat
+from .work import DoneWork, Work
+from .failfast import abort_process
 
 
 # ranks -> process set, for the whole process: Horovod's sets outlive any Comm object, and it refuses

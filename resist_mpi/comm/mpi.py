@@ -24,7 +24,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .base import ELEMENT_BYTES, Comm, Counters, DoneWork, Work, check_flat, ring_allreduce_bytes
+from .accounting import ELEMENT_BYTES, Counters, ring_allreduce_bytes
+from .base import Comm, check_flat
+from .work import DoneWork, Work
 from .fusion import empty_flat
 
 

@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .base import Comm, Counters
+from .base import Comm
+from .accounting import Counters
 
 
 class WorldAborted(RuntimeError):

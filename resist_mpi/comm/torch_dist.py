@@ -30,7 +30,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PeerLost
-from .base import ELEMENT_BYTES, Comm, Counters, DoneWork, Work, abort_process, check_flat, ring_allreduce_bytes
+from .accounting import ELEMENT_BYTES, Counters, ring_allreduce_bytes
+from .base import Comm, check_flat
+from .work import DoneWork, Work
+from .failfast import abort_process
 from .launch import world_info_from_env
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}

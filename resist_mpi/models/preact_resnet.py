@@ -3,7 +3,7 @@
 He, Zhang, Ren, Sun, "Identity Mappings in Deep Residual Networks", ECCV 2016: BN -> ReLU -> conv
 inside each block, identity shortcut added after the last conv. Pre-activation keeps the input
 distribution of a block stable when blocks before it are dropped, which is what ResIST relies on.
-Nothing here knows about ResIST: resist_mpi.blocks finds the blocks, switches them and stores them.
+Nothing here knows about ResIST: resist_mpi.blocks finds and switches the blocks; resist_mpi.strategies.store stores them.
 """
 from __future__ import annotations
 

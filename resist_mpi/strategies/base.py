@@ -35,8 +35,8 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from ..averaging import broadcast_tensors_
-from ..blocks import materialize_, module_tensors
+from ..averaging.tensors import broadcast_tensors_
+from ..blocks.tensors import materialize_, module_tensors
 from ..errors import NonFiniteError, UsageError
 
 POLICIES = ("reset", "keep_shared", "keep")
@@ -387,7 +387,7 @@ class Strategy:
     def _load_model(self, weights: Dict) -> None:
         self.model.load_state_dict(weights)
 
-    # -- sharded checkpoints (resist_mpi.checkpoint): each rank its own part, no communication -----------
+    # -- sharded checkpoints (resist_mpi.cli.checkpoint): each rank its own part, no communication -----------
     def shard(self):
         """This rank's part of a sharded checkpoint at a round boundary (CPU copies; no communication)."""
         raise NotImplementedError(f"{type(self).__name__} has no sharded checkpoints")
@@ -400,7 +400,7 @@ class Strategy:
 
     def _shared_state(self, model_state: Dict, keys) -> Dict:
         """What rank 0 writes for everyone: the given model entries and what every rank holds alike."""
-        from ..averaging import _cpu_copy
+        from ..averaging.tensors import _cpu_copy
         state = {"strategy": self.name, "round": self.round, "model": _cpu_copy(model_state),
                  "averagers": [a.state_dict() for a in self._model_averagers], "averaged_keys": keys}
         if self.optimizer is not None and self.replicated_optimizer_state:
@@ -408,7 +408,7 @@ class Strategy:
         return state
 
     def _rank_shard(self) -> Dict:
-        from ..averaging import _cpu_copy
+        from ..averaging.tensors import _cpu_copy
         return _cpu_copy(self.rank_state_dict() or {})
 
     def _load_shared_parts(self, reader, same_layout: bool) -> None:
@@ -438,7 +438,7 @@ class Replicated(Strategy):
 
     def __init__(self, model, comm, *, device=None, synchronized: bool = False, **kw):
         if any(t.is_meta for t in model.state_dict().values()):
-            # device="meta": shapes only, to count what rounds move (resist_mpi.traffic)
+            # device="meta": shapes only, to count what rounds move (resist_mpi.tools.traffic)
             if comm.rank == 0 and str(device) != "meta":
                 raise ValueError("rank 0's model is on the meta device: it must hold the initial weights")
             materialize_(model, device or "cpu")  # the same Parameter objects, given storage
@@ -451,7 +451,7 @@ class Replicated(Strategy):
         return list(self.model.parameters())
 
     def shard(self):
-        from ..blocks import module_keys
+        from ..blocks.tensors import module_keys
         from .shard import Shard
         shard = Shard(rank=self._rank_shard())
         if self.comm.rank == 0:

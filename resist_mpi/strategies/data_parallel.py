@@ -7,7 +7,8 @@ BN running statistics are per rank; they are averaged once per round, for evalua
 """
 from __future__ import annotations
 
-from ..averaging import Averager, GradientAverager
+from ..averaging.rounds import Averager
+from ..averaging.gradients import GradientAverager
 from .base import Replicated
 
 

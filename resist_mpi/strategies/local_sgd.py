@@ -2,14 +2,15 @@
 
 With group_size G > 1 it is hierarchical local SGD (Lin et al., "Don't Use Large Mini-Batches, Use
 Local SGD", ICLR 2020): data-parallel inside each group of G ranks at every step, and the whole model
-averaged across the groups every l steps (hierarchically: resist_mpi.groups)."""
+averaged across the groups every l steps (hierarchically: resist_mpi.plan.groups)."""
 from __future__ import annotations
 
 from typing import Union
 
-from ..averaging import Averager, GradientAverager
-from ..groups import Groups
-from ..blocks import module_tensors
+from ..averaging.rounds import Averager
+from ..averaging.gradients import GradientAverager
+from ..plan.groups import Groups
+from ..blocks.tensors import module_tensors
 from .base import Replicated
 
 
@@ -21,7 +22,7 @@ class LocalSGD(Replicated):
         device: where ranks whose model was built on the meta device put it.
         group_size: ranks per group (an int, or "node"): hierarchical local SGD when > 1.
         wire_dtype: float32, or float16 / bfloat16 / int8: each round's update moves compressed, with
-            error feedback (resist_mpi.compression).
+            error feedback (resist_mpi.averaging.compression).
         overlap: the model's average of a round runs while the next round trains (one round late).
         outer_optimizer: a factory params -> torch optimizer for an outer step on each round's
             averaged update (DiLoCo with SGD(lr=0.7, momentum=0.9, nesterov=True)); None: the average.

@@ -13,7 +13,7 @@ trains exactly what this rank holds each round. A model whose blocks other ranks
 device (the CLI does, to spare their memory) is fine: rank 0's weights are the initial ones, its
 blocks go out in round 0.
 
-With group_size G > 1 (resist_mpi.groups) the blocks are dealt to the S/G groups instead of the
+With group_size G > 1 (resist_mpi.plan.groups) the blocks are dealt to the S/G groups instead of the
 ranks; the members of a group train the group's sub-network data-parallel (gradients averaged
 every step inside the group), blocks move between groups in G slices that the receiving group
 puts back together, and the shared layers are averaged hierarchically. G = 1 is the paper's ResIST.
@@ -26,13 +26,18 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .. import partition
-from ..averaging import Averager, GradientAverager, average_tensors_, broadcast_tensors_
-from ..blocks import BlockStore, activate, find_blocks, make_switchable, materialize_, set_scale, shared_slots
+from ..plan import partition
+from ..averaging.rounds import Averager
+from ..averaging.gradients import GradientAverager
+from ..averaging.tensors import average_tensors_, broadcast_tensors_
+from .store import BlockStore
+from ..blocks.switch import activate, make_switchable, set_scale
+from ..blocks.find import find_blocks
+from ..blocks.tensors import materialize_, shared_slots
 from ..errors import UsageError
-from ..exchange import run_exchange
-from ..groups import Groups, slice_counts
-from ..routing import Holdings, everyone, needers_from_assignment
+from .exchange import run_exchange
+from ..plan.groups import Groups, slice_counts
+from ..plan.routing import Holdings, everyone, needers_from_assignment
 from .base import Strategy, _bn_restored
 
 ASSIGNMENTS_PER_BROADCAST = 32  # rounds whose assignments rank 0 broadcasts together
@@ -54,7 +59,7 @@ class ResIST(Strategy):
             is broadcast and every rank starts holding every block.
         group_size: ranks per group (an int, or "node"), see the module docstring.
         wire_dtype: float32, or float16 / bfloat16 / int8: the shared layers' average moves each
-            round's update compressed, with error feedback (resist_mpi.compression); blocks stay float32.
+            round's update compressed, with error feedback (resist_mpi.averaging.compression); blocks stay float32.
         overlap: the shared layers' average of a round runs while the next round trains (one round
             late); blocks still move at the round boundary. See resist_mpi.averaging.Averager.
         outer_optimizer: a factory params -> torch optimizer for an outer step (DiLoCo) on the shared
@@ -331,8 +336,8 @@ class ResIST(Strategy):
                 for b, holders in enumerate(h.holders)}
 
     def shard(self):
-        from ..averaging import _cpu_copy
-        from ..blocks import shared_keys
+        from ..averaging.tensors import _cpu_copy
+        from ..blocks.tensors import shared_keys
         from .shard import Shard
         shard = Shard(rank=self._rank_shard(), writers=self.block_writers())
         for b, writers in shard.writers.items():

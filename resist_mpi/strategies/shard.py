@@ -1,6 +1,6 @@
-"""What a strategy hands to a sharded checkpoint (resist_mpi.checkpoint writes and reads the files):
+"""What a strategy hands to a sharded checkpoint (resist_mpi.cli.checkpoint writes and reads the files):
 one rank's part, and on load the averaging of a block's copies and of an average that was in flight
-(reader: a resist_mpi.checkpoint.Reader). Below the strategies, so that they
+(reader: a resist_mpi.cli.checkpoint.Reader). Below the strategies, so that they
 need nothing of the checkpoint machinery."""
 from __future__ import annotations
 
@@ -63,5 +63,5 @@ def flushed_values(reader, index: int) -> Optional[Tuple[torch.Tensor, Optional[
     mean.div_(len(updates))
     if agreed.get("outer") is None:
         return agreed["agreed"].clone().add_(mean), None
-    from ..averaging import replay_outer_step
+    from ..averaging.rounds import replay_outer_step
     return replay_outer_step(agreed["agreed"], mean, agreed)

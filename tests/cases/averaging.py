@@ -14,9 +14,9 @@ tests/mpi/test_averaging_modes.py on real ranks for every backend.
 import torch
 
 import resist_mpi as rm
-from resist_mpi.blocks import module_tensors
-from resist_mpi.compression import Codec
-from resist_mpi.groups import slice_counts
+from resist_mpi.blocks.tensors import module_tensors
+from resist_mpi.averaging.compression import Codec
+from resist_mpi.plan.groups import slice_counts
 from resist_mpi.models import create_model
 
 ROUNDS, STEPS = 4, 2
@@ -230,7 +230,8 @@ def shared_of(model, strategy, S):
 
 def _shared_tensors(model, strategy):
     if strategy == "resist":
-        from resist_mpi.blocks import find_blocks, shared_slots
+        from resist_mpi.blocks.find import find_blocks
+        from resist_mpi.blocks.tensors import shared_slots
         blocks = [b for _, b in find_blocks(model)]
         return [d[n] for d, n in shared_slots(model, blocks)]
     return module_tensors(model)

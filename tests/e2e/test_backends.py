@@ -32,7 +32,7 @@ def test_contract_torch_under_torchrun():
 
 DRIVER = """\
 import sys
-from resist_mpi.train import main
+from resist_mpi.cli.train import main
 out, args = sys.argv[1], sys.argv[2:]
 for strategy in ("resist", "local_sgd", "data_parallel"):
     rc = main(args + ["--strategy", strategy, "--out", out + "/" + strategy])

@@ -43,7 +43,7 @@ def test_unreachable_rank_ends_job_with_one_line(tmp_path):
     script.write_text(
         "import os, signal, time\n"
         "from resist_mpi import comm\n"
-        "from resist_mpi.watchdog import Watchdog\n"
+        "from resist_mpi.cli.watchdog import Watchdog\n"
         "c = comm.init('mpi')\n"
         "wd = Watchdog(c, timeout=3, probe_timeout=2)\n"
         "wd.beat('the test phase')\n"
@@ -66,7 +66,7 @@ def _train(np_, out, *args, timeout=600):
 
 
 def _records(out, event):
-    from resist_mpi.metrics import read_metrics
+    from resist_mpi.cli.metrics import read_metrics
     return read_metrics(str(out), event)
 
 
@@ -104,7 +104,7 @@ def _copy_checkpoint(full, part, name):
 
 
 def _full_state(run, name):
-    from resist_mpi import checkpoint as ckpt
+    from resist_mpi.cli import checkpoint as ckpt
     path = str(run / "checkpoints" / name)
     manifest, why = ckpt.verify(path)
     assert manifest is not None, why
@@ -213,7 +213,7 @@ def test_a_full_disk_ends_every_rank_with_one_line_and_no_half_written_checkpoin
         errors = _errors(p)
         assert len(errors) == 1 and "cannot write" in errors[0] and "No space left" in errors[0], p.stderr[-3000:]
         assert "Traceback" not in p.stderr
-        from resist_mpi import checkpoint as ckpt
+        from resist_mpi.cli import checkpoint as ckpt
         for d in ckpt.list_checkpoints(str(small / "run")):  # whatever has a manifest is complete
             assert ckpt.verify(d)[0] is not None
         assert not list((small / "run").rglob("*.tmp"))
@@ -319,7 +319,7 @@ def test_round_records_do_not_depend_on_evaluation_or_loader_workers(tmp_path):
 @pytest.mark.parametrize("np_", [2, 4])
 def test_sync_bench_times_what_it_says(tmp_path, np_):
     """sync_bench on a thin ResNet-101: the payload it measured equals the plans' and the ring's bytes."""
-    from resist_mpi import traffic
+    from resist_mpi.tools import traffic
     from resist_mpi.comm import ring_allreduce_bytes
     from resist_mpi.models import create_model
 

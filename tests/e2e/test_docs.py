@@ -92,7 +92,7 @@ CLUSTER = "resist_mpi.cluster"
 def simulated_cluster():
     """The README's cluster commands use the CLI's default cluster: tear down a stale one before them,
     and whatever they left after them, also when one failed."""
-    from resist_mpi.cluster import why_unavailable
+    from resist_mpi.tools.cluster import why_unavailable
     reason = why_unavailable()
     if reason:
         pytest.skip(f"simulated cluster: {reason}")

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, mpi_env, requires
-from resist_mpi.cluster import Cluster
+from resist_mpi.tools.cluster import Cluster
 
 pytestmark = requires("mpi", "root", "cluster", "slow")
 
@@ -100,7 +100,7 @@ def wait_for_checkpoints(out, n, procs):
 
 
 def records(out, event):
-    from resist_mpi.metrics import read_metrics
+    from resist_mpi.cli.metrics import read_metrics
     return read_metrics(str(out), event)
 
 

@@ -85,11 +85,11 @@ TRAIN = ["--model", "preact_resnet34", "--width", "2", "--epochs", "1", "--batch
          "--local-steps", "2", "--bn-batches", "1", "--seed", "3", "--progress", "off"]
 REL = 1e-4
 # One job per launcher trains every strategy in turn, through the CLI's own entry point
-# (resist_mpi.train.main: config, comm.init, Trainer), each into OUT/<strategy>. Six horovodrun
+# (resist_mpi.cli.train.main: config, comm.init, Trainer), each into OUT/<strategy>. Six horovodrun
 # and three mpirun start-ups would be most of this file's time on a small machine.
 DRIVER = """\
 import sys
-from resist_mpi.train import main
+from resist_mpi.cli.train import main
 out, args = sys.argv[1], sys.argv[2:]
 for strategy in {strategies!r}:
     rc = main(args + ["--strategy", strategy, "--out", out + "/" + strategy])

@@ -31,7 +31,7 @@ import pytest
 
 from helpers import ROOT, horovodrun_path, mpi_env, requires
 from slurm_helpers import Slurm, tail, which, why_no_slurm
-from resist_mpi.cluster import Cluster, ClusterError
+from resist_mpi.tools.cluster import Cluster, ClusterError
 
 HOSTS = ["node0", "node1", "node2", "node3"]
 STRATEGIES = ("resist", "local_sgd", "data_parallel")
@@ -44,7 +44,7 @@ TIMEOUT = 300
 DRIVER = """\
 import json, sys
 from resist_mpi import comm
-from resist_mpi.train import main
+from resist_mpi.cli.train import main
 made = []
 _init = comm.init
 def init(*args, **kw):  # remember each run's Comm, to read its counters at the end
@@ -365,7 +365,7 @@ def test_group_per_node_cross_node_bytes(cluster, tmp_path):
     """8 ranks on 4 nodes, --group-size node (2 ranks a group): ResIST between the nodes,
     data-parallel inside each. Every round's bytes across nodes equal traffic.py's model, and the
     kernel's interface counters agree with the package's cross-node counters (the bound above)."""
-    from resist_mpi import traffic as T
+    from resist_mpi.tools import traffic as T
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(strategies=("resist",)))
     steps = 2

@@ -8,7 +8,7 @@ the same order, so each test is one collective conversation:
     RESIST_TEST_BACKEND=torch torchrun --nproc-per-node 2 -m pytest tests/mpi/test_comm_contract.py
     RESIST_TEST_BACKEND=horovod horovodrun -np 2 python -m pytest tests/mpi/test_comm_contract.py
 
-tests/test_backends.py and tests/test_horovod_launch.py launch these. Backend-specific behaviour
+tests/e2e/test_backends.py and tests/e2e/test_horovod_launch.py launch these. Backend-specific behaviour
 (the MPI backend on COMM_SELF, its prepared handles) has its own file beside this one.
 """
 import os

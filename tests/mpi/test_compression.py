@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from resist_mpi import comm as C
-from resist_mpi import traffic as T
-from resist_mpi.compression import Codec, ErrorFeedback
-from resist_mpi.groups import slice_counts
+from resist_mpi.tools import traffic as T
+from resist_mpi.averaging.compression import Codec, ErrorFeedback
+from resist_mpi.plan.groups import slice_counts
 from resist_mpi.models import create_model
 from resist_mpi.strategies import DataParallel, LocalSGD, ResIST
 

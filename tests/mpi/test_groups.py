@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from resist_mpi import comm
-from resist_mpi.blocks import activate, find_blocks, make_switchable, shared_slots
-from resist_mpi.groups import slice_counts
+from resist_mpi.blocks.switch import activate, make_switchable
+from resist_mpi.blocks.find import find_blocks
+from resist_mpi.blocks.tensors import shared_slots
+from resist_mpi.plan.groups import slice_counts
 from resist_mpi.models import create_model
-from resist_mpi.routing import needers_from_assignment
+from resist_mpi.plan.routing import needers_from_assignment
 from resist_mpi.strategies import LocalSGD, ResIST
 
 STEPS, G = 2, 2

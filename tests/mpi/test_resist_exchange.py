@@ -20,9 +20,11 @@ import torch.nn.functional as F
 import torchvision
 
 from resist_mpi import comm
-from resist_mpi.blocks import activate, find_blocks, make_switchable, shared_slots
+from resist_mpi.blocks.switch import activate, make_switchable
+from resist_mpi.blocks.find import find_blocks
+from resist_mpi.blocks.tensors import shared_slots
 from resist_mpi.models import create_model
-from resist_mpi.routing import needers_from_assignment, plan_exchange
+from resist_mpi.plan.routing import needers_from_assignment, plan_exchange
 from resist_mpi.strategies import ResIST
 
 STEPS = 2
@@ -233,7 +235,7 @@ def test_assignments_come_from_rank_0_a_batch_per_broadcast(c, monkeypatch):
     the assignments of ASSIGNMENTS_PER_BROADCAST rounds travel in one broadcast."""
     import numpy as np
 
-    from resist_mpi import partition
+    from resist_mpi.plan import partition
     from resist_mpi.strategies.resist import ASSIGNMENTS_PER_BROADCAST as K
 
     s = ResIST(factory("preact").to(DEVICE), c, seed=3, min_depth=2, device=DEVICE)

@@ -1,6 +1,6 @@
 """traffic.py's wire bytes equal the backend's counters, to the byte, on real strategy rounds.
 
-Run under mpirun (tests/test_traffic_launch.py does, with 2 and 4 ranks):
+Run under mpirun (tests/e2e/test_mpi_suites.py does, with 2 and 4 ranks):
 
     mpirun -np 4 python -m pytest -q -p no:cacheprovider tests/mpi/test_traffic_mpi.py
 
@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from resist_mpi import comm as C
-from resist_mpi import traffic as T
+from resist_mpi.tools import traffic as T
 
 if C.world_info_from_env().launcher == "none":
-    pytest.skip("run under mpirun -np 2|4 (tests/test_traffic_launch.py does)", allow_module_level=True)
+    pytest.skip("run under mpirun -np 2|4 (tests/e2e/test_mpi_suites.py does)", allow_module_level=True)
 
 from resist_mpi.models import create_model  # noqa: E402
 from resist_mpi.strategies import DataParallel, LocalSGD, ResIST  # noqa: E402

@@ -7,8 +7,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from resist_mpi.blocks import (BlockError, BlockStore, activate, find_blocks, make_switchable, module_tensors,
-                               set_scale, shared_slots)
+from resist_mpi.blocks.kinds import BlockError
+from resist_mpi.strategies.store import BlockStore
+from resist_mpi.blocks.switch import activate, make_switchable, set_scale
+from resist_mpi.blocks.find import find_blocks
+from resist_mpi.blocks.tensors import module_tensors, shared_slots
 from resist_mpi.models import PreActBlock, PreActResNet, create_model
 
 

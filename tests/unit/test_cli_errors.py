@@ -8,13 +8,13 @@ import torch
 
 from resist_mpi.comm import init
 from resist_mpi.comm.thread import run_ranks
-from resist_mpi.config import Config, ConfigError, parse_config, validate
-from resist_mpi.trainer import Trainer
+from resist_mpi.cli.config import Config, ConfigError, parse_config, validate
+from resist_mpi.cli.trainer import Trainer
 
 
 def _truncated_h5(tmp_path):
     """A real packed dataset cut in half, as an interrupted copy leaves it."""
-    from resist_mpi.data import main as data_main
+    from resist_mpi.data.packing import main as data_main
     full = tmp_path / "digits.h5"
     assert data_main(["pack", "digits", str(full)]) == 0
     cut = tmp_path / "cut.h5"

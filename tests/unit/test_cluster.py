@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from resist_mpi import cluster as C
+from resist_mpi.tools import cluster as C
 
 
 @pytest.mark.parametrize("text, bits", [("100mbit", 10 ** 8), ("1gbit", 10 ** 9), ("1.5Gbit", 15 * 10 ** 8),

@@ -16,7 +16,7 @@ import cluster_bench  # noqa: E402
 import cluster_report as report  # noqa: E402
 import compare  # noqa: E402
 import gpu_scale  # noqa: E402
-from resist_mpi.cluster import parse_rate  # noqa: E402
+from resist_mpi.tools.cluster import parse_rate  # noqa: E402
 
 
 def test_rate_labels_round_trip_through_parse_rate():
@@ -143,7 +143,7 @@ def test_gpu_mapping_and_verdicts_from_a_summary(fabricated):
     runs = {s: {0: report.summarise_run(str(fabricated / "20mbit" / f"{s}-0"), targets)} for s in ("resist", "local_sgd")}
     summary = {"20mbit": report.aggregate_rate(runs, targets)}
     m = report.gpu_mapping("20mbit", summary["20mbit"]["local_sgd"], runs["local_sgd"][0]["model"], 0.0877)
-    from resist_mpi.traffic import build_sizes
+    from resist_mpi.tools.traffic import build_sizes
     here, gpu = build_sizes("preact_resnet101", 10, 8).full, build_sizes("preact_resnet101", 10, 64).full
     assert (m["here_elements"], m["gpu_elements"], m["here_step_s"]) == (here, gpu, 0.2)
     assert m["gpu_equivalent_bits"] == pytest.approx(20e6 * (gpu / 50) / (here / 10) * 0.2 / 0.0877)

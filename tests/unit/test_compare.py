@@ -36,7 +36,7 @@ def test_train_and_eval_bytes_reported_apart(tmp_path):
 
 
 def test_training_rounds_fold_an_evaluations_early_exchange_back_into_its_round():
-    from resist_mpi.metrics import training_rounds
+    from resist_mpi.cli.metrics import training_rounds
     recs = [{"event": "round", "round": 0, "t_comm": 1.0, "bytes_sent": 10, "bytes_recv": 10},
             {"event": "eval", "round": 0, "t_next_exchange": 0.5, "bytes_next_exchange": 7},
             {"event": "round", "round": 1, "t_comm": 0.25, "bytes_sent": 3, "bytes_recv": 3},

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from resist_mpi.comm import init
-from resist_mpi.compression import INT8_CHUNK, Codec, ErrorFeedback, compressed_mean
+from resist_mpi.averaging.compression import INT8_CHUNK, Codec, ErrorFeedback, compressed_mean
 
 
 @pytest.mark.parametrize("name, per_value", [("float32", 4), ("float16", 2), ("bfloat16", 2), ("int8", 1)])

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from resist_mpi.config import Config, ConfigError, parse_config, validate
-from resist_mpi.trainer import lr_at
+from resist_mpi.cli.config import Config, ConfigError, parse_config, validate
+from resist_mpi.cli.trainer import lr_at
 
 
 def test_flags_map_to_fields_and_file(tmp_path):
@@ -52,7 +52,7 @@ def test_bad_config_file(tmp_path):
 
 
 def test_lr_schedules():
-    from resist_mpi.trainer import lr_factor
+    from resist_mpi.cli.trainer import lr_factor
     cfg = Config(lr=0.1, epochs=100)
     assert all(lr_at(cfg, e) == cfg.lr * lr_factor(cfg, e) for e in (0, 10, 50, 80))
     assert lr_at(cfg, 0) == 0.1 and lr_at(cfg, 49.9) == 0.1
@@ -68,7 +68,7 @@ def test_cifar100_recipe_gives_each_rank_the_reference_steps():
     import math
     import os
 
-    from resist_mpi.config import parse_config, validate
+    from resist_mpi.cli.config import parse_config, validate
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cfg = validate(parse_config(["--config", os.path.join(root, "configs", "cifar100_resnet101.yaml")]))
     assert (cfg.model, cfg.width, cfg.dataset, cfg.local_steps, cfg.batch_size, cfg.lr, cfg.momentum,
@@ -78,7 +78,7 @@ def test_cifar100_recipe_gives_each_rank_the_reference_steps():
 
 
 def test_check_prints_one_line_about_this_installation(capsys):
-    from resist_mpi import check
+    from resist_mpi.tools import check
     assert check.main([]) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and line.startswith("resist_mpi ") and "torch " in line and "--backend auto: " in line

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from resist_mpi import data as D
-from resist_mpi.data import DataError, ShardLoader, check_compatible, load_dataset
+from resist_mpi.data import datasets as D
+from resist_mpi.data import loader as L
+from resist_mpi.data import packing as P
+from resist_mpi.data.datasets import DataError, check_compatible, load_dataset
+from resist_mpi.data.loader import ShardLoader
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +157,8 @@ def test_randomness_contract(digits):
     assert not torch.equal(full[0][0], plain)
     other_rank = ShardLoader(train, 2, 3, 32, seed=7)
     idx = a.batch_indices(2)[0]
-    aug_r1 = D._BatchView(train, 7, 1, True)[(2, 0, idx)][0]
-    aug_r2 = D._BatchView(train, 7, 2, True)[(2, 0, idx)][0]
+    aug_r1 = L._BatchView(train, 7, 1, True)[(2, 0, idx)][0]
+    aug_r2 = L._BatchView(train, 7, 2, True)[(2, 0, idx)][0]
     assert torch.equal(aug_r1, full[0][0]) and not torch.equal(aug_r1, aug_r2)
     assert other_rank.steps_per_epoch == a.steps_per_epoch
     with pytest.raises(DataError):
@@ -292,7 +295,7 @@ def test_cifar_missing_and_corrupt(tmp_path):
 
 def test_pack_digits_roundtrip(tmp_path, digits, capsys):
     out = str(tmp_path / "digits.h5")
-    assert D.main(["pack", "digits", out]) == 0
+    assert P.main(["pack", "digits", out]) == 0
     assert "1437 train + 360 test" in capsys.readouterr().out
     train_h, test_h, info_h = load_dataset("hdf5", out)
     train, test, info = digits
@@ -324,21 +327,21 @@ def test_pack_digits_roundtrip(tmp_path, digits, capsys):
 def test_pack_refuses_overwrite_and_cleans_up(tmp_path, capsys, monkeypatch):
     out = tmp_path / "syn.h5"
     out.write_bytes(b"precious")
-    assert D.main(["pack", "synthetic", str(out)]) == 2
+    assert P.main(["pack", "synthetic", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--force" in err and err.count("\n") == 1
     assert out.read_bytes() == b"precious"
-    assert D.main(["pack", "synthetic", str(out), "--force", "--seed", "1"]) == 0
+    assert P.main(["pack", "synthetic", str(out), "--force", "--seed", "1"]) == 0
     assert load_dataset("hdf5", str(out))[2].num_train == 1024
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(D, "_write_split", boom)
+    monkeypatch.setattr(P, "_write_split", boom)
     fresh = tmp_path / "fresh.h5"
-    assert D.main(["pack", "digits", str(fresh)]) == 2
+    assert P.main(["pack", "digits", str(fresh)]) == 2
     assert "disk full" in capsys.readouterr().err
     assert not fresh.exists() and not (tmp_path / "fresh.h5.tmp").exists()
-    assert D.main(["pack", "no-such-thing", str(fresh)]) == 2
+    assert P.main(["pack", "no-such-thing", str(fresh)]) == 2
     assert os.listdir(tmp_path) == ["syn.h5"]
 
 
@@ -350,7 +353,7 @@ def test_hdf5_bad_files(tmp_path):
         load_dataset("hdf5")
     assert_one_line_error(e, "pack")
     good = str(tmp_path / "good.h5")
-    D.pack("synthetic", good)
+    P.pack("synthetic", good)
     truncated = tmp_path / "truncated.h5"
     blob = open(good, "rb").read()
     truncated.write_bytes(blob[: len(blob) // 2])
@@ -416,7 +419,7 @@ def test_imagefolder_loads_and_packs(tmp_path):
     xt, yt = all_batches(test)
     assert xt.shape == (4, 3, 16, 16) and yt.tolist() == [0, 0, 1, 1]
     out = str(tmp_path / "tree8.h5")
-    assert D.main(["pack", str(tmp_path / "tree"), out, "--image-size", "8"]) == 0
+    assert P.main(["pack", str(tmp_path / "tree"), out, "--image-size", "8"]) == 0
     train_h, test_h, info_h = load_dataset("hdf5", out)
     assert (info_h.image_size, info_h.num_train, info_h.class_names) == (8, 6, ("cat", "dog"))
     with pytest.raises(DataError) as e:

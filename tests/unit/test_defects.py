@@ -12,10 +12,11 @@ import torchvision
 
 import resist_mpi as rm
 from cases import library as L
-from resist_mpi import checkpoint as ckpt
+from resist_mpi.cli import checkpoint as ckpt
 from resist_mpi.comm import ring_allreduce_bytes
 from resist_mpi.comm.thread import run_ranks
-from resist_mpi.data import ShardLoader, TensorImageDataset
+from resist_mpi.data.loader import ShardLoader
+from resist_mpi.data.datasets import TensorImageDataset
 
 
 def test_warmup_takes_the_first_strategys_gradient_hooks_off_at_the_switch():
@@ -110,7 +111,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_under_its_name(tmp_p
 
 def test_an_out_directory_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_is_free(tmp_path):
     out = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", f"import time; from resist_mpi.checkpoint import OutLock; "
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; from resist_mpi.cli.checkpoint import OutLock; "
                                f"l = OutLock({out!r}); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -143,7 +144,7 @@ def _fake_checkpoint(directory, **over):
 
 
 def test_resume_under_another_strategy_is_refused_in_one_line(tmp_path):
-    from resist_mpi.config import Config
+    from resist_mpi.cli.config import Config
     path = tmp_path / "ckpt-000001"
     _fake_checkpoint(path)
     with torch.device("meta"):
@@ -155,7 +156,7 @@ def test_resume_under_another_strategy_is_refused_in_one_line(tmp_path):
 
 
 def test_resume_with_another_group_size_says_its_per_rank_state_starts_afresh(tmp_path):
-    from resist_mpi.config import Config
+    from resist_mpi.cli.config import Config
     path = tmp_path / "ckpt-000001"
     _fake_checkpoint(path)
     with torch.device("meta"):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from resist_mpi.blocks import find_blocks
+from resist_mpi.blocks.find import find_blocks
 from resist_mpi.models import PreActBlock, PreActResNet, create_model, list_models
 
 

@@ -8,9 +8,9 @@ import torch
 
 import resist_mpi as rm
 from cases import library as L
-from resist_mpi.averaging import GradientAverager
+from resist_mpi.averaging.gradients import GradientAverager
 from resist_mpi.comm.thread import run_ranks
-from resist_mpi.compression import Codec, ErrorFeedback
+from resist_mpi.averaging.compression import Codec, ErrorFeedback
 
 
 def test_the_codec_refuses_non_finite_values():
@@ -101,10 +101,10 @@ def test_gradient_averager_recovers_after_a_backward_that_raised():
 
 
 def test_trainer_stops_on_a_diverging_round_with_its_own_exit_and_keeps_the_finite_checkpoint(tmp_path):
-    from resist_mpi import checkpoint as ckpt
+    from resist_mpi.cli import checkpoint as ckpt
     from resist_mpi.comm import init
-    from resist_mpi.config import Config, validate
-    from resist_mpi.trainer import Trainer
+    from resist_mpi.cli.config import Config, validate
+    from resist_mpi.cli.trainer import Trainer
     tiny = dict(model="preact_resnet34", width=4, dataset="synthetic", batch_size=128, local_steps=4,
                 bn_batches=1, checkpoint_every=1, keep_checkpoints=1, progress="off", out=str(tmp_path), epochs=1)
     first = Trainer(validate(Config(**tiny)), init("self", fail_fast=False))
@@ -132,7 +132,7 @@ def test_trainer_stops_on_a_diverging_round_with_its_own_exit_and_keeps_the_fini
 
 
 def test_metrics_write_non_finite_values_as_strings_and_read_them_back(tmp_path):
-    from resist_mpi.metrics import RunLog, read_metrics
+    from resist_mpi.cli.metrics import RunLog, read_metrics
     log = RunLog(str(tmp_path), True, progress="off")
     log.record("round", round=0, train_loss=math.nan, lr=math.inf, x=[1.0, -math.inf], name="NaN-free")
     log.close()
@@ -144,7 +144,7 @@ def test_metrics_write_non_finite_values_as_strings_and_read_them_back(tmp_path)
 
 
 def test_a_non_finite_model_is_never_checkpointed():
-    from resist_mpi.checkpoint import check_finite
+    from resist_mpi.cli.checkpoint import check_finite
     check_finite({"model": {"w": torch.ones(2), "n": torch.tensor(3)}})
     with pytest.raises(rm.NonFiniteError, match="checkpoint not written"):
         check_finite({"model": {"w": torch.tensor([1.0, math.inf])}})
@@ -153,7 +153,7 @@ def test_a_non_finite_model_is_never_checkpointed():
 
 
 def test_round_meter_names_the_ranks():
-    from resist_mpi.trainer import RoundMeter
+    from resist_mpi.cli.trainer import RoundMeter
 
     def body(c):
         m = RoundMeter(3, 0, 1, loss_sum=math.nan if c.rank in (1, 2) else 1.0, seen=1)
@@ -165,7 +165,7 @@ def test_round_meter_names_the_ranks():
 
 
 def _one(c):
-    from resist_mpi.trainer import RoundMeter
+    from resist_mpi.cli.trainer import RoundMeter
     m = RoundMeter(0, 0, 1, loss_sum=1.0, seen=1, bad_update=c.rank == 1)
     m.reduce(c)
     return m.divergence()

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 
-from resist_mpi.partition import (PartitionError, check_partition, draw_assignment, eval_residual_scale,
-                                  round_rng)
-from resist_mpi.routing import needers_from_assignment
+from resist_mpi.plan.partition import PartitionError, check_partition, draw_assignment, eval_residual_scale, round_rng
+from resist_mpi.plan.routing import needers_from_assignment
 
 
 @pytest.mark.parametrize("P,S", [(22, 2), (22, 4), (22, 8), (22, 22), (5, 3), (35, 16), (49, 16)])

@@ -8,15 +8,20 @@ import pytest
 pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402  (matplotlib depends on Pillow)
 
-from resist_mpi import plot  # noqa: E402
+from resist_mpi.tools import plot  # noqa: E402
 
 
-def _fake_run(d, strategy, world_size, rounds=6, config=True, bytes_per_round=1e6, resume_at=None):
-    """A run directory like resist_mpi.train writes: round records, an eval every 2 rounds."""
+def _fake_run(d, strategy, world_size, rounds=6, config=True, bytes_per_round=1e6, resume_at=None, lost_at=None):
+    """A run directory like resist_mpi.train writes: round records, an eval every 2 rounds; lost_at:
+    a node is lost and the run resumes on one rank fewer at that round."""
     d.mkdir(parents=True)
     recs, clock = [], 0.0
     for r in range(rounds):
-        if r == resume_at:
+        if r == lost_at:
+            recs.append({"event": "membership", "round": r, "world_size": world_size - 1,
+                         "previous_world_size": world_size, "left": ["node3"], "joined": [], "rounds_repeated": 1,
+                         "t_recovery": 24.5, "time": 1e9})
+        if r in (resume_at, lost_at):
             clock = 0.0  # a resumed run's clock starts again
         clock += 1.5
         recs.append({"event": "round", "round": r, "epoch": (r + 1) / 2, "strategy": strategy,
@@ -58,6 +63,19 @@ def test_resumed_run_clock_keeps_growing(tmp_path):
     clocks = [e["wallclock"] for e in run.evals]
     # 8 rounds of 1.5 s and 4 evals of 0.2 s, as if the run had not stopped
     assert clocks == sorted(clocks) and clocks[-1] == pytest.approx(8 * 1.5 + 4 * 0.2)
+
+
+def test_a_lost_node_is_marked_where_the_world_changed(tmp_path, monkeypatch):
+    run = plot.load_run(str(_fake_run(tmp_path / "m", "resist", 4, rounds=8, lost_at=4)))
+    # rounds 0-3 took 4 x 1.5 s plus 2 evals of 0.2 s; epoch 2.0 is round 3's
+    assert run.marks == [{"round": 4, "wallclock": pytest.approx(6.4), "epoch": 2.0, "label": "4->3 ranks"}]
+    assert plot.load_run(str(_fake_run(tmp_path / "n", "resist", 4))).marks == []
+    import matplotlib.axes
+    lines = []
+    real = matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda ax, x, **kw: lines.append(x) or real(ax, x, **kw))
+    plot.plot_runs([run], str(tmp_path / "m.png"))
+    assert sorted(lines) == [2.0, 4, pytest.approx(6.4)]  # the epoch, round and wall-clock panels
 
 
 def test_cli_runs_as_module(tmp_path):

@@ -4,8 +4,8 @@ import signal
 import socket
 import threading
 
-from resist_mpi.preempt import REQUEUE_EXIT, StopRequest
-from resist_mpi.watchdog import probe_address, reachable
+from resist_mpi.cli.preempt import REQUEUE_EXIT, StopRequest
+from resist_mpi.cli.watchdog import probe_address, reachable
 
 
 def test_stop_signals_only_set_a_flag_and_handlers_come_back():

@@ -1,6 +1,6 @@
 import pytest
 
-from resist_mpi.routing import everyone, needers_from_assignment, plan_exchange
+from resist_mpi.plan.routing import everyone, needers_from_assignment, plan_exchange
 
 
 def test_first_round_all_from_rank0():

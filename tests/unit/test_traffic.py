@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import requires
-from resist_mpi import traffic as T
+from resist_mpi.tools import traffic as T
 
 F32 = 4
 

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from resist_mpi import checkpoint as ckpt
+from resist_mpi.cli import checkpoint as ckpt
 from resist_mpi import comm
-from resist_mpi.config import Config, validate
-from resist_mpi.trainer import Trainer
+from resist_mpi.cli.config import Config, validate
+from resist_mpi.cli.trainer import Trainer
 
 TINY = dict(model="preact_resnet34", width=4, dataset="synthetic", epochs=2, batch_size=128, local_steps=3,
             bn_batches=1, checkpoint_every=1, keep_checkpoints=5, progress="off")

@@ -1,32 +1,15 @@
-"""Datasets and per-rank shard loaders.
-
-Datasets: ``digits`` (default: sklearn's embedded 8x8 digits, upscaled to 32x32, no download),
+"""Datasets: ``digits`` (default: sklearn's embedded 8x8 digits, upscaled to 32x32, no download),
 ``synthetic`` (learnable, seeded, for tests), ``cifar10`` / ``cifar100``, ``imagefolder`` and
-``hdf5`` (one file made by ``pack``, read lazily by every rank).
+``hdf5`` (one file made by ``python -m resist_mpi.data pack``).
 
 Every dataset answers ``get_batch(indices, generator)``: one vectorised call per mini-batch, so
-4 ranks sharing 2 cores spend their time in the model, not in Python loops over samples.
-
-Randomness contract (bit-for-bit resume): the epoch permutation is a function of (seed, epoch);
-every random choice of batch b of epoch e on rank r, augmentation included, is a function of
-(seed, e, r, b). Both come from explicit torch.Generator objects, never from the global RNG and
-never from a DataLoader worker id, so ``epoch(e, start_batch=k)`` equals skipping k batches.
-
-Pack any supported dataset into one HDF5 file::
-
-    python -m resist_mpi.data pack digits digits.h5
-    python -m resist_mpi.data pack cifar10 cifar10.h5 --data-dir ~/data
-    python -m resist_mpi.data pack /data/imagenet imagenet64.h5 --image-size 64
-"""
+4 ranks sharing 2 cores spend their time in the model, not in Python loops over samples."""
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
-import sys
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -197,7 +180,8 @@ class ImageFolderDataset(ImageDataset):
     """torchvision ImageFolder, decoded per sample; per-sample randomness seeded from the batch."""
 
     def __init__(self, root: str, image_size: int, train: bool, augment: bool):
-        from torchvision import datasets, transforms as T
+        from torchvision import datasets
+        from torchvision import transforms as T
         try:
             self.folder = datasets.ImageFolder(root)
         except (OSError, RuntimeError) as e:
@@ -360,7 +344,7 @@ def _hdf5(path: Optional[str], augment: bool):
         for split in ("train", "test"):
             for key in ("images", "labels"):
                 if f"{split}/{key}" not in f:
-                    raise DataError(f"{path} lacks the dataset '{split}/{key}' (make it with `resist_mpi.data pack`)")
+                    raise DataError(f"{path} lacks the dataset '{split}/{key}' (make it with `python -m resist_mpi.data pack`)")
             images = f[split + "/images"]
             labels[split] = torch.from_numpy(np.asarray(f[split + "/labels"][:], dtype=np.int64))
             shapes[split] = images.shape
@@ -440,165 +424,3 @@ def check_compatible(info: DataInfo, image_size_expected: Optional[int], num_cla
     if image_size_expected is not None and info.image_size != image_size_expected:
         raise DataError(f"dataset {info.name} has {info.image_size}x{info.image_size} images but the model "
                         f"expects {image_size_expected}x{image_size_expected}")
-
-
-# ----------------------------------------------------------------------------- shards
-
-class _BatchView(torch.utils.data.Dataset):
-    """Maps a key (epoch, batch, indices) to a finished batch; runs in the main process or a worker."""
-
-    def __init__(self, dataset: ImageDataset, seed: int, rank: int, train: bool):
-        self.dataset, self.seed, self.rank, self.train = dataset, seed, rank, train
-
-    def __getitem__(self, key):
-        e, b, idx = key
-        gen = _generator(self.seed, e, self.rank, b, _AUG) if self.train else None
-        return self.dataset.get_batch(idx, gen)
-
-
-class ShardLoader:
-    """This rank's mini-batches, epoch by epoch.
-
-    train=True: the epoch-e permutation of all N samples (seeded by (seed, e)), padded by
-    wrap-around to size * ceil(N / size), rank r takes every size-th element from r (as
-    torch's DistributedSampler). Every rank has ceil(N / size) samples and steps_per_epoch
-    batches; every sample appears at least once per epoch across ranks. A last batch of a single
-    sample is dropped (BatchNorm cannot normalise one sample in training; torchvision's models
-    fail on it): the drop_last rule applied only where it matters, the same on every rank.
-
-    train=False: no shuffle, no padding, no augmentation: rank r gets r, r + size, ... so the
-    shards cover the set exactly once and accuracy summed over ranks is exact. A rank may then
-    hold one sample fewer, and so one batch fewer than steps_per_epoch (len(loader) is exact).
-    """
-
-    def __init__(self, dataset: ImageDataset, rank: int, size: int, batch_size: int, seed: int = 0,
-                 train: bool = True, workers: int = 0):
-        if size < 1 or not 0 <= rank < size:
-            raise DataError(f"rank {rank} is outside a world of size {size}")
-        if batch_size < 1 or workers < 0:
-            raise DataError(f"batch_size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
-        n = len(dataset)
-        if n == 0:
-            raise DataError("cannot shard an empty dataset")
-        self.dataset, self.rank, self.size, self.batch_size = dataset, rank, size, batch_size
-        self.seed, self.train, self.workers = seed, train, workers
-        per_rank = math.ceil(n / size)
-        if train and per_rank % batch_size == 1 and per_rank > 1:
-            per_rank -= 1  # the lone last sample would be a batch of one
-        self.num_samples = per_rank if train else len(range(rank, n, size))
-        self.steps_per_epoch = math.ceil(per_rank / batch_size)
-        self._view = _BatchView(dataset, seed, rank, train)
-
-    def __len__(self) -> int:
-        """Batches this rank yields per epoch."""
-        return math.ceil(self.num_samples / self.batch_size)
-
-    def indices(self, e: int) -> torch.Tensor:
-        """This rank's sample indices for epoch e, in order."""
-        n = len(self.dataset)
-        if not self.train:
-            return torch.arange(n)[self.rank:: self.size]
-        perm = torch.randperm(n, generator=_generator(self.seed, e, _PERM))
-        total = math.ceil(n / self.size) * self.size
-        if total > n:
-            perm = torch.cat([perm, perm.repeat(math.ceil((total - n) / n))[: total - n]])
-        return perm[self.rank: total: self.size][:self.num_samples]
-
-    def batch_indices(self, e: int) -> List[torch.Tensor]:
-        idx = self.indices(e)
-        return list(idx.split(self.batch_size)) if len(idx) else []
-
-    def epoch(self, e: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images float32 [B,C,H,W], labels int64 [B]) from batch start_batch of epoch e."""
-        batches = self.batch_indices(e)
-        if not 0 <= start_batch <= max(len(batches), self.steps_per_epoch):
-            raise DataError(f"start_batch {start_batch} is outside epoch of {len(batches)} batches")
-        keys = [(e, b, batches[b]) for b in range(start_batch, len(batches))]
-        if self.workers == 0:
-            return (self._view[k] for k in keys)
-        # Every iteration has its own DataLoader and workers, so iterations interleave freely:
-        # evaluation reads epoch 0 for BN recalibration while training is inside another epoch.
-        # (One persistent loader, re-aimed at each call's keys, handed training the wrong batches
-        # after every evaluation.) Workers start once per epoch: a fork, small next to an epoch.
-        loader = torch.utils.data.DataLoader(self._view, batch_size=None, sampler=keys, num_workers=self.workers)
-        return iter(loader)
-
-
-# ----------------------------------------------------------------------------- pack
-
-def _write_split(f, split: str, ds: ImageDataset, compress: bool, block: int = 256) -> None:
-    first = ds.raw_batch(torch.tensor([0]))
-    _, c, h, w = first.shape
-    chunk = max(1, min(64, len(ds), (1 << 20) // (h * w * c)))   # ~64 small images, <= 1 MiB per chunk
-    images = f.create_dataset(f"{split}/images", shape=(len(ds), h, w, c), dtype=np.uint8,
-                              chunks=(chunk, h, w, c), compression="gzip" if compress else None)
-    for lo in range(0, len(ds), block):
-        idx = torch.arange(lo, min(lo + block, len(ds)))
-        images[lo: lo + len(idx)] = ds.raw_batch(idx).permute(0, 2, 3, 1).numpy()
-    f.create_dataset(f"{split}/labels", data=ds.labels.numpy().astype(np.int64))
-
-
-def pack(name: str, out: str, data_dir: Optional[str] = None, image_size: Optional[int] = None,
-         seed: int = 0, download: bool = False, force: bool = False, compress: bool = False) -> DataInfo:
-    """Write dataset ``name`` to one HDF5 file at ``out``, atomically (out.tmp, then rename)."""
-    import h5py
-    if os.path.exists(out) and not force:
-        raise DataError(f"{out} exists; pass --force to overwrite it")
-    if name == "imagefolder":
-        image_size = image_size or 224
-    train, test, info = load_dataset(name, data_dir, download=download, seed=seed, augment=False,
-                                     image_size=image_size)
-    pad, flip = {"digits": (2, False), "synthetic": (2, False)}.get(name, (info.image_size // 8, True))
-    tmp = out + ".tmp"
-    try:
-        with h5py.File(tmp, "w") as f:
-            _write_split(f, "train", train, compress)
-            _write_split(f, "test", test, compress)
-            f.attrs.update(name=info.name, num_classes=info.num_classes, image_size=info.image_size,
-                           class_names=json.dumps(list(info.class_names)), mean=np.array(info.mean),
-                           std=np.array(info.std), aug_pad=pad, aug_flip=flip)
-        os.replace(tmp, out)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise DataError(f"cannot write {out}: {e}") from None
-        raise
-    return info
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m resist_mpi.data", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pack", help="convert a dataset into one HDF5 file")
-    p.add_argument("src", help="a dataset name (digits, synthetic, cifar10, cifar100) or an image folder")
-    p.add_argument("out", help="output .h5 path")
-    p.add_argument("--dataset", choices=DATASETS, help="dataset kind of SRC (default: inferred)")
-    p.add_argument("--data-dir", help="where cifar10/100 files are (default: SRC when it is a folder)")
-    p.add_argument("--image-size", type=int, help="imagefolder: resize + centre-crop to this size (default 224)")
-    p.add_argument("--seed", type=int, default=0, help="synthetic: data seed")
-    p.add_argument("--download", action="store_true", help="cifar: download when absent")
-    p.add_argument("--compress", action="store_true", help="gzip the images (smaller, slower to read)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    args = parser.parse_args(argv)
-    try:
-        name, data_dir = args.dataset, args.data_dir
-        if name is None and args.src in DATASETS:
-            name = args.src
-        elif name is None and os.path.isdir(args.src):
-            name = "imagefolder"
-        elif name is None:
-            raise DataError(f"{args.src!r} is neither a dataset name ({', '.join(DATASETS)}) nor a directory")
-        if data_dir is None and args.src != name:
-            data_dir = args.src
-        info = pack(name, args.out, data_dir, args.image_size, args.seed, args.download, args.force, args.compress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"packed {info.name}: {info.num_train} train + {info.num_test} test images, "
-          f"{info.image_size}x{info.image_size}x{info.channels}, {info.num_classes} classes -> {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -109,7 +109,7 @@ class Config:
 
 def validate(cfg: Config) -> Config:
     """Check settings that need no model or data; raise ConfigError with one line."""
-    from .models import list_models
+    from ..models import list_models
     for f in fields(cfg):
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
@@ -225,7 +225,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
         parser.set_defaults(**load_config_file(pre.config))
     args = parser.parse_args(argv)
     if args.list_models:
-        from .models import list_models
+        from ..models import list_models
         print("\n".join(list_models()))
         raise SystemExit(0)
     return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})

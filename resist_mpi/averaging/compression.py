@@ -30,8 +30,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .errors import NonFiniteError
-from .groups import slice_counts
+from ..errors import NonFiniteError
+from ..plan.groups import slice_counts
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 INT8_CHUNK = 4096

@@ -5,9 +5,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .comm import Comm
-from .comm.fusion import empty_flat
-from .routing import Plan
+from ..comm import Comm
+from ..comm.fusion import empty_flat
+from ..plan.routing import Plan
 
 
 def _workspace(buffers: Dict, key: str, n: int, device) -> torch.Tensor:

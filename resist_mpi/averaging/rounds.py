@@ -1,18 +1,17 @@
-"""Averaging tensors over ranks: model tensors at a round's end (Averager), gradients after every
-backward (GradientAverager). The strategies' only collectives besides ResIST's block exchange."""
+"""A round's average of model tensors (Averager): plain, hierarchical over groups, compressed,
+overlapped with the next round, with an outer optimizer step; and replaying an outer step on load."""
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .comm import Comm, pack, unpack_
-from .comm.base import DoneWork
-from .comm.fusion import flatten_, is_view_of
-from .compression import Codec, ErrorFeedback, compressed_mean
-from .errors import NonFiniteError
-from .groups import Groups, slice_counts
+from ..comm import Comm
+from ..comm.fusion import flatten_, is_view_of
+from ..plan.groups import Groups, slice_counts
+from .compression import ErrorFeedback
+from .tensors import _check_finite, _cpu_copy
 
 OuterFactory = Callable[[List[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -32,7 +31,7 @@ class Averager:
     - groups: the average is hierarchical: inside the group (the fast link), then each member its
       slice across the groups, then the group puts the slices back together.
     - wire_dtype float16 / bfloat16 / int8: what crosses the groups is each round's update,
-      compressed, with error feedback (resist_mpi.compression).
+      compressed, with error feedback (resist_mpi.averaging.compression).
     - outer: a factory params -> torch optimizer (DiLoCo: SGD(lr=0.7, momentum=0.9,
       nesterov=True)). The averaged update of a round is the pseudo-gradient (its negative) of an
       outer step on the round's starting values of the parameters; BN statistics are averaged.
@@ -59,7 +58,7 @@ class Averager:
         self.comm, self._tensors = comm, tensors
         self.groups = groups if groups is not None and groups.inner is not None else None
         across = self.groups.across if self.groups is not None else comm
-        # compressed: each round's update, with error feedback (resist_mpi.compression)
+        # compressed: each round's update, with error feedback (resist_mpi.averaging.compression)
         self.feedback = ErrorFeedback(across, wire_dtype) if wire_dtype != "float32" else None
         self.overlap, self._outer_factory = bool(overlap), outer
         self.outer: Optional[torch.optim.Optimizer] = None
@@ -324,102 +323,3 @@ def replay_outer_step(values: torch.Tensor, mean: torch.Tensor, saved: Dict) -> 
         out[:P].copy_(anchor)
         out[P:].add_(mean[P:])
     return out, _cpu_copy(opt.state_dict())
-
-
-def _cpu_copy(obj):
-    """obj with every tensor in it copied to the CPU (a snapshot that training cannot change)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
-
-
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(f"{what} is not finite")
-
-
-def average_tensors_(c: Comm, tensors: Sequence[torch.Tensor]) -> None:
-    """Average tensors over ranks once, with one fused allreduce (pack, reduce, unpack)."""
-    if tensors:
-        flat = pack(tensors)
-        c.allreduce_mean_(flat)
-        unpack_(flat, tensors)
-
-
-def broadcast_tensors_(c: Comm, tensors: Sequence[torch.Tensor], root: int = 0) -> None:
-    """Give every rank root's values of tensors, with one fused broadcast."""
-    if tensors:
-        flat = pack(tensors)
-        c.bcast_(flat, root)
-        unpack_(flat, tensors)
-
-
-class GradientAverager:
-    """Averages the gradients of parameters over ranks at the end of every backward pass.
-
-    Data-parallel SGD without touching the user's loop: a hook on each parameter fires when its
-    gradient is accumulated; the first one of a backward pass queues a callback that runs when the
-    whole backward is done, and that callback averages every gradient with one fused allreduce
-    (what DDP does, without bucketing). So `loss.backward(); opt.step()` steps on averaged gradients.
-    Every rank must produce gradients for the same parameters (replicas of one model do). A backward
-    that raised before its end leaves no trace: the next one averages as usual. An average that is
-    not finite raises NonFiniteError from backward() on every rank (they all see the same average).
-
-    Args:
-        comm: the Comm to average over.
-        params: the parameters whose gradients are averaged (attach() replaces them).
-        wire_dtype: float32, or float16 / bfloat16 / int8 to move them compressed (resist_mpi.compression).
-    Attributes:
-        comm_time: seconds spent in the averages, cumulative.
-    """
-
-    def __init__(self, comm: Comm, params: Sequence[torch.nn.Parameter] = (), wire_dtype: str = "float32"):
-        self.comm = comm
-        self.codec = Codec(wire_dtype) if wire_dtype != "float32" else None
-        self.comm_time = 0.0
-        self._queued_in: Optional[int] = None  # the backward pass (graph task) whose average is queued
-        self.params: List[torch.nn.Parameter] = []
-        self._handles: List = []
-        self.attach(params)
-
-    def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Average the gradients of params from now on (ResIST's round parameters change)."""
-        self.remove()
-        self.params = [p for p in params if p.requires_grad]
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
-
-    def _on_grad(self, _param) -> None:
-        task = torch._C._current_graph_task_id()
-        if self._queued_in != task:  # the first gradient of this backward (a failed one never ran its callback)
-            self._queued_in = task
-            torch.autograd.Variable._execution_engine.queue_callback(self._average)
-
-    def _average(self) -> None:
-        self._queued_in = None
-        t0 = time.perf_counter()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return
-        flat = pack(grads)
-        if self.codec is None:
-            # ---- distributed step: one fused gradient allreduce per backward ----
-            self.comm.allreduce_mean_(flat)
-        else:
-            # ---- distributed step: the gradients' compressed average (no error feedback, as Horovod's) ----
-            flat = compressed_mean(self.comm, flat, self.codec)[0]
-        unpack_(flat, grads)
-        self.comm_time += time.perf_counter() - t0
-        _check_finite(flat, "the gradient average")
-
-    def remove(self) -> None:
-        """Take the hooks off (the parameters then train alone again)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-__all__ = ["Averager", "GradientAverager", "average_tensors_", "broadcast_tensors_", "NonFiniteError", "DoneWork"]

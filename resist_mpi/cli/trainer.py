@@ -24,19 +24,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..blocks.find import find_blocks
+from ..comm import Comm, select_device
+from ..data.datasets import DataError, check_compatible, load_dataset
+from ..data.loader import ShardLoader
+from ..errors import NONFINITE_EXIT, NonFiniteError, PeerLost
+from ..evaluation import evaluate, recalibrate_bn
+from ..models import create_model
+from ..plan import partition
+from ..plan.groups import resolve_group_size
+from ..strategies import DataParallel, LocalSGD, ResIST, Strategy, Warmup
 from . import checkpoint as ckpt
-from . import partition
-from .blocks import find_blocks
-from .comm import Comm, select_device
 from .config import Config
-from .data import DataError, ShardLoader, check_compatible, load_dataset
-from .errors import NONFINITE_EXIT, NonFiniteError, PeerLost
-from .evaluation import evaluate, recalibrate_bn
-from .groups import resolve_group_size
 from .metrics import RunLog
-from .models import create_model
 from .preempt import REQUEUE_EXIT, StopRequest
-from .strategies import DataParallel, LocalSGD, ResIST, Strategy, Warmup
 from .watchdog import LOST_PEER_EXIT, Watchdog
 
 FAILURE_EXIT = 2  # bad input, unreadable data, a full disk: one line, every rank
@@ -452,6 +453,7 @@ class Trainer:
     def previous_records(self) -> List[Dict]:
         """The records of the run being continued (rank 0), read before the log is reopened."""
         import os
+
         from .metrics import read_metrics
         path = os.path.join(self.cfg.out, "metrics.jsonl")
         if self.c.rank != 0 or not os.path.isfile(path):

@@ -1,0 +1,42 @@
+"""One-off averages and broadcasts of a list of tensors (start-up, evaluation), with the finite
+check every average makes."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..comm import Comm, pack, unpack_
+from ..errors import NonFiniteError
+
+
+def _cpu_copy(obj):
+    """obj with every tensor in it copied to the CPU (a snapshot that training cannot change)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{what} is not finite")
+
+
+def average_tensors_(c: Comm, tensors: Sequence[torch.Tensor]) -> None:
+    """Average tensors over ranks once, with one fused allreduce (pack, reduce, unpack)."""
+    if tensors:
+        flat = pack(tensors)
+        c.allreduce_mean_(flat)
+        unpack_(flat, tensors)
+
+
+def broadcast_tensors_(c: Comm, tensors: Sequence[torch.Tensor], root: int = 0) -> None:
+    """Give every rank root's values of tensors, with one fused broadcast."""
+    if tensors:
+        flat = pack(tensors)
+        c.bcast_(flat, root)
+        unpack_(flat, tensors)

@@ -1,0 +1,80 @@
+"""A module's tensors in the order they are exchanged, and the model's shared (non-block) part.
+
+Parameters then floating-point buffers; slots ((dict, name) pairs) see tensors replaced later;
+materialize_ gives a model built on the meta device real storage except for the blocks skipped."""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn as nn
+
+
+# -- where blocks live ----------------------------------------------------------------------------------------
+def module_tensors(module: nn.Module) -> List[torch.Tensor]:
+    """Parameters then floating-point buffers (BN running stats) of module, in definition order.
+
+    BN's integer num_batches_tracked is left out: keeping every exchanged tensor float32 lets one
+    flat buffer carry a whole phase.
+    """
+    return list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
+
+
+def tensor_slots(module: nn.Module, recurse: bool = True) -> List[tuple]:
+    """(dict, name) of each of module_tensors(module), in the same order: d[name] is the tensor.
+
+    Reading tensors through slots sees tensors replaced later (.to(), to_empty(), rebinding)."""
+    mods = list(module.modules()) if recurse else [module]
+    return [(m._parameters, n) for m in mods for n, p in m._parameters.items() if p is not None] + \
+           [(m._buffers, n) for m in mods for n, b in m._buffers.items() if b is not None and b.is_floating_point()]
+
+
+def set_storage_(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Point p (a Parameter or tensor) at value's storage, keeping the object p: .data for real
+    tensors, a one-time swap for a tensor on the meta device (its type cannot change otherwise)."""
+    if p.is_meta and not value.is_meta:
+        holder = nn.Parameter(value, requires_grad=p.requires_grad) if isinstance(p, nn.Parameter) else value
+        torch.utils.swap_tensors(p, holder)
+    else:
+        p.data = value
+
+
+# -- what is not a block ---------------------------------------------------------------------------------------
+def shared_slots(model: nn.Module, blocks: Sequence[nn.Module]) -> List[tuple]:
+    """tensor_slots of every module of model outside the blocks (the shared layers every rank trains),
+    in model order: parameters then float buffers, module by module."""
+    inside = {id(m) for b in blocks for m in b.modules()}
+    mods = [m for m in model.modules() if id(m) not in inside]
+    return [(m._parameters, n) for m in mods for n, p in m._parameters.items() if p is not None] + \
+           [(m._buffers, n) for m in mods for n, t in m._buffers.items() if t is not None and t.is_floating_point()]
+
+
+def shared_keys(model: nn.Module, blocks: Sequence[nn.Module]) -> List[str]:
+    """The state_dict keys of shared_slots(model, blocks), in the same order."""
+    inside = {id(m) for b in blocks for m in b.modules()}
+    mods = [(name, m) for name, m in model.named_modules() if id(m) not in inside]
+    join = lambda a, b: f"{a}.{b}" if a else b  # noqa: E731
+    return [join(mn, n) for mn, m in mods for n, p in m._parameters.items() if p is not None] + \
+           [join(mn, n) for mn, m in mods for n, t in m._buffers.items() if t is not None and t.is_floating_point()]
+
+
+def module_keys(model: nn.Module) -> List[str]:
+    """The state_dict keys of module_tensors(model), in the same order."""
+    return shared_keys(model, [])
+
+
+def materialize_(model: nn.Module, device, skip: Sequence[nn.Module] = ()) -> None:
+    """Give every tensor of model still on the meta device real (uninitialised) storage on device,
+    outside the modules in skip (e.g. the blocks: they get storage when they arrive). Parameters
+    keep their identity (an optimizer built before still holds them); BN counters start at zero."""
+    inside = {id(m) for b in skip for m in b.modules()}
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        for p in m._parameters.values():
+            if p is not None and p.is_meta:
+                set_storage_(p, torch.empty(p.shape, dtype=p.dtype, device=device))
+        for n, t in m._buffers.items():
+            if t is not None and t.is_meta:
+                m._buffers[n] = torch.empty_like(t, device=device) if t.is_floating_point() else \
+                    torch.zeros_like(t, device=device)

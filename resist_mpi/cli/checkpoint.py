@@ -1,0 +1,551 @@
+"""Sharded checkpoints: every rank writes what it holds, in the background; a manifest makes them exist.
+
+    OUT/checkpoints/ckpt-000123/      the state at the start of round 123 (after round 122)
+        shared.pt          rank 0: what every rank holds alike (the shared layers; local SGD and
+                           data-parallel: the whole model), the averagers' agreed values and outer
+                           step, the assignment and who holds which block
+        blocks-00002.pt    rank 2: the blocks it is the writer of (one holder of identical copies,
+                           the lowest; every trainer of a block several ranks trained this round)
+        rank-00002.pt      rank 2: its own state (optimizer state under a keep policy, error
+                           feedback, the round update whose overlapped average is in flight)
+        manifest.json      rank 0, last, atomically: the checkpoint exists iff it is there
+
+Nothing is gathered: a rank writes only what it holds, so a checkpoint every round costs a copy of
+a rank's own tensors at the round boundary (the rest is a background thread's disk time:
+benchmarks/checkpoint_bench.py). Each file is written to a temporary name, fsynced and renamed,
+and the directory fsynced. Rank 0 learns that every rank finished its files in the per-round
+reduction the trainer makes anyway, and only then writes the manifest; a rank killed mid-write
+leaves an incomplete directory that no manifest names. `--resume auto` takes the newest
+checkpoint whose manifest lists files that are all present, of their size, and readable, and says
+which newer ones it skipped and why.
+
+The format is the package's own, not torch.distributed.checkpoint: DCP plans its writes and reads
+with collectives of a torch process group (the mpi and horovod backends have none), and what it
+adds is resharding tensors, while ResIST's unit is a whole block whose holders are known without
+asking anyone. Loading works with any world size and group size: each rank reads the blocks it
+holds in its first round from the files that hold them (copies several ranks trained averaged in
+rank order, as the exchange would), and an overlapped average in flight is applied from every old
+rank's update. `python -m resist_mpi.checkpoint export CKPT model.pt` writes the full model as one
+plain state_dict that torch loads without the package.
+
+Resuming with the same number of ranks and groups continues the run bit for bit on CPU: all
+randomness after the checkpoint (data order, augmentation, partitions) is a function of (seed,
+epoch, rank, batch, round), not of an RNG state.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import queue
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ..errors import NonFiniteError
+from ..strategies.shard import Shard, average_copies, flushed_values  # noqa: F401 (part of this module's API)
+
+FORMAT = "resist_mpi-sharded-1"
+_DIR = re.compile(r"ckpt-(\d{6})$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or mismatching checkpoint (one-line message)."""
+
+
+class PeerWriteFailed(OSError):
+    """Another rank could not write its checkpoint files (that rank reports why)."""
+
+
+def checkpoint_dir(out: str) -> str:
+    return os.path.join(out, "checkpoints")
+
+
+def round_dir(out: str, round_index: int) -> str:
+    return os.path.join(checkpoint_dir(out), f"ckpt-{round_index:06d}")
+
+
+def shard_name(kind: str, rank: int) -> str:
+    return f"{kind}-{rank:05d}.pt"
+
+
+# -- files ------------------------------------------------------------------------------------------------
+def atomic_save(obj, path: str) -> None:
+    """Write obj to path so that path is either absent (or the old file) or the complete new one: a
+    temporary file, fsync, rename, fsync of the directory (the rename itself survives a crash). A
+    failure (a full disk) removes the temporary file and raises OSError with one line."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as fh:  # through a Python file: a full disk is an OSError with its errno
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path) or ".")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"cannot write checkpoint {path}: {_first_line(e)}") from None
+
+
+_atomic_save = atomic_save
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path) or ".")
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"cannot write {path}: {_first_line(e)}") from None
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def check_finite(tensors: Dict[str, Any], what: str = "the model") -> None:
+    """NonFiniteError unless every floating tensor in the (nested) dict is finite: a checkpoint is
+    never written from a diverged model (so rotation never deletes the newest good one)."""
+    for k, v in _tensors(tensors):
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise NonFiniteError(f"{what} is not finite ({k}): checkpoint not written")
+
+
+def _tensors(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}[{i}]")
+
+
+# -- writing: every rank its shards, in the background ------------------------------------------------------
+class ShardWriter:
+    """This rank's background writer: shards handed over at a round boundary (CPU copies, so
+    training goes on) are written in order by one thread.
+
+    Attributes:
+        done: the newest round whose files are all on disk (-1: none yet).
+        error: the first OSError met (a full disk); nothing after it is written.
+    """
+
+    def __init__(self):
+        self._queue: "queue.Queue" = queue.Queue()
+        self.done = -1
+        self.error: Optional[BaseException] = None
+        self.t_written = 0.0  # seconds the thread spent writing (the cost hidden from training)
+        self.t_round: Dict[int, float] = {}  # round -> seconds its files took
+        threading.Thread(target=self._run, name="resist-checkpoint", daemon=True).start()
+
+    def submit(self, round_index: int, directory: str, files: Dict[str, Any]) -> None:
+        self._queue.put((round_index, directory, files))
+
+    def _run(self) -> None:
+        while True:
+            round_index, directory, files = self._queue.get()
+            try:
+                if self.error is None:
+                    t0 = time.perf_counter()
+                    os.makedirs(directory, exist_ok=True)
+                    for name, obj in files.items():
+                        atomic_save(obj, os.path.join(directory, name))
+                    self.t_round[round_index] = time.perf_counter() - t0
+                    self.t_written += self.t_round[round_index]
+                    self.done = round_index
+            except OSError as e:
+                self.error = e
+            finally:
+                self._queue.task_done()
+
+    def wait(self) -> None:
+        """Block until everything submitted is written (or failed)."""
+        self._queue.join()
+
+
+class Checkpointer:
+    """The trainer's sharded checkpoints: snapshot at a round boundary, files in the background,
+    the manifest once every rank reported its files done (rank 0), rotation.
+
+    Args:
+        cfg: the run's Config (out, keep_checkpoints).
+        c: the Comm (rank, size, hosts).
+        meta: what the manifest records besides the files (model name, strategy, config, ...).
+    """
+
+    def __init__(self, cfg, c, meta: Dict):
+        self.cfg, self.c, self.meta = cfg, c, meta
+        self.writer = ShardWriter()
+        self.t_snapshot = 0.0  # seconds the training thread spent taking snapshots
+        self._snap: Dict[int, float] = {}
+        self._pending: List[Tuple[int, Dict]] = []  # rank 0: rounds waiting for their manifest
+        self.written: List[int] = []  # rank 0: rounds whose manifest exists (this run)
+
+    def snapshot(self, job, epoch: float) -> None:
+        """Hand this rank's shard of the state at round job.round to the writer (no communication;
+        the copy is synchronous, the disk is not)."""
+        t0 = time.perf_counter()
+        shard = job.shard()
+        check_finite({"shared": shard.shared or {}, "blocks": shard.blocks}, f"rank {self.c.rank}'s model")
+        files = {shard_name("rank", self.c.rank): {"rank": self.c.rank, **shard.rank}}
+        if shard.blocks:
+            files[shard_name("blocks", self.c.rank)] = {"rank": self.c.rank, "blocks": shard.blocks}
+        if self.c.rank == 0:
+            files["shared.pt"] = shard.shared
+            expected = ["shared.pt"] + [shard_name("rank", r) for r in range(self.c.size)]
+            expected += sorted({shard_name("blocks", r) for ws in shard.writers.values() for r in ws})
+            manifest = {**self.meta, "format": FORMAT, "round": job.round, "epoch": epoch, "world_size": self.c.size,
+                        "strategy": job.name, "hosts": list(self.c.hosts), "files": expected,
+                        "blocks": {str(b): ws for b, ws in sorted(shard.writers.items())}}
+            self._pending.append((job.round, manifest))
+        self.writer.submit(job.round, round_dir(self.cfg.out, job.round), files)
+        self._snap[job.round] = time.perf_counter() - t0
+        self.t_snapshot += self._snap[job.round]
+
+    @property
+    def done(self) -> int:
+        return self.writer.done
+
+    def failed(self) -> Optional[BaseException]:
+        return self.writer.error
+
+    def commit(self, done_everywhere: int, log=None) -> None:
+        """Rank 0: write the manifest of every snapshot whose files all ranks have written (the
+        newest round done on every rank, from the round's reduction), then rotate."""
+        if self.c.rank != 0:
+            return
+        ready = [(r, m) for r, m in self._pending if r <= done_everywhere]
+        self._pending = [(r, m) for r, m in self._pending if r > done_everywhere]
+        for r, manifest in ready:
+            directory = round_dir(self.cfg.out, r)
+            manifest["bytes"] = {name: os.path.getsize(os.path.join(directory, name)) for name in manifest["files"]}
+            manifest["time"] = time.time()
+            atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), os.path.join(directory, MANIFEST))
+            self.written.append(r)
+            if log is not None:  # rank 0's seconds: the snapshot (training waits), the write (background)
+                log.record("checkpoint", round=r - 1, path=directory, t_snapshot=self._snap.pop(r, None),
+                           t_write=self.writer.t_round.pop(r, None))
+        if ready:
+            rotate(self.cfg.out, self.cfg.keep_checkpoints)
+
+    def finish(self, log=None) -> None:
+        """Every rank: wait for this rank's files; then agree and commit (collective). Raises the
+        writer's OSError on every rank that had one."""
+        self.writer.wait()
+        error = self.writer.error
+        failed, done_neg = self.c.reduce_stats([1.0 if error else 0.0, -float(self.writer.done)], "max")
+        if error is not None:
+            raise error
+        if failed:
+            raise PeerWriteFailed("another rank could not write its checkpoint files")
+        self.commit(int(-done_neg), log)
+
+
+def rotate(out: str, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; remove older ones and incomplete ones older
+    than the newest complete one (a run killed mid-write left them)."""
+    found = sorted(_round_dirs(out))
+    complete = [r for r, d in found if os.path.isfile(os.path.join(d, MANIFEST))]
+    if not complete:
+        return
+    kept = set(complete[-keep:])
+    newest = complete[-1]
+    for r, d in found:
+        if r not in kept and r < newest:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _round_dirs(out: str) -> List[Tuple[int, str]]:
+    base = checkpoint_dir(out)
+    if not os.path.isdir(base):
+        return []
+    return [(int(m.group(1)), os.path.join(base, name)) for name in os.listdir(base)
+            if (m := _DIR.fullmatch(name)) and os.path.isdir(os.path.join(base, name))]
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+def verify(directory: str) -> Tuple[Optional[Dict], Optional[str]]:
+    """(manifest, None) when the checkpoint in directory is complete and readable, else (None, why)."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        return None, "no manifest (it was still being written)"
+    try:
+        manifest = json.load(open(path))
+    except (OSError, ValueError) as e:
+        return None, f"its manifest is unreadable ({_first_line(e)[:80]})"
+    if manifest.get("format") != FORMAT:
+        return None, f"it is not a checkpoint of this version ({manifest.get('format')})"
+    for name in manifest["files"]:
+        f = os.path.join(directory, name)
+        if not os.path.isfile(f):
+            return None, f"{name} is missing"
+        size = os.path.getsize(f)
+        if size != manifest["bytes"][name]:
+            return None, f"{name} has {size} bytes, not {manifest['bytes'][name]} (truncated?)"
+        try:
+            torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # a damaged zip, a bad pickle
+            return None, f"{name} is unreadable ({_first_line(e)[:80]})"
+    return manifest, None
+
+
+def load_manifest(directory: str) -> Dict:
+    try:
+        return json.load(open(os.path.join(directory, MANIFEST)))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {directory}: cannot read its manifest ({_first_line(e)[:80]})")
+
+
+def list_checkpoints(out: str) -> List[str]:
+    """Complete checkpoints (directories with a manifest) in out, oldest first."""
+    return [d for _, d in sorted(_round_dirs(out)) if os.path.isfile(os.path.join(d, MANIFEST))]
+
+
+def newest_verified(out: str) -> Tuple[Optional[str], List[str]]:
+    """(the newest checkpoint directory that verifies or None, one line per newer one skipped)."""
+    skipped = []
+    for r, d in sorted(_round_dirs(out), reverse=True):
+        manifest, why = verify(d)
+        if manifest is not None:
+            return d, skipped
+        skipped.append(f"skipped {os.path.basename(d)}: {why}")
+    return None, skipped
+
+
+class Reader:
+    """The files of one verified checkpoint, loaded on demand (each at most once)."""
+
+    def __init__(self, directory: str, manifest: Dict):
+        self.directory, self.manifest = directory, manifest
+        self._cache: Dict[str, Any] = {}
+
+    def load(self, name: str) -> Any:
+        if name not in self._cache:
+            try:
+                self._cache[name] = torch.load(os.path.join(self.directory, name), map_location="cpu",
+                                               weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"checkpoint {self.directory}: cannot read {name} ({_first_line(e)[:100]})")
+        return self._cache[name]
+
+    @property
+    def shared(self) -> Dict:
+        return self.load("shared.pt")
+
+    def rank_state(self, rank: int) -> Dict:
+        return self.load(shard_name("rank", rank))
+
+    def block_copies(self, b: int) -> List[Tuple[int, Dict[str, torch.Tensor]]]:
+        """[(writer rank, the block's state_dict entries)] of block b, by ascending writer."""
+        return [(r, self.load(shard_name("blocks", r))["blocks"][b]) for r in self.manifest["blocks"][str(b)]]
+
+    @property
+    def world_size(self) -> int:
+        return int(self.manifest["world_size"])
+
+
+def resolve_and_load(cfg, probe, rank: int = 0, world_size: int = 1) -> Optional[Dict[str, Any]]:
+    """The checkpoint cfg.resume names ('auto': the newest that verifies in cfg.out; None when there
+    is none), checked against the model about to be trained (probe: built on the meta device).
+
+    Returns {"path", "reader", "round", "epoch", "world_size", "skipped": [lines], "rank_state_dropped"}.
+    """
+    if not cfg.resume:
+        return None
+    skipped: List[str] = []
+    if cfg.resume == "auto":
+        path, skipped = newest_verified(cfg.out)
+        if path is None:
+            return {"path": None, "skipped": skipped} if skipped else None
+    else:
+        path = cfg.resume.rstrip("/")
+        if not os.path.isdir(path):
+            raise CheckpointError(f"checkpoint {path} not found (a checkpoint is a directory "
+                                  f"OUT/checkpoints/ckpt-NNNNNN)")
+    manifest, why = verify(path)
+    if manifest is None:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {why}")
+    reader = Reader(path, manifest)
+    if manifest["model_name"] != cfg.model or manifest["config"].get("width") != cfg.width:
+        raise CheckpointError(f"checkpoint {path} holds {manifest['model_name']} (width "
+                              f"{manifest['config'].get('width')}), not the requested {cfg.model} (width {cfg.width})")
+    expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in full_state_dict(reader, with_pending=False).items()}
+    if expected != got:
+        raise CheckpointError(f"checkpoint {path} holds another {cfg.model} (its tensors differ from this one's)")
+    allowed = {cfg.strategy} | ({"local_sgd"} if cfg.warmup_epochs else set())
+    if manifest["strategy"] not in allowed:
+        raise CheckpointError(f"checkpoint {path} was written by --strategy {manifest['strategy']}, not "
+                              f"{cfg.strategy}: resume it with that strategy, or start afresh with --overwrite")
+    state = {"path": path, "reader": reader, "round": int(manifest["round"]), "epoch": float(manifest["epoch"]),
+             "world_size": int(manifest["world_size"]), "skipped": skipped, "hosts": manifest.get("hosts", []),
+             "time": manifest.get("time")}
+    written = (int(manifest["world_size"]), str(manifest["config"].get("group_size", "1")))
+    state["same_layout"] = written == (world_size, str(cfg.group_size))
+    if not state["same_layout"]:
+        state["rank_state_dropped"] = (f"the checkpoint was written by {written[0]} ranks in groups of "
+                                       f"{written[1]}, this run has {world_size} in groups of {cfg.group_size}")
+    return state
+
+
+def full_state_dict(reader: Reader, with_pending: bool = True) -> Dict[str, torch.Tensor]:
+    """The full model of a checkpoint as one state_dict: the shared part, every block (copies
+    several ranks trained averaged in rank order), and (with_pending) an overlapped average in
+    flight applied, as an evaluation would find the model."""
+    shared = reader.shared
+    state = dict(shared["model"])
+    for b in sorted(int(k) for k in reader.manifest["blocks"]):
+        state.update(average_copies([copy for _, copy in reader.block_copies(b)]))
+    if with_pending and shared.get("averaged_keys"):
+        flushed = flushed_values(reader, 0)
+        if flushed is not None:
+            flat = flushed[0]
+            offset = 0
+            for key in shared["averaged_keys"]:
+                n = state[key].numel()
+                state[key] = flat[offset:offset + n].view_as(state[key]).clone()
+                offset += n
+    return state
+
+
+# -- the out directory ------------------------------------------------------------------------------------
+def check_out_dir(cfg) -> None:
+    """Refuse to start a new run over the records of another one (CheckpointError, one line).
+
+    An --out that holds metrics.jsonl or checkpoints is continued only when --resume says so, and
+    started afresh only with --overwrite; nothing a user had is replaced without being asked.
+    """
+    if cfg.resume or cfg.overwrite:
+        return
+    if os.path.isfile(os.path.join(cfg.out, "metrics.jsonl")) or _round_dirs(cfg.out):
+        raise CheckpointError(f"--out {cfg.out} holds a run; pass --resume auto to continue it, or --overwrite")
+
+
+def clear_out_dir(cfg) -> None:
+    """--overwrite: delete the old run's checkpoints and records, so --resume auto and rotation
+    never mistake them for the new run's."""
+    for _, d in _round_dirs(cfg.out):
+        shutil.rmtree(d, ignore_errors=True)
+    for name in ("metrics.jsonl", "config.json"):
+        if os.path.isfile(os.path.join(cfg.out, name)):
+            os.remove(os.path.join(cfg.out, name))
+
+
+def clear_incomplete_after(out: str, round_index: int) -> None:
+    """Remove checkpoint directories newer than round_index that have no manifest (a resumed run
+    writes those rounds again, possibly with another world size)."""
+    for r, d in _round_dirs(out):
+        if r > round_index and not os.path.isfile(os.path.join(d, MANIFEST)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+class OutLock:
+    """The run's hold on its --out directory (rank 0, for the whole run): a second job started into
+    the same directory is refused with one line instead of interleaving its records with this one's.
+
+    An flock on OUT/.lock, which the kernel releases however the process ends (a lock left by a
+    dead job is simply free again); the file names the holder (host, pid, start time) for the
+    message. On a file system without locks the run goes on unlocked.
+    """
+
+    def __init__(self, out: str):
+        os.makedirs(out, exist_ok=True)
+        self.path = os.path.join(out, ".lock")
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            raise CheckpointError(f"--out {out} is in use by another run ({holder}); wait for it to end or "
+                                  f"choose another --out") from None
+        except OSError:  # no locking here (some network file systems): carry on without it
+            pass
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._fh.flush()
+
+    def release(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+# -- export -----------------------------------------------------------------------------------------------
+def export(directory: str, out_path: str) -> Dict[str, torch.Tensor]:
+    """Write the full model of a sharded checkpoint as one plain state_dict (torch.load reads it
+    without the package; load_state_dict puts it into a freshly built model)."""
+    manifest, why = verify(directory)
+    if manifest is None:
+        raise CheckpointError(f"checkpoint {directory} cannot be exported: {why}")
+    state = full_state_dict(Reader(directory, manifest))
+    atomic_save(state, out_path)
+    return state
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m resist_mpi.checkpoint",
+                                description="Sharded checkpoints: verify one, or export it as one plain state_dict.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="write the full model as a plain state_dict file")
+    e.add_argument("checkpoint", help="a checkpoint directory (OUT/checkpoints/ckpt-NNNNNN) or a run's --out")
+    e.add_argument("output", help="the .pt file to write")
+    v = sub.add_parser("verify", help="check that a checkpoint is complete and readable")
+    v.add_argument("checkpoint")
+    args = p.parse_args(argv)
+    path = args.checkpoint
+    if os.path.isdir(checkpoint_dir(path)):  # a run directory: its newest checkpoint that verifies
+        found, skipped = newest_verified(path)
+        for line in skipped:
+            print(line, file=sys.stderr)
+        if found is None:
+            print(f"error: no complete checkpoint in {path}", file=sys.stderr)
+            return 2
+        path = found
+    try:
+        if args.cmd == "export":
+            state = export(path, args.output)
+            print(f"exported {path}: {len(state)} tensors, {sum(t.numel() for t in state.values())} elements "
+                  f"-> {args.output}")
+        else:
+            manifest, why = verify(path)
+            if manifest is None:
+                print(f"{path}: incomplete: {why}")
+                return 1
+            print(f"{path}: complete (round {manifest['round']}, {manifest['world_size']} ranks, "
+                  f"{len(manifest['files'])} files)")
+    except (CheckpointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
