@@ -160,7 +160,8 @@ class RoundMeter:
     bad_loss: bool = False
     bad_grad: bool = False
     bad_update: bool = False
-    stop: bool = False
+    stop: bool = False  # after reduce(): a stop signal reached some rank
+    last: bool = False  # the run's last round
     checksum: Optional[float] = None  # a compressed wire's checksum of what every rank must share
     ckpt_done: int = -1  # the newest round this rank's checkpoint files are all written for
     ckpt_failed: bool = False  # this rank's background checkpoint writer failed
@@ -331,9 +332,10 @@ class Trainer:
         seed_everything(cfg.seed)
         stop_request = StopRequest()  # SIGTERM/SIGUSR1: stop after this round, save, ask for a requeue
         self.watchdog = Watchdog(c, cfg.comm_timeout)  # a lost peer ends the job instead of hanging it
-        train_loader = ShardLoader(self.train_set, c.rank, c.size, cfg.batch_size, cfg.seed, True, cfg.workers)
-        test_loader = ShardLoader(self.test_set, c.rank, c.size, max(cfg.batch_size, 256), cfg.seed, False, cfg.workers)
-        spe = train_loader.steps_per_epoch
+        self.train_loader = train_loader = ShardLoader(self.train_set, c.rank, c.size, cfg.batch_size, cfg.seed, True,
+                                                       cfg.workers)
+        self.test_loader = ShardLoader(self.test_set, c.rank, c.size, max(cfg.batch_size, 256), cfg.seed, False, cfg.workers)
+        self.spe = spe = train_loader.steps_per_epoch
         total_steps = cfg.epochs * spe
         num_rounds = math.ceil(total_steps / cfg.local_steps)
 
@@ -377,9 +379,9 @@ class Trainer:
                 self.checkpointer.finish(log)  # the finite checkpoints still being written
                 self.stop_diverged(log, diverged, r, epoch)
                 break
-            last = r == num_rounds - 1
+            m.last = last = r == num_rounds - 1
             stop = m.stop and not last
-            result = self.after_round(job, log, test_loader, train_loader, m, spe, last, stop) or result
+            result = self.after_round(job, log, m) or result
             if last or stop:
                 self.checkpointer.finish(log)  # every rank's files, and their manifests, before the exit
             if stop:
@@ -516,9 +518,10 @@ class Trainer:
                  f"({self.info.num_train} train / {self.info.num_test} test) | {c.size} ranks, {c.name} backend, "
                  f"{self.device} | {cfg.epochs} epochs = {num_rounds} rounds of {cfg.local_steps} steps")
 
-    def after_round(self, job, log, test_loader, train_loader, m: RoundMeter, spe: int, last: bool, stop: bool):
+    def after_round(self, job, log, m: RoundMeter):
         """Evaluation and checkpoint when due after round m.round; the evaluation's metrics, or None."""
-        cfg, c = self.cfg, self.c
+        cfg, c, spe, last = self.cfg, self.c, self.spe, m.last
+        stop = m.stop and not last
         done = (m.step0 + m.steps) // spe
         epoch = (m.step0 + m.steps) / spe
         eval_due = last or (cfg.eval_every and done // cfg.eval_every > m.step0 // spe // cfg.eval_every)
@@ -543,11 +546,11 @@ class Trainer:
                 meter.mark_next_exchange()
             with job.full_model() as full:
                 meter.mark("gather")
-                test_loss, test_acc, meter.t["calibrate"], meter.t["test"] = evaluate_full(
-                    full, c, cfg, test_loader, train_loader, self.device, job.bn_to_recalibrate())
+                meter.loss, meter.acc, meter.t["calibrate"], meter.t["test"] = evaluate_full(
+                    full, c, cfg, self.test_loader, self.train_loader, self.device, job.bn_to_recalibrate())
                 meter.mark(None)
             meter.mark("return")
-            result = self.log_eval(job, log, m, epoch, test_loss, test_acc, meter)
+            result = self.log_eval(job, log, m, meter)
         if ckpt_due:
             # after the evaluation (which applied an overlapped average: the run goes on from there);
             # nothing is gathered: each rank hands its own part to its background writer
@@ -555,9 +558,8 @@ class Trainer:
             self.last_ckpt_time = time.perf_counter()
         return result
 
-    def log_eval(self, job, log, m: RoundMeter, epoch: float, test_loss: float, test_acc: float,
-                 meter: "EvalMeter") -> Dict[str, float]:
-        c = self.c
+    def log_eval(self, job, log, m: RoundMeter, meter: "EvalMeter") -> Dict[str, float]:
+        c, epoch, test_loss, test_acc = self.c, (m.step0 + m.steps) / self.spe, meter.loss, meter.acc
         sent, recv, cross, t, total, early_sent, t_early = meter.totals()
         log.record("eval", round=m.round, epoch=epoch, strategy=job.name, world_size=c.size, test_loss=test_loss,
                    test_acc=test_acc, bytes_sent=int(sent), bytes_recv=int(recv), bytes_cross_node=int(cross),
@@ -577,6 +579,7 @@ class EvalMeter:
         self.c = c
         self.start = (c.bytes_sent, c.bytes_recv, c.bytes_sent_cross)
         self.t = {"gather": 0.0, "calibrate": 0.0, "test": 0.0, "return": 0.0}
+        self.loss, self.acc = float("nan"), float("nan")  # the evaluation's result, once it has one
         self.early_sent, self.t_early = 0, 0.0
         self._last = time.perf_counter()
 
