@@ -19,11 +19,13 @@ base class's (comm/base.py), so the counters equal the mpi and horovod backends'
 from __future__ import annotations
 
 import atexit
+import collections
 import datetime
 import functools
 import os
 import socket
 import sys
+import time
 from typing import Optional
 
 import torch
@@ -37,6 +39,28 @@ from .failfast import abort_process
 from .launch import world_info_from_env
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+# The tensors of the last few collectives, each with its reference count (C++ side) from before the
+# collective. gloo's worker thread lets go of a finished collective's tensors a moment after the
+# collective has returned, and letting go of a tensor Python knows takes the GIL: after the
+# interpreter has begun to exit, that aborts the process (SIGABRT from ProcessGroupGloo::runLoop,
+# "terminate called without an active exception", in about one run of three when the run's last
+# collective came just before the exit). _destroy, at exit, waits until the worker has let go.
+_RECENT: "collections.deque" = collections.deque(maxlen=8)
+
+
+def _held(*tensors):
+    """tensors, remembered with their reference counts (see _RECENT); returns the first."""
+    _RECENT.append([(t, t._use_count()) for t in tensors])
+    return tensors[0]
+
+
+def _settle(timeout_s: float = 0.5) -> None:
+    """Wait until no recent collective's tensor is still referenced by torch's worker threads (at
+    most timeout_s: a tensor referenced since by something else keeps its higher count)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and any(t._use_count() > n for op in list(_RECENT) for t, n in op):
+        time.sleep(0.001)
 
 
 def _rendezvous(rank: int, size: int) -> None:
@@ -175,7 +199,7 @@ class TorchComm(Comm):
         check_flat(t, "start_allreduce_mean_")
         if self.size == 1 or t.numel() == 0:
             return DoneWork()
-        w = self._on(t)
+        w = _held(self._on(t), t)
         work = dist.all_reduce(w, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         moved = ring_allreduce_bytes(ELEMENT_BYTES * t.numel(), self.size)
         self._tally(*self._ring_tally(moved, moved))
@@ -186,7 +210,7 @@ class TorchComm(Comm):
         return t.to(self.device) if t.device != self.device else t
 
     def _inplace(self, t: torch.Tensor, fn) -> None:
-        work = self._on(t)
+        work = _held(self._on(t), t)
         fn(work)
         if work is not t:
             t.copy_(work)
@@ -201,13 +225,13 @@ class TorchComm(Comm):
     @_peer_errors
     def _alltoallv(self, send, send_counts, recv_counts):
         out = torch.empty(sum(recv_counts), dtype=send.dtype, device=self.device)
-        dist.all_to_all_single(out, self._on(send), output_split_sizes=list(recv_counts),
+        dist.all_to_all_single(out, _held(self._on(send), out, send), output_split_sizes=list(recv_counts),
                                input_split_sizes=list(send_counts), group=self.group)
         return out.to(send.device)
 
     @_peer_errors
     def _alltoallv_into(self, send, send_counts, recv_counts, out):
-        self._inplace(out, lambda w: dist.all_to_all_single(w, self._on(send), output_split_sizes=list(recv_counts),
+        self._inplace(out, lambda w: dist.all_to_all_single(w, _held(self._on(send), send), output_split_sizes=list(recv_counts),
                                                             input_split_sizes=list(send_counts), group=self.group))
         return out
 
@@ -224,6 +248,7 @@ class TorchComm(Comm):
         ops += [dist.P2POp(dist.isend, t, peer[dst], g, tag=k) for dst, ts in enumerate(sends) for k, t in enumerate(ts)
                 if t.numel()]
         if ops:
+            _held(*tensors)
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
 
@@ -231,7 +256,7 @@ class TorchComm(Comm):
     def _exchange_counts(self, send_counts):
         send = torch.tensor(send_counts, dtype=torch.int64, device=self.device)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        dist.all_to_all_single(recv, _held(send, recv), group=self.group)
         return recv.tolist()
 
     @_peer_errors
@@ -242,12 +267,12 @@ class TorchComm(Comm):
     def _bcast_bytes(self, payload: Optional[bytes], root: int) -> bytes:
         src = self.global_ranks[root]
         n = torch.tensor([len(payload) if self.rank == root else 0], dtype=torch.int64, device=self.device)
-        dist.broadcast(n, src=src, group=self.group)
+        dist.broadcast(_held(n), src=src, group=self.group)
         if self.rank == root:
             buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
         else:
             buf = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
-        dist.broadcast(buf, src=src, group=self.group)
+        dist.broadcast(_held(buf), src=src, group=self.group)
         return payload if self.rank == root else buf.cpu().numpy().tobytes()
 
     @_peer_errors
@@ -286,6 +311,7 @@ class _TorchWork(Work):
 def _destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    _settle()
 
 
 def _free_port() -> int:

@@ -98,5 +98,5 @@ def test_profile_points_launchers_at_the_standin(standin):
     profile = dict(line.split("=", 1) for line in lines)
     assert profile["OMPI_MCA_plm_rsh_agent"] == cl.ssh
     assert profile["PATH"].startswith(cl.bin_dir + ":")
-    assert profile["PYTHONPATH"].split(":")[0] == os.path.dirname(os.path.dirname(C.__file__))
+    assert profile["PYTHONPATH"].split(":")[0] == os.path.dirname(os.path.dirname(os.path.dirname(C.__file__)))
     assert json.load(open(os.path.join(cl.state_dir, "cluster.json")))["nodes"] == 3
