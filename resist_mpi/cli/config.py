@@ -64,6 +64,8 @@ class Config:
     warmup_epochs: int = _f(0, "epochs of local SGD before ResIST takes over (the paper's ImageNet recipe)", "optim")
     # -- evaluation --------------------------------------------------------------------------------------
     eval_every: int = _f(1, "evaluate every N epochs (0: only at the end)", "eval")
+    eval_background: bool = _f(False, "evaluate on the background thread while the next round trains (the same "
+                               "model and result; logged a round later); the final evaluation runs as usual", "eval")
     eval_bn: str = _f("recalibrate", "BN statistics for the full model at test time: recalibrate (re-estimated "
                       "from the first partitioned block on), recalibrate_all (every BN layer), running "
                       "(the averaged running statistics), batch (each test batch's)", "eval",

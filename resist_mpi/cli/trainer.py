@@ -118,6 +118,13 @@ def evaluate_full(model: nn.Module, c: Comm, cfg: Config, test_loader: ShardLoad
     return loss, acc, t1 - t0, time.perf_counter() - t1
 
 
+def copy_of_loader(loader: ShardLoader) -> ShardLoader:
+    """A loader of the same batches that reads them in the calling thread (no worker processes)."""
+    if loader.workers == 0:
+        return loader
+    return ShardLoader(loader.dataset, loader.rank, loader.size, loader.batch_size, loader.seed, loader.train, 0)
+
+
 # Calibration images (all ranks together) when --bn-images is 0: the fewest that kept the final test
 # accuracy within 0.3 points of 20 batches per rank, over 3 seeds, on the demo config and at width 16
 # (benchmarks/eval_bench.py); re-estimating only the layers from the first partitioned block on needs fewer.
@@ -217,6 +224,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, c: Comm):
         self.cfg, self.c = cfg, c
+        self.pending_eval = None  # --eval-background: the evaluation running while a round trains
         self.stopped = False  # True when a stop signal ended the run early (checkpoint written)
         self.exit_code = 0
         self.lock = None
@@ -390,6 +398,8 @@ class Trainer:
                          f"to be requeued (continue with --resume auto)")
                 self.stopped, self.exit_code = True, REQUEUE_EXIT
                 break
+        if self.pending_eval is not None:  # a run that stopped on a non-finite round: its last evaluation
+            self.finish_background_eval(log)
         log.close()
         stop_request.close()
         self.watchdog.close()
@@ -522,6 +532,8 @@ class Trainer:
         """Evaluation and checkpoint when due after round m.round; the evaluation's metrics, or None."""
         cfg, c, spe, last = self.cfg, self.c, self.spe, m.last
         stop = m.stop and not last
+        if self.pending_eval is not None:  # the evaluation started after the round before this one
+            self.finish_background_eval(log)
         done = (m.step0 + m.steps) // spe
         epoch = (m.step0 + m.steps) / spe
         eval_due = last or (cfg.eval_every and done // cfg.eval_every > m.step0 // spe // cfg.eval_every)
@@ -536,7 +548,9 @@ class Trainer:
             return None
         self.watchdog.beat(f"round {m.round}: evaluation/checkpoint")
         result = None
-        if eval_due:
+        if eval_due and cfg.eval_background and not (last or stop):
+            self.start_background_eval(job, m, log)
+        elif eval_due:
             meter = EvalMeter(c)
             if not (last or stop):
                 # ready the next round (Strategy.prepare_round): after the gather every rank keeps
@@ -558,15 +572,47 @@ class Trainer:
             self.last_ckpt_time = time.perf_counter()
         return result
 
+    def start_background_eval(self, job, m: RoundMeter, log) -> None:
+        """--eval-background: evaluate round m.round's model on the background thread while the
+        next round trains (Strategy.evaluation_copy: the same full model, to the bit); its record
+        is written when it is done, at the end of the next round at the latest."""
+        cfg, copy, out = self.cfg, job.evaluation_copy(), {}
+        # the same batches read on that thread: DataLoader workers are never forked from it
+        train, test = (copy_of_loader(loader) for loader in (self.train_loader, self.test_loader))
+
+        def run():
+            t0 = time.perf_counter()
+            copy.complete()
+            t1 = time.perf_counter()
+            out["loss"], out["acc"], t_cal, t_test = evaluate_full(
+                copy.model, copy.comm, cfg, test, train, self.device, copy.bn)
+            out["t"] = {"gather": t1 - t0, "calibrate": t_cal, "test": t_test}
+
+        self.pending_eval = (self.c.submit(run), out, copy, m, job, log.wallclock())
+
+    def finish_background_eval(self, log) -> None:
+        """Wait for the background evaluation (collective: every rank at the same point) and log it."""
+        work, out, copy, m, job, wallclock = self.pending_eval
+        self.pending_eval = None
+        self.watchdog.beat(f"round {m.round}: the background evaluation")
+        t0 = time.perf_counter()
+        work.wait()
+        meter = EvalMeter(self.c)
+        meter.background(copy.take_bytes(), out["t"], wallclock, time.perf_counter() - t0)
+        meter.loss, meter.acc = out["loss"], out["acc"]
+        self.log_eval(job, log, m, meter)
+
     def log_eval(self, job, log, m: RoundMeter, meter: "EvalMeter") -> Dict[str, float]:
         c, epoch, test_loss, test_acc = self.c, (m.step0 + m.steps) / self.spe, meter.loss, meter.acc
         sent, recv, cross, t, total, early_sent, t_early = meter.totals()
+        wallclock = log.wallclock() if meter.wallclock is None else meter.wallclock
+        extra = {} if meter.t_wait is None else {"background": True, "t_eval_wait": c.reduce_stats([meter.t_wait], "max")[0]}
         log.record("eval", round=m.round, epoch=epoch, strategy=job.name, world_size=c.size, test_loss=test_loss,
                    test_acc=test_acc, bytes_sent=int(sent), bytes_recv=int(recv), bytes_cross_node=int(cross),
                    t_eval=total, **{f"t_{k}": v for k, v in t.items()},
-                   t_next_exchange=t_early, bytes_next_exchange=int(early_sent), wallclock=log.wallclock())
+                   t_next_exchange=t_early, bytes_next_exchange=int(early_sent), **extra, wallclock=wallclock)
         log.info(f"epoch {epoch:6.2f} | round {m.round:5d} | train loss {m.loss_sum / m.seen:.4f} | "
-                 f"test loss {test_loss:.4f} | test acc {100 * test_acc:6.2f}% | {log.wallclock():7.1f}s")
+                 f"test loss {test_loss:.4f} | test acc {100 * test_acc:6.2f}% | {wallclock:7.1f}s")
         return {"test_loss": test_loss, "test_acc": test_acc, "epoch": epoch}
 
 
@@ -580,8 +626,18 @@ class EvalMeter:
         self.start = (c.bytes_sent, c.bytes_recv, c.bytes_sent_cross)
         self.t = {"gather": 0.0, "calibrate": 0.0, "test": 0.0, "return": 0.0}
         self.loss, self.acc = float("nan"), float("nan")  # the evaluation's result, once it has one
+        self.wallclock: Optional[float] = None  # a background evaluation: the run's clock when it started
+        self.t_wait: Optional[float] = None  # a background evaluation: seconds training waited for it
         self.early_sent, self.t_early = 0, 0.0
         self._last = time.perf_counter()
+
+    def background(self, counts, phases: Dict[str, float], wallclock: float, t_wait: float) -> None:
+        """An evaluation that ran in the background: its bytes (counted on its own communicators),
+        its phases, the run's clock when it started and how long training waited for it."""
+        c = self.c
+        self.start = (c.bytes_sent - counts[0], c.bytes_recv - counts[1], c.bytes_sent_cross - counts[2])
+        self.t.update(phases)
+        self.wallclock, self.t_wait = wallclock, t_wait
 
     def mark_next_exchange(self) -> None:
         """What happened since the creation was the next round's exchange: count it apart."""

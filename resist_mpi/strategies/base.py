@@ -29,9 +29,10 @@ from another rank or left this one). Each distributed step is inside a method he
 from __future__ import annotations
 
 import contextlib
+import copy
 import pickle
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -174,6 +175,29 @@ class Strategy:
         every rank keeps that round's blocks after the gather. The trainer calls it before every
         evaluation but the last. The base strategies move nothing at a round's start: nothing to do."""
         self._check_boundary("prepare_round()")
+
+    def evaluation_copy(self) -> "ModelCopy":
+        """A copy of the synchronised model, to evaluate in the background while training goes on
+        (collective, between rounds; pending overlapped averages are applied first).
+
+        copy.model is this rank's own copy: training never touches it, and evaluating it changes
+        nothing in training. copy.complete(), run on the background thread (Comm.submit), makes it
+        the full model full_model() would give, to the bit, with collectives on background
+        communicators only (ResIST: gathers the blocks this rank lacks; the base strategies hold the
+        full model already). copy.comm is a background communicator of every rank for the
+        evaluation's own collectives (BN statistics, counts); copy.bn the copy's modules of
+        bn_to_recalibrate()."""
+        self._check_boundary("evaluation_copy()")
+        self.flush()
+        model = copy.deepcopy(self.model)
+        return ModelCopy(model, self._background("world", self.comm), _same_modules(self.model, model, self.bn_to_recalibrate()))
+
+    def _background(self, key: str, c):
+        """The background communicator (a dup) of c kept under key: made once, collective then."""
+        comms = self.__dict__.setdefault("_background_comms", {})
+        if key not in comms:
+            comms[key] = c.dup()
+        return comms[key]
 
     def _forget_state(self, params) -> None:
         """Drop the optimizer state of params (their values came from another copy) under the
@@ -464,6 +488,35 @@ class Replicated(Strategy):
         self.model.load_state_dict(reader.shared["model"])
         self.round = round_index
         self._load_shared_parts(reader, same_layout)
+
+
+class ModelCopy:
+    """A rank's own copy of the model, evaluated in the background (Strategy.evaluation_copy)."""
+
+    def __init__(self, model: torch.nn.Module, comm, bn: Optional[List[torch.nn.Module]], complete=None,
+                 comms: Sequence = ()):
+        self.model, self.comm, self.bn = model, comm, bn
+        self._complete = complete
+        self.comms = [comm, *comms]  # every background communicator it uses
+
+    def complete(self) -> None:
+        """Make the copy the full model (on the background thread: background communicators only)."""
+        if self._complete is not None:
+            self._complete()
+
+    def take_bytes(self) -> Tuple[int, int, int]:
+        """(sent, received, sent across nodes) by this rank on the copy's communicators since the last take."""
+        counts = [c._counters.take() for c in self.comms]
+        return tuple(sum(t[i] for t in counts) for i in range(3))
+
+
+def _same_modules(model: torch.nn.Module, copied: torch.nn.Module, modules: Optional[Sequence[torch.nn.Module]]):
+    """copied's counterparts of model's modules (None stays None)."""
+    if modules is None:
+        return None
+    index = {id(m): i for i, m in enumerate(model.modules())}
+    mine = list(copied.modules())
+    return [mine[index[id(m)]] for m in modules]
 
 
 @contextlib.contextmanager

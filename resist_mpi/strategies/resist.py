@@ -21,6 +21,7 @@ puts back together, and the shared layers are averaged hierarchically. G = 1 is 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -38,7 +39,7 @@ from ..errors import UsageError
 from .exchange import run_exchange
 from ..plan.groups import Groups, slice_counts
 from ..plan.routing import Holdings, everyone, needers_from_assignment
-from .base import Strategy, _bn_restored
+from .base import ModelCopy, Strategy, _bn_restored, _same_modules
 
 ASSIGNMENTS_PER_BROADCAST = 32  # rounds whose assignments rank 0 broadcasts together
 
@@ -289,6 +290,39 @@ class ResIST(Strategy):
             if ready:
                 self._prepared = (self.round, self.last_plan)  # the gather's plan: what arrived for the next round
                 self._forget_state(self._moved_parameters())
+
+    def evaluation_copy(self) -> ModelCopy:
+        """A copy of this rank's part of the model; complete() gathers the blocks it lacks into the
+        copy on background communicators (the plan full_model() would carry out, divergent copies
+        averaged alike) and runs all blocks at the evaluation's scale. This rank's own blocks, its
+        holdings and the next round's exchange stay as they were."""
+        self._check_boundary("evaluation_copy()")
+        self.flush()
+        model = copy.deepcopy(self.model)
+        index = {id(m): i for i, m in enumerate(self.model.modules())}
+        modules = list(model.modules())
+        blocks = [modules[index[id(b)]] for b in self.blocks]
+        store = BlockStore(blocks, self.device, like=self.store)
+        P, g = len(self.blocks), self.groups
+        plan = self.holdings.plan(everyone(P, g.count), self.store.sizes())
+        across = self._background("across", g.across)
+        inner = self._background("inner", g.inner) if g.inner is not None else None
+        scale, device = self.eval_scale(), self.device
+
+        def complete():
+            view = store if inner is None else SlicedStore(store, g)
+            # ---- distributed step (background): the evaluation's gather into the copy ----
+            run_exchange(across, view, plan, device, {})
+            if inner is not None:
+                for b in plan.needed(g.index):
+                    if plan.sources[(g.index, b)] != (g.index,):
+                        inner.allgather_(store.slab(b), slice_counts(store.numel(b), g.size))
+            activate(blocks, range(P))
+            set_scale(blocks, scale)
+
+        comms = [across] + ([inner] if inner is not None else [])
+        return ModelCopy(model, self._background("world", self.comm), _same_modules(self.model, model, self.bn_to_recalibrate()),
+                         complete, comms)
 
     def _back_to_own_blocks(self) -> None:
         """From holding every (synchronised) block to holding only the last round's own ones."""

@@ -29,15 +29,26 @@ class _BlockSlots:
     Buffers (BN statistics) are plain tensors nobody else holds; they are rebound.
     """
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, like: Optional["_BlockSlots"] = None):
+        """like: the slots of a block of the same structure, whose shapes these take (a copy of a
+        model, where released blocks are placeholders and their shapes cannot be read)."""
         slots = tensor_slots(block)  # parameters first, then float buffers
         self.first, self.last = slots[0], slots[-1]
-        self.params = [(d[n], d[n].shape) for d, n in slots if isinstance(d[n], nn.Parameter)]
-        self.floats = [(d, n, d[n].shape) for d, n in slots if not isinstance(d[n], nn.Parameter)]
+        counters = [(m._buffers, n, b) for m in block.modules() for n, b in m._buffers.items()
+                    if b is not None and not b.is_floating_point()]
+        if like is None:
+            shapes = [d[n].shape for d, n in slots]
+            counter_shapes = [b.shape for _, _, b in counters]
+        else:
+            shapes = [p[1] for p in like.params] + [f[2] for f in like.floats]
+            counter_shapes = [c[2] for c in like.counters]
+            if len(shapes) != len(slots) or len(counter_shapes) != len(counters):
+                raise ValueError("_BlockSlots(like=...): the blocks differ in structure")
+        self.params = [(d[n], shape) for (d, n), shape in zip(slots, shapes) if isinstance(d[n], nn.Parameter)]
+        self.floats = [(d, n, shape) for (d, n), shape in zip(slots, shapes) if not isinstance(d[n], nn.Parameter)]
         # BN's num_batches_tracked: not exchanged (module_tensors leaves it out), restarts at 0
-        self.counters = [(m._buffers, n, b.shape, b.dtype) for m in block.modules() for n, b in m._buffers.items()
-                         if b is not None and not b.is_floating_point()]
-        self.numels = [math.prod(d[n].shape) for d, n in slots]
+        self.counters = [(d, n, shape, b.dtype) for (d, n, b), shape in zip(counters, counter_shapes)]
+        self.numels = [math.prod(shape) for shape in shapes]
         self.numel = sum(self.numels)
 
     def tensor(self, slot) -> torch.Tensor:
@@ -92,10 +103,12 @@ class BlockStore:
         device: where released blocks' placeholders live (the blocks' device).
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], device="cpu"):
+    def __init__(self, blocks: Sequence[nn.Module], device="cpu", like: Optional["BlockStore"] = None):
+        """like: a store over blocks of the same structure (the blocks of a copy of its model):
+        shapes come from it, so a copied placeholder is known for the block it stands for."""
         self.blocks = list(blocks)
         self.device = torch.device(device)
-        self._slots = [_BlockSlots(b) for b in self.blocks]
+        self._slots = [_BlockSlots(b, like._slots[i] if like is not None else None) for i, b in enumerate(self.blocks)]
         self._slabs: List[Optional[torch.Tensor]] = [None] * len(self.blocks)
         self._spares: Dict[tuple, List[torch.Tensor]] = {}
 

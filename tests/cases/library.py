@@ -131,6 +131,60 @@ def train_with_evaluations(c, model, prepare, optimizer_state="reset", evaluate=
     return seen, full_state(job), begins, evals, momenta
 
 
+def _look(model, c, only):
+    """What an evaluation sees of a full model: its state, its outputs on a fixed batch in eval mode,
+    and the test loss and accuracy after a BN recalibration of the layers only names (collectives on c)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    calibration = [batch(50 + c.rank, i) for i in range(2)]
+    with rm.recalibrate_bn(model, c, iter(calibration), 2, None, only=only):
+        loss, acc = rm.evaluate(model, c, [batch(90 + c.rank, 0)])
+        model.eval()
+        with torch.no_grad():
+            out = model(batch(99, 0)[0])
+        model.train()
+    return state, out, (loss, acc)
+
+
+def train_with_background_evaluations(c, model, background, **kw):
+    """Explicit rounds, one optimizer, an evaluation after every round but the last: of full_model()
+    after prepare_round() (background False: the trainer's synchronous evaluation), or of
+    job.evaluation_copy() completed and evaluated on the background thread while the next round
+    trains, collected at that round's end (True); None: no evaluations. Returns (what each
+    evaluation saw: _look(), the final state, per round bytes (sent, received) of the training
+    communicator, the momentum buffers)."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    job = _strategy(kw.pop("strategy", "resist"), model, c, optimizer=opt, optimizer_state="keep", **kw)
+    seen, rounds, pending, k = [], [], None, 0
+    for r in range(ROUNDS):
+        before = c.counters()
+        job.begin_round()
+        for _ in range(STEPS):
+            step(model, opt, c, k)
+            k += 1
+        job.end_round()
+        if pending is not None:
+            pending[0].wait()
+            seen.append(pending[1]["look"])
+            pending = None
+        after = c.counters()
+        rounds.append((after[0] - before[0], after[1] - before[1]))
+        if background is None:
+            continue
+        if r < ROUNDS - 1 and not background:
+            job.prepare_round()  # as the trainer does before a synchronous evaluation
+            with job.full_model() as full:
+                seen.append(_look(full, c, job.bn_to_recalibrate()))
+        elif r < ROUNDS - 1:
+            copy, out = job.evaluation_copy(), {}
+
+            def run(copy=copy, out=out):
+                copy.complete()
+                out["look"] = _look(copy.model, copy.comm, copy.bn)
+            pending = (c.submit(run), out)
+    momenta = {job._names[p]: opt.state[p]["momentum_buffer"].clone() for p in opt.state if p.numel()}
+    return seen, full_state(job), rounds, momenta
+
+
 def single_process_lrs():
     """The same scheduler in a plain single-process loop."""
     m = torch.nn.Linear(2, 2)

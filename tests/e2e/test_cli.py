@@ -289,8 +289,10 @@ def test_round_records_do_not_depend_on_evaluation_or_loader_workers(tmp_path):
     An evaluation that a round follows leaves each rank its next round's blocks (ResIST's
     prepare_round), so that round moves fewer bytes than without the evaluation (the part of its
     exchange that ran early, if any, is the eval record's bytes_next_exchange), the others the same.
-    DataLoader workers (--workers 2) deliver the very batches of --workers 0, evaluation's reads
-    included."""
+    Evaluations in the background (--eval-background, here with --workers 2) see the same models
+    and give the same results, and leave the rounds exactly as without evaluations (the gather on
+    background communicators); DataLoader workers deliver the very batches of --workers 0,
+    evaluation's reads included."""
     args = [*TINY, "--epochs", "3", "--bn-batches", "2"]
     keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
     assert _train(2, tmp_path / "final", *args, "--eval-every", "0").returncode == 0
@@ -309,11 +311,14 @@ def test_round_records_do_not_depend_on_evaluation_or_loader_workers(tmp_path):
             assert r["bytes_sent"] == f["bytes_sent"]
     assert any(r["bytes_sent"] + early[r["round"]] < f["bytes_sent"] for r, f in zip(every, final) if r["round"] in early)
     assert all(e["bytes_sent"] > 0 for e in evals)  # the gather is counted where it happens
-    p = _train(2, tmp_path / "workers", *args, "--eval-every", "1", "--workers", "2")
+    p = _train(2, tmp_path / "workers", *args, "--eval-every", "1", "--workers", "2", "--eval-background")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert _round_records(tmp_path / "workers", *keys) == _round_records(tmp_path / "every", *keys)
-    assert [(e["test_loss"], e["test_acc"]) for e in _records(tmp_path / "workers", "eval")] == \
-        [(e["test_loss"], e["test_acc"]) for e in evals]
+    assert _round_records(tmp_path / "workers", *keys) == final
+    background = _records(tmp_path / "workers", "eval")
+    assert [(e["round"], e["test_loss"], e["test_acc"]) for e in background] == \
+        [(e["round"], e["test_loss"], e["test_acc"]) for e in evals]
+    assert [e.get("background", False) for e in background] == [True, True, False]
+    assert all(e["bytes_sent"] > 0 and e["t_eval_wait"] >= 0 for e in background[:-1])
 
 
 @pytest.mark.parametrize("np_", [2, 4])

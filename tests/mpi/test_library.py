@@ -75,3 +75,20 @@ def test_prepare_round_before_evaluations_trains_as_without_them(c, kw):
     assert new[4].keys() == plain[4].keys() and all(torch.equal(new[4][k], plain[4][k]) for k in new[4])
     assert all(b == (0, 0) for b in new[2][1:])
     assert all(_same_everywhere(c, seen) for seen in new[0])
+
+
+@pytest.mark.parametrize("kw", [{}, dict(min_depth=2), dict(strategy="local_sgd")],
+                         ids=["resist", "shared-blocks", "local_sgd"])
+def test_background_evaluation_sees_the_full_model_on_real_ranks(c, kw):
+    """tests/unit/test_eval_background.py on real ranks and backends (collectives of the background
+    thread on background communicators while the training thread runs its own): every evaluation
+    equals the synchronous one to the bit, training and its bytes a run's without evaluations."""
+    sync = L.train_with_background_evaluations(c, L.make_model(), background=False, **kw)
+    bg = L.train_with_background_evaluations(c, L.make_model(), background=True, **kw)
+    plain = L.train_with_background_evaluations(c, L.make_model(), background=None, **kw)
+    assert len(bg[0]) == len(sync[0]) == L.ROUNDS - 1
+    for (sa, oa, ma), (sb, ob, mb) in zip(bg[0], sync[0]):
+        assert L.states_equal(sa, sb) and torch.equal(oa, ob) and ma == mb
+        assert _same_everywhere(c, sa)
+    assert L.states_equal(bg[1], sync[1]) and L.states_equal(bg[1], plain[1])
+    assert bg[2] == plain[2]
