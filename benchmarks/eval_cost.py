@@ -14,7 +14,9 @@ without evaluations of the same seed (--none, matched by the seed at the end of 
 name), also the net cost of one evaluation: the difference of the two
 runs' wall-clock times at their final evaluation over the difference of their evaluation counts
 (training is the same bit for bit, so the difference is what the evaluations cost the run,
-including what they save the rounds after them), and its ratio to the median round.
+including what they save the rounds after them), and its ratio to the median round. Runs with
+--eval-background: "eval" and its phases ran beside training; "wait" (t_eval_wait) is what
+training waited for them, and the net cost is what they cost the run.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 from resist_mpi.cli.metrics import read_metrics, training_rounds  # noqa: E402
 
-PHASES = ("t_gather", "t_calibrate", "t_test", "t_return", "t_next_exchange")
+PHASES = ("t_gather", "t_calibrate", "t_test", "t_return", "t_next_exchange", "t_eval_wait")
 
 
 def seed_of(path: str) -> Optional[str]:
@@ -77,12 +79,13 @@ def main(argv=None) -> int:
         none = {seed_of(d): run_numbers(d) for d in (args.none[k] if k < len(args.none) else "").split(",") if d}
         groups[label] = {"runs": runs, "none": list(none.values()), "mean": summarise(runs, none)}
     print(f"{'group':10} {'runs':>4} {'round':>7} {'eval':>7} {'gather':>7} {'calib':>7} {'test':>6} {'early':>6} "
-          f"{'eval/round':>10} {'net eval':>8} {'net/round':>9} {'final acc':>9}")
+          f"{'wait':>6} {'eval/round':>10} {'net eval':>8} {'net/round':>9} {'final acc':>9}")
     for label, g in groups.items():
         m = g["mean"]
         net = f"{m['net_eval_s']:7.2f}s {m['net_over_round']:9.3f}" if "net_eval_s" in m else f"{'-':>8} {'-':>9}"
         print(f"{label:10} {len(g['runs']):4d} {m['t_round']:6.2f}s {m['t_eval']:6.2f}s {m['t_gather']:6.2f}s "
-              f"{m['t_calibrate']:6.2f}s {m['t_test']:5.2f}s {m['t_next_exchange']:5.2f}s {m['eval_over_round']:10.3f} "
+              f"{m['t_calibrate']:6.2f}s {m['t_test']:5.2f}s {m['t_next_exchange']:5.2f}s {m['t_eval_wait']:5.2f}s "
+              f"{m['eval_over_round']:10.3f} "
               f"{net} {100 * m['final_acc']:8.2f}%")
     if args.json:
         with open(args.json, "w") as fh:

@@ -412,6 +412,7 @@ class Trainer:
         comm0, hidden0, t0 = job.comm_time, job.hidden_time, time.perf_counter()
         self.watchdog.beat(f"round {m.round}: the exchange")
         job.begin_round()
+        self.launch_eval()
         if job.name != name:  # a warm-up handed over: every rank held the identical model
             log.record("switch", round=m.round, epoch=m.step0 / self.train_steps_per_epoch, to=job.name)
             log.info(f"round {m.round}: warm-up done, switching to {job.name}")
@@ -588,10 +589,17 @@ class Trainer:
                 copy.model, copy.comm, cfg, test, train, self.device, copy.bn)
             out["t"] = {"gather": t1 - t0, "calibrate": t_cal, "test": t_test}
 
-        self.pending_eval = (self.c.submit(run), out, copy, m, job, log.wallclock())
+        self.pending_eval = [run, out, copy, m, job, log.wallclock()]  # started by the next round (launch_eval)
+
+    def launch_eval(self) -> None:
+        """Start the pending background evaluation, once the round's own block exchange is done: its
+        gather then shares the links with the local steps' silence, not with that exchange."""
+        if self.pending_eval is not None and callable(self.pending_eval[0]):
+            self.pending_eval[0] = self.c.submit(self.pending_eval[0])
 
     def finish_background_eval(self, log) -> None:
         """Wait for the background evaluation (collective: every rank at the same point) and log it."""
+        self.launch_eval()  # not started yet (no round began since): now
         work, out, copy, m, job, wallclock = self.pending_eval
         self.pending_eval = None
         self.watchdog.beat(f"round {m.round}: the background evaluation")
