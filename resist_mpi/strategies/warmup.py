@@ -96,6 +96,10 @@ class Warmup(Strategy):
         with self.current.full_model() as full:
             yield full
 
+    def evaluation_copy(self):
+        self._check_boundary("evaluation_copy()")
+        return self.current.evaluation_copy()
+
     def state_dict(self) -> Dict:
         self._check_boundary("state_dict()")
         return self.current.state_dict()

@@ -199,6 +199,8 @@ def single_process_lrs():
 
 
 def _strategy(name, model, c, **kw):
+    if name == "warmup":  # local SGD for the first round, then ResIST
+        return rm.Warmup(rm.LocalSGD(model, c, **kw), lambda: rm.ResIST(model, c, seed=7, **kw), 1)
     cls = {"resist": rm.ResIST, "local_sgd": rm.LocalSGD, "data_parallel": rm.DataParallel}[name]
     if name == "resist":
         kw.setdefault("seed", 7)

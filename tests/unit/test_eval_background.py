@@ -3,7 +3,7 @@ on the background thread while the next round trains, is the full model full_mod
 bit (state, outputs, recalibrated test loss and accuracy), and training goes on exactly as without
 it: the same weights, momentum and bytes per round on the training communicator. On 2 and 4 thread
 ranks, with blocks several ranks trained (divergent copies averaged by the gather), with groups,
-and for local SGD."""
+for local SGD and across a warm-up's switch to ResIST."""
 import pytest
 import torch
 
@@ -23,8 +23,8 @@ def _looks_equal(a, b):
 
 
 @pytest.mark.parametrize("size, kw", [(2, {}), (4, {}), (4, dict(min_depth=2)), (4, dict(group_size=2)),
-                                      (2, dict(strategy="local_sgd"))],
-                         ids=["2", "4", "4-shared-blocks", "4-groups", "local_sgd-2"])
+                                      (2, dict(strategy="local_sgd")), (2, dict(strategy="warmup"))],
+                         ids=["2", "4", "4-shared-blocks", "4-groups", "local_sgd-2", "warmup-2"])
 def test_background_evaluation_sees_the_full_model_and_changes_nothing(size, kw):
     sync = _run(size, background=False, **kw)
     bg = _run(size, background=True, **kw)
