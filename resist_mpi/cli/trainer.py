@@ -589,26 +589,28 @@ class Trainer:
                 copy.model, copy.comm, cfg, test, train, self.device, copy.bn)
             out["t"] = {"gather": t1 - t0, "calibrate": t_cal, "test": t_test}
 
-        self.pending_eval = [run, out, copy, m, job, log.wallclock()]  # started by the next round (launch_eval)
+        self.pending_eval = PendingEval(run, out, copy, m, job, log.wallclock())  # started by launch_eval
 
     def launch_eval(self) -> None:
         """Start the pending background evaluation, once the round's own block exchange is done: its
         gather then shares the links with the local steps' silence, not with that exchange."""
-        if self.pending_eval is not None and callable(self.pending_eval[0]):
-            self.pending_eval[0] = self.c.submit(self.pending_eval[0])
+        pending = self.pending_eval
+        if pending is not None and pending.work is None:
+            pending.work = self.c.submit(pending.run)
 
     def finish_background_eval(self, log) -> None:
         """Wait for the background evaluation (collective: every rank at the same point) and log it."""
         self.launch_eval()  # not started yet (no round began since): now
-        work, out, copy, m, job, wallclock = self.pending_eval
-        self.pending_eval = None
-        self.watchdog.beat(f"round {m.round}: the background evaluation")
+        pending, self.pending_eval = self.pending_eval, None
+        self.watchdog.beat(f"round {pending.m.round}: the background evaluation")
         t0 = time.perf_counter()
-        work.wait()
+        pending.work.wait()
         meter = EvalMeter(self.c)
-        meter.background(copy.take_bytes(), out["t"], wallclock, time.perf_counter() - t0)
-        meter.loss, meter.acc = out["loss"], out["acc"]
-        self.log_eval(job, log, m, meter)
+        pending.copy.count_into(self.c)  # its bytes, counted on its own communicators, are the meter's
+        meter.t.update(pending.out["t"])
+        meter.wallclock, meter.t_wait = pending.wallclock, time.perf_counter() - t0
+        meter.loss, meter.acc = pending.out["loss"], pending.out["acc"]
+        self.log_eval(pending.job, log, pending.m, meter)
 
     def log_eval(self, job, log, m: RoundMeter, meter: "EvalMeter") -> Dict[str, float]:
         c, epoch, test_loss, test_acc = self.c, (m.step0 + m.steps) / self.spe, meter.loss, meter.acc
@@ -622,6 +624,19 @@ class Trainer:
         log.info(f"epoch {epoch:6.2f} | round {m.round:5d} | train loss {m.loss_sum / m.seen:.4f} | "
                  f"test loss {test_loss:.4f} | test acc {100 * test_acc:6.2f}% | {wallclock:7.1f}s")
         return {"test_loss": test_loss, "test_acc": test_acc, "epoch": epoch}
+
+
+@dataclass
+class PendingEval:
+    """A background evaluation (--eval-background): what runs it, its results once it has, the copy
+    it evaluates, the round and strategy it belongs to, the run's clock when it was taken."""
+    run: object
+    out: Dict
+    copy: object
+    m: RoundMeter
+    job: Strategy
+    wallclock: float
+    work: Optional[object] = None  # its Work once started (launch_eval)
 
 
 class EvalMeter:
@@ -638,14 +653,6 @@ class EvalMeter:
         self.t_wait: Optional[float] = None  # a background evaluation: seconds training waited for it
         self.early_sent, self.t_early = 0, 0.0
         self._last = time.perf_counter()
-
-    def background(self, counts, phases: Dict[str, float], wallclock: float, t_wait: float) -> None:
-        """An evaluation that ran in the background: its bytes (counted on its own communicators),
-        its phases, the run's clock when it started and how long training waited for it."""
-        c = self.c
-        self.start = (c.bytes_sent - counts[0], c.bytes_recv - counts[1], c.bytes_sent_cross - counts[2])
-        self.t.update(phases)
-        self.wallclock, self.t_wait = wallclock, t_wait
 
     def mark_next_exchange(self) -> None:
         """What happened since the creation was the next round's exchange: count it apart."""

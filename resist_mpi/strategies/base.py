@@ -32,7 +32,7 @@ import contextlib
 import copy
 import pickle
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -190,7 +190,14 @@ class Strategy:
         self._check_boundary("evaluation_copy()")
         self.flush()
         model = copy.deepcopy(self.model)
-        return ModelCopy(model, self._background("world", self.comm), _same_modules(self.model, model, self.bn_to_recalibrate()))
+        complete, comms = self._completion(model)
+        return ModelCopy(model, self._background("world", self.comm), _same_modules(self.model, model, self.bn_to_recalibrate()),
+                         complete, comms)
+
+    def _completion(self, model: torch.nn.Module):
+        """(what makes the copy model the full model, the background communicators it uses); the
+        base strategies hold the full model already."""
+        return None, ()
 
     def _background(self, key: str, c):
         """The background communicator (a dup) of c kept under key: made once, collective then."""
@@ -504,10 +511,10 @@ class ModelCopy:
         if self._complete is not None:
             self._complete()
 
-    def take_bytes(self) -> Tuple[int, int, int]:
-        """(sent, received, sent across nodes) by this rank on the copy's communicators since the last take."""
-        counts = [c._counters.take() for c in self.comms]
-        return tuple(sum(t[i] for t in counts) for i in range(3))
+    def count_into(self, c) -> None:
+        """Add what the copy's communicators moved since the last time to c's counters (Comm.absorb)."""
+        for comm in self.comms:
+            c.absorb(comm)
 
 
 def _same_modules(model: torch.nn.Module, copied: torch.nn.Module, modules: Optional[Sequence[torch.nn.Module]]):

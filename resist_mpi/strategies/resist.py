@@ -21,7 +21,6 @@ puts back together, and the shared layers are averaged hierarchically. G = 1 is 
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -39,7 +38,7 @@ from ..errors import UsageError
 from .exchange import run_exchange
 from ..plan.groups import Groups, slice_counts
 from ..plan.routing import Holdings, everyone, needers_from_assignment
-from .base import ModelCopy, Strategy, _bn_restored, _same_modules
+from .base import Strategy, _bn_restored, _same_modules
 
 ASSIGNMENTS_PER_BROADCAST = 32  # rounds whose assignments rank 0 broadcasts together
 
@@ -157,16 +156,21 @@ class ResIST(Strategy):
         """
         g = self.groups
         plan = self.holdings.plan(needers, self.store.sizes())
-        store = self.store if g.inner is None else SlicedStore(self.store, g)
+        self._carry_out(plan, self.store, g.across, g.inner, self._workspace if keep_workspace else {})
+        self.last_plan = plan
+        self.holdings.exchanged(plan)
+
+    def _carry_out(self, plan, store: BlockStore, across, inner, workspace: Dict) -> None:
+        """The exchange of plan on store over the communicators across groups and inside this one."""
+        g = self.groups
+        view = store if inner is None else SlicedStore(store, g)
         # ---- distributed step: the block exchange (between groups: member j moves slice j) ----
-        run_exchange(g.across, store, plan, self.device, self._workspace if keep_workspace else {})
-        if g.inner is not None:
+        run_exchange(across, view, plan, self.device, workspace)
+        if inner is not None:
             # ---- distributed step: the group puts the slices of what arrived back together ----
             for b in plan.needed(g.index):
                 if plan.sources[(g.index, b)] != (g.index,):
-                    g.inner.allgather_(self.store.slab(b), slice_counts(self.store.numel(b), g.size))
-        self.last_plan = plan
-        self.holdings.exchanged(plan)
+                    inner.allgather_(store.slab(b), slice_counts(store.numel(b), g.size))
 
     def _deal(self) -> None:
         """This round's assignment, and the exchange that brings every rank its blocks."""
@@ -291,38 +295,25 @@ class ResIST(Strategy):
                 self._prepared = (self.round, self.last_plan)  # the gather's plan: what arrived for the next round
                 self._forget_state(self._moved_parameters())
 
-    def evaluation_copy(self) -> ModelCopy:
-        """A copy of this rank's part of the model; complete() gathers the blocks it lacks into the
-        copy on background communicators (the plan full_model() would carry out, divergent copies
-        averaged alike) and runs all blocks at the evaluation's scale. This rank's own blocks, its
-        holdings and the next round's exchange stay as they were."""
-        self._check_boundary("evaluation_copy()")
-        self.flush()
-        model = copy.deepcopy(self.model)
-        index = {id(m): i for i, m in enumerate(self.model.modules())}
-        modules = list(model.modules())
-        blocks = [modules[index[id(b)]] for b in self.blocks]
+    def _completion(self, model):
+        """The copy gathers the blocks this rank lacks (the plan full_model() would carry out, divergent
+        copies averaged alike) on background communicators and runs all blocks at the evaluation's
+        scale. This rank's own blocks, its holdings and the next round's exchange stay as they were."""
+        blocks = _same_modules(self.model, model, self.blocks)
         store = BlockStore(blocks, self.device, like=self.store)
         P, g = len(self.blocks), self.groups
         plan = self.holdings.plan(everyone(P, g.count), self.store.sizes())
         across = self._background("across", g.across)
         inner = self._background("inner", g.inner) if g.inner is not None else None
-        scale, device = self.eval_scale(), self.device
+        scale = self.eval_scale()
 
         def complete():
-            view = store if inner is None else SlicedStore(store, g)
             # ---- distributed step (background): the evaluation's gather into the copy ----
-            run_exchange(across, view, plan, device, {})
-            if inner is not None:
-                for b in plan.needed(g.index):
-                    if plan.sources[(g.index, b)] != (g.index,):
-                        inner.allgather_(store.slab(b), slice_counts(store.numel(b), g.size))
+            self._carry_out(plan, store, across, inner, {})
             activate(blocks, range(P))
             set_scale(blocks, scale)
 
-        comms = [across] + ([inner] if inner is not None else [])
-        return ModelCopy(model, self._background("world", self.comm), _same_modules(self.model, model, self.bn_to_recalibrate()),
-                         complete, comms)
+        return complete, [across] + ([inner] if inner is not None else [])
 
     def _back_to_own_blocks(self) -> None:
         """From holding every (synchronised) block to holding only the last round's own ones."""

@@ -57,12 +57,17 @@ def test_the_copy_is_the_ranks_own():
         job.end_round()
         after_training = {k: v.clone() for k, v in copy.model.state_dict().items()}
         held_now = [job.store.holds(b) for b in range(len(job.blocks))]
+        counted = c.counters()
         copy.complete()
+        unchanged = c.counters() == counted
+        copy.count_into(c)
+        moved = tuple(x - y for x, y in zip(c.counters(), counted))
         return before, after_training, held, held_now, [job.store.holds(b) for b in range(len(job.blocks))], \
-            copy.take_bytes()
+            (unchanged, moved)
     models = [L.make_model() for _ in range(2)]
     out = run_ranks(2, lambda c: body(c, models[c.rank]))
     for before, after_training, held, held_now, held_after, moved in out:
         assert L.states_equal(before, after_training)
         assert not all(held) and held_after == held_now  # the copy's gather leaves the training store alone
-        assert moved[0] > 0 and moved[1] > 0  # and its bytes were counted on its own communicators
+        unchanged, moved = moved
+        assert unchanged and moved[0] > 0 and moved[1] > 0  # its bytes were counted on its own communicators
