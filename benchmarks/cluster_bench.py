@@ -50,7 +50,7 @@ import os
 import subprocess
 import sys
 from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # run from a checkout: the package, compare, cluster_report
@@ -188,10 +188,14 @@ def _launch(run_dir: str) -> Optional[Dict]:
 
 
 def verdicts(summary: Dict, mapping: Dict, targets: List[float], baseline: str = report.BASELINE,
-             goals: Optional[Dict[str, float]] = None) -> List[str]:
-    """Lines saying what each shaped rate stands for beside GPUs, and each goal where it applies: the
-    goal's strategy reaches 97% in at most RATIO x the baseline's time, where the baseline spends at
-    least half its time communicating (default: resist, 0.5, local SGD)."""
+             goals: Optional[Dict[str, float]] = None, best_of: Sequence[str] = (),
+             best_goals: Optional[Dict[str, float]] = None,
+             round_goals: Optional[Dict[str, float]] = None) -> List[str]:
+    """Lines saying what each shaped rate stands for beside GPUs, and each goal where it applies (the
+    baseline spends at least half its time communicating): a `goals` strategy reaches 97% in at most
+    RATIO x the baseline's time (default: resist, 0.5, local SGD); a `best_goals` one in at most RATIO x
+    the fastest to 97% of the `best_of` strategies; a `round_goals` one has a median round (compute and
+    exposed communication) of at most RATIO x its compute."""
     goals = {"resist": 0.5} if goals is None else goals
     lines = []
     for rate, by in summary.items():
@@ -205,12 +209,31 @@ def verdicts(summary: Dict, mapping: Dict, targets: List[float], baseline: str =
                          f"x{m['factor']:.0f}")
         if frac is None or frac < 0.5 or 0.97 not in targets:
             continue
+        where = f"target at {rate} ({baseline} {100 * frac:.0f}% communicating)"
+
+        def to97(label):
+            return by.get(label, {}).get("time_to_target", {}).get("0.97", {}).get("mean_s")
+
         for label, ratio in goals.items():
             rel = by.get(label, {}).get("relative_time_to_target", {}).get("0.97")
             verdict = ("no run reached 97%" if rel is None
                        else f"{rel:.2f}x {baseline}'s ({'met' if rel <= ratio else 'NOT met'})")
-            lines.append(f"target at {rate} ({baseline} {100 * frac:.0f}% communicating): {label}'s time to 97% "
-                         f"<= {ratio:g}x {baseline}'s: {verdict}")
+            lines.append(f"{where}: {label}'s time to 97% <= {ratio:g}x {baseline}'s: {verdict}")
+        reached = {b: to97(b) for b in best_of if to97(b) is not None}
+        best = min(reached, key=reached.get) if reached else None
+        for label, ratio in (best_goals or {}).items():
+            mine = to97(label)
+            if best is None or mine is None:
+                verdict = f"no run of {'the baselines' if best is None else label} reached 97%"
+            else:
+                rel = mine / reached[best]
+                verdict = f"{rel:.2f}x {best}'s ({'met' if rel <= ratio else 'NOT met'})"
+            lines.append(f"{where}: {label}'s time to 97% <= {ratio:g}x the best of {', '.join(best_of)}: {verdict}")
+        for label, ratio in (round_goals or {}).items():
+            rel = by.get(label, {}).get("round_over_compute")
+            verdict = ("no round" if rel is None
+                       else f"{rel:.2f}x ({'met' if rel <= ratio else 'NOT met'})")
+            lines.append(f"{where}: {label}'s round <= {ratio:g}x its compute: {verdict}")
     return lines
 
 
@@ -246,6 +269,12 @@ def parse_args(argv=None):
                    "comm fraction the rates and `auto` refer to (default: %(default)s)")
     p.add_argument("--goals", default="resist:0.5", help="LABEL:RATIO,...: check LABEL's time to 97%% "
                    "<= RATIO x the baseline's where it communicates half the time (default: %(default)s)")
+    p.add_argument("--best-of", default="", help="LABELS: the baselines whose fastest to 97%% --best-goals "
+                   "compares with (default: none)")
+    p.add_argument("--best-goals", default="", help="LABEL:RATIO,...: check LABEL's time to 97%% <= RATIO x "
+                   "the fastest of --best-of (default: none)")
+    p.add_argument("--round-goals", default="", help="LABEL:RATIO,...: check LABEL's median round <= RATIO x "
+                   "its compute (default: none)")
     p.add_argument("--seeds", default="0,1,2", help="(default: %(default)s)")
     p.add_argument("--rates", default="unshaped,1gbit,100mbit,auto", help="link rates, tc syntax, `unshaped` or "
                    "`auto` (local SGD half the time communicating) (default: %(default)s)")
@@ -268,11 +297,19 @@ def parse_args(argv=None):
     try:
         args.variants = compare.parse_strategies(args.strategies)
         args.goals = parse_goals(args.goals)
+        args.best_goals = parse_goals(args.best_goals)
+        args.round_goals = parse_goals(args.round_goals)
     except ValueError as e:
         p.error(str(e))
     args.strategies = list(args.variants)
     if args.baseline not in args.variants:
         p.error(f"--baseline {args.baseline} is not one of --strategies ({', '.join(args.variants)})")
+    args.best_of = [b.strip() for b in args.best_of.split(",") if b.strip()]
+    for label in args.best_of + list(args.best_goals) + list(args.round_goals):
+        if label not in args.variants:
+            p.error(f"{label} is not one of --strategies ({', '.join(args.variants)})")
+    if args.best_goals and not args.best_of:
+        p.error("--best-goals needs --best-of")
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.targets = [float(t) for t in args.targets.split(",") if t.strip()]
     args.rates = [r.strip() for r in args.rates.split(",") if r.strip()]
@@ -308,14 +345,16 @@ def main(argv=None) -> int:
     rates = resolve_rates(args.rates, fit)
     result = collect(args, rates)
     print(report.format_table(result["summary"], args.targets), flush=True)
-    for line in verdicts(result["summary"], result["gpu_mapping"], args.targets, args.baseline, args.goals):
+    for line in verdicts(result["summary"], result["gpu_mapping"], args.targets, args.baseline, args.goals,
+                         args.best_of, args.best_goals, args.round_goals):
         print(f"cluster_bench: {line}", flush=True)
     path = args.json or os.path.join(args.out, "cluster_bench.json")
     with open(path, "w") as fh:
         json.dump({"benchmark": "cluster_bench", "argv": sys.argv, "git_commit": git_commit(),
                    "nodes": args.nodes, "ranks_per_node": args.ranks_per_node, "config": args.config,
                    "extra_args": args.extra_args, "strategies": args.strategies, "variants": args.variants,
-                   "baseline": args.baseline, "goals": args.goals, "seeds": args.seeds,
+                   "baseline": args.baseline, "goals": args.goals, "best_of": args.best_of,
+                   "best_goals": args.best_goals, "round_goals": args.round_goals, "seeds": args.seeds,
                    "targets": args.targets, "rates": rates, "half_rate_fit": fit,
                    "published_gpu": {**gpu_scale.PUBLISHED, "step_s_used": args.gpu_step_ms / 1e3},
                    **result}, fh, indent=2)

@@ -86,6 +86,7 @@ def round_stats(records: List[Dict]) -> Optional[Dict]:
     if not rounds:
         return None
     fractions = [r["t_comm"] / (r["t_comm"] + r["t_compute"]) for r in rounds if r["t_comm"] + r["t_compute"] > 0]
+    over_compute = [(r["t_comm"] + r["t_compute"]) / r["t_compute"] for r in rounds if r["t_compute"] > 0]
     evals = [r for r in records if r.get("event") == "eval"]
     return {"rounds": len(rounds),
             "t_compute_s": statistics.median(r["t_compute"] for r in rounds),
@@ -93,6 +94,7 @@ def round_stats(records: List[Dict]) -> Optional[Dict]:
             "t_hidden_s": statistics.median(r.get("t_comm_hidden", 0.0) for r in rounds),
             "t_eval_s": statistics.median(e["t_eval"] for e in evals) if evals and "t_eval" in evals[0] else None,
             "comm_fraction": statistics.median(fractions) if fractions else None,
+            "round_over_compute": statistics.median(over_compute) if over_compute else None,
             "bytes_sent_per_round": statistics.fmean(r["bytes_sent"] for r in rounds),
             "bytes_sent": sum(r["bytes_sent"] for r in rounds + evals)}
 
@@ -143,7 +145,8 @@ def aggregate_rate(runs: Dict[str, Dict[int, Optional[Dict]]], targets: List[flo
         if not done:
             continue
         s = summary[strategy]
-        for key in ("t_compute_s", "t_comm_s", "t_hidden_s", "t_eval_s", "comm_fraction", "bytes_sent_per_round",
+        for key in ("t_compute_s", "t_comm_s", "t_hidden_s", "t_eval_s", "comm_fraction", "round_over_compute",
+                    "bytes_sent_per_round",
                     "rounds"):
             s[key] = _mean(r.get(key) for r in done)
         s["kernel_tx_per_round"] = _mean(r["kernel"]["tx_per_round"] for r in done if r.get("kernel"))
@@ -189,8 +192,8 @@ def format_table(summary: Dict[str, Dict], targets: List[float]) -> str:
     """One block per rate: accuracy, time to targets (and relative to local SGD), round times, bytes."""
     head = (f"{'rate':>10} | {'strategy':>13} | {'final acc':>14} | "
             + " | ".join(f"{'t@' + format(t, '.0%') + ' (rel) train (rel)':>31}" for t in targets)
-            + f" | {'compute':>7} | {'comm':>7} | {'hidden':>7} | {'eval':>6} | {'comm%':>5} | {'pkg MB/rd':>9} | "
-              f"{'kern MB/rd':>10} | {'kern/pkg':>8}")
+            + f" | {'compute':>7} | {'comm':>7} | {'hidden':>7} | {'rd/cmp':>6} | {'eval':>6} | {'comm%':>5} | "
+              f"{'pkg MB/rd':>9} | {'kern MB/rd':>10} | {'kern/pkg':>8}")
     lines = [head, "-" * len(head)]
     for rate, by_strategy in summary.items():
         for strategy, s in by_strategy.items():

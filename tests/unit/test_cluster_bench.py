@@ -124,6 +124,7 @@ def test_summaries_of_fabricated_runs(fabricated):
     assert local["relative_time_to_target"] == {"0.95": 1.0, "0.97": 1.0}
     assert resist["t_comm_s"] == pytest.approx(1.1) and resist["comm_fraction"] == pytest.approx((0.5 + 1.2 / 2.2) / 2)
     assert resist["kernel_tx_per_round"] == pytest.approx(10_500_000 / 5)  # seed 1 has no kernel.json
+    assert resist["round_over_compute"] == pytest.approx(2.1) and local["round_over_compute"] == pytest.approx(2.25)
     table = report.format_table({"20mbit": summary}, targets)
     resist_row = next(line for line in table.splitlines() if "resist" in line)
     assert "27.0s 1/2  0.45   23.0s  0.41" in resist_row and "21.0s 2/2  0.35" in resist_row
@@ -156,6 +157,23 @@ def test_gpu_mapping_and_verdicts_from_a_summary(fabricated):
                      "0.45x local_sgd's (NOT met)",
                      "target at 20mbit (local_sgd 56% communicating): nothing's time to 97% <= 0.5x local_sgd's: "
                      "no run reached 97%"]
+    # against the fastest of several baselines, and a round against its compute (median of each run's
+    # (compute + exposed comm) / compute, mean over seeds; seed 0 only here: resist 2.0, local SGD 2.25)
+    assert summary["20mbit"]["resist"]["round_over_compute"] == 2.0
+    lines = cluster_bench.verdicts(summary, {}, targets, goals={}, best_of=["local_sgd", "nothing"],
+                                   best_goals={"resist": 0.4}, round_goals={"resist": 1.9, "local_sgd": 2.5})
+    where = "target at 20mbit (local_sgd 56% communicating): "
+    assert lines == [where + "resist's time to 97% <= 0.4x the best of local_sgd, nothing: 0.45x local_sgd's (NOT met)",
+                     where + "resist's round <= 1.9x its compute: 2.00x (NOT met)",
+                     where + "local_sgd's round <= 2.5x its compute: 2.25x (met)"]
+    lines = cluster_bench.verdicts(summary, {}, targets, goals={}, best_of=["nothing"], best_goals={"resist": 0.8})
+    assert lines == [where + "resist's time to 97% <= 0.8x the best of nothing: no run of the baselines reached 97%"]
+    args = cluster_bench.parse_args(["--strategies", "resist,local_sgd", "--best-of", "local_sgd",
+                                     "--best-goals", "resist:0.8", "--round-goals", "resist:1.2"])
+    assert (args.best_of, args.best_goals, args.round_goals) == (["local_sgd"], {"resist": 0.8}, {"resist": 1.2})
+    for bad in (["--best-goals", "resist:0.8"], ["--best-of", "diloco"], ["--round-goals", "x:1"]):
+        with pytest.raises(SystemExit):
+            cluster_bench.parse_args(["--strategies", "resist,local_sgd"] + bad)
 
 
 def test_variants_name_runs_and_carry_their_flags(fabricated):
