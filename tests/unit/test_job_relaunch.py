@@ -1,0 +1,127 @@
+"""The job scripts' relaunch after a lost node (jobs/common.sh, resist_train), with the launcher and
+the node checks replaced by stubs on PATH: which nodes the second launch gets, how many times it
+relaunches, and the line it ends with when a relaunch would not help. The real thing on the
+simulated cluster (SLURM, slurmd killed) is tests/e2e/test_elastic.py; PBS has no such test there
+(no PBS server here), so its path (PBS_NODEFILE, a ping of each node, mpirun -H) is tested here.
+"""
+import os
+import stat
+import subprocess
+
+from helpers import ROOT
+
+# Each call appends its arguments to $STUB_LOG; the exit codes of the launches come from $EXITS
+# (one per launch, the last repeated); `ping -c 1 -W 2 HOST` fails for the hosts in $DEAD.
+MPIRUN = """#!/bin/bash
+if [ "$1" = --version ]; then echo "mpirun (Open MPI) 4.1.4"; exit 0; fi
+echo "launch $*" >> "$STUB_LOG"
+n=$(grep -c '^launch ' "$STUB_LOG")
+read -ra codes <<<"$EXITS"
+i=$(( n <= ${#codes[@]} ? n - 1 : ${#codes[@]} - 1 ))
+exit "${codes[$i]}"
+"""
+PING = """#!/bin/bash
+host=${@: -1}
+echo "ping $host" >> "$STUB_LOG"
+for d in $DEAD; do [ "$d" = "$host" ] && exit 1; done
+exit 0
+"""
+# SLURM: scontrol expands the node list, sinfo says "idle*" (not responding) for the dead hosts.
+SCONTROL = """#!/bin/bash
+[ "$1 $2" = "show hostnames" ] && tr , '\\n' <<<"$3"
+"""
+SINFO = """#!/bin/bash
+host=""; while [ $# -gt 0 ]; do [ "$1" = -n ] && host=$2; shift; done
+for d in $DEAD; do [ "$d" = "$host" ] && { echo "idle*"; exit 0; }; done
+echo idle
+"""
+SRUN = """#!/bin/bash
+if [ "$1" = --mpi=list ]; then echo "MPI plugin types are... pmix"; exit 0; fi
+""" + MPIRUN.split("\n", 2)[2]
+
+
+def _fresh(tmp_path, name):
+    (tmp_path / name).mkdir()
+    return tmp_path / name
+
+
+def _stubs(tmp_path, **scripts):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in scripts.items():
+        path = bin_dir / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return bin_dir
+
+
+def _run(tmp_path, script, bin_dir, exits, dead="", **env):
+    log = tmp_path / "stub.log"
+    log.touch()
+    base = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "STUB_LOG": str(log),
+            "EXITS": exits, "DEAD": dead, "RESIST_NODE_WAIT": "0", "RESIST_DATASET": "digits",
+            "RESIST_PYTHON": "python3", "RESIST_OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", script], cwd=ROOT, env={**base, **env}, capture_output=True, text=True,
+                          timeout=60)
+    launches = [line[len("launch "):] for line in log.read_text().splitlines() if line.startswith("launch ")]
+    return proc.returncode, proc.stdout + proc.stderr, launches
+
+
+def _pbs(tmp_path, exits, dead="", **env):
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("".join(f"node{k}\n" for k in range(4)))
+    bin_dir = _stubs(tmp_path, mpirun=MPIRUN, ping=PING)
+    return _run(tmp_path, "jobs/pbs/train.pbs", bin_dir, exits, dead, PBS_NODEFILE=str(nodefile),
+                PBS_JOBID="42.server", RESIST_LAUNCHER="mpirun", **env)
+
+
+def test_pbs_relaunches_on_the_nodes_that_answer(tmp_path):
+    rc, out, launches = _pbs(tmp_path, "3 0", dead="node3")
+    assert rc == 0, out
+    assert len(launches) == 2, launches
+    assert launches[0].startswith("-np 4 --map-by ppr:1:node --hostfile ") and " -H " not in launches[0]
+    assert launches[1].startswith("-np 3 -H node0:1,node1:1,node2:1 --map-by ppr:1:node --hostfile "), launches[1]
+    for cmd in launches:
+        assert "--resume auto" in cmd and "-m resist_mpi.train" in cmd and "--strategy resist" in cmd
+    assert ("resist: lost node3 (exit 3); relaunching on 3 nodes (node0,node1,node2), restart 1 of 3, "
+            "from the newest checkpoint") in out, out
+
+
+def test_pbs_relaunches_up_to_the_limit_then_says_why(tmp_path):
+    rc, out, launches = _pbs(tmp_path, "3", dead="node2 node3", RESIST_MAX_RESTARTS="1")
+    assert rc == 3 and len(launches) == 2, (out, launches)
+    assert launches[1].startswith("-np 2 -H node0:1,node1:1 "), launches[1]
+    assert out.rstrip().endswith("resist: the run failed (exit 3) and the restarts are used up "
+                                 "(1 of RESIST_MAX_RESTARTS=1)"), out
+
+
+def test_no_relaunch_when_every_node_answers_or_none_does(tmp_path):
+    rc, out, launches = _pbs(_fresh(tmp_path, "a"), "3")
+    assert rc == 3 and len(launches) == 1, (out, launches)
+    assert "resist: the run failed (exit 3) and every node still answers: not a lost node, no relaunch" in out
+    rc, out, launches = _pbs(_fresh(tmp_path, "b"), "3", dead="node0 node1 node2 node3")
+    assert rc == 3 and len(launches) == 1, (out, launches)
+    assert "resist: the run failed (exit 3) and no node of the job answers: nowhere to relaunch" in out
+
+
+def test_what_a_relaunch_would_not_fix_ends_the_job(tmp_path):
+    for code in ("2", "4", "0"):  # bad input, diverged, done: one launch, its status
+        rc, out, launches = _pbs(_fresh(tmp_path, code), code, dead="node3")
+        assert (rc, len(launches)) == (int(code), 1), out
+        assert "relaunching" not in out
+    rc, out, launches = _pbs(_fresh(tmp_path, "off"), "3", dead="node3", RESIST_MAX_RESTARTS="0")
+    assert (rc, len(launches)) == (3, 1) and "restarts are used up (0 of RESIST_MAX_RESTARTS=0)" in out
+
+
+def test_slurm_relaunch_asks_sinfo_and_names_the_nodes_left(tmp_path):
+    bin_dir = _stubs(tmp_path, srun=SRUN, scontrol=SCONTROL, sinfo=SINFO, ping=PING)
+    rc, out, launches = _run(tmp_path, "jobs/slurm/train.sbatch", bin_dir, "3 0", dead="node1",
+                             SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="4", SLURM_NTASKS_PER_NODE="2",
+                             SLURM_JOB_NODELIST="node0,node1,node2,node3")
+    assert rc == 0, out
+    assert launches[0].startswith("--nodes=4 --ntasks=8 --ntasks-per-node=2 --mpi=pmix --kill-on-bad-exit=1 ")
+    # the failed step still holds its CPUs: the relaunch overlaps it, on the nodes SLURM sees
+    assert launches[1].startswith("--nodes=3 --ntasks=6 --ntasks-per-node=2 --mpi=pmix --kill-on-bad-exit=1 "
+                                  "--nodelist=node0,node2,node3 --overlap "), launches[1]
+    assert "resist: lost node1 (exit 3); relaunching on 3 nodes (node0,node2,node3)" in out
+    assert "ping" not in (tmp_path / "stub.log").read_text()  # SLURM's view, not a ping
