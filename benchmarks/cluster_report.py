@@ -214,6 +214,7 @@ def format_table(summary: Dict[str, Dict], targets: List[float]) -> str:
             lines.append(f"{rate:>10} | {strategy:>13} | {100 * s['final_acc_mean']:6.2f}% ± {100 * s['final_acc_std']:4.2f} | "
                          + " | ".join(f"{c:>31}" for c in cells)
                          + f" | {s['t_compute_s']:6.2f}s | {s['t_comm_s']:6.2f}s | {s.get('t_hidden_s') or 0:6.2f}s | "
+                           f"{s.get('round_over_compute') or 0:5.2f}x | "
                            f"{s.get('t_eval_s') or 0:5.2f}s | {100 * (s['comm_fraction'] or 0):4.0f}%"
                          f" | {s['bytes_sent_per_round'] / 1e6:9.2f} | "
                          + (f"{kern / 1e6:10.2f} | {kover:8.3f}" if kern is not None else f"{'-':>10} | {'-':>8}"))

@@ -128,6 +128,7 @@ def test_summaries_of_fabricated_runs(fabricated):
     table = report.format_table({"20mbit": summary}, targets)
     resist_row = next(line for line in table.splitlines() if "resist" in line)
     assert "27.0s 1/2  0.45   23.0s  0.41" in resist_row and "21.0s 2/2  0.35" in resist_row
+    assert "|   1.10s |   0.00s |  2.10x |  2.00s |" in resist_row, resist_row  # comm, hidden, round/compute, eval
 
 
 def test_gpu_equivalent_rate():
