@@ -187,6 +187,10 @@ def _launch(run_dir: str) -> Optional[Dict]:
     return json.load(open(path)) if os.path.exists(path) else None
 
 
+def _time_to_97(by_strategy: Dict, label: str) -> Optional[float]:
+    return by_strategy.get(label, {}).get("time_to_target", {}).get("0.97", {}).get("mean_s")
+
+
 def verdicts(summary: Dict, mapping: Dict, targets: List[float], baseline: str = report.BASELINE,
              goals: Optional[Dict[str, float]] = None, best_of: Sequence[str] = (),
              best_goals: Optional[Dict[str, float]] = None,
@@ -210,23 +214,18 @@ def verdicts(summary: Dict, mapping: Dict, targets: List[float], baseline: str =
         if frac is None or frac < 0.5 or 0.97 not in targets:
             continue
         where = f"target at {rate} ({baseline} {100 * frac:.0f}% communicating)"
-
-        def to97(label):
-            return by.get(label, {}).get("time_to_target", {}).get("0.97", {}).get("mean_s")
-
         for label, ratio in goals.items():
             rel = by.get(label, {}).get("relative_time_to_target", {}).get("0.97")
             verdict = ("no run reached 97%" if rel is None
                        else f"{rel:.2f}x {baseline}'s ({'met' if rel <= ratio else 'NOT met'})")
             lines.append(f"{where}: {label}'s time to 97% <= {ratio:g}x {baseline}'s: {verdict}")
-        reached = {b: to97(b) for b in best_of if to97(b) is not None}
+        reached = {b: t for b in best_of if (t := _time_to_97(by, b)) is not None}
         best = min(reached, key=reached.get) if reached else None
         for label, ratio in (best_goals or {}).items():
-            mine = to97(label)
-            if best is None or mine is None:
+            rel = report.relative_times(by, label, [0.97], best)["0.97"] if best else None
+            if rel is None:
                 verdict = f"no run of {'the baselines' if best is None else label} reached 97%"
             else:
-                rel = mine / reached[best]
                 verdict = f"{rel:.2f}x {best}'s ({'met' if rel <= ratio else 'NOT met'})"
             lines.append(f"{where}: {label}'s time to 97% <= {ratio:g}x the best of {', '.join(best_of)}: {verdict}")
         for label, ratio in (round_goals or {}).items():

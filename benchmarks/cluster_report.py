@@ -146,8 +146,7 @@ def aggregate_rate(runs: Dict[str, Dict[int, Optional[Dict]]], targets: List[flo
             continue
         s = summary[strategy]
         for key in ("t_compute_s", "t_comm_s", "t_hidden_s", "t_eval_s", "comm_fraction", "round_over_compute",
-                    "bytes_sent_per_round",
-                    "rounds"):
+                    "bytes_sent_per_round", "rounds"):
             s[key] = _mean(r.get(key) for r in done)
         s["kernel_tx_per_round"] = _mean(r["kernel"]["tx_per_round"] for r in done if r.get("kernel"))
         s["kernel_over_package"] = _mean(r["kernel"]["over_package"] for r in done if r.get("kernel"))

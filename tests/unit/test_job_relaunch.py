@@ -12,14 +12,15 @@ from helpers import ROOT
 
 # Each call appends its arguments to $STUB_LOG; the exit codes of the launches come from $EXITS
 # (one per launch, the last repeated); `ping -c 1 -W 2 HOST` fails for the hosts in $DEAD.
-MPIRUN = """#!/bin/bash
-if [ "$1" = --version ]; then echo "mpirun (Open MPI) 4.1.4"; exit 0; fi
-echo "launch $*" >> "$STUB_LOG"
+LAUNCH = """echo "launch $*" >> "$STUB_LOG"
 n=$(grep -c '^launch ' "$STUB_LOG")
 read -ra codes <<<"$EXITS"
 i=$(( n <= ${#codes[@]} ? n - 1 : ${#codes[@]} - 1 ))
 exit "${codes[$i]}"
 """
+MPIRUN = """#!/bin/bash
+if [ "$1" = --version ]; then echo "mpirun (Open MPI) 4.1.4"; exit 0; fi
+""" + LAUNCH
 PING = """#!/bin/bash
 host=${@: -1}
 echo "ping $host" >> "$STUB_LOG"
@@ -37,7 +38,7 @@ echo idle
 """
 SRUN = """#!/bin/bash
 if [ "$1" = --mpi=list ]; then echo "MPI plugin types are... pmix"; exit 0; fi
-""" + MPIRUN.split("\n", 2)[2]
+""" + LAUNCH
 
 
 def _fresh(tmp_path, name):
