@@ -1,5 +1,8 @@
 """The package's exception types that several layers raise (each module's own stay with it:
-BlockError in blocks, PartitionError in partition, ConfigError in config, ...)."""
+BlockError in blocks, PartitionError in partition, ConfigError in config, ...), and the one
+line a process says when it ends the job."""
+import sys
+import threading
 
 
 class NonFiniteError(FloatingPointError):
@@ -21,3 +24,17 @@ class PeerLost(ConnectionError):
 
 
 NONFINITE_EXIT = 4  # the CLI's exit status when training diverged (documented in the CLI reference)
+
+
+_said = threading.Lock()
+
+
+def say_last_line(line: str) -> bool:
+    """Write the line that says why this process ends the job to stderr, unless it already wrote
+    one: the watchdog's thread and the training loop can both find a lost peer at once, and the log
+    should get one line from a process, not two. Whether it wrote."""
+    if not _said.acquire(blocking=False):
+        return False
+    sys.stderr.write(line.rstrip("\n") + "\n")
+    sys.stderr.flush()
+    return True

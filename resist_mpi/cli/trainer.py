@@ -28,7 +28,7 @@ from ..blocks.find import find_blocks
 from ..comm import Comm, select_device
 from ..data.datasets import DataError, check_compatible, load_dataset
 from ..data.loader import ShardLoader
-from ..errors import NONFINITE_EXIT, NonFiniteError, PeerLost
+from ..errors import NONFINITE_EXIT, NonFiniteError, PeerLost, say_last_line
 from ..evaluation import evaluate, recalibrate_bn
 from ..models import create_model
 from ..plan import partition
@@ -323,9 +323,8 @@ class Trainer:
             time.sleep(1.0)
             self.c.abort(FAILURE_EXIT)
         except PeerLost as e:  # a rank is gone: one line; torchrun or a job script restarts the survivors
-            sys.stderr.write(f"resist_mpi: error: rank {self.c.rank}: {one_line(e)}; exit {LOST_PEER_EXIT} "
-                             f"(continue with --resume auto)\n")
-            sys.stderr.flush()
+            say_last_line(f"resist_mpi: error: rank {self.c.rank}: {one_line(e)}; exit {LOST_PEER_EXIT} "
+                          f"(continue with --resume auto)")
             self.c.abort(LOST_PEER_EXIT)
         except (DataError, OSError) as e:  # unreadable data mid-epoch, a full disk: one line, every rank
             sys.stderr.write(f"resist_mpi: error: rank {self.c.rank}: {one_line(e)}\n")

@@ -9,7 +9,8 @@ each rank opened at start, addresses exchanged once) whether it is still reachab
 - Every peer answers: the job is slow, not broken (a rank writing a large checkpoint, a long
   evaluation); nothing happens, and it asks again after another `timeout` seconds.
 - Some peer does not answer within `probe_timeout`: the lowest rank that still reaches every
-  answering peer prints one line naming the lost ranks and their hosts, and the job is aborted
+  answering peer prints one line naming the lost ranks and their hosts (under torchrun, whose
+  agents keep a log per node, the lowest on each node; see `reporters`), and the job is aborted
   (exit status LOST_PEER_EXIT), so `--resume auto` can continue it from its last checkpoint.
 
 The listener answers from its own thread, so a rank busy in a long computation or blocked in an
@@ -17,12 +18,14 @@ MPI call still answers; only a rank that cannot be reached does not.
 """
 from __future__ import annotations
 
+import os
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence, Tuple
+
+from ..errors import say_last_line
 
 LOST_PEER_EXIT = 3
 
@@ -53,6 +56,21 @@ def reachable(addr: Tuple[str, int], timeout: float) -> bool:
             return s.recv(1) == b"+"
     except OSError:
         return False
+
+
+def reporters(lost: Sequence[int], hosts: Sequence[str], per_node_logs: bool) -> List[int]:
+    """The ranks that print the lost-peer line. Every rank that still sees all the others says the
+    same, so one line is enough where the ranks' output meets in one log (mpirun, srun): the lowest
+    rank left prints. Under torchrun each node's agent keeps its own log, so the lowest rank left on
+    each host prints, and every surviving node's log says why its workers stopped (a cut-off rank's
+    own output cannot arrive anyway)."""
+    left = [r for r in range(len(hosts)) if r not in set(lost)]
+    if not per_node_logs:
+        return left[:1]
+    first = {}
+    for r in left:
+        first.setdefault(hosts[r], r)
+    return sorted(first.values())
 
 
 class Watchdog:
@@ -123,15 +141,11 @@ class Watchdog:
         return [r for r, good in zip(others, ok) if not good]
 
     def _report_and_abort(self, lost: Sequence[int], stalled: float) -> None:
-        # Every rank that still sees all the others alike says the same: only the lowest of them
-        # prints, so the job log gets one line (a cut-off rank's own output cannot arrive anyway).
-        reporter = min(r for r in range(self.c.size) if r not in lost)
-        if self.c.rank == reporter:
+        if self.c.rank in reporters(lost, self.hosts, per_node_logs=bool(os.environ.get("TORCHELASTIC_RUN_ID"))):
             names = ", ".join(f"rank {r} ({self.hosts[r]})" for r in lost)
-            sys.stderr.write(f"resist_mpi: error: lost {names}: no answer for {self.probe_timeout:.0f} s after "
-                             f"{stalled:.0f} s without progress in {self.phase}; aborting the job "
-                             f"(rerun with --resume auto to continue from the last checkpoint)\n")
-            sys.stderr.flush()
+            say_last_line(f"resist_mpi: error: lost {names}: no answer for {self.probe_timeout:.0f} s after "
+                          f"{stalled:.0f} s without progress in {self.phase}; aborting the job "
+                          f"(rerun with --resume auto to continue from the last checkpoint)")
         else:
             time.sleep(1.0)  # let the reporter's line out first
         self.c.abort(LOST_PEER_EXIT)

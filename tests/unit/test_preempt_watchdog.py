@@ -2,10 +2,12 @@
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 
 from resist_mpi.cli.preempt import REQUEUE_EXIT, StopRequest
-from resist_mpi.cli.watchdog import probe_address, reachable
+from resist_mpi.cli.watchdog import probe_address, reachable, reporters
 
 
 def test_stop_signals_only_set_a_flag_and_handlers_come_back():
@@ -56,3 +58,34 @@ def test_reachable_needs_an_answering_listener():
     server.close()
     silent.close()
     assert not reachable(("127.0.0.1", port), 0.5)  # nothing listens any more
+
+
+def test_reporters_one_line_per_job_log_or_per_node_log():
+    hosts = ["node0", "node0", "node1", "node1", "node2", "node2", "node3", "node3"]
+    # mpirun/srun: the ranks' output meets in one log, so the lowest rank left prints alone
+    assert reporters([6, 7], hosts, per_node_logs=False) == [0]
+    assert reporters([0, 1], hosts, per_node_logs=False) == [2]
+    # torchrun: every surviving node's agent log gets its line, from its lowest rank left
+    assert reporters([6, 7], hosts, per_node_logs=True) == [0, 2, 4]
+    assert reporters([0, 3, 6, 7], hosts, per_node_logs=True) == [1, 2, 4]
+    assert reporters([3], ["a", "b", "c", "d"], per_node_logs=True) == [0, 1, 2]
+
+
+def test_a_process_says_its_last_line_once_whoever_finds_the_loss_first():
+    # the watchdog's thread and the training loop race to report; the log gets one line
+    code = ("import threading\n"
+            "from resist_mpi.errors import say_last_line\n"
+            "go = threading.Barrier(8)\n"
+            "said = []\n"
+            "def report(i):\n"
+            "    go.wait()\n"
+            "    said.append(say_last_line(f'resist_mpi: error: from {i}'))\n"
+            "ts = [threading.Thread(target=report, args=(i,)) for i in range(8)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n"
+            "print(sum(said))\n")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "1"
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("resist_mpi: error: from "), p.stderr
