@@ -32,6 +32,7 @@ import torch
 
 from ..errors import NonFiniteError
 from ..plan.groups import slice_counts
+from .tensors import all_finite
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 INT8_CHUNK = 4096
@@ -56,7 +57,7 @@ class Codec:
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The container of x's compressed values; NonFiniteError when x holds NaN or inf."""
-        if x.device.type != "meta" and not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise NonFiniteError(f"cannot encode non-finite values for a {self.name} wire")
         return self._encode(x)
 
@@ -119,7 +120,7 @@ def compressed_mean(c, u: torch.Tensor, codec: Codec) -> Tuple[torch.Tensor, tor
     starts = [0, *accumulate(counts)]
     sizes = wire_elements(n, S, codec)
     offsets = [0, *accumulate(sizes)]  # of each chunk's container in the gathered means
-    finite = u.device.type == "meta" or bool(torch.isfinite(u).all())
+    finite = all_finite(u)
     parts = [codec._encode(u[starts[d]:starts[d] + counts[d]]) if finite else codec.poison(counts[d], u.device)
              for d in range(S)]
     err = torch.cat([u[starts[d]:starts[d] + counts[d]] - codec.decode(parts[d], counts[d]) for d in range(S)]) \
@@ -182,7 +183,7 @@ class ErrorFeedback:
         elif self.residual.device != update.device:  # one loaded from a checkpoint
             self.residual = self.residual.to(update.device)
         mean, residual, _ = compressed_mean(c or self.c, update + self.residual, self.codec)
-        if mean.device.type != "meta" and not bool(torch.isfinite(mean).all()):
+        if not all_finite(mean):
             raise NonFiniteError(f"the {self.codec.name} average of a round's update is not finite")
         self.residual = residual
         return mean

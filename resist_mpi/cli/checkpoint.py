@@ -49,6 +49,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..averaging.tensors import all_finite
 from ..errors import NonFiniteError
 from ..strategies.shard import Shard, average_copies, flushed_values  # noqa: F401 (part of this module's API)
 
@@ -131,7 +132,7 @@ def check_finite(tensors: Dict[str, Any], what: str = "the model") -> None:
     """NonFiniteError unless every floating tensor in the (nested) dict is finite: a checkpoint is
     never written from a diverged model (so rotation never deletes the newest good one)."""
     for k, v in _tensors(tensors):
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+        if not all_finite(v):
             raise NonFiniteError(f"{what} is not finite ({k}): checkpoint not written")
 
 

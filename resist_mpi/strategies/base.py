@@ -167,7 +167,8 @@ class Strategy:
 
     def finite(self) -> bool:
         """Whether every tensor this rank holds is finite (a local check, no communication)."""
-        return all(bool(torch.isfinite(t).all()) for t in module_tensors(self.model) if t.numel())
+        from ..averaging.tensors import all_finite
+        return all(all_finite(t) for t in module_tensors(self.model))
 
     def prepare_round(self) -> None:
         """Ready the next round before a full_model() that it follows (collective, between rounds),

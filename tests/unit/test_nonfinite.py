@@ -11,6 +11,29 @@ from cases import library as L
 from resist_mpi.averaging.gradients import GradientAverager
 from resist_mpi.comm.thread import run_ranks
 from resist_mpi.averaging.compression import Codec, ErrorFeedback
+from resist_mpi.averaging.tensors import all_finite
+
+
+def test_all_finite_decides_exactly_also_when_the_sum_overflows():
+    x = torch.linspace(-1, 1, 100_003)
+    assert all_finite(x) and all_finite(x.double()) and all_finite(x.half()) and all_finite(x.bfloat16())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            y = x.to(dtype)
+            y[77_777] = bad
+            assert not all_finite(y), (bad, dtype)
+    # finite values whose sum is not: the element-wise test decides
+    assert all_finite(torch.full((4,), 3e38))
+    assert all_finite(torch.full((4,), 6e4, dtype=torch.float16).repeat(10_000))
+    assert all_finite(torch.tensor([3e38, 3e38, -3e38]))
+    big = torch.full((4,), 3e38)
+    big[2] = float("inf")
+    assert not all_finite(big)
+    both = torch.tensor([float("inf"), float("-inf")])  # their sum is NaN, each is not finite
+    assert not all_finite(both)
+    # nothing to test: integers, empty, meta
+    assert all_finite(torch.arange(5)) and all_finite(torch.empty(0))
+    assert all_finite(torch.empty(10, device="meta"))
 
 
 def test_the_codec_refuses_non_finite_values():
