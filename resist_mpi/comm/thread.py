@@ -18,6 +18,7 @@ and run_ranks re-raises the first real exception (abort(code) raises SystemExit(
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -200,19 +201,42 @@ def _ordered_sum(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+def _one_cpu() -> Optional[int]:
+    """A CPU this thread may run on, where threads can be pinned (else None)."""
+    try:
+        return min(os.sched_getaffinity(0))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _pin(cpu: int) -> None:
+    try:
+        os.sched_setaffinity(0, {cpu})  # this thread only (Linux: 0 is the calling thread)
+    except OSError:
+        pass  # a sandbox that forbids it: run unpinned
+
+
 def run_ranks(size: int, fn: Callable[[ThreadComm], Any], nodes: Optional[Sequence[int]] = None,
-              timeout: float = 300.0) -> List[Any]:
+              timeout: float = 300.0, one_cpu: bool = False) -> List[Any]:
     """Run fn(comm) on `size` thread ranks of a new ThreadWorld; their return values in rank order.
 
     The first exception raised on any rank (not the WorldAborted it causes on the others) is
     re-raised here, once every thread has stopped.
+
+    one_cpu: run every rank thread on one CPU (Linux; elsewhere ignored). For work that is all
+    Python under the interpreter lock (meta tensors: nothing to compute), where many threads on
+    several cores spend their time handing the lock across cores (kernel time) instead of running:
+    `python -m resist_mpi.tools.traffic` counts that way. Only the rank threads are pinned.
     """
     world = ThreadWorld(size, nodes, timeout)
     results: List[Any] = [None] * size
     errors: List[Optional[BaseException]] = [None] * size
+    cpu = _one_cpu() if one_cpu else None
 
     def body(rank: int) -> None:
         try:
+            if cpu is not None:
+                _pin(cpu)
             results[rank] = fn(ThreadComm(world, rank))
         except BaseException as e:  # noqa: BLE001 - reported to the caller below
             errors[rank] = e

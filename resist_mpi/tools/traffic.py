@@ -182,7 +182,7 @@ def count_rounds(sizes: ModelSizes, size: int, strategy: str = "resist", rounds:
             out.append(rec)
         return out
 
-    per_rank = run_ranks(size, body, nodes=nodes)
+    per_rank = run_ranks(size, body, nodes=nodes, one_cpu=True)  # meta tensors: all under the lock
     rows = []
     for r in range(rounds):
         row = {k: sum(rank[r][k] for rank in per_rank) for k in per_rank[0][r]}
@@ -264,7 +264,7 @@ def average_wire(numel: int, size: int, wire_dtype: str = "float32") -> int:
         before = c.bytes_sent
         averager.average()
         return c.bytes_sent - before
-    return sum(run_ranks(size, body))
+    return sum(run_ranks(size, body, one_cpu=True))
 
 
 # -- the report ----------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Pure parts of the comm package: fusion, launch detection, device choice, the world of one."""
+"""Pure parts of the comm package: fusion, launch detection, device choice, the world of one, thread ranks on one CPU."""
+import os
+
 import pytest
 import torch
 
@@ -145,3 +147,20 @@ def test_cross_node_bytes_of_an_exchange_and_a_broadcast():
     with receiver.as_control():
         receiver._count_bcast(5, root=1)
     assert receiver.cross_counters() == (0, 1000) and receiver.control_bytes == 5
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="thread affinity is Linux's")
+def test_thread_ranks_on_one_cpu_pin_only_the_rank_threads():
+    from resist_mpi.comm.thread import run_ranks
+    mine = os.sched_getaffinity(0)
+
+    def body(c):
+        t = torch.full((3,), float(c.rank))
+        c.allreduce_mean_(t)
+        return os.sched_getaffinity(0), t.tolist()
+
+    pinned = run_ranks(4, body, one_cpu=True)
+    assert [a for a, _ in pinned] == [{min(mine)}] * 4
+    assert [t for _, t in pinned] == [[1.5] * 3] * 4  # the same collectives, the same values
+    assert os.sched_getaffinity(0) == mine  # the caller's thread keeps its CPUs
+    assert [a for a, _ in run_ranks(2, body)] == [mine] * 2  # not asked: not pinned
