@@ -18,13 +18,13 @@ MPI call still answers; only a rank that cannot be reached does not.
 """
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence, Tuple
 
+from ..comm.launch import world_info_from_env
 from ..errors import say_last_line
 
 LOST_PEER_EXIT = 3
@@ -64,7 +64,8 @@ def reporters(lost: Sequence[int], hosts: Sequence[str], per_node_logs: bool) ->
     rank left prints. Under torchrun each node's agent keeps its own log, so the lowest rank left on
     each host prints, and every surviving node's log says why its workers stopped (a cut-off rank's
     own output cannot arrive anyway)."""
-    left = [r for r in range(len(hosts)) if r not in set(lost)]
+    gone = set(lost)
+    left = [r for r in range(len(hosts)) if r not in gone]
     if not per_node_logs:
         return left[:1]
     first = {}
@@ -141,7 +142,8 @@ class Watchdog:
         return [r for r, good in zip(others, ok) if not good]
 
     def _report_and_abort(self, lost: Sequence[int], stalled: float) -> None:
-        if self.c.rank in reporters(lost, self.hosts, per_node_logs=bool(os.environ.get("TORCHELASTIC_RUN_ID"))):
+        per_node_logs = world_info_from_env().launcher == "torchrun"  # each agent its own log
+        if self.c.rank in reporters(lost, self.hosts, per_node_logs):
             names = ", ".join(f"rank {r} ({self.hosts[r]})" for r in lost)
             say_last_line(f"resist_mpi: error: lost {names}: no answer for {self.probe_timeout:.0f} s after "
                           f"{stalled:.0f} s without progress in {self.phase}; aborting the job "

@@ -36,7 +36,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from ..averaging.tensors import broadcast_tensors_
+from ..averaging.tensors import all_finite, broadcast_tensors_
 from ..blocks.tensors import materialize_, module_tensors
 from ..errors import NonFiniteError, UsageError
 
@@ -167,7 +167,6 @@ class Strategy:
 
     def finite(self) -> bool:
         """Whether every tensor this rank holds is finite (a local check, no communication)."""
-        from ..averaging.tensors import all_finite
         return all(all_finite(t) for t in module_tensors(self.model))
 
     def prepare_round(self) -> None:
