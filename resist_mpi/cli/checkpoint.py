@@ -35,6 +35,7 @@ epoch, rank, batch, round), not of an RNG state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -79,13 +80,17 @@ def shard_name(kind: str, rank: int) -> str:
 
 
 # -- files ------------------------------------------------------------------------------------------------
-def atomic_save(obj, path: str) -> None:
+def atomic_save(obj, path: str, crc32: bool = True) -> None:
     """Write obj to path so that path is either absent (or the old file) or the complete new one: a
     temporary file, fsync, rename, fsync of the directory (the rename itself survives a crash). A
-    failure (a full disk) removes the temporary file and raises OSError with one line."""
+    failure (a full disk) removes the temporary file and raises OSError with one line.
+
+    crc32=False leaves the zip records' checksums out (0): torch.load never checks them, so they buy
+    a shard nothing, and computing them is most of torch.save's CPU time (benchmarks/checkpoint_bench.py
+    has the per-round cost). Files meant for other tools (export) keep them."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as fh:  # through a Python file: a full disk is an OSError with its errno
+        with open(tmp, "wb") as fh, _crc32(crc32):  # a Python file: a full disk is an OSError with its errno
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -98,6 +103,18 @@ def atomic_save(obj, path: str) -> None:
 
 
 _atomic_save = atomic_save
+
+
+@contextlib.contextmanager
+def _crc32(enabled: bool):
+    """torch.save's checksum setting for one save. It is process-wide: only the CLI's checkpoint
+    writer thread turns it off, in a process where nothing else saves at the same time."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(enabled)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 def atomic_write_text(text: str, path: str) -> None:
@@ -176,7 +193,7 @@ class ShardWriter:
                     t0 = time.perf_counter()
                     os.makedirs(directory, exist_ok=True)
                     for name, obj in files.items():
-                        atomic_save(obj, os.path.join(directory, name))
+                        atomic_save(obj, os.path.join(directory, name), crc32=False)
                     self.t_round[round_index] = time.perf_counter() - t0
                     self.t_written += self.t_round[round_index]
                     self.done = round_index

@@ -100,6 +100,24 @@ def test_checkpoint_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatc
     assert str(tmp_path / "x.pt.tmp") in synced
 
 
+def test_shards_are_written_without_zip_checksums_and_load_exactly_while_exports_keep_them(tmp_path):
+    import zipfile
+    state = {"w": torch.randn(64, 32), "n": torch.arange(7), "h": torch.randn(5).half()}
+    writer = ckpt.ShardWriter()
+    writer.submit(3, str(tmp_path / "ckpt"), {"blocks-00000.pt": {"rank": 0, "blocks": {1: state}}})
+    writer.wait()
+    assert writer.error is None and writer.done == 3
+    shard = str(tmp_path / "ckpt" / "blocks-00000.pt")
+    assert all(i.CRC == 0 for i in zipfile.ZipFile(shard).infolist())  # left out: the writer's CPU
+    for mmap in (False, True):  # torch.load (resume) and verify's mmap read both take them
+        back = torch.load(shard, map_location="cpu", weights_only=True, mmap=mmap)["blocks"][1]
+        assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
+    ckpt.atomic_save(state, str(tmp_path / "export.pt"))  # the default (export): checksums written, valid
+    with zipfile.ZipFile(str(tmp_path / "export.pt")) as z:
+        assert z.testzip() is None and any(i.CRC != 0 for i in z.infolist())
+    assert torch.serialization.get_crc32_options() is True  # the process-wide setting is restored
+
+
 def test_a_checkpoint_that_cannot_be_written_leaves_nothing_under_its_name(tmp_path, monkeypatch):
     def full(*a, **kw):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 128 vs 64")
