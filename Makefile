@@ -74,10 +74,11 @@ demo: setup
 # to each other without crossing cores (measured on 2 cores: 151 s against 201 s). Launches get every CPU.
 ONE_CPU := $(shell command -v taskset >/dev/null 2>&1 && $(PY) -c 'import os; print("taskset -c", min(os.sched_getaffinity(0)))')
 
-# Everything: the linter, the docs site (warnings are errors), then every test tier.
+# Everything: the linter, the docs site (warnings are errors), then every test tier (the slowest tests
+# listed at the end of each, so a log shows where the time goes).
 test: setup scheduler-deps horovod-or-warn lint docs
-	$(ONE_CPU) $(VENV)/bin/python -m pytest tests/unit -q
-	$(VENV)/bin/python -m pytest tests -q --ignore=tests/unit
+	$(ONE_CPU) $(VENV)/bin/python -m pytest tests/unit -q --durations=10
+	$(VENV)/bin/python -m pytest tests -q --ignore=tests/unit --durations=40
 
 # The unit tier without the slow tests: one process, no launches (ranks as threads), a few minutes.
 test-fast: setup
