@@ -71,7 +71,7 @@ demo: setup
 	$(MPIRUN) -np $(NP) $(VENV)/bin/python -m resist_mpi.train --config configs/demo.yaml --out runs/demo --overwrite
 
 # The unit tier runs its ranks as threads of one process: on one CPU they hand the interpreter lock
-# to each other without crossing cores (measured on 2 cores: 151 s against 201 s). Launches get every CPU.
+# to each other without crossing cores (faster on 2 cores: docs/testing.md). Launches get every CPU.
 ONE_CPU := $(shell command -v taskset >/dev/null 2>&1 && $(PY) -c 'import os; print("taskset -c", min(os.sched_getaffinity(0)))')
 
 # Everything: the linter, the docs site (warnings are errors), then every test tier (the slowest tests
