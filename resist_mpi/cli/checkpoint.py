@@ -3,7 +3,10 @@
     OUT/checkpoints/ckpt-000123/      the state at the start of round 123 (after round 122)
         shared.pt          rank 0: what every rank holds alike (the shared layers; local SGD and
                            data-parallel: the whole model), the averagers' agreed values and outer
-                           step, the assignment and who holds which block
+                           step, the assignment and who holds which block; with plain averages
+                           only its part of the shared layers' tensors, the rest named by "dealt"
+        shared-00002.pt    rank 2: its part of the shared layers' tensors (plain averages: every
+                           rank holds them alike, so they are dealt out by bytes, blocks counted)
         blocks-00002.pt    rank 2: the blocks it is the writer of (one holder of identical copies,
                            the lowest; every trainer of a block several ranks trained this round)
         rank-00002.pt      rank 2: its own state (optimizer state under a keep policy, error
@@ -52,9 +55,10 @@ import torch
 
 from ..averaging.tensors import all_finite
 from ..errors import NonFiniteError
-from ..strategies.shard import Shard, average_copies, flushed_values  # noqa: F401 (part of this module's API)
+from ..strategies.shard import Shard, average_copies, flushed_values, merge_dealt  # noqa: F401 (part of this module's API)
 
-FORMAT = "resist_mpi-sharded-1"
+FORMAT = "resist_mpi-sharded-2"  # 2: the shared entries dealt out over the ranks (shared-RRRRR.pt)
+READABLE = (FORMAT, "resist_mpi-sharded-1")
 _DIR = re.compile(r"ckpt-(\d{6})$")
 MANIFEST = "manifest.json"
 
@@ -89,17 +93,38 @@ def atomic_save(obj, path: str, crc32: bool = True) -> None:
     a shard nothing, and computing them is most of torch.save's CPU time (benchmarks/checkpoint_bench.py
     has the per-round cost). Files meant for other tools (export) keep them."""
     tmp = path + ".tmp"
+    out = None
     try:
         with open(tmp, "wb") as fh, _crc32(crc32):  # a Python file: a full disk is an OSError with its errno
-            torch.save(obj, fh)
+            out = _WriteErrors(fh)
+            torch.save(obj, out)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(os.path.dirname(path) or ".")
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise OSError(f"cannot write checkpoint {path}: {_first_line(e)}") from None
+        cause = out.error if out is not None and out.error is not None else e
+        raise OSError(f"cannot write checkpoint {path}: {_first_line(cause)}") from None
+
+
+class _WriteErrors:
+    """A file for torch.save that remembers the first OSError of a write: torch reports a full
+    disk in the middle of a record as "unexpected pos", and the user should read "No space left"."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 _atomic_save = atomic_save
@@ -230,13 +255,17 @@ class Checkpointer:
         the copy is synchronous, the disk is not)."""
         t0 = time.perf_counter()
         shard = job.shard()
-        check_finite({"shared": shard.shared or {}, "blocks": shard.blocks}, f"rank {self.c.rank}'s model")
+        check_finite({"shared": shard.shared or {}, "dealt": shard.dealt, "blocks": shard.blocks},
+                     f"rank {self.c.rank}'s model")
         files = {shard_name("rank", self.c.rank): {"rank": self.c.rank, **shard.rank}}
         if shard.blocks:
             files[shard_name("blocks", self.c.rank)] = {"rank": self.c.rank, "blocks": shard.blocks}
+        if shard.dealt:
+            files[shard_name("shared", self.c.rank)] = {"rank": self.c.rank, "model": shard.dealt}
         if self.c.rank == 0:
             files["shared.pt"] = shard.shared
             expected = ["shared.pt"] + [shard_name("rank", r) for r in range(self.c.size)]
+            expected += [shard_name("shared", r) for r in sorted(set((shard.shared.get("dealt") or {}).values()))]
             expected += sorted({shard_name("blocks", r) for ws in shard.writers.values() for r in ws})
             manifest = {**self.meta, "format": FORMAT, "round": job.round, "epoch": epoch, "world_size": self.c.size,
                         "strategy": job.name, "hosts": list(self.c.hosts), "files": expected,
@@ -317,7 +346,7 @@ def verify(directory: str) -> Tuple[Optional[Dict], Optional[str]]:
         manifest = json.load(open(path))
     except (OSError, ValueError) as e:
         return None, f"its manifest is unreadable ({_first_line(e)[:80]})"
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in READABLE:
         return None, f"it is not a checkpoint of this version ({manifest.get('format')})"
     for name in manifest["files"]:
         f = os.path.join(directory, name)
@@ -374,7 +403,15 @@ class Reader:
 
     @property
     def shared(self) -> Dict:
-        return self.load("shared.pt")
+        """shared.pt with the shared entries other ranks wrote (shared-RRRRR.pt) put back in place."""
+        if "shared" not in self._cache:
+            shared = self.load("shared.pt")
+            parts = {r: self.load(shard_name("shared", r))["model"] for r in sorted(set((shared.get("dealt") or {}).values()))}
+            try:
+                self._cache["shared"] = merge_dealt(shared, parts)
+            except KeyError as e:
+                raise CheckpointError(f"checkpoint {self.directory}: shared entry {e} is in none of its files")
+        return self._cache["shared"]
 
     def rank_state(self, rank: int) -> Dict:
         return self.load(shard_name("rank", rank))

@@ -429,14 +429,30 @@ class Strategy:
         per-rank state is used; otherwise it starts afresh and an average in flight is applied."""
         raise NotImplementedError(f"{type(self).__name__} has no sharded checkpoints")
 
-    def _shared_state(self, model_state: Dict, keys) -> Dict:
-        """What rank 0 writes for everyone: the given model entries and what every rank holds alike."""
+    def _shared_state(self, shard, model_state: Dict, keys, loads: Sequence[int]) -> None:
+        """The shared part of shard: what every rank holds alike, written once. keys: the averaged
+        entries of model_state. loads: the bytes each rank writes anyway (its blocks).
+
+        With plain averages every rank holds those entries alike, to the bit, at a round boundary
+        (the round's average just gave them the same values), so they are dealt out over the ranks
+        (shard.deal) and each writes its part; rank 0 writes the rest (counters, the averagers'
+        and the optimizer's state) in shared.pt. With an overlapped average or an outer step the
+        ranks' values differ until it is applied, and rank 0 writes everything."""
         from ..averaging.tensors import _cpu_copy
-        state = {"strategy": self.name, "round": self.round, "model": _cpu_copy(model_state),
-                 "averagers": [a.state_dict() for a in self._model_averagers], "averaged_keys": keys}
+        from .shard import deal
+        owner: Dict[str, int] = {}
+        if self.comm.size > 1 and all(a.plain for a in self._model_averagers):
+            owner = deal({k: model_state[k].numel() * model_state[k].element_size() for k in keys}, loads)
+        if self.comm.rank != 0:
+            shard.dealt = _cpu_copy({k: model_state[k] for k, r in owner.items() if r == self.comm.rank})
+            return
+        model = {k: (None if owner.get(k, 0) else v) for k, v in model_state.items()}
+        state = {"strategy": self.name, "round": self.round, "model": _cpu_copy(model),
+                 "dealt": {k: r for k, r in owner.items() if r}, "averaged_keys": keys,
+                 "averagers": [a.state_dict() for a in self._model_averagers]}
         if self.optimizer is not None and self.replicated_optimizer_state:
             state["optimizer"] = _cpu_copy(self.optimizer.state_dict())
-        return state
+        shard.shared = state
 
     def _rank_shard(self) -> Dict:
         from ..averaging.tensors import _cpu_copy
@@ -485,8 +501,7 @@ class Replicated(Strategy):
         from ..blocks.tensors import module_keys
         from .shard import Shard
         shard = Shard(rank=self._rank_shard())
-        if self.comm.rank == 0:
-            shard.shared = self._shared_state(self.model.state_dict(), module_keys(self.model))
+        self._shared_state(shard, self.model.state_dict(), module_keys(self.model), [0] * self.comm.size)
         return shard
 
     def load_shards(self, reader, round_index: int, same_layout: bool) -> None:

@@ -365,13 +365,16 @@ class ResIST(Strategy):
         from ..blocks.tensors import shared_keys
         from .shard import Shard
         shard = Shard(rank=self._rank_shard(), writers=self.block_writers())
+        loads = [0] * self.comm.size
         for b, writers in shard.writers.items():
+            for r in writers:  # a block's bytes as every rank knows them (float32: BlockStore)
+                loads[r] += 4 * self.store.numel(b)
             if self.comm.rank in writers:
                 shard.blocks[b] = _cpu_copy(self.blocks[b].state_dict(prefix=self.block_names[b] + "."))
+        prefixes = tuple(n + "." for n in self.block_names)
+        own = {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefixes)}
+        self._shared_state(shard, own, shared_keys(self.model, self.blocks), loads)
         if self.comm.rank == 0:
-            prefixes = tuple(n + "." for n in self.block_names)
-            own = {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefixes)}
-            shard.shared = self._shared_state(own, shared_keys(self.model, self.blocks))
             shard.shared.update(assignment=self.assignment, holders=[list(h) for h in self.holdings.holders],
                                 divergent=sorted(self.holdings.divergent))
         return shard

@@ -5,7 +5,7 @@ need nothing of the checkpoint machinery."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,16 +14,45 @@ import torch
 class Shard:
     """One rank's part of a checkpoint (CPU tensors, taken at a round boundary).
 
-    shared: what every rank holds alike (written by rank 0 only; None elsewhere).
+    shared: what every rank holds alike (written by rank 0 only; None elsewhere). Its "model" has
+        every shared entry in order; those another rank writes are None there, and "dealt" says
+        which rank (when every rank holds the entries alike, they are dealt out: deal()).
+    dealt: {state_dict key: tensor} of the shared entries this rank writes for everyone (rank > 0).
     blocks: {block id: the block's state_dict entries} this rank writes.
     rank: this rank's own state (always written, possibly empty).
     writers: {block id: ranks whose blocks file holds a copy} (every rank computes the same).
     """
 
     shared: Optional[Dict] = None
+    dealt: Dict[str, torch.Tensor] = field(default_factory=dict)
     blocks: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict)
     rank: Dict = field(default_factory=dict)
     writers: Dict[int, List[int]] = field(default_factory=dict)
+
+
+def deal(sizes: Dict[str, int], loads: Sequence[int]) -> Dict[str, int]:
+    """Who writes each shared entry of a checkpoint: the largest first, each to the rank that has
+    the fewest bytes to write so far (ties: the lowest rank), starting from loads (the bytes each
+    rank writes anyway: its blocks). Pure; every rank computes the same from the same sizes, so
+    nobody is told. Spreading the shared layers over the ranks' writers keeps one rank's
+    background write from setting the round's pace (benchmarks/checkpoint_bench.py)."""
+    loads = list(loads)
+    owner = {}
+    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        r = min(range(len(loads)), key=lambda i: (loads[i], i))
+        owner[key] = r
+        loads[r] += sizes[key]
+    return owner
+
+
+def merge_dealt(shared: Dict, parts: Dict[int, Dict[str, torch.Tensor]]) -> Dict:
+    """shared (shared.pt) with the entries other ranks wrote (parts: rank -> its "model" dict) put
+    back in their places (a KeyError names an entry that no part holds)."""
+    dealt = shared.get("dealt") or {}
+    if not dealt:
+        return shared
+    model = {k: (parts[dealt[k]][k] if v is None else v) for k, v in shared["model"].items()}
+    return {**shared, "model": model}
 
 
 def average_copies(copies: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:

@@ -127,6 +127,29 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_under_its_name(tmp_p
     assert os.listdir(tmp_path) == []
 
 
+def test_a_full_disk_in_the_middle_of_a_record_is_reported_as_a_full_disk(tmp_path, monkeypatch):
+    """torch's zip writer swallows the file's ENOSPC and reports "unexpected pos"; the one line
+    must say the disk is full (seen when the shared layers were dealt out and the disk filled in
+    the middle of a record)."""
+    import errno
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save(obj, f):
+        f.fh = Full()
+        try:
+            f.write(b"PK")
+        except OSError:
+            pass
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*x.pt: \[Errno 28\] No space left on device$"):
+        ckpt.atomic_save({"a": torch.ones(1)}, str(tmp_path / "x.pt"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_out_directory_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_is_free(tmp_path):
     out = str(tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", f"import time; from resist_mpi.cli.checkpoint import OutLock; "

@@ -62,6 +62,68 @@ def _verified(path):
     return str(path), manifest
 
 
+def _run_ranks(out, size, **kw):
+    from resist_mpi.comm.thread import run_ranks
+    cfg = validate(Config(**{**TINY, "out": str(out), "checkpoint_rounds": 1, "keep_checkpoints": 10,
+                             "eval_every": 0, "batch_size": 64, **kw}))
+    torch.set_num_threads(1)
+    return run_ranks(size, lambda c: Trainer(cfg, c).run())[0]
+
+
+@pytest.mark.parametrize("size, kw, dealt", [
+    (2, dict(strategy="resist"), True),
+    (4, dict(strategy="resist", group_size="2", wire_dtype="int8"), True),
+    (4, dict(strategy="local_sgd"), True),
+    (2, dict(strategy="data_parallel"), True),
+    (2, dict(strategy="resist", overlap=True), False),
+], ids=["resist-2", "resist-groups-int8-4", "local_sgd-4", "data_parallel-2", "resist-overlap-2"])
+def test_sharded_checkpoints_deal_the_shared_layers_out_and_resume_bit_for_bit(tmp_path, size, kw, dealt):
+    """With plain averages every rank holds the shared layers alike at a round boundary, so each
+    writes its part (shared-RRRRR.pt) instead of rank 0 writing them all; every shared entry is in
+    exactly one file, and a run resumed from such a checkpoint (thread ranks) continues bit for bit.
+    With an overlapped average the ranks' values differ: rank 0 writes them all, as before."""
+    result = _run_ranks(tmp_path / "full", size, **kw)
+    names = [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path / "full"))]
+    path, manifest = _verified(tmp_path / "full" / "checkpoints" / names[1])
+    shared = torch.load(os.path.join(path, "shared.pt"), weights_only=True)
+    owner = shared["dealt"]
+    parts = {f for f in manifest["files"] if f.startswith("shared-")}
+    if not dealt:
+        assert owner == {} and parts == set() and all(v is not None for v in shared["model"].values())
+    else:
+        assert parts == {ckpt.shard_name("shared", r) for r in range(1, size)}  # every rank has a part
+        assert set(owner) == {k for k, v in shared["model"].items() if v is None}
+        assert set(owner) <= set(shared["averaged_keys"])
+        for r in range(1, size):
+            part = torch.load(os.path.join(path, ckpt.shard_name("shared", r)), weights_only=True)["model"]
+            assert set(part) == {k for k, o in owner.items() if o == r}
+    full = ckpt.full_state_dict(ckpt.Reader(path, manifest))
+    assert all(v is not None for v in full.values())
+    part = tmp_path / "part" / "checkpoints"
+    part.mkdir(parents=True)
+    shutil.copytree(path, part / names[1])
+    assert _run_ranks(tmp_path / "part", size, resume="auto", **kw) == result
+    a = ckpt.full_state_dict(ckpt.Reader(*_verified(tmp_path / "full" / "checkpoints" / names[-1])))
+    b = ckpt.full_state_dict(ckpt.Reader(*_verified(part / names[-1])))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deal_balances_the_bytes_each_rank_writes():
+    """shard.deal: largest entry first to the rank with the fewest bytes so far (its blocks
+    counted), ties to the lowest rank; the same answer for the same input."""
+    from resist_mpi.strategies.shard import deal, merge_dealt
+    sizes = {"a": 50, "b": 40, "c": 30, "d": 20, "e": 10, "f": 10}
+    assert deal(sizes, [0, 0, 0]) == {"a": 0, "b": 1, "c": 2, "d": 2, "e": 1, "f": 0}  # 60, 50, 50 bytes
+    assert deal(sizes, [100, 0, 0]) == {"a": 1, "b": 2, "c": 2, "d": 1, "e": 1, "f": 2}  # rank 0's blocks
+    assert deal(sizes, [0]) == {k: 0 for k in sizes}
+    assert deal({}, [0, 0]) == {}
+    shared = {"model": {"a": None, "x": torch.ones(1), "b": None}, "dealt": {"a": 1, "b": 2}}
+    merged = merge_dealt(shared, {1: {"a": torch.zeros(2)}, 2: {"b": torch.full((1,), 2.0)}})
+    assert list(merged["model"]) == ["a", "x", "b"] and merged["model"]["b"].item() == 2.0
+    with pytest.raises(KeyError):
+        merge_dealt(shared, {1: {}, 2: {"b": torch.ones(1)}})
+
+
 def test_imagenet_style_model_trains_on_an_image_folder(tmp_path):
     from PIL import Image
     import numpy as np
