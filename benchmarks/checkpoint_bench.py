@@ -40,6 +40,19 @@ def periods(run: str):
     return [b - a for a, b in zip(walls[1:], walls[2:])], read_metrics(run, "checkpoint")
 
 
+def bytes_by_rank(run: str):
+    """The bytes each rank wrote for the run's newest checkpoint (its manifest's file sizes)."""
+    from resist_mpi.cli import checkpoint as ckpt
+    found = ckpt.list_checkpoints(run)
+    if not found:
+        return None
+    manifest = ckpt.load_manifest(found[-1])
+    out = [0] * int(manifest["world_size"])
+    for name, size in manifest["bytes"].items():
+        out[int(name[-8:-3]) if name[-8:-3].isdigit() else 0] += size  # shared.pt: rank 0
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/bench/checkpoint")
@@ -72,14 +85,19 @@ def main(argv=None) -> int:
         without, with_ = statistics.median(per["without"]), statistics.median(per["with"])
         snap = statistics.median(c["t_snapshot"] for c in ckpts) if ckpts else None
         write = statistics.median(c["t_write"] for c in ckpts if c.get("t_write") is not None) if ckpts else None
+        commit = [c["t_commit"] for c in ckpts if c.get("t_commit") is not None]
+        commit = statistics.median(commit) if commit else None
         result["models"][model] = {"round_s_without": without, "round_s_with": with_,
-                                   "cost": (with_ - without) / without, "snapshot_s": snap, "write_s": write,
+                                   "cost": (with_ - without) / without, "snapshot_s": snap, "commit_s": commit, "write_s": write,
                                    "snapshot_fraction": snap / without if snap is not None else None,
                                    "rounds": {m: len(v) for m, v in per.items()}}
+        result["models"][model]["bytes_by_rank"] = bytes_by_rank(runs["with"][-1])
         r = result["models"][model]
         print(f"checkpoint_bench: {model}: round {without:.3f} s without, {with_:.3f} s with a checkpoint every round "
               f"({100 * r['cost']:+.1f}%); snapshot {snap:.4f} s ({100 * r['snapshot_fraction']:.2f}% of a round), "
-              f"background write {write:.3f} s", flush=True)
+              f"manifest {commit if commit is None else round(commit, 4)} s, "
+              f"background write {write:.3f} s (rank 0); MB written by rank: "
+              f"{' '.join(f'{b / 1e6:.1f}' for b in r['bytes_by_rank'] or [])}", flush=True)
     result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                       text=True).stdout.strip()
     os.makedirs(args.out, exist_ok=True)

@@ -210,11 +210,19 @@ class ShardWriter:
     def submit(self, round_index: int, directory: str, files: Dict[str, Any]) -> None:
         self._queue.put((round_index, directory, files))
 
+    def submit_task(self, task) -> None:
+        """Run task() on the writer thread after what was submitted before (its errors are ignored:
+        removing old checkpoints, which must not cost training a file system's time)."""
+        self._queue.put((None, None, task))
+
     def _run(self) -> None:
         while True:
             round_index, directory, files = self._queue.get()
             try:
-                if self.error is None:
+                if round_index is None:
+                    with contextlib.suppress(Exception):
+                        files()
+                elif self.error is None:
                     t0 = time.perf_counter()
                     os.makedirs(directory, exist_ok=True)
                     for name, obj in files.items():
@@ -284,22 +292,24 @@ class Checkpointer:
 
     def commit(self, done_everywhere: int, log=None) -> None:
         """Rank 0: write the manifest of every snapshot whose files all ranks have written (the
-        newest round done on every rank, from the round's reduction), then rotate."""
+        newest round done on every rank, from the round's reduction), then rotate (on the writer
+        thread: deleting an old checkpoint's files took rank 0's training thread tens of ms)."""
         if self.c.rank != 0:
             return
         ready = [(r, m) for r, m in self._pending if r <= done_everywhere]
         self._pending = [(r, m) for r, m in self._pending if r > done_everywhere]
         for r, manifest in ready:
+            t0 = time.perf_counter()
             directory = round_dir(self.cfg.out, r)
             manifest["bytes"] = {name: os.path.getsize(os.path.join(directory, name)) for name in manifest["files"]}
             manifest["time"] = time.time()
             atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), os.path.join(directory, MANIFEST))
             self.written.append(r)
-            if log is not None:  # rank 0's seconds: the snapshot (training waits), the write (background)
+            if log is not None:  # rank 0's seconds: the snapshot and the manifest (training waits), the write (not)
                 log.record("checkpoint", round=r - 1, path=directory, t_snapshot=self._snap.pop(r, None),
-                           t_write=self.writer.t_round.pop(r, None))
-        if ready:
-            rotate(self.cfg.out, self.cfg.keep_checkpoints)
+                           t_commit=time.perf_counter() - t0, t_write=self.writer.t_round.pop(r, None))
+        if ready:  # deleting old checkpoints' files is file system work (tens of ms for 160 MB): in the background
+            self.writer.submit_task(lambda: rotate(self.cfg.out, self.cfg.keep_checkpoints))
 
     def finish(self, log=None) -> None:
         """Every rank: wait for this rank's files; then agree and commit (collective). Raises the
@@ -312,6 +322,7 @@ class Checkpointer:
         if failed:
             raise PeerWriteFailed("another rank could not write its checkpoint files")
         self.commit(int(-done_neg), log)
+        self.writer.wait()  # the rotation it started
 
 
 def rotate(out: str, keep: int) -> None:
