@@ -102,7 +102,7 @@ def atomic_save(obj, path: str, crc32: bool = True) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(os.path.dirname(path) or ".")
-    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
+    except Exception as e:  # torch.save reports a short write as a RuntimeError; a bad object as a pickling error
         if os.path.exists(tmp):
             os.remove(tmp)
         cause = out.error if out is not None and out.error is not None else e
@@ -208,36 +208,45 @@ class ShardWriter:
         threading.Thread(target=self._run, name="resist-checkpoint", daemon=True).start()
 
     def submit(self, round_index: int, directory: str, files: Dict[str, Any]) -> None:
-        self._queue.put((round_index, directory, files))
+        self._queue.put(lambda: self._write(round_index, directory, files))
 
     def submit_task(self, task) -> None:
-        """Run task() on the writer thread after what was submitted before (its errors are ignored:
-        removing old checkpoints, which must not cost training a file system's time)."""
-        self._queue.put((None, None, task))
+        """Run task() on the writer thread after what was submitted before, its errors ignored
+        (removing old checkpoints: file system work that training need not wait for)."""
+        self._queue.put(lambda: _quietly(task))
 
     def _run(self) -> None:
         while True:
-            round_index, directory, files = self._queue.get()
+            job = self._queue.get()
             try:
-                if round_index is None:
-                    with contextlib.suppress(Exception):
-                        files()
-                elif self.error is None:
-                    t0 = time.perf_counter()
-                    os.makedirs(directory, exist_ok=True)
-                    for name, obj in files.items():
-                        atomic_save(obj, os.path.join(directory, name), crc32=False)
-                    self.t_round[round_index] = time.perf_counter() - t0
-                    self.t_written += self.t_round[round_index]
-                    self.done = round_index
-            except OSError as e:
-                self.error = e
+                job()
             finally:
                 self._queue.task_done()
+
+    def _write(self, round_index: int, directory: str, files: Dict[str, Any]) -> None:
+        if self.error is not None:
+            return
+        try:
+            t0 = time.perf_counter()
+            os.makedirs(directory, exist_ok=True)
+            for name, obj in files.items():
+                atomic_save(obj, os.path.join(directory, name), crc32=False)
+            self.t_round[round_index] = time.perf_counter() - t0
+            self.t_written += self.t_round[round_index]
+            self.done = round_index
+        except OSError as e:
+            self.error = e
+        except Exception as e:  # anything else must not end the thread (wait() would never return)
+            self.error = OSError(f"cannot write checkpoint files in {directory}: {_first_line(e)}")
 
     def wait(self) -> None:
         """Block until everything submitted is written (or failed)."""
         self._queue.join()
+
+
+def _quietly(task) -> None:
+    with contextlib.suppress(Exception):
+        task()
 
 
 class Checkpointer:

@@ -429,7 +429,7 @@ class Strategy:
         per-rank state is used; otherwise it starts afresh and an average in flight is applied."""
         raise NotImplementedError(f"{type(self).__name__} has no sharded checkpoints")
 
-    def _shared_state(self, shard, model_state: Dict, keys, loads: Sequence[int]) -> None:
+    def _shared_part(self, shard, model_state: Dict, keys, loads: Sequence[int]) -> None:
         """The shared part of shard: what every rank holds alike, written once. keys: the averaged
         entries of model_state. loads: the bytes each rank writes anyway (its blocks).
 
@@ -501,7 +501,7 @@ class Replicated(Strategy):
         from ..blocks.tensors import module_keys
         from .shard import Shard
         shard = Shard(rank=self._rank_shard())
-        self._shared_state(shard, self.model.state_dict(), module_keys(self.model), [0] * self.comm.size)
+        self._shared_part(shard, self.model.state_dict(), module_keys(self.model), [0] * self.comm.size)
         return shard
 
     def load_shards(self, reader, round_index: int, same_layout: bool) -> None:

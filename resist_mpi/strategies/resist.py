@@ -373,7 +373,7 @@ class ResIST(Strategy):
                 shard.blocks[b] = _cpu_copy(self.blocks[b].state_dict(prefix=self.block_names[b] + "."))
         prefixes = tuple(n + "." for n in self.block_names)
         own = {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefixes)}
-        self._shared_state(shard, own, shared_keys(self.model, self.blocks), loads)
+        self._shared_part(shard, own, shared_keys(self.model, self.blocks), loads)
         if self.comm.rank == 0:
             shard.shared.update(assignment=self.assignment, holders=[list(h) for h in self.holdings.holders],
                                 divergent=sorted(self.holdings.divergent))

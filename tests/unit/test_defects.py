@@ -3,6 +3,7 @@ before its fix (issue #20). Multi-rank cases run on thread ranks."""
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -148,6 +149,26 @@ def test_a_full_disk_in_the_middle_of_a_record_is_reported_as_a_full_disk(tmp_pa
     with pytest.raises(OSError, match=r"cannot write checkpoint .*x.pt: \[Errno 28\] No space left on device$"):
         ckpt.atomic_save({"a": torch.ones(1)}, str(tmp_path / "x.pt"))
     assert os.listdir(tmp_path) == []
+
+
+def test_the_checkpoint_writer_survives_any_error_and_runs_tasks_in_order(tmp_path):
+    """A shard that torch cannot save (here: a lambda) ended the writer thread, and wait() then
+    never returned; now it is the writer's one-line error and nothing after it is written. Tasks
+    (rotation) run in submission order and their errors are ignored."""
+    writer = ckpt.ShardWriter()
+    seen = []
+    writer.submit(0, str(tmp_path / "r0"), {"a.pt": {"x": torch.ones(2)}})
+    writer.submit_task(lambda: seen.append(sorted(os.listdir(tmp_path / "r0"))))
+    writer.submit_task(lambda: 1 / 0)
+    writer.submit(1, str(tmp_path / "r1"), {"b.pt": {"f": lambda: 0}})
+    writer.submit(2, str(tmp_path / "r2"), {"c.pt": {"x": torch.ones(2)}})
+    waiting = threading.Thread(target=writer.wait, daemon=True)
+    waiting.start()
+    waiting.join(60)
+    assert not waiting.is_alive(), "the writer thread died: wait() never returns"
+    assert seen == [["a.pt"]] and writer.done == 0
+    assert isinstance(writer.error, OSError) and "cannot write" in str(writer.error) and "\n" not in str(writer.error)
+    assert not (tmp_path / "r2").exists() and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_an_out_directory_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_is_free(tmp_path):
