@@ -55,7 +55,7 @@ import torch
 
 from ..averaging.tensors import all_finite
 from ..errors import NonFiniteError
-from ..strategies.shard import Shard, average_copies, flushed_values, merge_dealt  # noqa: F401 (part of this module's API)
+from ..strategies.shard import Shard, average_copies, dealt_ranks, flushed_values, merge_dealt  # noqa: F401 (part of this module's API)
 
 FORMAT = "resist_mpi-sharded-2"  # 2: the shared entries dealt out over the ranks (shared-RRRRR.pt)
 READABLE = (FORMAT, "resist_mpi-sharded-1")
@@ -282,7 +282,7 @@ class Checkpointer:
         if self.c.rank == 0:
             files["shared.pt"] = shard.shared
             expected = ["shared.pt"] + [shard_name("rank", r) for r in range(self.c.size)]
-            expected += [shard_name("shared", r) for r in sorted(set((shard.shared.get("dealt") or {}).values()))]
+            expected += [shard_name("shared", r) for r in dealt_ranks(shard.shared)]
             expected += sorted({shard_name("blocks", r) for ws in shard.writers.values() for r in ws})
             manifest = {**self.meta, "format": FORMAT, "round": job.round, "epoch": epoch, "world_size": self.c.size,
                         "strategy": job.name, "hosts": list(self.c.hosts), "files": expected,
@@ -426,7 +426,7 @@ class Reader:
         """shared.pt with the shared entries other ranks wrote (shared-RRRRR.pt) put back in place."""
         if "shared" not in self._cache:
             shared = self.load("shared.pt")
-            parts = {r: self.load(shard_name("shared", r))["model"] for r in sorted(set((shared.get("dealt") or {}).values()))}
+            parts = {r: self.load(shard_name("shared", r))["model"] for r in dealt_ranks(shared)}
             try:
                 self._cache["shared"] = merge_dealt(shared, parts)
             except KeyError as e:

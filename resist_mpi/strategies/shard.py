@@ -34,8 +34,7 @@ def deal(sizes: Dict[str, int], loads: Sequence[int]) -> Dict[str, int]:
     """Who writes each shared entry of a checkpoint: the largest first, each to the rank that has
     the fewest bytes to write so far (ties: the lowest rank), starting from loads (the bytes each
     rank writes anyway: its blocks). Pure; every rank computes the same from the same sizes, so
-    nobody is told. Spreading the shared layers over the ranks' writers keeps one rank's
-    background write from setting the round's pace (benchmarks/checkpoint_bench.py)."""
+    nobody is told. It evens out the bytes each rank's background writer has to write."""
     loads = list(loads)
     owner = {}
     for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
@@ -43,6 +42,11 @@ def deal(sizes: Dict[str, int], loads: Sequence[int]) -> Dict[str, int]:
         owner[key] = r
         loads[r] += sizes[key]
     return owner
+
+
+def dealt_ranks(shared: Dict) -> List[int]:
+    """The ranks > 0 that wrote part of shared's entries (shared-RRRRR.pt), ascending."""
+    return sorted(set((shared.get("dealt") or {}).values()))
 
 
 def merge_dealt(shared: Dict, parts: Dict[int, Dict[str, torch.Tensor]]) -> Dict:
