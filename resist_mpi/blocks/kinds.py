@@ -7,6 +7,7 @@ register_block(cls, scaled_forward). An unregistered module passed explicitly is
 out = x + f(x) (its scaled form is x + s * (block(x) - x))."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -89,22 +90,31 @@ def register_block(cls: type, scaled_forward: Callable, not_residual: Optional[C
     _KINDS[cls] = BlockKind(name or cls.__name__, scaled_forward, not_residual or (lambda block: None))
 
 
+_BUILTIN = {"resist_mpi": False, "torchvision": False}
+
+
 def _register_builtin() -> None:
-    from ..models.preact_resnet import PreActBlock
-    register_block(PreActBlock, _preact_scaled, _downsamples("shortcut"))  # PreActBottleneck inherits
-    register_block(nn.TransformerEncoderLayer, _transformer_scaled)
-    try:
-        from torchvision.models.resnet import BasicBlock, Bottleneck
-    except ImportError:  # torchvision is optional for the library
-        return
-    register_block(BasicBlock, _tv_basic_scaled, _downsamples("downsample"), "torchvision BasicBlock")
-    register_block(Bottleneck, _tv_bottleneck_scaled, _downsamples("downsample"), "torchvision Bottleneck")
+    """The package's kinds, without replacing a user's register_block of the same class."""
+    def builtin(cls, *args):
+        if cls not in _KINDS:
+            register_block(cls, *args)
+    if not _BUILTIN["resist_mpi"]:
+        _BUILTIN["resist_mpi"] = True
+        from ..models.preact_resnet import PreActBlock
+        builtin(PreActBlock, _preact_scaled, _downsamples("shortcut"))  # PreActBottleneck inherits
+        builtin(nn.TransformerEncoderLayer, _transformer_scaled)
+    # torchvision's blocks only once something has imported their module: no instance can exist before,
+    # and importing torchvision costs every rank about a second of start-up
+    tv = sys.modules.get("torchvision.models.resnet")
+    if tv is not None and not _BUILTIN["torchvision"]:
+        _BUILTIN["torchvision"] = True
+        builtin(tv.BasicBlock, _tv_basic_scaled, _downsamples("downsample"), "torchvision BasicBlock")
+        builtin(tv.Bottleneck, _tv_bottleneck_scaled, _downsamples("downsample"), "torchvision Bottleneck")
 
 
 def block_kind(block: nn.Module) -> Optional[BlockKind]:
     """The registered kind of block (by class, subclasses included), or None."""
-    if not _KINDS:
-        _register_builtin()
+    _register_builtin()
     for cls in type(block).__mro__:
         if cls in _KINDS:
             return _KINDS[cls]

@@ -70,6 +70,25 @@ def test_digits_split_is_fixed(digits):
     assert torch.equal(digits[0].labels, train2.labels) and torch.equal(digits[1].images, test2.images)
 
 
+def test_digits_are_scikit_learns_digits_and_split_without_importing_it(digits, monkeypatch):
+    """The digits read from scikit-learn's file and the split written in digits_split.txt are, to the
+    value, load_digits() and train_test_split(..., stratify, random_state=0); and the fallback (no file
+    where scikit-learn 1.x keeps it) gives the same."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from resist_mpi.data import datasets
+    d = load_digits()
+    images, target = datasets._digits_arrays()
+    assert np.array_equal(images, d.images) and np.array_equal(target, d.target)
+    tr, te = train_test_split(np.arange(len(d.target)), test_size=360, random_state=0, stratify=d.target)
+    split = datasets._digits_split()
+    assert np.array_equal(split[0], tr) and np.array_equal(split[1], te)
+    monkeypatch.setattr(datasets.os.path, "isfile", lambda path: False)
+    images2, target2 = datasets._digits_arrays()
+    assert np.array_equal(images2, d.images) and np.array_equal(target2, d.target)
+
+
 def test_synthetic_deterministic_from_seed(synthetic):
     train, test, info = synthetic
     assert (len(train), len(test), info.num_classes, info.image_size) == (1024, 256, 10, 32)
