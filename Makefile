@@ -70,19 +70,21 @@ $(STAMP): pyproject.toml | mpi
 demo: setup
 	$(MPIRUN) -np $(NP) $(VENV)/bin/python -m resist_mpi.train --config configs/demo.yaml --out runs/demo --overwrite
 
-# The unit tier runs its ranks as threads of one process: on one CPU they hand the interpreter lock
-# to each other without crossing cores (faster on 2 cores: docs/testing.md). Launches get every CPU.
-ONE_CPU := $(shell command -v taskset >/dev/null 2>&1 && $(PY) -c 'import os; print("taskset -c", min(os.sched_getaffinity(0)))')
+# The unit tier runs its ranks as threads of one process: in pytest-xdist workers, each pinned to a CPU
+# of its own (tests/unit/conftest.py), they hand the interpreter lock to each other without crossing
+# cores, and the workers use every CPU (docs/testing.md).
+UNIT := $(VENV)/bin/python -m pytest tests/unit -q -n auto
 
 # Everything: the linter, the docs site (warnings are errors), then every test tier (the slowest tests
-# listed at the end of each, so a log shows where the time goes).
+# listed at the end of each, so a log shows where the time goes). The launching tests run in two
+# workers, each file in one of two groups (tests/e2e/conftest.py).
 test: setup scheduler-deps horovod-or-warn lint docs
-	$(ONE_CPU) $(VENV)/bin/python -m pytest tests/unit -q --durations=10
-	$(VENV)/bin/python -m pytest tests -q --ignore=tests/unit --durations=40
+	$(UNIT) --durations=10
+	$(VENV)/bin/python -m pytest tests -q --ignore=tests/unit --durations=40 -n 2 --dist loadgroup
 
 # The unit tier without the slow tests: one process, no launches (ranks as threads), a few minutes.
 test-fast: setup
-	$(ONE_CPU) $(VENV)/bin/python -m pytest tests/unit -q -m "not slow"
+	$(UNIT) -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -13,3 +13,32 @@ sys.path.insert(0, os.path.dirname(__file__))
 from resist_mpi.comm import world_info_from_env  # noqa: E402
 
 collect_ignore_glob = [] if world_info_from_env().launcher != "none" else ["mpi/*"]
+
+
+# -- the launching tests in two workers ---------------------------------------------------------------
+# `make test` runs tests/e2e with pytest-xdist (``-n 2 --dist loadgroup``): a launch spends much of its
+# time starting processes and waiting for its peers, and two workers keep both cores busy. Each file
+# goes to one of two groups, and a group runs in one worker, in order: a file's module-scoped fixtures
+# (a simulated cluster, a SLURM) are made once, and what must not run at the same time stays apart.
+#   "network": the simulated clusters and SLURMs (their cgroups), with the longest runs;
+#   "local": launches on localhost, among them the two plain torchruns on torchrun's default port
+#            (test_backends and the README's, in test_docs).
+# The groups take about as long as each other (docs/testing.md). xdist's own loadgroup reads a node
+# id that pytest 9 no longer uses (markers are ignored), so the scheduler is chosen here.
+NETWORK = {"test_elastic.py", "test_multinode.py", "test_scheduler.py", "test_examples.py", "test_gpu_check.py"}
+
+
+def group_of(nodeid: str) -> str:
+    """The worker group of a test by its file: "network" or "local"."""
+    return "network" if os.path.basename(nodeid.split("::")[0]) in NETWORK else "local"
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return group_of(nodeid)
+    return ByGroup(config, log)

@@ -101,3 +101,28 @@ def requires(*needs):
         if reason:
             marks.append(pytest.mark.skip(reason=reason))
     return marks
+
+
+_SEED_LOCK = __import__("threading").Lock()
+
+
+class seeded:
+    """``with seeded(s): model = ...``: torch's global generator seeded with s for the block, then
+    restored; one thread at a time, so rank threads (resist_mpi.comm.thread) building their models at
+    once each get the weights a rank process gets after torch.manual_seed(s)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        import torch
+        _SEED_LOCK.acquire()
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        try:
+            return self._fork.__exit__(*exc)
+        finally:
+            _SEED_LOCK.release()

@@ -30,7 +30,9 @@ from resist_mpi.tools.cluster import Cluster
 pytestmark = requires("mpi", "root", "cluster", "slow")
 
 HOSTS = ["node0", "node1", "node2", "node3"]
+EPOCHS = 12  # the demo's (at 6 the uninterrupted run reaches only 81%, and the comparison says little)
 TRAIN = ["-m", "resist_mpi.train", "--config", os.path.join(ROOT, "configs", "demo.yaml"), "--progress", "off",
+         "--epochs", str(EPOCHS),
          "--resume", "auto", "--checkpoint-rounds", "1", "--comm-timeout", "10"]
 TIMEOUT = 900
 
@@ -131,10 +133,11 @@ def check_recovered(out, reference_acc, lost="node3"):
     sizes = [r["world_size"] for r in rounds]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] == 4 and sizes[-1] == 3
     final = records(out, "eval")[-1]
-    assert final["epoch"] == 12.0
+    assert final["epoch"] == EPOCHS
     # at most a point below the uninterrupted run; above it is no defect: the rounds after the loss
     # train sub-networks of 22/3 blocks instead of 22/4, deeper (measured: 98.89% against 97.50%)
     assert final["test_acc"] >= reference_acc - 0.01, (final["test_acc"], reference_acc)
+    print(f"final accuracy {final['test_acc']:.4f} against {reference_acc:.4f} uninterrupted")
     return m
 
 
@@ -194,7 +197,7 @@ def test_sbatch_relaunches_on_the_nodes_left(cluster, reference, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.log"
     try:
         s.start()
-        env = dict(RESIST_DATASET="digits", RESIST_EPOCHS="12", RESIST_OUT=str(out), RESIST_LAUNCHER="srun",
+        env = dict(RESIST_DATASET="digits", RESIST_EPOCHS=str(EPOCHS), RESIST_OUT=str(out), RESIST_LAUNCHER="srun",
                    RESIST_CONFIG=os.path.join(ROOT, "configs", "demo.yaml"), RESIST_NODE_WAIT="120",
                    RESIST_EXTRA_ARGS="--comm-timeout 10")
         p = s.run(["sbatch", "--parsable", "--nodes=4", "--ntasks-per-node=1", "--no-kill", f"--output={log}",

@@ -14,6 +14,7 @@ from resist_mpi.averaging.compression import Codec, ErrorFeedback
 from resist_mpi.plan.groups import slice_counts
 from resist_mpi.models import create_model
 from resist_mpi.strategies import DataParallel, LocalSGD, ResIST
+from helpers import seeded
 
 WIRES = ("float16", "bfloat16", "int8")
 
@@ -73,8 +74,8 @@ def test_two_compressed_rounds_equal_the_single_process_computation(c, wire):
 
 
 def factory():
-    torch.manual_seed(7)
-    return create_model("preact_resnet34", 10, width=4)
+    with seeded(7):
+        return create_model("preact_resnet34", 10, width=4)
 
 
 def step(model, params, rank, k):

@@ -23,6 +23,7 @@ from resist_mpi.plan.groups import slice_counts
 from resist_mpi.models import create_model
 from resist_mpi.plan.routing import needers_from_assignment
 from resist_mpi.strategies import LocalSGD, ResIST
+from helpers import seeded
 
 STEPS, G = 2, 2
 
@@ -36,8 +37,8 @@ def c():
 
 
 def factory():
-    torch.manual_seed(1234)
-    return create_model("preact_resnet34", 10, width=4)  # 5 partitionable blocks
+    with seeded(1234):
+        return create_model("preact_resnet34", 10, width=4)  # 5 partitionable blocks
 
 
 def batch(rank, step):

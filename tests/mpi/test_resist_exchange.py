@@ -26,6 +26,7 @@ from resist_mpi.blocks.tensors import shared_slots
 from resist_mpi.models import create_model
 from resist_mpi.plan.routing import needers_from_assignment, plan_exchange
 from resist_mpi.strategies import ResIST
+from helpers import seeded
 
 STEPS = 2
 DEVICE = torch.device(os.environ.get("RESIST_TEST_DEVICE", "cpu"))
@@ -57,8 +58,8 @@ MODELS = {
 
 
 def factory(name):
-    torch.manual_seed(1234)
-    return MODELS[name][0]()
+    with seeded(1234):
+        return MODELS[name][0]()
 
 
 def batches(name, rank):

@@ -1,0 +1,16 @@
+"""The unit tier runs in pytest-xdist workers (`make test`: ``-n auto``), each pinned to a CPU of its
+own: a test's thread ranks then hand the interpreter lock to each other on one CPU instead of across
+cores (docs/testing.md, "Why one CPU"), and the workers together use every CPU. Without ``-n``
+nothing is pinned here (`make test-fast` pins the whole run with taskset)."""
+import os
+
+
+def pytest_configure(config):
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    if not worker.startswith("gw"):
+        return
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
+    except (AttributeError, OSError, ValueError):
+        pass  # no affinity here (another OS, a sandbox): the workers run unpinned
