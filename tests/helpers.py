@@ -1,8 +1,10 @@
 """Launching multi-rank commands from single-process tests."""
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
@@ -103,26 +105,16 @@ def requires(*needs):
     return marks
 
 
-_SEED_LOCK = __import__("threading").Lock()
+
+_SEED_LOCK = threading.Lock()
 
 
-class seeded:
+@contextlib.contextmanager
+def seeded(seed: int):
     """``with seeded(s): model = ...``: torch's global generator seeded with s for the block, then
     restored; one thread at a time, so rank threads (resist_mpi.comm.thread) building their models at
     once each get the weights a rank process gets after torch.manual_seed(s)."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        import torch
-        _SEED_LOCK.acquire()
-        self._fork = torch.random.fork_rng(devices=[])
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        try:
-            return self._fork.__exit__(*exc)
-        finally:
-            _SEED_LOCK.release()
+    import torch
+    with _SEED_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
