@@ -76,15 +76,22 @@ def _run_ranks(out, size, **kw):
     (4, dict(strategy="local_sgd"), True),
     (2, dict(strategy="data_parallel"), True),
     (2, dict(strategy="resist", overlap=True), False),
-], ids=["resist-2", "resist-groups-int8-4", "local_sgd-4", "data_parallel-2", "resist-overlap-2"])
+    (2, dict(strategy="resist", overlap=True, outer_optimizer="nesterov", optimizer_state="keep_shared"), False),
+], ids=["resist-2", "resist-groups-int8-4", "local_sgd-4", "data_parallel-2", "resist-overlap-2",
+        "resist-overlap-outer-keep-2"])
 def test_sharded_checkpoints_deal_the_shared_layers_out_and_resume_bit_for_bit(tmp_path, size, kw, dealt):
     """With plain averages every rank holds the shared layers alike at a round boundary, so each
     writes its part (shared-RRRRR.pt) instead of rank 0 writing them all; every shared entry is in
     exactly one file, and a run resumed from such a checkpoint (thread ranks) continues bit for bit.
-    With an overlapped average the ranks' values differ: rank 0 writes them all, as before."""
+    With an overlapped average the ranks' values differ: rank 0 writes them all, as before, and the
+    average in flight when the checkpoint was written is in every rank's file and applied on resume."""
     result = _run_ranks(tmp_path / "full", size, **kw)
     names = [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path / "full"))]
     path, manifest = _verified(tmp_path / "full" / "checkpoints" / names[1])
+    if kw.get("overlap"):
+        for r in range(size):
+            ranks = torch.load(os.path.join(path, ckpt.shard_name("rank", r)), weights_only=True)
+            assert ranks["averagers"][0]["pending_update"].numel() > 0
     shared = torch.load(os.path.join(path, "shared.pt"), weights_only=True)
     owner = shared["dealt"]
     parts = {f for f in manifest["files"] if f.startswith("shared-")}
