@@ -308,11 +308,15 @@ def test_a_users_registration_of_a_torchvision_block_is_kept():
         return x
     saved = dict(kinds._KINDS)
     try:
+        kinds._KINDS.clear()  # a fresh process: the user registers before any block is looked up
+        kinds._BUILTIN.update(resist_mpi=False, torchvision=False)
         kinds.register_block(torchvision.models.resnet.BasicBlock, scaled, name="mine")
-        kinds._BUILTIN["torchvision"] = False  # as if torchvision were imported after the user's call
         block = torchvision.models.resnet18().layer1[0]
         assert kinds.block_kind(block).name == "mine"
+        # the package's own kinds are there as well (they were skipped once a user had registered one)
+        assert kinds.block_kind(_thin([1, 2, 2, 1]).stages[2][1]).name == "PreActBlock"
+        assert kinds.block_kind(torchvision.models.resnet50().layer1[1]).name == "torchvision Bottleneck"
     finally:
         kinds._KINDS.clear()
         kinds._KINDS.update(saved)
-        kinds._BUILTIN["torchvision"] = True
+        kinds._BUILTIN.update(resist_mpi=True, torchvision=True)
