@@ -9,6 +9,8 @@ helpers.py is the one launcher helper (mpirun, mpi_pytest, mpi_env, passed_on_ev
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))
 from resist_mpi.comm import world_info_from_env  # noqa: E402
 
@@ -33,6 +35,7 @@ def group_of(nodeid: str) -> str:
     return "network" if os.path.basename(nodeid.split("::")[0]) in NETWORK else "local"
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: none without it
 def pytest_xdist_make_scheduler(config, log):
     if config.getoption("dist") != "loadgroup":
         return None
