@@ -77,7 +77,7 @@ UNIT := $(VENV)/bin/python -m pytest tests/unit -q -n auto
 
 # Everything: the linter, the docs site (warnings are errors), then every test tier (the slowest tests
 # listed at the end of each, so a log shows where the time goes). The launching tests run in two
-# workers, each file in one of two groups (tests/e2e/conftest.py).
+# workers, each file in one of two groups (tests/conftest.py).
 test: setup scheduler-deps horovod-or-warn lint docs
 	$(UNIT) --durations=10
 	$(VENV)/bin/python -m pytest tests -q --ignore=tests/unit --durations=40 -n 2 --dist loadgroup

@@ -25,7 +25,7 @@ collect_ignore_glob = [] if world_info_from_env().launcher != "none" else ["mpi/
 #   "network": the simulated clusters and SLURMs (their cgroups), with the longest runs;
 #   "local": launches on localhost, among them the two plain torchruns on torchrun's default port
 #            (test_backends and the README's, in test_docs).
-# The groups take about as long as each other (docs/testing.md). xdist's own loadgroup reads a node
+# The groups took about as long as each other in one process (about 500 s each here). xdist's own loadgroup reads a node
 # id that pytest 9 no longer uses (markers are ignored), so the scheduler is chosen here.
 NETWORK = {"test_elastic.py", "test_multinode.py", "test_scheduler.py", "test_examples.py", "test_gpu_check.py"}
 

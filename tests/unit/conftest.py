@@ -1,7 +1,7 @@
 """The unit tier runs in pytest-xdist workers (`make test`: ``-n auto``), each pinned to a CPU of its
 own: a test's thread ranks then hand the interpreter lock to each other on one CPU instead of across
-cores (docs/testing.md, "Why one CPU"), and the workers together use every CPU. Without ``-n``
-nothing is pinned here (`make test-fast` pins the whole run with taskset)."""
+cores (docs/testing.md says what that saves), and the workers together use every CPU (`make test`
+and `make test-fast`). Without ``-n`` nothing is pinned."""
 import os
 
 

@@ -1,8 +1,8 @@
 """The multi-rank tests of tests/mpi on thread ranks (resist_mpi.comm.thread), at 2 and 4 ranks, in
 the unit tier: the comm contract, and the exact-value tests of the exchange, the groups and the
 compressed averages. Each test function runs on every rank thread with a ThreadComm as its comm
-fixture, every parametrized case of it; the same files also run on real ranks (mpi and torch at 4
-ranks, tests/e2e/test_mpi_suites.py; horovod under horovodrun, tests/e2e/test_horovod_launch.py).
+fixture, every parametrized case of it; the same files also run on real ranks (mpi and torch at 2
+and 4 ranks, tests/e2e/test_mpi_suites.py; horovod under horovodrun, tests/e2e/test_horovod_launch.py).
 
 Left to real ranks, by name below: what asks the launcher (test_world_matches_launcher) and what
 patches a module for every rank at once (monkeypatch would be shared by the threads).
