@@ -301,10 +301,8 @@ def test_a_run_on_the_packages_model_and_the_digits_imports_neither_torchvision_
 
 def test_a_users_registration_of_a_torchvision_block_is_kept():
     from resist_mpi.blocks import kinds
-    calls = []
 
     def scaled(block, s, x):
-        calls.append(s)
         return x
     saved = dict(kinds._KINDS)
     try:

@@ -59,10 +59,11 @@ def _cases():
         for test, fn in vars(module).items():
             if not test.startswith("test_") or not inspect.isfunction(fn) or test in real_only:
                 continue
-            fixtures = [p for p in inspect.signature(fn).parameters if p not in COMM_FIXTURES]
+            params = list(inspect.signature(fn).parameters)
+            comm_arg = next(p for p in params if p in COMM_FIXTURES)
+            fixtures = {p for p in params if p != comm_arg}
             for case, kwargs in _grid(fn):
-                assert set(fixtures) == set(kwargs), f"{name}::{test} needs fixtures {set(fixtures) - set(kwargs)}"
-                comm_arg = next(p for p in inspect.signature(fn).parameters if p in COMM_FIXTURES)
+                assert fixtures == set(kwargs), f"{name}::{test} needs fixtures {fixtures - set(kwargs)}"
                 out.append(pytest.param(fn, comm_arg, kwargs, id=f"{name[5:-3]}::{test[5:]}" + (f"[{case}]" if case else "")))
     return out
 
