@@ -16,6 +16,12 @@ from .config import ConfigError, parse_config, validate
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # A rank that crashes in native code (a segmentation fault in MPI, torch, a driver) prints the
+    # Python stack of each of its threads before it dies, so the log says where, not only that.
+    # Enabled before MPI starts: Open MPI then leaves its own handler out (it only reports "signal 11").
+    import faulthandler
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
     # Settings are checked before MPI starts: every rank fails identically with one line (printed
     # by rank 0 only) and no rank is left waiting for another.
     from ..comm import world_info_from_env

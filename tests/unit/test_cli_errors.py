@@ -102,3 +102,28 @@ def test_bad_settings_are_refused_before_any_rank_starts(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
         validate(parse_config(argv))
     assert "\n" not in str(e.value)
+
+
+def test_a_rank_that_crashes_in_native_code_prints_where(tmp_path):
+    """A segmentation fault (in MPI, torch, a driver) ends a rank with its threads' Python stacks on
+    stderr, the training loop's among them, instead of Open MPI's bare "Signal: Segmentation fault"."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from helpers import ROOT
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "resist_mpi.train", "--config", "configs/demo.yaml", "--progress", "off",
+                          "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert p.poll() is None and time.time() - t0 < 120, "the run did not start training"
+            time.sleep(0.1)
+        p.send_signal(signal.SIGSEGV)
+        err = p.communicate(timeout=60)[1]
+    finally:
+        p.kill()
+    assert p.returncode == -signal.SIGSEGV, err[-2000:]
+    assert "Fatal Python error: Segmentation fault" in err and "Current thread" in err, err[-2000:]
+    assert os.path.join("resist_mpi", "cli", "trainer.py") in err.split("Current thread")[1], err[-2000:]
