@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 MPIRUN ?= mpirun --oversubscribe
 STAMP := $(VENV)/.resist-setup-stamp
 
-.PHONY: setup mpi demo test test-fast lint docs horovod bench clean
+.PHONY: setup mpi demo test test-tiers test-fast lint docs horovod bench clean
 
 setup: $(STAMP) cluster-deps
 
@@ -77,10 +77,21 @@ UNIT := $(VENV)/bin/python -m pytest tests/unit -q -n auto
 
 # Everything: the linter, the docs site (warnings are errors), then every test tier (the slowest tests
 # listed at the end of each, so a log shows where the time goes). The launching tests run in two
-# workers, each file in one of two groups (tests/conftest.py).
+# workers, each file in one of two groups (tests/conftest.py); the unit tier runs beside them, on the
+# cores they leave idle while they start processes and wait for peers (docs/testing.md), its output
+# kept in build/unit-tier.log and printed after theirs. Either tier failing fails the target.
+LAUNCHING := $(VENV)/bin/python -m pytest tests -q --ignore=tests/unit --durations=40 -n 2 --dist loadgroup
 test: setup scheduler-deps horovod-or-warn lint docs
-	$(UNIT) --durations=10
-	$(VENV)/bin/python -m pytest tests -q --ignore=tests/unit --durations=40 -n 2 --dist loadgroup
+	@$(MAKE) --no-print-directory test-tiers
+
+# The two tiers at once, nothing else (`make test` without its set-up).
+test-tiers:
+	@mkdir -p build
+	@echo "the unit tier runs beside the launching tests; its output follows theirs"
+	@$(UNIT) --durations=10 > build/unit-tier.log 2>&1 & unit=$$!; \
+	$(LAUNCHING); launching=$$?; \
+	wait $$unit; units=$$?; echo "== the unit tier (tests/unit) =="; cat build/unit-tier.log; \
+	test $$launching -eq 0 && test $$units -eq 0
 
 # The unit tier without the slow tests: one process, no launches (ranks as threads), a few minutes.
 test-fast: setup

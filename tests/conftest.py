@@ -22,12 +22,13 @@ collect_ignore_glob = [] if world_info_from_env().launcher != "none" else ["mpi/
 # time starting processes and waiting for its peers, and two workers keep both cores busy. Each file
 # goes to one of two groups, and a group runs in one worker, in order: a file's module-scoped fixtures
 # (a simulated cluster, a SLURM) are made once, and what must not run at the same time stays apart.
-#   "network": the simulated clusters and SLURMs (their cgroups), with the longest runs;
+#   "network": the simulated clusters and SLURMs (their cgroups), with the longest runs, and the
+#              demo, whose run is also the elastic tests' reference (the `demo_run` fixture below);
 #   "local": launches on localhost, among them the two plain torchruns on torchrun's default port
 #            (test_backends and the README's, in test_docs).
 # The groups took about as long as each other in one process (about 500 s each here). xdist's own loadgroup reads a node
 # id that pytest 9 no longer uses (markers are ignored), so the scheduler is chosen here.
-NETWORK = {"test_elastic.py", "test_multinode.py", "test_scheduler.py", "test_examples.py", "test_gpu_check.py"}
+NETWORK = {"test_demo.py", "test_elastic.py", "test_multinode.py", "test_scheduler.py", "test_examples.py", "test_gpu_check.py"}
 
 
 def group_of(nodeid: str) -> str:
@@ -45,3 +46,16 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid):
             return group_of(nodeid)
     return ByGroup(config, log)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`make demo`'s run, once per session: `mpirun -np 4 python -m resist_mpi.train --config
+    configs/demo.yaml`, into a temporary --out. (its --out, the CompletedProcess). Checked by
+    tests/e2e/test_demo.py; the uninterrupted reference of tests/e2e/test_elastic.py."""
+    from helpers import ROOT, mpirun
+    out = tmp_path_factory.mktemp("demo")
+    p = mpirun(4, ["-m", "resist_mpi.train", "--config", os.path.join(ROOT, "configs", "demo.yaml"), "--out", str(out),
+                   "--progress", "off"], timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p

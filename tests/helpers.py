@@ -29,6 +29,26 @@ def mpirun(np_, args, timeout=600, **env):
     return subprocess.run(cmd, cwd=ROOT, env=mpi_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
+# Several trainings in one launch: each rank calls the CLI's own entry point (resist_mpi.cli.train.main:
+# config, comm.init, Trainer) once per argument list, in order, and stops at the first non-zero status
+# (its exit status). A launch pays torch's and MPI's start-up on every rank, seconds each on a small
+# machine; what a test compares between trainings does not need a process of its own.
+TRAININGS = """\
+import json, sys
+from resist_mpi.cli.train import main
+for args in json.loads(sys.argv[1]):
+    rc = main(args)
+    if rc:
+        sys.exit(rc)
+"""
+
+
+def trainings_args(runs):
+    """The arguments after `python` that run each argument list of runs in turn (TRAININGS)."""
+    import json
+    return ["-c", TRAININGS, json.dumps([[str(a) for a in args] for args in runs])]
+
+
 def mpi_pytest(np_, test_files, timeout=600, **env):
     """Run tests/mpi files (one path or a list) with pytest on np_ ranks, in one job (no cache plugin:
     N ranks would race on it)."""

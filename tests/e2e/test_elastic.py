@@ -1,12 +1,14 @@
 """A lost node costs a round, not the run: elastic restarts on the survivors, on the simulated
 cluster of resist_mpi.cluster (4 network namespaces, one torchrun agent or slurmd in each).
 
-- torchrun --nnodes 3:4 --max-restarts 3 --rdzv-backend c10d: one node's processes killed (the
-  survivors' collectives fail at once), or its link cut (their watchdog finds it lost): the agents
-  left restart their workers, the world of 3 resumes from the newest complete sharded checkpoint
-  (written every round), redeals the blocks and trains on. The demo config finishes at most 1 point
-  below the uninterrupted 4-node run, at most 1 round is trained twice, and a `membership` record
-  says who left, when, and how long the recovery took.
+- The reference: the demo on 4 ranks, uninterrupted (`make demo`'s run, tests/conftest.py).
+- torchrun --nnodes 2:4 --max-restarts 3 --rdzv-backend c10d, one run that loses two nodes, each its
+  own way: node3's processes killed (the survivors' collectives fail at once), later node2's link
+  cut (their watchdog finds it lost). Each time the agents left restart their workers, the smaller
+  world resumes from the newest complete sharded checkpoint (written every round), redeals the
+  blocks and trains on. The run finishes at most 1 point below the uninterrupted one, at most 1
+  round is trained twice per loss, and a `membership` record per loss says who left, when, and how
+  long the recovery took.
 - The SLURM job script (one slurmd per node, `sbatch --no-kill`): node3's slurmd and ranks killed;
   the script relaunches on the 3 nodes SLURM still sees and the run finishes the same way.
 - The rendezvous host's loss (node0 runs the c10d store) is not survived: every surviving worker
@@ -15,6 +17,7 @@ cluster of resist_mpi.cluster (4 network namespaces, one torchrun agent or slurm
 Needs root and iproute2 (and SLURM for the job-script test); skipped with the reason otherwise.
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,12 +50,14 @@ def cluster():
 
 
 def torchrun(cl, out, tag, log_dir, extra=()):
-    """One torchrun agent per node, elastic between 3 and 4 nodes; {host: (Popen, log path)}."""
+    """One torchrun agent per node, elastic between 2 and 4 nodes; {host: (Popen, log path)}. The
+    first rendezvous closes once all 4 joined, or 10 s after the second did (agents start within
+    a few seconds of each other, also on a busy machine)."""
     procs = {}
     for h in HOSTS:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "3:4", "--nproc-per-node", "1",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2:4", "--nproc-per-node", "1",
                "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400", "--rdzv-id", tag,
-               "--rdzv-conf", "last_call_timeout=3,join_timeout=120", *TRAIN, "--backend", "torch",
+               "--rdzv-conf", "last_call_timeout=10,join_timeout=120", *TRAIN, "--backend", "torch",
                "--out", str(out), *extra]
         log = log_dir / f"{tag}-{h}.log"
         # a fresh rendezvous store for every restart (torchrun's shared one keeps the dead workers' keys)
@@ -92,12 +97,12 @@ def newest_round(out):
     return int(names[-1].split("-")[1]) if names else 0
 
 
-def wait_for_checkpoints(out, n, procs):
-    """Until the checkpoint after round n - 1 exists."""
+def wait_for_checkpoints(out, n, procs, hosts=HOSTS):
+    """Until the checkpoint after round n - 1 exists (the agents of hosts still running)."""
     t0 = time.time()
     while newest_round(out) < n:
         assert time.time() - t0 < TIMEOUT, "no checkpoints"
-        assert all(p.poll() is None for p, _ in procs.values()), "an agent ended before the node was lost"
+        assert all(procs[h][0].poll() is None for h in hosts), "an agent ended before the node was lost"
         time.sleep(0.2)
 
 
@@ -107,64 +112,64 @@ def records(out, event):
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory):
-    """The uninterrupted run on 4 nodes: its final test accuracy."""
-    d = tmp_path_factory.mktemp("reference")
-    procs = torchrun(cluster, d / "run", "ref", d)
-    try:
-        codes = wait_all(procs, HOSTS)
-    finally:
-        stop_all(cluster, procs)
-    assert codes == {h: 0 for h in HOSTS}, {h: log.read_text()[-3000:] for h, (_, log) in procs.items()}
-    assert {r["world_size"] for r in records(d / "run", "round")} == {4}
-    return records(d / "run", "eval")[-1]["test_acc"]
+def reference(demo_run):
+    """The final test accuracy of the uninterrupted run: the demo on 4 ranks (tests/conftest.py's
+    demo_run, run once for tests/e2e/test_demo.py too). It runs under mpirun on the mpi backend,
+    which trains as the torch backend does (tests/e2e/test_backends.py), on this machine: where the
+    ranks run does not change what they compute."""
+    return records(demo_run[0], "eval")[-1]["test_acc"]
 
 
-def check_recovered(out, reference_acc, lost="node3"):
+def check_recovered(out, reference_acc, lost):
+    """The run lost the nodes of `lost` in that order, one at a time, and finished as it should."""
     rounds = records(out, "round")
     member = records(out, "membership")
-    assert len(member) == 1, member
-    m = member[0]
-    assert m["left"] == [lost] and m["joined"] == [] and m["previous_world_size"] == 4 and m["world_size"] == 3
-    assert m["rounds_repeated"] <= 1, m
-    assert m["t_recovery"] > 0
+    assert [m["left"] for m in member] == [[h] for h in lost] and all(m["joined"] == [] for m in member), member
+    sizes = [4 - k for k in range(len(lost) + 1)]
+    assert [(m["previous_world_size"], m["world_size"]) for m in member] == list(zip(sizes, sizes[1:])), member
+    assert all(m["rounds_repeated"] <= 1 and m["t_recovery"] > 0 for m in member), member
     epochs = [r["epoch"] for r in rounds]
     assert epochs == sorted(set(epochs))  # each stretch of training once in the record, in order
-    sizes = [r["world_size"] for r in rounds]
-    assert sizes == sorted(sizes, reverse=True) and sizes[0] == 4 and sizes[-1] == 3
+    seen = [r["world_size"] for r in rounds]
+    assert sorted(set(seen), reverse=True) == sizes and seen == sorted(seen, reverse=True)
     final = records(out, "eval")[-1]
     assert final["epoch"] == EPOCHS
-    # at most a point below the uninterrupted run; above it is no defect: the rounds after the loss
-    # train sub-networks of 22/3 blocks instead of 22/4, deeper (measured: 98.89% against 97.50%)
+    # at most a point below the uninterrupted run; above it is no defect: the rounds after a loss
+    # train deeper sub-networks (22/3 or 22/2 blocks instead of 22/4; measured: 98.89% against 97.50%)
     assert final["test_acc"] >= reference_acc - 0.01, (final["test_acc"], reference_acc)
     print(f"final accuracy {final['test_acc']:.4f} against {reference_acc:.4f} uninterrupted")
-    return m
+    return member
 
 
-@pytest.mark.parametrize("how", ["kill", "cut"])
-def test_torchrun_goes_on_without_a_lost_node(cluster, reference, tmp_path, how):
+def test_torchrun_goes_on_without_lost_nodes(cluster, reference, tmp_path):
     out = tmp_path / "run"
-    procs = torchrun(cluster, out, f"lost-{how}", tmp_path)
-    link = ["ip", "-n", cluster.ns("node3"), "link", "set", "net0"]
+    procs = torchrun(cluster, out, "lost", tmp_path)
+    link = ["ip", "-n", cluster.ns("node2"), "link", "set", "net0"]
     try:
         wait_for_checkpoints(out, 3, procs)
-        if how == "kill":
-            cluster.kill("node3")  # its agent and its worker
-        else:
-            subprocess.run(link + ["down"], check=True)
-        codes = wait_all(procs, HOSTS[:3])
+        cluster.kill("node3")  # its agent and its worker: the survivors' collectives fail at once
+        t0 = time.time()
+        while not any(r["world_size"] == 3 for r in records(out, "round")):
+            assert time.time() - t0 < TIMEOUT, "the world of 3 did not train"
+            assert all(procs[h][0].poll() is None for h in HOSTS[:3]), "an agent ended after node3's loss"
+            time.sleep(0.2)
+        wait_for_checkpoints(out, newest_round(out) + 2, procs, HOSTS[:3])
+        subprocess.run(link + ["down"], check=True)  # node2 cut off: the survivors' watchdog finds it lost
+        codes = wait_all(procs, HOSTS[:2])
     finally:
         stop_all(cluster, procs)
-        if how == "cut":
-            subprocess.run(link + ["up"], check=True)
-    assert codes == {h: 0 for h in HOSTS[:3]}, {h: procs[h][1].read_text()[-3000:] for h in HOSTS[:3]}
-    m = check_recovered(out, reference)
-    for h in HOSTS[:3]:  # each survivor's worker said in one line why it stopped, then carried on
+        subprocess.run(link + ["up"], check=True)
+    assert codes == {h: 0 for h in HOSTS[:2]}, {h: procs[h][1].read_text()[-3000:] for h in HOSTS[:2]}
+    member = check_recovered(out, reference, lost=["node3", "node2"])
+    for h in HOSTS[:2]:  # each survivor's worker said in one line why it stopped, each time, then carried on
         text = procs[h][1].read_text()
         errors = [line for line in text.splitlines() if "resist_mpi: error:" in line]
-        assert len(errors) == 1 and ("a peer is gone" in errors[0] or "lost rank 3 (node3)" in errors[0]), text[-3000:]
-        assert "Traceback" not in text.split("resist_mpi: error:")[0][-2000:] or how == "cut"
-    print(f"recovery ({how}): {m['t_recovery']:.1f} s, {m['rounds_repeated']} round(s) trained again")
+        assert len(errors) == 2, text[-3000:]
+        assert "a peer is gone" in errors[0] or "lost rank 3 (node3)" in errors[0], text[-3000:]
+        assert "a peer is gone" in errors[1] or re.search(r"lost rank \d \(node2\)", errors[1]), text[-3000:]
+        assert "Traceback" not in text.split("resist_mpi: error:")[0][-2000:]  # the kill: one line, no traceback
+    for m in member:
+        print(f"recovery (left {m['left']}): {m['t_recovery']:.1f} s, {m['rounds_repeated']} round(s) trained again")
 
 
 def test_the_rendezvous_hosts_loss_ends_the_job_with_one_line_per_worker(cluster, tmp_path):
@@ -215,4 +220,4 @@ def test_sbatch_relaunches_on_the_nodes_left(cluster, reference, tmp_path):
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-4000:]}"
     assert "resist: lost node3 (exit" in text and "relaunching on 3 nodes (node0,node1,node2)" in text, text[-4000:]
-    check_recovered(out, reference)
+    check_recovered(out, reference, lost=["node3"])

@@ -3,7 +3,8 @@
 Skipped when Horovod (make horovod) or horovodrun is missing.
 
 - test_horovod_backend_under_horovodrun: runs the comm contract (tests/mpi/test_comm_contract.py,
-  RESIST_TEST_BACKEND=horovod) on every rank. Each case starts a fresh job and passes only if every
+  RESIST_TEST_BACKEND=horovod) on every rank, with the library and the averaging modes on 2 ranks
+  and groups and compression on 4. Each case starts a fresh job and passes only if every
   rank's pytest passed: horovodrun's exit status is non-zero when any rank fails, and each rank
   must report its own "N passed" line.
 - test_train_matches_mpi_backend: every strategy trained under horovodrun with --backend horovod,
@@ -30,7 +31,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, have_mpirun, horovodrun_path, mpi_env, passed_on_every_rank, requires
+from helpers import ROOT, have_mpirun, horovodrun_path, mpi_env, passed_on_every_rank, requires, trainings_args
 
 TEST = "tests/mpi/test_comm_contract.py"
 
@@ -67,10 +68,11 @@ def horovodrun(np_, controller, args, timeout=300, **extra_env):
 @pytest.mark.parametrize("np_, controller", [(2, "mpi"), (2, "gloo"), (4, "mpi")],
                          ids=["np2-mpi", "np2-gloo", "np4-mpi"])
 def test_horovod_backend_under_horovodrun(np_, controller):
-    # No cache plugin: N ranks writing one .pytest_cache at once would race. On 4 ranks the groups
-    # (--group-size: Horovod process sets) and the compressed averages (--wire-dtype) too.
-    tests = [TEST, "tests/mpi/test_library.py", "tests/mpi/test_averaging_modes.py"] + \
-        (["tests/mpi/test_groups.py", "tests/mpi/test_compression.py"] if np_ == 4 else [])
+    # No cache plugin: N ranks writing one .pytest_cache at once would race. On 2 ranks the library
+    # and the averaging modes; on 4 the groups (--group-size: Horovod process sets) and the compressed
+    # averages (--wire-dtype). The contract on both.
+    tests = [TEST] + (["tests/mpi/test_groups.py", "tests/mpi/test_compression.py"] if np_ == 4 else
+                      ["tests/mpi/test_library.py", "tests/mpi/test_averaging_modes.py"])
     proc = horovodrun(np_, controller, ["-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                       RESIST_TEST_BACKEND="horovod")
     passed_on_every_rank(proc, np_)
@@ -84,18 +86,8 @@ STRATEGIES = ("resist", "local_sgd", "data_parallel")
 TRAIN = ["--model", "preact_resnet34", "--width", "2", "--epochs", "1", "--batch-size", "256",
          "--local-steps", "2", "--bn-batches", "1", "--seed", "3", "--progress", "off"]
 REL = 1e-4
-# One job per launcher trains every strategy in turn, through the CLI's own entry point
-# (resist_mpi.cli.train.main: config, comm.init, Trainer), each into OUT/<strategy>. Six horovodrun
-# and three mpirun start-ups would be most of this file's time on a small machine.
-DRIVER = """\
-import sys
-from resist_mpi.cli.train import main
-out, args = sys.argv[1], sys.argv[2:]
-for strategy in {strategies!r}:
-    rc = main(args + ["--strategy", strategy, "--out", out + "/" + strategy])
-    if rc:
-        sys.exit(rc)
-"""
+# One job per launcher trains every strategy in turn (helpers.TRAININGS), each into OUT/<strategy>.
+# Six horovodrun and three mpirun start-ups would be most of this file's time on a small machine.
 
 
 def _read(out):
@@ -134,19 +126,19 @@ def train_jobs(tmp_path_factory):
     start when first asked for, one at a time.
     """
     base = tmp_path_factory.mktemp("train")
-    driver = base / "driver.py"
-    driver.write_text(DRIVER.format(strategies=STRATEGIES))
     jobs = {}
 
     def launch(kind):
         out = base / kind
         out.mkdir()
-        args = [str(driver), str(out)] + TRAIN
+        # the Horovod collectives asked for by name (auto picks mpi or torch: see below)
+        backend = "mpi" if kind == "reference" else "horovod"
+        args = trainings_args([TRAIN + ["--strategy", s, "--out", out / s, "--backend", backend] for s in STRATEGIES])
         if kind == "reference":
-            cmd = ["mpirun", "--oversubscribe", "-np", str(NP), sys.executable] + args + ["--backend", "mpi"]
+            cmd = ["mpirun", "--oversubscribe", "-np", str(NP), sys.executable] + args
             env = mpi_env()
-        else:  # the Horovod collectives, asked for by name (auto picks mpi or torch: see below)
-            cmd, env = _horovodrun_cmd(NP, kind[len("hvd-"):], args + ["--backend", "horovod"])
+        else:
+            cmd, env = _horovodrun_cmd(NP, kind[len("hvd-"):], args)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         return _Job(cmd, env, out)
 
@@ -198,13 +190,28 @@ def test_train_matches_mpi_backend(train_jobs, controller, strategy):
     assert (got["bytes_sent"], got["bytes_recv"]) == (ref["bytes_sent"], ref["bytes_recv"]), (got, ref)
 
 
+def readme_horovodrun(controller):
+    """The README's horovodrun command for that controller, as written."""
+    from test_docs import ALL  # every documented command, with where it is and how it is checked
+    found = [command for where, command, _ in ALL if where.startswith("README.md:")
+             and command.startswith(".venv/bin/horovodrun ") and ("--gloo" in command.split()) == (controller == "gloo")]
+    assert len(found) == 1, found
+    return found[0]
+
+
 @pytest.mark.parametrize("controller, expected", [("mpi", "mpi"), ("gloo", "torch")])
 def test_auto_backend_under_horovodrun(controller, expected):
-    """The fastest correct backend for each controller (docs/backends.md, "Horovod": launcher_bench)."""
-    code = ("import sys; from resist_mpi.comm import resolve_backend; "
-            "sys.stdout.write(f\"AUTO {resolve_backend('auto', 'cpu')}\\n\"); sys.stdout.flush()")
-    proc = horovodrun(2, controller, ["-c", code], timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    # horovodrun prefixes every chunk a rank writes with [1,rank]<stdout>: (and may split a line)
-    text = re.sub(r"\[\d+,\d+\]<stdout>:", "", proc.stdout)
-    assert re.findall(r"AUTO\s+(\w+)", text) == [expected, expected], proc.stdout
+    """The README's horovodrun commands, run as written (here, not in test_docs.py): a run of the
+    demo config under each controller, where --backend auto (the default) picks the fastest correct
+    backend: mpi under the MPI controller (its ranks are MPI processes), torch under the Gloo one (no
+    MPI there) (docs/backends.md, "Horovod": launcher_bench)."""
+    command = readme_horovodrun(controller)
+    env = mpi_env(PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    p = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"`{command}` exited {p.returncode}:\n{p.stdout[-2000:]}{p.stderr[-2000:]}"
+    out = ROOT / re.search(r"--out (\S+)", command).group(1)
+    config = json.load(open(out / "config.json"))
+    assert (config["backend"], config["world_size"], config["config"]["epochs"]) == (expected, 2, 1), config
+    text = re.sub(r"\[[\d,]+\]<stdout>:", "", p.stdout)  # horovodrun's prefix on every chunk a rank writes
+    assert len(re.findall(r"final test accuracy: [\d.]+%", text)) == 1, p.stdout[-2000:]

@@ -1,6 +1,9 @@
-"""The Makefile's gate on the Horovod build: a warning on a user's machine, a failure under CI."""
+"""The Makefile: its gate on the Horovod build (a warning on a user's machine, a failure under CI),
+its targets, and how `make test` runs the tiers."""
 import os
 import subprocess
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,3 +42,17 @@ def test_phony_targets_exist_and_test_runs_lint_and_docs():
     assert phony and phony <= rules, phony - rules
     test_rule = re.search(r"^test:(.*)$", text, re.M).group(1).split()
     assert "lint" in test_rule and "docs" in test_rule
+
+
+@pytest.mark.parametrize("unit_rc, launching_rc", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_make_test_runs_both_tiers_and_fails_when_either_fails(tmp_path, unit_rc, launching_rc):
+    """`make test` runs the unit tier beside the launching tests: both always run to the end, the
+    unit tier's output is printed after theirs, and either one failing fails the target."""
+    unit = f"sh -c 'echo unit tier ran; exit {unit_rc}' --"
+    launching = f"sh -c 'sleep 0.5; echo launching tests ran; exit {launching_rc}' --"
+    p = subprocess.run(["make", "-s", "test-tiers", f"UNIT={unit}", f"LAUNCHING={launching}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert (p.returncode == 0) == (unit_rc == 0 and launching_rc == 0), p.stdout + p.stderr
+    out = p.stdout
+    assert "launching tests ran" in out and "unit tier ran" in out
+    assert out.index("launching tests ran") < out.index("unit tier ran")  # its log follows theirs
