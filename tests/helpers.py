@@ -49,6 +49,22 @@ def trainings_args(runs):
     return ["-c", TRAININGS, json.dumps([[str(a) for a in args] for args in runs])]
 
 
+def run_documented(command, timeout=600):
+    """Run a command of the documentation as written: bash, from the repository root, with the
+    interpreter's directory first on PATH (a bare `python`, `torchrun` or `horovodrun` is the
+    venv's) and the repository on PYTHONPATH. Returns CompletedProcess (text)."""
+    env = mpi_env(PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def records(out, event):
+    """The records of one event ("round", "eval", "membership", ...) of a run's metrics.jsonl."""
+    from resist_mpi.cli.metrics import read_metrics
+    return read_metrics(str(out), event)
+
+
 def mpi_pytest(np_, test_files, timeout=600, **env):
     """Run tests/mpi files (one path or a list) with pytest on np_ ranks, in one job (no cache plugin:
     N ranks would race on it)."""

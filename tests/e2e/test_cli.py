@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, mpi_env, mpirun, requires, trainings_args
+from helpers import ROOT, mpi_env, mpirun, records, requires, trainings_args
 
 pytestmark = requires("mpi", "slow")
 
@@ -65,17 +65,12 @@ def _train(np_, out, *args, timeout=600):
     return mpirun(np_, ["-m", "resist_mpi.train", "--out", str(out), "--progress", "off", *args], timeout=timeout)
 
 
-def _records(out, event):
-    from resist_mpi.cli.metrics import read_metrics
-    return read_metrics(str(out), event)
-
-
 def _errors(p):
     return [line for line in p.stderr.splitlines() if line.startswith("resist_mpi: error:")]
 
 
 def _round_records(out, *keys):
-    return [{k: r[k] for k in keys} for r in _records(out, "round")]
+    return [{k: r[k] for k in keys} for r in records(out, "round")]
 
 
 def _copy_checkpoint(full, part, name):
@@ -106,19 +101,19 @@ def test_resume_continues_bit_for_bit(tmp_path, np_, extra):
     p = _train(np_, full, *args)
     assert p.returncode == 0, p.stderr[-3000:]
     names = sorted(os.listdir(full / "checkpoints"))
-    assert names[-1] == f"ckpt-{len(_records(full, 'round')):06d}" and len(names) >= 3
+    assert names[-1] == f"ckpt-{len(records(full, 'round')):06d}" and len(names) >= 3
     copy = names[1]
     _copy_checkpoint(full, part, copy)
     p = _train(np_, part, *args, "--resume", "auto")
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = _full_state(full, names[-1]), _full_state(part, names[-1])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _records(full, "eval")[-1]["test_loss"] == _records(part, "eval")[-1]["test_loss"]
+    assert records(full, "eval")[-1]["test_loss"] == records(part, "eval")[-1]["test_loss"]
     # the resumed rounds are the uninterrupted run's rounds, their traffic included
     keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
     resumed = _round_records(part, *keys)
     assert resumed and resumed == _round_records(full, *keys)[-len(resumed):]
-    assert _records(part, "resume")[0]["round"] == resumed[0]["round"] == int(copy[-6:])
+    assert records(part, "resume")[0]["round"] == resumed[0]["round"] == int(copy[-6:])
 
 
 def test_resume_on_another_world_size_continues_at_the_same_epoch(tmp_path):
@@ -133,13 +128,13 @@ def test_resume_on_another_world_size_continues_at_the_same_epoch(tmp_path):
         _copy_checkpoint(full, run, "ckpt-000003")
         p = _train(np_, run, *args, "--resume", "auto")
         assert p.returncode == 0, p.stderr[-3000:]
-        epoch = _records(full, "round")[2]["epoch"]
-        first = _records(run, "round")[0]
+        epoch = records(full, "round")[2]["epoch"]
+        first = records(run, "round")[0]
         assert abs(first["epoch"] - first["step"] / json.load(open(run / "config.json"))["steps_per_epoch"]) < 1e-9
         assert first["epoch"] > epoch and first["world_size"] == np_
-        member = _records(run, "membership")
+        member = records(run, "membership")
         assert len(member) == 1 and member[0]["previous_world_size"] == 2 and member[0]["world_size"] == np_
-        assert _records(run, "eval")[-1]["test_acc"] > 0.1
+        assert records(run, "eval")[-1]["test_acc"] > 0.1
 
 
 def test_bad_input_one_line_nonzero_everywhere(tmp_path):
@@ -234,7 +229,7 @@ def test_a_second_job_into_the_same_out_is_refused_while_the_first_runs(tmp_path
     finally:
         out_, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
-    rounds = _records(out, "round")
+    rounds = records(out, "round")
     assert [r["round"] for r in rounds] == list(range(len(rounds)))  # one run's records, in order
 
 
@@ -252,7 +247,7 @@ def test_out_dir_holding_a_run_is_never_overwritten_unasked(tmp_path):
     assert files == {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     p = _train(2, out, *args, "--resume", "auto")  # finished: loads its last checkpoint, trains nothing
     assert p.returncode == 0, p.stderr[-2000:]
-    assert _records(out, "round") == [r for r in (json.loads(line) for line in files[out / "metrics.jsonl"].decode()
+    assert records(out, "round") == [r for r in (json.loads(line) for line in files[out / "metrics.jsonl"].decode()
                                                   .splitlines()) if r["event"] == "round"]
     shutil.copytree(next((out / "checkpoints").iterdir()), out / "checkpoints" / "ckpt-000099")
     p = _train(2, out, *args, "--seed", "1", "--overwrite")
@@ -277,8 +272,8 @@ def test_round_records_do_not_depend_on_evaluation_or_loader_workers(tmp_path):
                                   [*args, "--out", tmp_path / "workers", "--eval-every", "1", "--workers", "2",
                                    "--eval-background"]]), timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert len(_records(tmp_path / "every", "eval")) == 3 and len(_records(tmp_path / "final", "eval")) == 1
-    evals = _records(tmp_path / "every", "eval")
+    assert len(records(tmp_path / "every", "eval")) == 3 and len(records(tmp_path / "final", "eval")) == 1
+    evals = records(tmp_path / "every", "eval")
     early = {e["round"] + 1: e["bytes_next_exchange"] for e in evals[:-1]}
     assert evals[-1]["bytes_next_exchange"] == 0  # nothing follows the last round
     every, final = _round_records(tmp_path / "every", *keys), _round_records(tmp_path / "final", *keys)
@@ -291,7 +286,7 @@ def test_round_records_do_not_depend_on_evaluation_or_loader_workers(tmp_path):
     assert any(r["bytes_sent"] + early[r["round"]] < f["bytes_sent"] for r, f in zip(every, final) if r["round"] in early)
     assert all(e["bytes_sent"] > 0 for e in evals)  # the gather is counted where it happens
     assert _round_records(tmp_path / "workers", *keys) == final
-    background = _records(tmp_path / "workers", "eval")
+    background = records(tmp_path / "workers", "eval")
     assert [(e["round"], e["test_loss"], e["test_acc"]) for e in background] == \
         [(e["round"], e["test_loss"], e["test_acc"]) for e in evals]
     assert [e.get("background", False) for e in background] == [True, True, False]

@@ -3,24 +3,19 @@
 (tests/e2e/test_elastic.py) also take as their uninterrupted reference: one run for both."""
 import json
 
-from helpers import requires
+from helpers import records, requires
 
 pytestmark = requires("mpi", "slow")
-
-
-def _records(out, event):
-    from resist_mpi.cli.metrics import read_metrics
-    return read_metrics(str(out), event)
 
 
 def test_demo_resist_4_ranks_reaches_95_percent(demo_run):
     """Bar: a thin ResNet on these digits reaches ~98% (measured 97.5-98.3%); the paper reports
     ResIST within about a point of local SGD; 0.95 leaves room for seed and platform."""
     out, p = demo_run
-    final = _records(out, "eval")[-1]
+    final = records(out, "eval")[-1]
     assert final["test_acc"] >= 0.95 and final["epoch"] == 12, final
     assert f"final test accuracy: {100 * final['test_acc']:.2f}%" in p.stdout
-    rounds = _records(out, "round")
+    rounds = records(out, "round")
     keys = {"round", "epoch", "strategy", "world_size", "train_loss", "train_acc", "lr", "bytes_sent",
             "bytes_recv", "t_compute", "t_comm", "t_comm_hidden", "wallclock", "time"}
     assert keys <= set(rounds[0]) and {r["world_size"] for r in rounds} == {4}

@@ -24,7 +24,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, mpi_env, requires
+from helpers import ROOT, requires, run_documented
 
 DOCS = ["README.md", "jobs/README.md", "docs/index.md", "docs/usage.md", "docs/library.md", "docs/method.md",
         "docs/backends.md", "docs/multinode.md", "docs/checkpoints.md", "docs/benchmarks.md", "docs/testing.md",
@@ -109,10 +109,7 @@ def test_documented_command_runs(request, tmp_path, where, command, marker):
         pytest.skip("Horovod is not installed (make horovod)")
     if CLUSTER in command:
         request.getfixturevalue("simulated_cluster")
-    env = mpi_env(PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    p = subprocess.run(["bash", "-c", f"cd {shlex.quote(str(ROOT))} && {command}"], env=env, capture_output=True,
-                       text=True, timeout=600)
+    p = run_documented(command)
     assert p.returncode == 0, f"{where}: `{command}` exited {p.returncode}:\n{p.stdout[-2000:]}{p.stderr[-2000:]}"
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, mpi_env, requires
+from helpers import ROOT, mpi_env, records, requires
 from resist_mpi.tools.cluster import Cluster
 
 pytestmark = requires("mpi", "root", "cluster", "slow")
@@ -104,11 +104,6 @@ def wait_for_checkpoints(out, n, procs, hosts=HOSTS):
         assert time.time() - t0 < TIMEOUT, "no checkpoints"
         assert all(procs[h][0].poll() is None for h in hosts), "an agent ended before the node was lost"
         time.sleep(0.2)
-
-
-def records(out, event):
-    from resist_mpi.cli.metrics import read_metrics
-    return read_metrics(str(out), event)
 
 
 @pytest.fixture(scope="module")

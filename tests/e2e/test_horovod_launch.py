@@ -31,7 +31,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, have_mpirun, horovodrun_path, mpi_env, passed_on_every_rank, requires, trainings_args
+from helpers import ROOT, have_mpirun, horovodrun_path, mpi_env, passed_on_every_rank, requires, run_documented, trainings_args
 
 TEST = "tests/mpi/test_comm_contract.py"
 
@@ -207,9 +207,7 @@ def test_auto_backend_under_horovodrun(controller, expected):
     backend: mpi under the MPI controller (its ranks are MPI processes), torch under the Gloo one (no
     MPI there) (docs/backends.md, "Horovod": launcher_bench)."""
     command = readme_horovodrun(controller)
-    env = mpi_env(PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    p = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = run_documented(command)
     assert p.returncode == 0, f"`{command}` exited {p.returncode}:\n{p.stdout[-2000:]}{p.stderr[-2000:]}"
     out = ROOT / re.search(r"--out (\S+)", command).group(1)
     config = json.load(open(out / "config.json"))
