@@ -47,7 +47,7 @@ def pack(tensors: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) ->
         out = empty_flat(n, tensors[0].device if len(tensors) else "cpu")
     elif out.numel() != n:
         raise ValueError(f"pack: out has {out.numel()} elements, the tensors {n}")
-    if n:
+    if n and out.device.type != "meta":  # a meta tensor has no values to copy (the traffic model's runs)
         # torch.cat writes straight into out: one pass, no per-tensor python copy loop on the data.
         torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors], out=out)
     return out
@@ -58,6 +58,8 @@ def unpack_(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     n = flat_size(tensors)
     if flat.numel() != n:
         raise ValueError(f"unpack_: flat has {flat.numel()} elements, the tensors {n}")
+    if flat.device.type == "meta":
+        return
     offset = 0
     with torch.no_grad():
         for t in tensors:

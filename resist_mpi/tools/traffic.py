@@ -170,7 +170,8 @@ def count_rounds(sizes: ModelSizes, size: int, strategy: str = "resist", rounds:
                 before = _snapshot(c)
                 for averager in job._gradient_averagers:
                     for p in averager.params:
-                        p.grad = torch.empty_like(p)
+                        if p.grad is None:  # made once (meta: no values), kept over the rounds
+                            p.grad = torch.empty_like(p)
                     averager._average()
                 step = tuple((local_steps - 1) * (a - b) for a, b in zip(_snapshot(c), before))
             before_shared = shared["bytes"] if shared else 0

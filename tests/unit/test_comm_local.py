@@ -24,6 +24,20 @@ def test_pack_unpack_roundtrip_in_place():
         unpack_(torch.zeros(3), targets)
 
 
+def test_pack_and_unpack_on_meta_tensors_check_sizes_and_copy_nothing():
+    """The traffic model runs the strategies on meta tensors: pack gives a buffer of the right size
+    on the meta device without copying values (there are none), unpack_ checks and returns."""
+    ts = [torch.empty(3, 4, device="meta"), torch.empty(5, device="meta")]
+    flat = pack(ts)
+    assert flat.device.type == "meta" and flat.shape == (17,) and flat.dtype == torch.float32
+    unpack_(flat, ts)
+    assert all(t.device.type == "meta" for t in ts)
+    with pytest.raises(ValueError):
+        pack(ts, out=torch.empty(3, device="meta"))
+    with pytest.raises(ValueError):
+        unpack_(torch.empty(3, device="meta"), ts)
+
+
 @pytest.mark.parametrize("env,expected", [
     ({}, (0, 1, 0, 1, "none")),
     ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",

@@ -12,7 +12,7 @@ from resist_mpi import comm
 from resist_mpi.cli.config import Config, validate
 from resist_mpi.cli.trainer import Trainer
 
-TINY = dict(model="preact_resnet34", width=4, dataset="synthetic", epochs=2, batch_size=128, local_steps=3,
+TINY = dict(model="preact_resnet34", width=2, dataset="synthetic", epochs=2, batch_size=128, local_steps=3,
             bn_batches=1, checkpoint_every=1, keep_checkpoints=5, progress="off")
 
 
