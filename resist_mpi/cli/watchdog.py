@@ -12,6 +12,10 @@ each rank opened at start, addresses exchanged once) whether it is still reachab
   answering peer prints one line naming the lost ranks and their hosts (under torchrun, whose
   agents keep a log per node, the lowest on each node; see `reporters`), and the job is aborted
   (exit status LOST_PEER_EXIT), so `--resume auto` can continue it from its last checkpoint.
+  The line tells the two ways a peer is lost apart (`probe`): its host refused the connection
+  (the host is up, the rank's process has ended: look in its log), or nothing answered at all (the
+  node or its link is down, or the process is alive but cannot answer: stopped, or stuck). A survivor whose own collective
+  failed a moment earlier has ended too, so it can be among the first kind.
 
 The listener answers from its own thread, so a rank busy in a long computation or blocked in an
 MPI call still answers; only a rank that cannot be reached does not.
@@ -22,7 +26,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..comm.launch import world_info_from_env
 from ..errors import say_last_line
@@ -48,14 +52,41 @@ def probe_address(me: Tuple[str, str, int], peer: Tuple[str, str, int]) -> Optio
     return None if addr.startswith("127.") else (addr, port)
 
 
-def reachable(addr: Tuple[str, int], timeout: float) -> bool:
-    """Whether a liveness listener at addr accepts a connection and answers within timeout."""
+ANSWERED, ENDED, SILENT = "answered", "ended", "silent"
+
+
+def probe(addr: Tuple[str, int], timeout: float) -> str:
+    """Ask the liveness listener at addr: ANSWERED (it accepted and answered within timeout),
+    ENDED (its host refused or reset the connection: the host is up, nothing listens there any
+    more, so the rank's process has ended), or SILENT (no answer within timeout, or no route: the
+    node or its link is down, or the process is alive but cannot answer: stopped, or stuck)."""
     try:
         with socket.create_connection(addr, timeout=timeout) as s:
             s.settimeout(timeout)
-            return s.recv(1) == b"+"
+            return ANSWERED if s.recv(1) == b"+" else ENDED  # closed without a word: it is shutting down
+    except (ConnectionRefusedError, ConnectionResetError):
+        return ENDED
     except OSError:
-        return False
+        return SILENT
+
+
+def reachable(addr: Tuple[str, int], timeout: float) -> bool:
+    """Whether a liveness listener at addr accepts a connection and answers within timeout."""
+    return probe(addr, timeout) == ANSWERED
+
+
+def lost_line(lost: Dict[int, str], hosts: Sequence[str], probe_timeout: float, stalled: float, phase: str) -> str:
+    """The one error line for lost peers ({rank: ENDED or SILENT}): the silent ones first (a node
+    or link down is the likelier cause), then those whose process has ended."""
+    def names(kind):
+        return ", ".join(f"rank {r} ({hosts[r]})" for r in sorted(lost) if lost[r] == kind)
+    parts = []
+    if any(k == SILENT for k in lost.values()):
+        parts.append(f"{names(SILENT)}: no answer for {probe_timeout:.0f} s")
+    if any(k == ENDED for k in lost.values()):
+        parts.append(f"{names(ENDED)}: process ended (its host refused the probe)")
+    return (f"resist_mpi: error: lost {'; '.join(parts)}; after {stalled:.0f} s without progress in {phase}; "
+            f"aborting the job (rerun with --resume auto to continue from the last checkpoint)")
 
 
 def reporters(lost: Sequence[int], hosts: Sequence[str], per_node_logs: bool) -> List[int]:
@@ -132,22 +163,19 @@ class Watchdog:
                 self._report_and_abort(lost, stalled)
             self._last = time.monotonic()  # everyone answered: slow, not lost; ask again later
 
-    def lost_peers(self) -> List[int]:
-        """Ranks whose listener does not answer (probed in parallel)."""
+    def lost_peers(self) -> Dict[int, str]:
+        """The ranks whose listener does not answer, each ENDED or SILENT (probed in parallel)."""
         others = [r for r in range(self.c.size) if r != self.c.rank and self.peers[r] is not None]
         if not others:
-            return []
+            return {}
         with ThreadPoolExecutor(max_workers=min(32, len(others))) as pool:
-            ok = list(pool.map(lambda r: reachable(self.peers[r], self.probe_timeout), others))
-        return [r for r, good in zip(others, ok) if not good]
+            found = list(pool.map(lambda r: probe(self.peers[r], self.probe_timeout), others))
+        return {r: kind for r, kind in zip(others, found) if kind != ANSWERED}
 
-    def _report_and_abort(self, lost: Sequence[int], stalled: float) -> None:
+    def _report_and_abort(self, lost: Dict[int, str], stalled: float) -> None:
         per_node_logs = world_info_from_env().launcher == "torchrun"  # each agent its own log
-        if self.c.rank in reporters(lost, self.hosts, per_node_logs):
-            names = ", ".join(f"rank {r} ({self.hosts[r]})" for r in lost)
-            say_last_line(f"resist_mpi: error: lost {names}: no answer for {self.probe_timeout:.0f} s after "
-                          f"{stalled:.0f} s without progress in {self.phase}; aborting the job "
-                          f"(rerun with --resume auto to continue from the last checkpoint)")
+        if self.c.rank in reporters(sorted(lost), self.hosts, per_node_logs):
+            say_last_line(lost_line(lost, self.hosts, self.probe_timeout, stalled, self.phase))
         else:
             time.sleep(1.0)  # let the reporter's line out first
         self.c.abort(LOST_PEER_EXIT)

@@ -7,7 +7,7 @@ import sys
 import threading
 
 from resist_mpi.cli.preempt import REQUEUE_EXIT, StopRequest
-from resist_mpi.cli.watchdog import probe_address, reachable, reporters
+from resist_mpi.cli.watchdog import ANSWERED, ENDED, SILENT, lost_line, probe, probe_address, reachable, reporters
 
 
 def test_stop_signals_only_set_a_flag_and_handlers_come_back():
@@ -36,28 +36,42 @@ def test_probe_address_same_host_loopback_other_host_its_address():
     assert probe_address(me, ("node2", "127.0.1.1", 6002)) is None
 
 
-def test_reachable_needs_an_answering_listener():
+def test_probe_tells_an_answer_an_ended_process_and_silence_apart():
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     port = server.getsockname()[1]
 
     def answer():
-        conn, _ = server.accept()
-        with conn:
-            conn.sendall(b"+")
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(b"+")
 
     t = threading.Thread(target=answer)
     t.start()
-    assert reachable(("127.0.0.1", port), 2.0)
+    assert probe(("127.0.0.1", port), 2.0) == ANSWERED and reachable(("127.0.0.1", port), 2.0)
     t.join()
-    silent = socket.socket()  # accepts (backlog) but never answers
+    silent = socket.socket()  # accepts (backlog) but never answers: a stopped process, a cut link
     silent.bind(("127.0.0.1", 0))
     silent.listen(1)
+    assert probe(("127.0.0.1", silent.getsockname()[1]), 0.5) == SILENT
     assert not reachable(("127.0.0.1", silent.getsockname()[1]), 0.5)
     server.close()
     silent.close()
-    assert not reachable(("127.0.0.1", port), 0.5)  # nothing listens any more
+    # nothing listens any more: the host refuses, so the process has ended
+    assert probe(("127.0.0.1", port), 0.5) == ENDED and not reachable(("127.0.0.1", port), 0.5)
+
+
+def test_the_lost_peer_line_names_the_silent_first_then_the_ended():
+    hosts = ["node0", "node1", "node2", "node3"]
+    line = lost_line({3: SILENT}, hosts, 5, 12.4, "the local steps")
+    assert line == ("resist_mpi: error: lost rank 3 (node3): no answer for 5 s; after 12 s without progress in "
+                    "the local steps; aborting the job (rerun with --resume auto to continue from the last checkpoint)")
+    line = lost_line({1: ENDED, 3: ENDED, 2: SILENT}, hosts, 5, 10, "evaluation")
+    assert line.startswith("resist_mpi: error: lost rank 2 (node2): no answer for 5 s; rank 1 (node1), rank 3 (node3): "
+                           "process ended (its host refused the probe); after 10 s without progress in evaluation; ")
+    assert "\n" not in line
 
 
 def test_reporters_one_line_per_job_log_or_per_node_log():
