@@ -30,7 +30,21 @@ from .work import DoneWork, Work
 from .fusion import empty_flat
 
 
+# Open MPI settings this backend defaults to (a value the user set, in the environment or by
+# mpirun --mca, wins). MPI reads them once, when it starts, so they apply only where this module
+# starts MPI (not where Horovod or the user's own mpi4py import started it first).
+#
+# coll_libnbc_iallreduce_algorithm=1 (ring) for --overlap's background average: with its own choice
+# (a heuristic by size) Open MPI 4.1's MPI_Iallreduce of a 4.8 MB buffer over 4 nodes on 22.7 Mbit/s
+# links took 8.8 s, the ring 2.8 s, at the link's rate; 1 kB took the same either way
+# (benchmarks/allreduce_bw.py --ops allreduce,iallreduce, docs/benchmarks.md).
+OPEN_MPI_DEFAULTS = {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "1"}
+
+
 def _mpi():
+    if "mpi4py.MPI" not in sys.modules:  # MPI is not started yet
+        for key, value in OPEN_MPI_DEFAULTS.items():
+            os.environ.setdefault(key, value)
     from mpi4py import MPI  # imported lazily: importing initialises MPI
     return MPI
 
