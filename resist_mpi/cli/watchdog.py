@@ -13,9 +13,10 @@ each rank opened at start, addresses exchanged once) whether it is still reachab
   agents keep a log per node, the lowest on each node; see `reporters`), and the job is aborted
   (exit status LOST_PEER_EXIT), so `--resume auto` can continue it from its last checkpoint.
   The line tells the two ways a peer is lost apart (`probe`): its host refused the connection
-  (the host is up, the rank's process has ended: look in its log), or nothing answered at all (the
-  node or its link is down, or the process is alive but cannot answer: stopped, or stuck). A survivor whose own collective
-  failed a moment earlier has ended too, so it can be among the first kind.
+  (the host is up, the rank's process has ended: look in its log), or nothing answered at all
+  (the node or its link is down, or the process is alive but cannot answer: stopped, or stuck).
+  A survivor whose own collective failed a moment earlier has ended too, so it can be among the
+  first kind.
 
 The listener answers from its own thread, so a rank busy in a long computation or blocked in an
 MPI call still answers; only a rank that cannot be reached does not.

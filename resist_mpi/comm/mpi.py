@@ -35,9 +35,9 @@ from .fusion import empty_flat
 # starts MPI (not where Horovod or the user's own mpi4py import started it first).
 #
 # coll_libnbc_iallreduce_algorithm=1 (ring) for --overlap's background average: with its own choice
-# (a heuristic by size) Open MPI 4.1's MPI_Iallreduce of a 4.8 MB buffer over 4 nodes on 22.7 Mbit/s
-# links took 8.8 s, the ring 2.8 s, at the link's rate; 1 kB took the same either way
-# (benchmarks/allreduce_bw.py --ops allreduce,iallreduce, docs/benchmarks.md).
+# (a heuristic by size) Open MPI 4.1's MPI_Iallreduce of a 4.8 MB buffer over 4 simulated nodes on
+# 22.7 Mbit/s links took 8.9 s (29% of the link's rate), the ring 3.0 s (86%)
+# (benchmarks/allreduce_bw.py --ops allreduce,iallreduce; docs/backends.md).
 OPEN_MPI_DEFAULTS = {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "1"}
 
 
