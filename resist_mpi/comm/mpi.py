@@ -41,10 +41,15 @@ from .fusion import empty_flat
 OPEN_MPI_DEFAULTS = {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "1"}
 
 
+def with_open_mpi_defaults(environ) -> None:
+    """Give environ (a mapping) each of OPEN_MPI_DEFAULTS that it has no value for."""
+    for key, value in OPEN_MPI_DEFAULTS.items():
+        environ.setdefault(key, value)
+
+
 def _mpi():
-    if "mpi4py.MPI" not in sys.modules:  # MPI is not started yet
-        for key, value in OPEN_MPI_DEFAULTS.items():
-            os.environ.setdefault(key, value)
+    if "mpi4py.MPI" not in sys.modules:  # MPI is not started yet: it reads its settings when it starts
+        with_open_mpi_defaults(os.environ)
     from mpi4py import MPI  # imported lazily: importing initialises MPI
     return MPI
 
