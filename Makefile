@@ -77,10 +77,9 @@ UNIT := $(VENV)/bin/python -m pytest tests/unit -q -n auto
 
 # Everything: the linter, the docs site (warnings are errors), then every test tier (the slowest tests
 # listed at the end of each, so a log shows where the time goes). The launching tests run in two
-# workers, each file in one of two groups (tests/conftest.py); the unit tier runs beside them at the
-# lowest priority (nice 19), on the cores they leave idle while they start processes and wait for peers
-# (docs/testing.md), its output kept in build/unit-tier.log and printed after theirs. Either tier
-# failing fails the target.
+# workers, each file in one of two groups (tests/conftest.py); the unit tier runs beside them, on the
+# cores they leave idle while they start processes and wait for peers (docs/testing.md), its output
+# kept in build/unit-tier.log and printed after theirs. Either tier failing fails the target.
 LAUNCHING := $(VENV)/bin/python -m pytest tests -q --ignore=tests/unit --durations=40 -n 2 --dist loadgroup
 test: setup scheduler-deps horovod-or-warn lint docs
 	@$(MAKE) --no-print-directory test-tiers
@@ -89,7 +88,7 @@ test: setup scheduler-deps horovod-or-warn lint docs
 test-tiers:
 	@mkdir -p build
 	@echo "the unit tier runs beside the launching tests; its output follows theirs"
-	@nice -n 19 $(UNIT) --durations=10 > build/unit-tier.log 2>&1 & unit=$$!; \
+	@$(UNIT) --durations=10 > build/unit-tier.log 2>&1 & unit=$$!; \
 	$(LAUNCHING); launching=$$?; \
 	wait $$unit; units=$$?; echo "== the unit tier (tests/unit) =="; cat build/unit-tier.log; \
 	test $$launching -eq 0 && test $$units -eq 0
