@@ -71,11 +71,6 @@ def probe(addr: Tuple[str, int], timeout: float) -> str:
         return SILENT
 
 
-def reachable(addr: Tuple[str, int], timeout: float) -> bool:
-    """Whether a liveness listener at addr accepts a connection and answers within timeout."""
-    return probe(addr, timeout) == ANSWERED
-
-
 def lost_line(lost: Dict[int, str], hosts: Sequence[str], probe_timeout: float, stalled: float, phase: str) -> str:
     """The one error line for lost peers ({rank: ENDED or SILENT}): the silent ones first (a node
     or link down is the likelier cause), then those whose process has ended."""
