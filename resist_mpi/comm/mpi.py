@@ -40,11 +40,22 @@ from .fusion import empty_flat
 # (benchmarks/allreduce_bw.py --ops allreduce,iallreduce; docs/backends.md).
 OPEN_MPI_DEFAULTS = {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "1"}
 
+# The blocking collectives' rules (open_mpi_rules.conf): the ring for allreduces from 256 KiB and for
+# every allgatherv (the int8 wire's and the groups' gathers, the evaluation's gather). Open MPI lets a
+# rules file override an algorithm forced by coll_tuned_<collective>_algorithm, so the file is given
+# only where the environment sets no coll_tuned parameter at all.
+OPEN_MPI_RULES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "open_mpi_rules.conf")
+_TUNED = "OMPI_MCA_coll_tuned_"
+
 
 def with_open_mpi_defaults(environ) -> None:
-    """Give environ (a mapping) each of OPEN_MPI_DEFAULTS that it has no value for."""
+    """Give environ (a mapping) each of OPEN_MPI_DEFAULTS that it has no value for, and the rules
+    file for the tuned collectives where it sets no coll_tuned parameter."""
     for key, value in OPEN_MPI_DEFAULTS.items():
         environ.setdefault(key, value)
+    if not any(key.startswith(_TUNED) for key in environ):
+        environ[_TUNED + "use_dynamic_rules"] = "1"
+        environ[_TUNED + "dynamic_rules_filename"] = OPEN_MPI_RULES
 
 
 def _mpi():

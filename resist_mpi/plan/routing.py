@@ -119,6 +119,38 @@ def plan_exchange(holders: Sequence[Sequence[int]], needers: Sequence[Sequence[i
                 holders_after=tuple(tuple(sorted(set(n))) for n in needers))
 
 
+def gather_contributions(plan: Plan, block_numel: Sequence[int]) -> Optional[List[Tuple[int, ...]]]:
+    """The same exchange as one allgather, when plan is a gather (every rank holds every block after
+    it; else None): contributions[r] = the blocks rank r puts in, ascending. A block whose copies are
+    averaged goes in from each of its holders (every rank averages the same copies in the same order
+    as plan says); any other block that moves, from one of the ranks plan sends it from (the least
+    loaded so far, ties: lowest rank). A rank receives every contribution but its own, so it may get
+    a block it already holds: compare ring_bytes with plan.busiest_bytes before choosing."""
+    S = plan.size
+    if not plan.transfers or any(h != tuple(range(S)) for h in plan.holders_after):
+        return None
+    senders: Dict[int, Set[int]] = {}
+    for (src, _dst), blocks in plan.transfers.items():
+        for b in blocks:
+            senders.setdefault(b, set()).add(src)
+    load = [0] * S
+    out: List[List[int]] = [[] for _ in range(S)]
+    for b in sorted(senders):
+        copies = {plan.sources[(dst, b)] for dst in range(S) if len(plan.sources[(dst, b)]) > 1}
+        for r in (next(iter(copies)) if copies else (min(senders[b], key=lambda r: (load[r], r)),)):
+            out[r].append(b)
+            load[r] += block_numel[b]
+    return [tuple(blocks) for blocks in out]
+
+
+def ring_bytes(contributions: Sequence[Sequence[int]], block_numel: Sequence[int], element_bytes: int = 4) -> int:
+    """Bytes the busiest rank sends or receives in a ring allgather of contributions (each rank sends
+    every segment but its successor's and receives every segment but its own)."""
+    counts = [sum(block_numel[b] for b in blocks) for blocks in contributions]
+    total, S = sum(counts), len(counts)
+    return element_bytes * max(total - min(counts[r], counts[(r + 1) % S]) for r in range(S))
+
+
 def needers_from_assignment(assignment: Sequence[Sequence[int]], num_blocks: int) -> List[Tuple[int, ...]]:
     """needers[b] for an assignment (rank -> blocks)."""
     result: List[List[int]] = [[] for _ in range(num_blocks)]

@@ -5,6 +5,12 @@ import sys
 
 import pytest
 
+if os.environ.get("RESIST_TEST_BACKEND", "mpi") == "mpi" and "OMPI_COMM_WORLD_SIZE" in os.environ:
+    # MPI starts as the mpi backend starts it, with its Open MPI defaults (comm/mpi.py), before a test
+    # file's own `from mpi4py import MPI` would start it without them
+    from resist_mpi.comm.mpi import _mpi
+    _mpi()
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):

@@ -19,6 +19,47 @@ def c(request):
     return MPIComm(MPI.COMM_SELF if request.param == "self" else MPI.COMM_WORLD)
 
 
+def _reduction_sizes(comm, n):
+    """The element counts MPI hands a commutative user-defined sum while it allreduces n floats (how
+    the algorithm cut the buffer), and the result."""
+    sizes = []
+
+    def add(inbuf, inoutbuf, datatype):
+        a, b = np.frombuffer(inbuf, np.float32), np.frombuffer(inoutbuf, np.float32)
+        sizes.append(len(a))
+        b += a
+
+    op = MPI.Op.Create(add, commute=True)
+    try:
+        buf = np.full(n, comm.Get_rank() + 1, np.float32)
+        comm.Allreduce(MPI.IN_PLACE, buf, op=op)
+    finally:
+        op.Free()
+    return sizes, buf
+
+
+def test_model_sized_allreduces_take_the_ring_small_ones_open_mpis_choice():
+    """The backend started Open MPI with its rules file (tests/mpi/conftest.py starts MPI the way the
+    backend does): from 256 KiB the allreduce is the ring, which reduces the buffer in S pieces;
+    below, Open MPI's own choice, which at 2 and 4 ranks reduces it whole (recursive doubling). At 4
+    ranks Open MPI's own choice for the large buffer (Rabenseifner's) reduces halves, so there the
+    check tells the ring from it."""
+    import os
+    from resist_mpi.comm.mpi import OPEN_MPI_RULES
+    assert os.environ["OMPI_MCA_coll_tuned_dynamic_rules_filename"] == OPEN_MPI_RULES
+    world = MPI.COMM_WORLD
+    S = world.Get_size()
+    expected = S * (S + 1) / 2
+    big = 262144 // 4 * 3  # 768 KiB
+    sizes, buf = _reduction_sizes(world, big)
+    assert (buf == expected).all()
+    assert sizes and max(sizes) <= -(-big // S), sizes
+    small = 1000
+    sizes, buf = _reduction_sizes(world, small)
+    assert (buf == expected).all()
+    assert sizes and max(sizes) == small, sizes
+
+
 def _segment(src, dst, k):
     return torch.tensor([src * 10000 + dst * 100 + i for i in range(k)], dtype=torch.float32)
 

@@ -24,8 +24,11 @@ from resist_mpi.blocks.switch import activate, make_switchable
 from resist_mpi.blocks.find import find_blocks
 from resist_mpi.blocks.tensors import shared_slots
 from resist_mpi.models import create_model
-from resist_mpi.plan.routing import needers_from_assignment, plan_exchange
+from resist_mpi.plan.routing import (everyone, gather_contributions, needers_from_assignment, plan_exchange,
+                                     ring_bytes)
 from resist_mpi.strategies import ResIST
+from resist_mpi.strategies.exchange import run_exchange
+from resist_mpi.strategies.store import BlockStore
 from helpers import seeded
 
 STEPS = 2
@@ -210,6 +213,49 @@ def test_full_model_gathers_scales_and_goes_back(c):
     plan = plan_exchange(needers_from_assignment(a0, P), needers_from_assignment(s.assignment, P), c.size,
                          set(), numel)
     assert c.counters() == (before[0] + plan.bytes_sent(c.rank, numel), before[1] + plan.bytes_recv(c.rank, numel))
+
+
+@pytest.mark.parametrize("route", ["auto", "allgather"])
+def test_a_gather_as_one_allgather_gives_the_all_to_alls_blocks(c, route):
+    """A gather (every rank needs every block) carried out as one allgather leaves every rank with the
+    blocks the all-to-all exchange leaves it, to the bit: blocks held by one rank, by several
+    (identical copies, one sends), and trained by several (divergent copies, averaged in rank order).
+    The bytes are the ring's; "auto" takes it only where the busiest rank moves no more."""
+    S, P = c.size, 5
+    divergent = {3}
+    holders = [(0,), (S - 1,), tuple(range(S)), (0, S - 1), ((1 % S),)]
+
+    def store_as_held():  # values from the block id (and the rank where divergent), not the shared RNG
+        blocks = [m for _, m in find_blocks(create_model("preact_resnet34", 10, width=4).to(DEVICE), "auto")]
+        assert len(blocks) == P
+        store = BlockStore(blocks, DEVICE)
+        with torch.no_grad():
+            for b in range(P):
+                if c.rank in holders[b]:
+                    slab = store.slab(b)
+                    slab.copy_(torch.linspace(-1, 1, slab.numel(), device=DEVICE) * (b + 1) / 7)
+                    slab.add_(c.rank / 3 if b in divergent else 0)  # copies differ only where divergent
+                else:
+                    store.release(b)
+        return store
+
+    numel = store_as_held().sizes()
+    plan = plan_exchange(holders, everyone(P, S), S, divergent, numel)
+    want = store_as_held()
+    run_exchange(c, want, plan, DEVICE, route="direct")
+    got = store_as_held()
+    before = c.counters()
+    run_exchange(c, got, plan, DEVICE, route=route)
+    for b in range(P):
+        assert got.holds(b) and torch.equal(got.slab(b), want.slab(b)), b
+    contributions = gather_contributions(plan, numel)
+    if S in (2, 4):  # each moved block once, from its sender; the divergent block 3 from both holders
+        assert contributions == {2: [(0, 3), (1, 3, 4)], 4: [(0, 3), (4,), (), (1, 3)]}[S]
+    ring = route == "allgather" or ring_bytes(contributions, numel) <= plan.busiest_bytes(numel)
+    counts = [sum(numel[b] for b in blocks) for blocks in contributions]
+    expected = ((sum(counts) - counts[(c.rank + 1) % S]) * 4, (sum(counts) - counts[c.rank]) * 4) if ring \
+        else (plan.bytes_sent(c.rank, numel), plan.bytes_recv(c.rank, numel))
+    assert c.counters() == (before[0] + expected[0], before[1] + expected[1])
 
 
 def test_state_dict_round_trip_continues_identically(c):

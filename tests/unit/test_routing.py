@@ -68,3 +68,24 @@ def test_errors():
         plan_exchange([()], [(0,)], 1)
     with pytest.raises(ValueError, match="rank 3"):
         plan_exchange([(0,)], [(3,)], 2)
+
+
+def test_a_gather_becomes_allgather_contributions_each_moved_copy_once():
+    """gather_contributions: only for gathers; every block that moves goes in once (from the least
+    loaded of its senders), a divergent one from each holder; nothing for a block every rank holds.
+    ring_bytes: the ring's busiest rank (sends all but its successor's segment, receives all but its own)."""
+    from resist_mpi.plan.routing import everyone, gather_contributions, ring_bytes
+    numel = [10, 20, 30, 40, 50]
+    holders = [(0,), (2,), (0, 1, 2), (0, 2), (1,)]
+    assert gather_contributions(plan_exchange(holders, [(1,)] * 5, 3), numel) is None  # not a gather
+    assert gather_contributions(plan_exchange(holders[2:3], everyone(1, 3), 3), [30]) is None  # nothing moves
+    plan = plan_exchange(holders, everyone(5, 3), 3, {3}, numel)
+    contributions = gather_contributions(plan, numel)
+    assert contributions == [(0, 3), (4,), (1, 3)]
+    counts = [10 + 40, 50, 20 + 40]
+    assert ring_bytes(contributions, numel) == 4 * max(sum(counts) - min(counts[r], counts[(r + 1) % 3]) for r in range(3))
+    assert ring_bytes(contributions, numel) == 4 * (160 - 50)
+    # identical copies on two ranks, which the all-to-all sends from both (to one rank each): one goes in
+    plan = plan_exchange([(0, 1), (1,)], everyone(2, 4), 4, set(), [7, 3])
+    assert plan.transfers[(0, 2)] == (0,) and plan.transfers[(1, 3)] == (0, 1)
+    assert gather_contributions(plan, [7, 3]) == [(0,), (1,), (), ()]
