@@ -78,6 +78,8 @@ def cuda_aware() -> bool:
 
 _FRAME = 1024  # bytes of bcast_object's first broadcast (below Open MPI's shared-memory eager limit)
 _TAG = 7100  # tags of alltoallv_tensors messages: _TAG + position in the per-peer list
+# From this many bytes sent and received by a rank, alltoallv_tensors goes pairwise (see there).
+PAIRWISE_BYTES = int(os.environ.get("RESIST_MPI_PAIRWISE_BYTES", 256 * 1024))
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
@@ -286,20 +288,31 @@ class MPIComm(Comm):
         tensors = [t for ts in list(sends) + list(recvs) for t in ts]
         if any(t.device.type != "cpu" for t in tensors):
             return super()._alltoallv_tensors(sends, recvs)  # staged through one host buffer
-        # Every tensor is its own contiguous message, all posted at once and completed together
-        # (what MPI's linear alltoallv does inside): large contiguous messages take Open MPI's
-        # single-copy path, which a derived datatype over several blocks (Alltoallw) did not.
-        MPI, comm = self.MPI, self.comm
-        requests = []
-        for src, ts in enumerate(recvs):
-            for k, t in enumerate(ts):
-                if t.numel():
-                    requests.append(comm.Irecv([t.detach().numpy(), MPI.FLOAT], source=src, tag=_TAG + k))
-        for dst, ts in enumerate(sends):
-            for k, t in enumerate(ts):
-                if t.numel():
-                    requests.append(comm.Isend([t.detach().numpy(), MPI.FLOAT], dest=dst, tag=_TAG + k))
-        MPI.Request.Waitall(requests)
+        # Every tensor is its own contiguous message (large contiguous messages take Open MPI's
+        # single-copy path, which a derived datatype over several blocks, Alltoallw, did not).
+        # Where this rank moves PAIRWISE_BYTES or more, in S-1 steps: at step k it sends to rank+k and
+        # receives from rank-k, so each link carries one flow at a time (no S-1 flows converging on
+        # one receiver); below that, every message is posted at once and completed with one wait.
+        # Ranks may choose differently: messages match by source and tag in any order, and every rank
+        # walks the steps in the same order.
+        MPI, comm, S, rank = self.MPI, self.comm, self.size, self.rank
+
+        def post(src=None, dst=None):  # the receives from src and the sends to dst
+            requests = []
+            if src is not None:
+                requests += [comm.Irecv([t.detach().numpy(), MPI.FLOAT], source=src, tag=_TAG + k)
+                             for k, t in enumerate(recvs[src]) if t.numel()]
+            if dst is not None:
+                requests += [comm.Isend([t.detach().numpy(), MPI.FLOAT], dest=dst, tag=_TAG + k)
+                             for k, t in enumerate(sends[dst]) if t.numel()]
+            return requests
+
+        if ELEMENT_BYTES * sum(t.numel() for t in tensors) >= PAIRWISE_BYTES:
+            for step in range(1, S):
+                MPI.Request.Waitall(post((rank - step) % S, (rank + step) % S))
+        else:
+            requests = [r for src in range(S) for r in post(src=src)]
+            MPI.Request.Waitall(requests + [r for dst in range(S) for r in post(dst=dst)])
 
     def _allgather_(self, flat, counts):
         buf, staged = self._host(flat)

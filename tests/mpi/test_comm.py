@@ -123,6 +123,26 @@ def test_alltoallv_of_a_tensor_that_requires_grad(c):
     assert torch.equal(recv, torch.cat([_segment(s, r, _count(s, r)) for s in range(S)]))
 
 
+@pytest.mark.parametrize("schedule", ["pairwise", "at_once", "mixed"])
+def test_alltoallv_tensors_pairwise_or_at_once_deliver_the_same(c, monkeypatch, schedule):
+    """The S-1 pairwise steps (from PAIRWISE_BYTES a rank moves) and every message at once give the
+    same result, also when ranks choose differently and some pairs exchange nothing."""
+    from resist_mpi.comm import mpi
+    S, r = c.size, c.rank
+    pairwise = {"pairwise": True, "at_once": False, "mixed": r % 2 == 0}[schedule]
+    monkeypatch.setattr(mpi, "PAIRWISE_BYTES", 0 if pairwise else 1 << 60)
+    talks = [d != r and (r + d) % 3 != 1 for d in range(S)]  # symmetric: some pairs send nothing either way
+    sends = [[_segment(r, d, 3), _segment(r, d, d + 2) + 0.5] if talks[d] else [] for d in range(S)]
+    recvs = [[torch.empty(3), torch.empty(r + 2)] if talks[s] else [] for s in range(S)]
+    before = c.counters()
+    c.alltoallv_tensors(sends, recvs)
+    for s in range(S):
+        if talks[s]:
+            assert torch.equal(recvs[s][0], _segment(s, r, 3)) and torch.equal(recvs[s][1], _segment(s, r, r + 2) + 0.5)
+    sent = 4 * sum(3 + d + 2 for d in range(S) if talks[d])
+    assert c.counters() == (before[0] + sent, before[1] + 4 * sum(3 + r + 2 for s in range(S) if talks[s]))
+
+
 def test_alltoallv_tensors_packing_fallback(c):
     """The pack/alltoallv path other backends (and device tensors without CUDA-aware MPI) take."""
     S, r = c.size, c.rank

@@ -184,9 +184,11 @@ def test_repeated_calls_with_changing_sizes(c):
         assert torch.equal(recv, torch.cat([torch.full((n + r,), float(s)) for s in range(S)]))
 
 
-def test_allgather_in_place(c):
+@pytest.mark.parametrize("empty", [False, True], ids=["segments", "some-empty"])
+def test_allgather_in_place(c, empty):
     S, r = c.size, c.rank
-    counts = [s % 3 + 1 for s in range(S)]  # 1, 2, 3, 1, ... elements
+    # 1, 2, 3, 1, ... elements; or 0, 1, 2, 0, ...: a rank may put nothing in (an evaluation's gather)
+    counts = [s % 3 + (0 if empty and S > 1 else 1) for s in range(S)]
     flat = torch.full((sum(counts),), -1.0)
     start = sum(counts[:r])
     flat[start:start + counts[r]] = torch.arange(counts[r], dtype=torch.float32) + 100 * r

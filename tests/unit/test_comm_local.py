@@ -182,16 +182,25 @@ def test_thread_ranks_on_one_cpu_pin_only_the_rank_threads():
 
 def test_the_mpi_backend_starts_open_mpi_with_its_defaults_unless_the_user_chose():
     """Before it starts MPI, the mpi backend gives the environment OPEN_MPI_DEFAULTS (the ring for
-    the background average's MPI_Iallreduce) where it has no value; a value the user gave stays.
-    (Starting MPI here would start a singleton: the benchmark shows the setting's effect.)"""
-    from resist_mpi.comm.mpi import OPEN_MPI_DEFAULTS, with_open_mpi_defaults
+    the background average's MPI_Iallreduce) where it has no value, and its rules file for the
+    blocking collectives where no coll_tuned parameter is set (a rules file would override an
+    algorithm the user forced); a value the user gave stays. (Starting MPI here would start a
+    singleton: tests/mpi/test_comm.py checks the rules' effect on real ranks, the benchmark their speed.)"""
+    import os
+    from resist_mpi.comm.mpi import OPEN_MPI_DEFAULTS, OPEN_MPI_RULES, with_open_mpi_defaults
     assert OPEN_MPI_DEFAULTS == {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "1"}
+    rules = {"OMPI_MCA_coll_tuned_use_dynamic_rules": "1", "OMPI_MCA_coll_tuned_dynamic_rules_filename": OPEN_MPI_RULES}
     env = {"PATH": "/bin"}
     with_open_mpi_defaults(env)
-    assert env == {"PATH": "/bin", "OMPI_MCA_coll_libnbc_iallreduce_algorithm": "1"}
+    assert env == {"PATH": "/bin", "OMPI_MCA_coll_libnbc_iallreduce_algorithm": "1", **rules}
     env = {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "0"}
     with_open_mpi_defaults(env)
-    assert env == {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "0"}
+    assert env == {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "0", **rules}
+    forced = {"OMPI_MCA_coll_tuned_use_dynamic_rules": "1", "OMPI_MCA_coll_tuned_allreduce_algorithm": "3"}
+    env = dict(forced)
+    with_open_mpi_defaults(env)
+    assert env == {**forced, "OMPI_MCA_coll_libnbc_iallreduce_algorithm": "1"}  # the user's choice, no rules file
+    assert os.path.isfile(OPEN_MPI_RULES)
     import inspect
     from resist_mpi.comm import mpi
     source = inspect.getsource(mpi._mpi)
