@@ -10,8 +10,9 @@ in a bandwidth-optimal allreduce, so it is comparable with the link rate whateve
 `--ops allreduce,iallreduce,allgatherv,gather_p2p` times, one line each: the blocking MPI_Allreduce;
 the nonblocking MPI_Iallreduce progressed as resist_mpi's background average progresses it
 (MPI_Test, then a 0.2 ms sleep); MPI_Allgatherv of a buffer of --size-mb in S equal segments (in
-place); and the same gather as resist_mpi's all-to-all block exchange sends it (every segment to
-every other rank, every message posted at once). For the gathers, bandwidth = the bytes each rank
+place); and the same gather as resist_mpi's all-to-all block exchange sends it, every segment to
+every other rank, with every message posted at once (gather_p2p) or in S-1 pairwise steps
+(gather_pairwise: at step k, to rank+k and from rank-k). For the gathers, bandwidth = the bytes each rank
 receives / time (comparable with the link rate). This is raw MPI: Open MPI picks each one's
 algorithm itself unless told by an MCA setting; `--resist-defaults` starts MPI with what
 resist_mpi's mpi backend gives it (resist_mpi/comm/mpi.py: OPEN_MPI_DEFAULTS, the ring for the
@@ -50,6 +51,14 @@ def _gather_p2p(comm, buf, seg):
     MPI.Request.Waitall(reqs)
 
 
+def _gather_pairwise(comm, buf, seg):
+    r, S = comm.Get_rank(), comm.Get_size()
+    for k in range(1, S):
+        src, dst = (r - k) % S, (r + k) % S
+        MPI.Request.Waitall([comm.Irecv(buf[src * seg:(src + 1) * seg], source=src, tag=7),
+                             comm.Isend(buf[r * seg:(r + 1) * seg], dest=dst, tag=7)])
+
+
 def allreduce_bw(size_mb: float = 64, iters: int = 5, warmup: int = 1, op: str = "allreduce") -> dict:
     comm = MPI.COMM_WORLD
     S = comm.Get_size()
@@ -60,7 +69,8 @@ def allreduce_bw(size_mb: float = 64, iters: int = 5, warmup: int = 1, op: str =
     run = {"allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
            "iallreduce": lambda: _iallreduce(comm, buf),
            "allgatherv": lambda: comm.Allgatherv(MPI.IN_PLACE, [buf, (counts, displs), MPI.FLOAT]),
-           "gather_p2p": lambda: _gather_p2p(comm, buf, seg)}[op]
+           "gather_p2p": lambda: _gather_p2p(comm, buf, seg),
+           "gather_pairwise": lambda: _gather_pairwise(comm, buf, seg)}[op]
     times = []
     for i in range(warmup + iters):
         comm.Barrier()
@@ -83,7 +93,7 @@ if __name__ == "__main__":
     p.add_argument("--size-mb", type=float, default=64)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--ops", default="allreduce",
-                   help="comma-separated: allreduce, iallreduce, allgatherv, gather_p2p")
+                   help="comma-separated: allreduce, iallreduce, allgatherv, gather_p2p, gather_pairwise")
     p.add_argument("--resist-defaults", action="store_true",
                    help="start MPI with resist_mpi's mpi backend's Open MPI settings")
     a = p.parse_args()

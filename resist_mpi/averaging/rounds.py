@@ -36,7 +36,8 @@ class Averager:
       nesterov=True)). The averaged update of a round is the pseudo-gradient (its negative) of an
       outer step on the round's starting values of the parameters; BN statistics are averaged.
     - overlap: the average of round r's update (across the groups) runs in the background while
-      round r+1 trains; at round r+1's end each rank replaces its own round-r update by the
+      round r+1 trains (started by mark(), when round r+1 starts, so that what its start moves,
+      ResIST's blocks, has the link to itself); at round r+1's end each rank replaces its own round-r update by the
       average one and keeps its round-r+1 progress: x <- x - own_r + mean_r, computed as
       agreed + own_{r+1} where agreed (the same on every rank) has taken mean_r (or the outer
       step), so no rounding accumulates in x and a flush leaves every rank the same bits. flush()
@@ -69,6 +70,7 @@ class Averager:
         self._steps: List[Callable] = []
         self._params = 0  # elements of the parameters' part of the buffer (a prefix)
         self._pending = None  # (Work, own update, mean buffer, residual before it) of the last round
+        self._deferred: Optional[torch.Tensor] = None  # the update of the round just ended, not yet started
         self.exposed = self.hidden = 0.0
         self._bg_world = self._bg = None
         if self.overlap:
@@ -80,7 +82,7 @@ class Averager:
     def _buffer(self) -> torch.Tensor:
         tensors = self._tensors()
         if self.flat is None or not is_view_of(tensors, self.flat):
-            if self._pending is not None:
+            if self.pending:
                 raise RuntimeError("the averaged tensors were replaced while a background average was in flight")
             is_param = [isinstance(t, torch.nn.Parameter) for t in tensors]
             if is_param != sorted(is_param, reverse=True):
@@ -120,6 +122,7 @@ class Averager:
             return
         if self.agreed is None or self.agreed.numel() != flat.numel():
             self._allocate(flat)
+        self._launch_deferred()  # after the round's start, e.g. ResIST's block exchange: alone on the link
         if self._pending is None:  # every rank holds the agreed values now
             self.agreed.copy_(flat)
         if self.overlap:
@@ -153,7 +156,9 @@ class Averager:
         update = flat - self.start
         self._apply_pending()
         torch.add(self.agreed, update, out=flat)  # the agreed values plus this rank's round, one round late
-        self._launch(update)
+        # started when the next round starts (mark()), after what its start moves (ResIST's blocks),
+        # which would otherwise share the link with it; nothing changes these tensors in between
+        self._deferred = update
     def _plain_average(self, flat: torch.Tensor) -> None:
         if self.feedback is None:
             # ---- distributed step: one allreduce of the flat buffer (three, hierarchical, with groups) ----
@@ -197,6 +202,11 @@ class Averager:
             self.agreed[P:].add_(mean[P:])
 
     # -- overlap -----------------------------------------------------------------------------------------
+    def _launch_deferred(self) -> None:
+        if self._deferred is not None:
+            update, self._deferred = self._deferred, None
+            self._launch(update)
+
     def _launch(self, update: torch.Tensor) -> None:
         """Start the mean of this round's update in the background (the training thread goes on)."""
         buf = update.clone()
@@ -233,6 +243,7 @@ class Averager:
 
     def flush(self) -> None:
         """Wait for the background average and apply it: every rank holds the same values after."""
+        self._launch_deferred()
         if self._pending is not None:
             flat = self._buffer()
             self._apply_pending()
@@ -240,7 +251,8 @@ class Averager:
 
     @property
     def pending(self) -> bool:
-        return self._pending is not None
+        """An average not yet applied: in flight, or to start with the next round."""
+        return self._pending is not None or self._deferred is not None
 
     # -- consistency -------------------------------------------------------------------------------------
     def checksum(self) -> Optional[int]:
@@ -271,7 +283,11 @@ class Averager:
     def rank_state_dict(self) -> Optional[Dict]:
         """This rank's own: the error-feedback residual, the round update whose average is in flight."""
         state = {}
-        if self._pending is not None:
+        if self._deferred is not None:  # not started yet: its residual is the current one
+            state["pending_update"] = self._deferred.detach().cpu().clone()
+            if self.feedback is not None and self.feedback.residual is not None:
+                state["residual"] = self.feedback.residual.detach().cpu().clone()
+        elif self._pending is not None:
             _, own, _, residual = self._pending
             state["pending_update"] = own.detach().cpu().clone()
             if residual is not None:
@@ -295,7 +311,7 @@ class Averager:
         if rank_state.get("pending_update") is not None and self.overlap:
             update = rank_state["pending_update"].to(flat.device).clone()
             torch.add(self.agreed, update, out=flat)  # this rank's values, as average() left them
-            self._launch(update)
+            self._deferred = update  # started with the next round, as average() leaves it
 
     def set_values(self, values: torch.Tensor) -> None:
         """Every rank's values (after an in-flight average was applied outside the run)."""

@@ -63,3 +63,29 @@ def test_overlap_on_one_rank_changes_nothing():
     for mode in MODES[2:3]:
         got = on_ranks(1, strategy="local_sgd", **mode)
         assert all(torch.equal(u, v) for u, v in zip(plain[0][0], got[0][0]))
+
+
+def test_an_overlapped_average_starts_after_the_next_rounds_block_exchange(monkeypatch):
+    """--overlap: round r's average starts when round r+1 starts, after ResIST's block exchange (which
+    would otherwise share the link with it), and the final flush starts the last one."""
+    import threading
+    from resist_mpi.comm.base import Comm
+    events, lock = [], threading.Lock()
+    real_exchange, real_start = Comm.alltoallv_tensors, Comm.start_allreduce_mean_
+
+    def exchange(self, *args, **kwargs):
+        with lock:
+            events.append((self.rank, "exchange"))
+        return real_exchange(self, *args, **kwargs)
+
+    def start(self, t):
+        with lock:
+            events.append((self.rank, "average"))
+        return real_start(self, t)
+
+    monkeypatch.setattr(Comm, "alltoallv_tensors", exchange)
+    monkeypatch.setattr(Comm, "start_allreduce_mean_", start)
+    on_ranks(2, strategy="resist", overlap=True)
+    for rank in (0, 1):
+        mine = [what for r, what in events if r == rank]
+        assert mine[:2 * A.ROUNDS] == ["exchange"] + ["exchange", "average"] * (A.ROUNDS - 1) + ["average"], mine
