@@ -12,6 +12,10 @@ ranks need), or ``poll``, the training thread itself after every optimizer step 
 poll()). Both need the MPI_THREAD_MULTIPLE level for work on the background thread (mpi4py asks
 for it): without it (``MPIComm.thread_multiple`` False) every background job runs where it is
 started, on the training thread, so nothing is hidden, and one line says so.
+
+Where this module starts MPI, it gives Open MPI the ring for model-sized allreduces and for
+allgathers (OPEN_MPI_DEFAULTS, OPEN_MPI_RULES below; docs/backends.md has the measurements), and
+alltoallv_tensors, the block exchange, sends large exchanges in pairwise steps.
 """
 from __future__ import annotations
 
