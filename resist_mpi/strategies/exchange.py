@@ -73,7 +73,7 @@ def run_exchange(c: Comm, store, plan: Plan, device, buffers: Optional[Dict] = N
             # a single-source block goes straight into its storage; copies to average land aside
             recvs[src].append(landing[(src, b)] if (src, b) in landing else store.slab(b))
 
-    # ---- distributed step: the exchange (MPI: every message posted at once, one wait) ----
+    # ---- distributed step: the exchange (MPI: one message per block, pairwise steps or all at once) ----
     c.alltoallv_tensors(sends, recvs)
     _average_copies(store, plan, rank, needed, lambda s, b: landing[(s, b)])
     _drop_unneeded(store, needed)
