@@ -37,11 +37,12 @@ class Averager:
       outer step on the round's starting values of the parameters; BN statistics are averaged.
     - overlap: the average of round r's update (across the groups) runs in the background while
       round r+1 trains (started by mark(), when round r+1 starts, so that what its start moves,
-      ResIST's blocks, has the link to itself); at round r+1's end each rank replaces its own round-r update by the
-      average one and keeps its round-r+1 progress: x <- x - own_r + mean_r, computed as
-      agreed + own_{r+1} where agreed (the same on every rank) has taken mean_r (or the outer
-      step), so no rounding accumulates in x and a flush leaves every rank the same bits. flush()
-      waits and applies at once (evaluation, checkpoints, the end of training).
+      ResIST's blocks, has the link to itself); at round r+1's end each rank replaces its own
+      round-r update by the average one and keeps its round-r+1 progress: x <- x - own_r +
+      mean_r, computed as agreed + own_{r+1} where agreed (the same on every rank) has taken
+      mean_r (or the outer step), so no rounding accumulates in x and a flush leaves every rank
+      the same bits. flush() waits and applies at once (evaluation, checkpoints, the end of
+      training).
 
     Args:
         comm: the Comm to average over.
