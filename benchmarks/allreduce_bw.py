@@ -7,17 +7,17 @@
 Bus bandwidth = 2 (S-1)/S * bytes / time (nccl-tests' definition): what each rank's link carries
 in a bandwidth-optimal allreduce, so it is comparable with the link rate whatever S is.
 
-`--ops allreduce,iallreduce,allgatherv,gather_p2p` times, one line each: the blocking MPI_Allreduce;
-the nonblocking MPI_Iallreduce progressed as resist_mpi's background average progresses it
-(MPI_Test, then a 0.2 ms sleep); MPI_Allgatherv of a buffer of --size-mb in S equal segments (in
-place); and the same gather as resist_mpi's all-to-all block exchange sends it, every segment to
-every other rank, with every message posted at once (gather_p2p) or in S-1 pairwise steps
-(gather_pairwise: at step k, to rank+k and from rank-k). For the gathers, bandwidth = the bytes each rank
-receives / time (comparable with the link rate). This is raw MPI: Open MPI picks each one's
-algorithm itself unless told by an MCA setting; `--resist-defaults` starts MPI with what
-resist_mpi's mpi backend gives it (resist_mpi/comm/mpi.py: OPEN_MPI_DEFAULTS, the ring for the
-nonblocking allreduce, and the rules file open_mpi_rules.conf, the ring for allreduces from 256 KiB
-and for allgatherv). Each line prints the settings it ran under.
+`--ops allreduce,iallreduce,allgatherv,gather_p2p,gather_pairwise` times, one line each: the
+blocking MPI_Allreduce; the nonblocking MPI_Iallreduce progressed as resist_mpi's background
+average progresses it (MPI_Test, then a 0.2 ms sleep); MPI_Allgatherv of a buffer of --size-mb in
+S equal segments (in place); and the same gather as resist_mpi's block exchange sends it, every
+segment to every other rank, with every message posted at once (gather_p2p) or in S-1 pairwise
+steps (gather_pairwise: at step k, to rank+k and from rank-k). For the gathers, bandwidth = the
+bytes each rank receives / time (comparable with the link rate). This is raw MPI: Open MPI picks
+each one's algorithm itself unless told by an MCA setting; `--resist-defaults` starts MPI with
+what resist_mpi's mpi backend gives it (resist_mpi/comm/mpi.py: OPEN_MPI_DEFAULTS, the ring for
+the nonblocking allreduce, and the rules file open_mpi_rules.conf, the ring for allreduces from
+256 KiB and for allgatherv). Each line prints the settings it ran under.
 """
 import argparse
 import json
