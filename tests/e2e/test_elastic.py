@@ -196,27 +196,26 @@ def test_the_rendezvous_hosts_loss_ends_the_job_with_one_line_per_worker(cluster
 
 
 def test_sbatch_relaunches_on_the_nodes_left(cluster, reference, tmp_path):
-    from slurm_helpers import Slurm, tail, why_no_slurm
+    from slurm_helpers import Slurm, why_no_slurm
     reason = why_no_slurm()
     if reason:
         pytest.skip(reason)
     d = Path(tempfile.mkdtemp(prefix="rce-slurm-"))
     s = Slurm(d, nodes=[(h, cluster.address(h)) for h in HOSTS], on=cluster.on, env=cluster.env(mpi_env()),
               cgroup_plugin="cgroup/v1", slurmd_timeout=10)
-    out, log = tmp_path / "run", tmp_path / "job.log"
     try:
         s.start()
-        env = dict(RESIST_DATASET="digits", RESIST_EPOCHS=str(EPOCHS), RESIST_OUT=str(out), RESIST_LAUNCHER="srun",
-                   RESIST_CONFIG=os.path.join(ROOT, "configs", "demo.yaml"), RESIST_NODE_WAIT="120",
-                   RESIST_EXTRA_ARGS="--comm-timeout 10")
-        p = s.run(["sbatch", "--parsable", "--nodes=4", "--ntasks-per-node=1", "--no-kill", f"--output={log}",
-                   "jobs/slurm/train.sbatch"], env=env)
-        job = p.stdout.strip().split(";")[0]
-        assert job.isdigit(), p.stdout + p.stderr
-        t0 = time.time()
-        while newest_round(out) < 3:
-            assert time.time() - t0 < TIMEOUT, f"no checkpoints:\n{tail(log)}"
-            time.sleep(0.5)
+        for attempt in (1, 2):
+            out, log = tmp_path / f"run{attempt}", tmp_path / f"job{attempt}.log"
+            job = submit(s, out, log)
+            ended = wait_for_round(s, job, out, log, 3)
+            if ended is None:
+                break
+            # Once, a CI run lost a rank to a segmentation fault inside MPI_Init (Open MPI 4.1.4 under
+            # srun --mpi=pmix), before any training: not what this test is about, so it submits again.
+            crashed_at_start = newest_round(out) == 0 and "Segmentation fault" in ended and " in _mpi" in ended
+            assert crashed_at_start and attempt == 1, f"the job ended before round 3:\n{ended}"
+            print(f"a rank crashed while MPI started; submitting again:\n{ended}")
         cluster.kill("node3")  # its slurmd and its rank
         info = s.wait(job, log, timeout=TIMEOUT)
     finally:
@@ -225,3 +224,28 @@ def test_sbatch_relaunches_on_the_nodes_left(cluster, reference, tmp_path):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-4000:]}"
     assert "resist: lost node3 (exit" in text and "relaunching on 3 nodes (node0,node1,node2)" in text, text[-4000:]
     check_recovered(out, reference, lost=["node3"])
+
+
+def submit(s, out, log):
+    """sbatch the job script on 4 nodes into out; the job's id."""
+    env = dict(RESIST_DATASET="digits", RESIST_EPOCHS=str(EPOCHS), RESIST_OUT=str(out), RESIST_LAUNCHER="srun",
+               RESIST_CONFIG=os.path.join(ROOT, "configs", "demo.yaml"), RESIST_NODE_WAIT="120",
+               RESIST_EXTRA_ARGS="--comm-timeout 10")
+    p = s.run(["sbatch", "--parsable", "--nodes=4", "--ntasks-per-node=1", "--no-kill", f"--output={log}",
+               "jobs/slurm/train.sbatch"], env=env)
+    job = p.stdout.strip().split(";")[0]
+    assert job.isdigit(), p.stdout + p.stderr
+    return job
+
+
+def wait_for_round(s, job, out, log, n):
+    """Until the checkpoint after round n - 1 exists: None, or the log's tail if the job ended first."""
+    from slurm_helpers import FINAL_STATES, tail
+    t0, polls = time.time(), 0
+    while newest_round(out) < n:
+        assert time.time() - t0 < TIMEOUT, f"no checkpoints:\n{tail(log)}"
+        polls += 1
+        if polls % 10 == 0 and s.job(job).get("JobState") in FINAL_STATES:
+            return tail(log)
+        time.sleep(0.5)
+    return None
