@@ -64,8 +64,9 @@ class Config:
     warmup_epochs: int = _f(0, "epochs of local SGD before ResIST takes over (the paper's ImageNet recipe)", "optim")
     # -- evaluation --------------------------------------------------------------------------------------
     eval_every: int = _f(1, "evaluate every N epochs (0: only at the end)", "eval")
-    eval_background: bool = _f(False, "evaluate on the background thread while the next round trains (the same "
-                               "model and result; logged a round later); the final evaluation runs as usual", "eval")
+    eval_background: Optional[bool] = _f(None, "evaluate on the background thread while the next round trains (the "
+                                         "same model and result; logged a round later); the final evaluation runs "
+                                         "as usual; default: on where the ranks span more than one node", "eval")
     eval_bn: str = _f("recalibrate", "BN statistics for the full model at test time: recalibrate (re-estimated "
                       "from the first partitioned block on), recalibrate_all (every BN layer), running "
                       "(the averaged running statistics), batch (each test batch's)", "eval",
@@ -209,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         kw: Dict[str, Any] = {"dest": f.name, "help": f.metadata["help"] + " (default: %(default)s)"}
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "Optional[bool]"):  # Optional: None is "decided by the run" (its help says how)
             kw["action"] = argparse.BooleanOptionalAction
+            if f.default is None:
+                kw["help"] = f.metadata["help"]
         else:
             kw["type"] = {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), str)
             if f.metadata.get("choices"):

@@ -225,6 +225,10 @@ class Trainer:
     def __init__(self, cfg: Config, c: Comm):
         self.cfg, self.c = cfg, c
         self.pending_eval = None  # --eval-background: the evaluation running while a round trains
+        # --eval-background's default: on where the ranks span nodes (across slow links the gather of
+        # the blocks is most of an evaluation, and it then hides behind training), off on one machine,
+        # where an evaluation is CPU work that would only share the training's cores (docs/benchmarks.md)
+        self.eval_background = len(set(c.nodes)) > 1 if cfg.eval_background is None else cfg.eval_background
         self.stopped = False  # True when a stop signal ended the run early (checkpoint written)
         self.exit_code = 0
         self.lock = None
@@ -527,6 +531,9 @@ class Trainer:
         log.info(f"resist_mpi: {job.name} | {cfg.model} width {cfg.width} | {self.info.name} "
                  f"({self.info.num_train} train / {self.info.num_test} test) | {c.size} ranks, {c.name} backend, "
                  f"{self.device} | {cfg.epochs} epochs = {num_rounds} rounds of {cfg.local_steps} steps")
+        if self.eval_background and cfg.eval_background is None and cfg.eval_every:
+            log.info(f"resist_mpi: ranks on {len(set(c.nodes))} nodes: each evaluation but the last runs in the "
+                     f"background while the next round trains (--no-eval-background: wait for it)")
 
     def after_round(self, job, log, m: RoundMeter):
         """Evaluation and checkpoint when due after round m.round; the evaluation's metrics, or None."""
@@ -548,7 +555,7 @@ class Trainer:
             return None
         self.watchdog.beat(f"round {m.round}: evaluation/checkpoint")
         result = None
-        if eval_due and cfg.eval_background and not (last or stop):
+        if eval_due and self.eval_background and not (last or stop):
             self.start_background_eval(job, m, log)
         elif eval_due:
             meter = EvalMeter(c)

@@ -179,3 +179,27 @@ def test_checkpoint_cli_verifies_and_exports_a_plain_state_dict(tmp_path, capsys
     older = torch.load(tmp_path / "older.pt", weights_only=True)
     expect = ckpt.full_state_dict(ckpt.Reader(*_verified(old)))
     assert older.keys() == fresh.keys() and all(torch.equal(older[k], expect[k]) for k in older)
+
+
+@pytest.mark.parametrize("nodes, flag, background", [
+    ([0, 0], None, False), ([0, 1], None, True), ([0, 1], False, False), ([0, 0], True, True)],
+    ids=["one-node", "two-nodes", "two-nodes-off", "one-node-on"])
+def test_evaluations_run_in_the_background_by_default_only_where_the_ranks_span_nodes(tmp_path, capsys, nodes, flag,
+                                                                                       background):
+    from resist_mpi.comm.thread import run_ranks
+    cfg = validate(Config(**{**TINY, "out": str(tmp_path), "strategy": "resist", "checkpoint_every": 0,
+                             "batch_size": 64, "eval_every": 1, "eval_background": flag}))
+    torch.set_num_threads(1)
+
+    def rank(c):
+        c.set_nodes(nodes)  # where each rank runs, as learn_nodes would have found it
+        return Trainer(cfg, c).run()
+
+    results = run_ranks(2, rank)
+    assert results[0] == results[1]
+    evals = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["event"] == "eval"]
+    # epoch 1's evaluation in the background or not; the last one always waited for
+    assert [r.get("background", False) for r in evals] == [background, False]
+    said = "each evaluation but the last runs in the background" in capsys.readouterr().out
+    assert said == (background and flag is None)
+
