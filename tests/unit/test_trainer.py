@@ -203,3 +203,26 @@ def test_evaluations_run_in_the_background_by_default_only_where_the_ranks_span_
     said = "each evaluation but the last runs in the background" in capsys.readouterr().out
     assert said == (background and flag is None)
 
+
+def test_resume_on_another_world_size_continues_at_the_same_epoch(tmp_path):
+    """2 ranks wrote it, 4 (then 1) continue: each loads the blocks of its new first round, an
+    overlapped average in flight is applied, a membership record says what changed. (Thread ranks:
+    the checkpoint and the trainer are the ones a launch runs; tests/e2e/test_cli.py resumes under
+    mpirun.)"""
+    kw = dict(strategy="resist", epochs=2, overlap=True, checkpoint_every=0)
+    full = tmp_path / "np2"
+    _run_ranks(full, 2, **kw)
+    rounds = [r for r in map(json.loads, open(full / "metrics.jsonl")) if r["event"] == "round"]
+    for size in (4, 1):
+        run = tmp_path / f"np{size}"
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copytree(full / "checkpoints" / "ckpt-000003", run / "checkpoints" / "ckpt-000003")
+        result = _run_ranks(run, size, resume="auto", **kw)
+        recs = list(map(json.loads, open(run / "metrics.jsonl")))
+        first = [r for r in recs if r["event"] == "round"][0]
+        spe = json.load(open(run / "config.json"))["steps_per_epoch"]
+        assert abs(first["epoch"] - first["step"] / spe) < 1e-9
+        assert first["epoch"] > rounds[2]["epoch"] and first["world_size"] == size
+        member = [r for r in recs if r["event"] == "membership"]
+        assert len(member) == 1 and member[0]["previous_world_size"] == 2 and member[0]["world_size"] == size
+        assert result["epoch"] == 2.0 and result["test_acc"] > 0.05
