@@ -40,7 +40,8 @@ published GPUs with the same communication-to-compute ratio for local SGD (gpu_s
 Writes OUT/cluster_bench.json (everything, with command lines, rates, probes and git commit),
 OUT/cluster_bench.png (time to target relative to local SGD against local SGD's comm fraction) and
 OUT/cluster_bench_rounds.png (per rate and strategy: compute, exposed and hidden communication per
-round). Times to target are given with and without the evaluations' own time (t_eval).
+round). Times to target are given with and without what the evaluations took from training
+(t_eval; for one in the background, the default across nodes, only t_eval_wait).
 """
 from __future__ import annotations
 

@@ -143,6 +143,12 @@ def finished(run_dir: str) -> bool:
     return os.path.exists(launch) and json.load(open(launch))["returncode"] == 0
 
 
+def time_taken_from_training(e: Dict) -> float:
+    """Seconds an eval record's evaluation took from training: all of it (t_eval) when training
+    waited for it, only the wait (t_eval_wait) when it ran in the background beside the next round."""
+    return e.get("t_eval_wait", 0.0) if e.get("background") else e.get("t_eval", 0.0)
+
+
 def summarise_run(path: str, targets: List[float]) -> Optional[Dict]:
     """Per-run numbers from OUT/X-s/metrics.jsonl (None when the run left no evaluation)."""
     if not os.path.exists(os.path.join(path, "metrics.jsonl")):
@@ -156,10 +162,14 @@ def summarise_run(path: str, targets: List[float]) -> Optional[Dict]:
     reached = {}
     for t in targets:
         k = next((i for i, e in enumerate(evals) if e["test_acc"] >= t), None)
-        # training time: the wall-clock at that evaluation less every evaluation's own time so far
-        reached[str(t)] = None if k is None else {
-            "wallclock": evals[k]["wallclock"], "epoch": evals[k]["epoch"],
-            "train_wallclock": evals[k]["wallclock"] - sum(e.get("t_eval", 0.0) for e in evals[:k + 1])}
+        if k is None:
+            reached[str(t)] = None
+            continue
+        # training time: the wall-clock at that evaluation less what the evaluations so far took from
+        # training (a background one's wallclock is when it started: its own time came after)
+        hit = evals[k]
+        taken = sum(map(time_taken_from_training, evals[:k])) + (0.0 if hit.get("background") else hit.get("t_eval", 0.0))
+        reached[str(t)] = {"wallclock": hit["wallclock"], "epoch": hit["epoch"], "train_wallclock": hit["wallclock"] - taken}
     launch = os.path.join(path, "launch.json")
     return {
         "final_acc": evals[-1]["test_acc"], "final_epoch": evals[-1]["epoch"],

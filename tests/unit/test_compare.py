@@ -74,3 +74,20 @@ def test_eval_cost_net_cost_from_runs_with_and_without_evaluations(tmp_path, cap
     assert mean["t_round"] == 4.0 and mean["t_eval"] == 2.0 and mean["eval_over_round"] == 0.5
     assert mean["net_eval_s"] == (30.0 - 22.0) / (3 - 1) and mean["net_over_round"] == 1.0
     assert "x" in capsys.readouterr().out
+
+
+def test_time_to_target_without_evaluations_counts_only_what_background_ones_made_training_wait(tmp_path):
+    """A synchronous evaluation's record is written when it is done (all of t_eval came before its
+    wallclock); a background one's wallclock is when it started, and training lost only t_eval_wait."""
+    rounds = [{"event": "round", "round": i, "step": 10 * (i + 1), "bytes_sent": 0, "bytes_recv": 0,
+               "t_compute": 1.0, "t_comm": 0.5} for i in range(4)]
+    evals = [{"event": "eval", "round": 0, "epoch": 0.5, "test_acc": 0.5, "wallclock": 2.0, "t_eval": 1.0,
+              "background": True, "t_eval_wait": 0.25, "bytes_sent": 0, "bytes_recv": 0},
+             {"event": "eval", "round": 1, "epoch": 1.0, "test_acc": 0.96, "wallclock": 5.0, "t_eval": 1.0,
+              "background": True, "t_eval_wait": 0.5, "bytes_sent": 0, "bytes_recv": 0},
+             {"event": "eval", "round": 3, "epoch": 2.0, "test_acc": 0.98, "wallclock": 9.0, "t_eval": 2.0,
+              "bytes_sent": 0, "bytes_recv": 0}]
+    _run(tmp_path / "resist-0", rounds, evals)
+    run = compare.summarise_run(str(tmp_path / "resist-0"), [0.95, 0.97])
+    assert run["time_to_target"] == {"0.95": {"wallclock": 5.0, "epoch": 1.0, "train_wallclock": 4.75},
+                                     "0.97": {"wallclock": 9.0, "epoch": 2.0, "train_wallclock": 6.25}}
