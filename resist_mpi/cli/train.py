@@ -22,16 +22,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import faulthandler
     if not faulthandler.is_enabled():
         faulthandler.enable(all_threads=True)
-    # Settings are checked before MPI starts: every rank fails identically with one line (printed
-    # by rank 0 only) and no rank is left waiting for another.
-    from ..comm import world_info_from_env
-    rank = world_info_from_env().rank
+    # Settings are checked before anything is loaded: every rank fails alike, one line (printed by
+    # rank 0 only), exit 2 (bad_settings: how the ranks end together).
     try:
         cfg = validate(parse_config(argv))
     except ConfigError as e:
-        if rank == 0:
-            sys.stderr.write(f"resist_mpi: error: {e}\n")
-        return 2
+        return bad_settings(e)
 
     import os
 
@@ -47,6 +43,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"final test accuracy: {100 * result['test_acc']:.2f}% (test loss {result['test_loss']:.4f}, "
               f"epoch {result['epoch']:.2f}); metrics in {cfg.out}/metrics.jsonl", flush=True)
     return 0
+
+
+def bad_settings(error: ConfigError) -> int:
+    """One line from rank 0 and exit 2, on every rank, for a setting that every rank rejected.
+
+    The ranks do not reject it at the same moment, and the first one to exit makes the launcher end
+    the job: rank 0 could be ended before it said why (seen under mpirun: exit 2, no line). So where
+    several ranks run, they first join the agreement that ends the trainer's set-up (trainer.agree:
+    the failing rank prints, then every rank waits for every other, then all exit); a rank that
+    accepted its settings (a file that only some nodes see) joins it from the trainer. If the
+    communication cannot start, rank 0 prints without waiting."""
+    from ..comm import world_info_from_env
+    info = world_info_from_env()
+    if info.size > 1:
+        try:
+            from .. import comm
+            c = comm.init("auto", fail_fast=False, device="cpu")
+        except Exception:  # noqa: BLE001 -- the line below is what matters; MPI's own failure is not it
+            pass
+        else:
+            from .trainer import agree
+            try:
+                agree(c, error)
+            except SystemExit as stop:
+                return int(stop.code)
+    if info.rank == 0:
+        sys.stderr.write(f"resist_mpi: error: {error}\n")
+        sys.stderr.flush()
+    return 2
 
 
 if __name__ == "__main__":

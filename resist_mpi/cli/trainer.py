@@ -690,13 +690,15 @@ class EvalMeter:
 def agree(c: Comm, error: Optional[BaseException]) -> None:
     """Stop every rank together when any rank hit an error in local set-up.
 
-    The lowest failing rank's message is printed (once); every rank raises SystemExit(2).
+    The lowest failing rank's message is printed (once); every rank raises SystemExit(2), only once
+    that line is out: the first rank to exit makes the launcher end the job, the printing rank too.
     """
     failing = c.reduce_stats([c.rank if error is not None else c.size], "min")[0]
     if failing < c.size:
         if c.rank == failing:
             sys.stderr.write(f"resist_mpi: error: {one_line(error)}\n")
             sys.stderr.flush()
+        c.barrier()
         raise SystemExit(FAILURE_EXIT)
 
 

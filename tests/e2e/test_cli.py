@@ -119,16 +119,27 @@ def test_resume_continues_bit_for_bit(tmp_path, np_, extra):
 def test_bad_input_one_line_nonzero_everywhere(tmp_path):
     """One launch per kind of failure that the ranks must agree on before training (a bad setting,
     a partition that cannot be, a damaged checkpoint): one line from one rank, exit 2 everywhere,
-    no traceback, nothing of the user's touched. (Every message: tests/unit/test_cli_errors.py.)"""
+    no traceback, nothing of the user's touched. (Every message: tests/unit/test_cli_errors.py.)
+    The bad setting reaches rank 0 last (it starts 3 s late): the line must still come, although
+    the other rank rejected the setting first (its exit makes mpirun end the job, rank 0 too)."""
     cut = tmp_path / "ckpt"
     cut.mkdir()
     (cut / "manifest.json").write_text("{truncated")
+    late = tmp_path / "rank0_late.py"
+    late.write_text("import os, sys, time\n"
+                    "if os.environ['OMPI_COMM_WORLD_RANK'] == '0':\n"
+                    "    time.sleep(3)\n"
+                    "from resist_mpi.cli.train import main\n"
+                    "sys.exit(main(sys.argv[1:]))\n")
     for np_, args, message in [(2, ["--epochs", "0"], "--epochs must be at least 1"),
                                (4, ["--model", "preact_resnet18"], "4 ranks but only 1 partitionable blocks"),
                                (2, ["--resume", str(cut)], "its manifest is unreadable")]:
         before = sorted(p.name for p in cut.iterdir())
         t0 = time.time()
-        p = _train(np_, tmp_path / "run", "--width", "4", "--epochs", "1", *args, timeout=120)
+        if "--epochs" in args:
+            p = mpirun(np_, [str(late), "--out", str(tmp_path / "run"), "--width", "4", *args], timeout=120)
+        else:
+            p = _train(np_, tmp_path / "run", "--width", "4", "--epochs", "1", *args, timeout=120)
         assert p.returncode == 2 and time.time() - t0 < 60
         assert len(_errors(p)) == 1 and message in _errors(p)[0], p.stderr[-2000:]
         assert "Traceback" not in p.stderr
