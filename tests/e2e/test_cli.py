@@ -131,15 +131,15 @@ def test_bad_input_one_line_nonzero_everywhere(tmp_path):
                     "    time.sleep(3)\n"
                     "from resist_mpi.cli.train import main\n"
                     "sys.exit(main(sys.argv[1:]))\n")
-    for np_, args, message in [(2, ["--epochs", "0"], "--epochs must be at least 1"),
-                               (4, ["--model", "preact_resnet18"], "4 ranks but only 1 partitionable blocks"),
-                               (2, ["--resume", str(cut)], "its manifest is unreadable")]:
+    train = ["-m", "resist_mpi.train"]
+    for np_, program, args, message in [
+            (2, [str(late)], ["--epochs", "0"], "--epochs must be at least 1"),
+            (4, train, ["--epochs", "1", "--model", "preact_resnet18"], "4 ranks but only 1 partitionable blocks"),
+            (2, train, ["--epochs", "1", "--resume", str(cut)], "its manifest is unreadable")]:
         before = sorted(p.name for p in cut.iterdir())
         t0 = time.time()
-        if "--epochs" in args:
-            p = mpirun(np_, [str(late), "--out", str(tmp_path / "run"), "--width", "4", *args], timeout=120)
-        else:
-            p = _train(np_, tmp_path / "run", "--width", "4", "--epochs", "1", *args, timeout=120)
+        p = mpirun(np_, [*program, "--out", str(tmp_path / "run"), "--progress", "off", "--width", "4", *args],
+                   timeout=120)
         assert p.returncode == 2 and time.time() - t0 < 60
         assert len(_errors(p)) == 1 and message in _errors(p)[0], p.stderr[-2000:]
         assert "Traceback" not in p.stderr
