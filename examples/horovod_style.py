@@ -18,7 +18,7 @@ import torchvision
 import resist_mpi as rm
 from resist_mpi.data import ShardLoader, load_dataset
 
-EPOCHS, LOCAL_STEPS = 8, 8
+EPOCHS, LOCAL_STEPS = 4, 8
 
 
 def main():
@@ -27,7 +27,7 @@ def main():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=info.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)  # yours, built once
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[100, 150], gamma=0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[60, 80], gamma=0.1)
     job = rm.ResIST(model, c, optimizer=opt, scheduler=sched, local_steps=LOCAL_STEPS, stages=(2, 3, 4))
     #     Horovod: opt = hvd.DistributedOptimizer(opt, ...); or rm.LocalSGD(...) / rm.DataParallel(...)
     loader = ShardLoader(train, c.rank, c.size, batch_size=32, seed=0)  # each rank its own shard

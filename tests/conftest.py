@@ -59,3 +59,16 @@ def demo_run(tmp_path_factory):
                    "--progress", "off"], timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return out, p
+
+
+@pytest.fixture(scope="session")
+def mpi_backend_trainings(tmp_path_factory):
+    """Every strategy trained with helpers.BACKEND_TRAIN under `mpirun -np 2 --backend mpi`, in one
+    launch, once per session: (its base directory, each strategy's --out under it, the
+    CompletedProcess). The reference that the torch backend (tests/e2e/test_backends.py) and the
+    Horovod backend (tests/e2e/test_horovod_launch.py) must equal; both files run in one worker."""
+    from helpers import BACKEND_STRATEGIES, BACKEND_TRAIN, mpirun, trainings_args
+    base = tmp_path_factory.mktemp("mpi_backend")
+    p = mpirun(2, trainings_args([BACKEND_TRAIN + ["--strategy", s, "--out", base / s, "--backend", "mpi"]
+                                  for s in BACKEND_STRATEGIES]), timeout=300)
+    return base, p

@@ -43,6 +43,13 @@ for args in json.loads(sys.argv[1]):
 """
 
 
+# The short training that each backend must reproduce to the value: digits, a thin ResNet-34, 3 steps per
+# rank in 2 rounds, every strategy (the mpi backend's run: the `mpi_backend_trainings` fixture).
+BACKEND_STRATEGIES = ("resist", "local_sgd", "data_parallel")
+BACKEND_TRAIN = ["--model", "preact_resnet34", "--width", "2", "--epochs", "1", "--batch-size", "256",
+                 "--local-steps", "2", "--bn-batches", "1", "--seed", "3", "--progress", "off"]
+
+
 def trainings_args(runs):
     """The arguments after `python` that run each argument list of runs in turn (TRAININGS)."""
     import json

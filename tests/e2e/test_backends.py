@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, mpi_env, mpirun, passed_on_every_rank, requires
+from helpers import BACKEND_STRATEGIES, BACKEND_TRAIN, ROOT, mpi_env, mpirun, passed_on_every_rank, requires, trainings_args
 
 CONTRACT = "tests/mpi/test_comm_contract.py"
 
@@ -30,19 +30,6 @@ def test_contract_torch_under_torchrun():
     passed_on_every_rank(p, 2)
 
 
-DRIVER = """\
-import sys
-from resist_mpi.cli.train import main
-out, args = sys.argv[1], sys.argv[2:]
-for strategy in ("resist", "local_sgd", "data_parallel"):
-    rc = main(args + ["--strategy", strategy, "--out", out + "/" + strategy])
-    if rc:
-        sys.exit(rc)
-"""
-TRAIN = ["--model", "preact_resnet34", "--width", "2", "--epochs", "1", "--batch-size", "256",
-         "--local-steps", "2", "--bn-batches", "1", "--seed", "3", "--progress", "off"]
-
-
 def _records(out):
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     keep = ("round", "train_loss", "bytes_sent", "bytes_recv", "test_loss", "test_acc")
@@ -50,13 +37,14 @@ def _records(out):
 
 
 @requires("mpi")
-def test_training_on_torch_backend_equals_mpi(tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    for backend in ("mpi", "torch"):
-        p = mpirun(2, [str(driver), str(tmp_path / backend)] + TRAIN + ["--backend", backend], timeout=300)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    for strategy in ("resist", "local_sgd", "data_parallel"):
-        assert json.load(open(tmp_path / "torch" / strategy / "config.json"))["backend"] == "torch"
-        got, want = _records(tmp_path / "torch" / strategy), _records(tmp_path / "mpi" / strategy)
+def test_training_on_torch_backend_equals_mpi(tmp_path, mpi_backend_trainings):
+    mpi_out, ref = mpi_backend_trainings  # the mpi backend's run, shared with test_horovod_launch.py
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
+    p = mpirun(2, trainings_args([BACKEND_TRAIN + ["--strategy", s, "--out", tmp_path / s, "--backend", "torch"]
+                                  for s in BACKEND_STRATEGIES]), timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for strategy in BACKEND_STRATEGIES:
+        assert json.load(open(tmp_path / strategy / "config.json"))["backend"] == "torch"
+        assert json.load(open(mpi_out / strategy / "config.json"))["backend"] == "mpi"
+        got, want = _records(tmp_path / strategy), _records(mpi_out / strategy)
         assert len(got) >= 3 and got == want, (strategy, got, want)

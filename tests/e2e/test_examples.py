@@ -13,7 +13,7 @@ from helpers import ROOT, mpirun, requires
 pytestmark = requires("mpi", "slow")
 SCRIPT = ROOT / "examples" / "horovod_style.py"
 RESIST_LINE = "    job = rm.ResIST(model, c, optimizer=opt, scheduler=sched, local_steps=LOCAL_STEPS, stages=(2, 3, 4))"
-EPOCHS_LINE = "EPOCHS, LOCAL_STEPS = 8, 8"
+EPOCHS_LINE = "EPOCHS, LOCAL_STEPS = 4, 8"
 
 
 def _accuracy(p, strategy):

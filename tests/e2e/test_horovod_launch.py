@@ -31,7 +31,8 @@ import sys
 
 import pytest
 
-from helpers import ROOT, have_mpirun, horovodrun_path, mpi_env, passed_on_every_rank, requires, run_documented, trainings_args
+from helpers import (BACKEND_STRATEGIES, BACKEND_TRAIN, ROOT, have_mpirun, horovodrun_path, mpi_env, passed_on_every_rank,
+                     requires, run_documented, trainings_args)
 
 TEST = "tests/mpi/test_comm_contract.py"
 
@@ -81,14 +82,10 @@ def test_horovod_backend_under_horovodrun(np_, controller):
 
 # -- training end to end: horovod backend == mpi backend ------------------------------------------------
 NP = 2
-STRATEGIES = ("resist", "local_sgd", "data_parallel")
-# Short on purpose (digits, a thin ResNet-34, 3 steps per rank in 2 rounds): the point is the
-# equality of the two backends, not what is learnt.
-TRAIN = ["--model", "preact_resnet34", "--width", "2", "--epochs", "1", "--batch-size", "256",
-         "--local-steps", "2", "--bn-batches", "1", "--seed", "3", "--progress", "off"]
+STRATEGIES, TRAIN = BACKEND_STRATEGIES, BACKEND_TRAIN  # short on purpose: the backends' equality, not what is learnt
 REL = 1e-4
-# One job per launcher trains every strategy in turn (helpers.TRAININGS), each into OUT/<strategy>.
-# Six horovodrun and three mpirun start-ups would be most of this file's time on a small machine.
+# One job per controller trains every strategy in turn (helpers.TRAININGS), each into OUT/<strategy>;
+# the mpi backend's run is the session's (`mpi_backend_trainings`, also test_backends.py's reference).
 
 
 def _read(out):
@@ -121,35 +118,20 @@ class _Job:
 
 @pytest.fixture(scope="module")
 def train_jobs(tmp_path_factory):
-    """launch -> _Job: "reference" (mpirun --backend mpi), "hvd-mpi" and "hvd-gloo" (horovodrun).
-
-    The mpi reference starts at once and runs beside the first horovodrun job; the horovodrun jobs
-    start when first asked for, one at a time.
-    """
+    """controller ("mpi" or "gloo") -> its horovodrun _Job, started when first asked for, one at a time."""
     base = tmp_path_factory.mktemp("train")
     jobs = {}
 
-    def launch(kind):
-        out = base / kind
-        out.mkdir()
-        # the Horovod collectives asked for by name (auto picks mpi or torch: see below)
-        backend = "mpi" if kind == "reference" else "horovod"
-        args = trainings_args([TRAIN + ["--strategy", s, "--out", out / s, "--backend", backend] for s in STRATEGIES])
-        if kind == "reference":
-            cmd = ["mpirun", "--oversubscribe", "-np", str(NP), sys.executable] + args
-            env = mpi_env()
-        else:
-            cmd, env = _horovodrun_cmd(NP, kind[len("hvd-"):], args)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-        return _Job(cmd, env, out)
+    def get(controller):
+        if controller not in jobs:
+            out = base / controller
+            out.mkdir()
+            # the Horovod collectives asked for by name (auto picks mpi or torch: see below)
+            args = trainings_args([TRAIN + ["--strategy", s, "--out", out / s, "--backend", "horovod"] for s in STRATEGIES])
+            cmd, env = _horovodrun_cmd(NP, controller, args)
+            jobs[controller] = _Job(cmd, env, out)
+        return jobs[controller]
 
-    def get(kind):
-        if kind not in jobs:
-            jobs[kind] = launch(kind)
-        return jobs[kind]
-
-    if have_mpirun():
-        get("reference")
     yield get
     for job in jobs.values():
         if job.rc is None and job.proc.poll() is None:
@@ -167,15 +149,16 @@ def _finished(job, what):
 @pytest.mark.skipif(not have_mpirun(), reason="mpirun not found: no mpi backend run to compare with")
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("controller", ["mpi", "gloo"])
-def test_train_matches_mpi_backend(train_jobs, controller, strategy):
-    hvd_job, ref_job = train_jobs(f"hvd-{controller}"), train_jobs("reference")
+def test_train_matches_mpi_backend(train_jobs, mpi_backend_trainings, controller, strategy):
+    hvd_job = train_jobs(controller)
     log = _finished(hvd_job, f"horovodrun ({controller} controller)")
     config, rounds, evals = _read(hvd_job.out / strategy)
     assert config["backend"] == "horovod" and config["world_size"] == NP
     assert config["config"]["strategy"] == strategy
     assert log.count("final test accuracy") == len(STRATEGIES)
-    _finished(ref_job, "the mpi backend reference")
-    ref_config, ref_rounds, ref_evals = _read(ref_job.out / strategy)
+    ref_base, ref = mpi_backend_trainings
+    assert ref.returncode == 0, f"the mpi backend reference exited {ref.returncode}:\n{ref.stderr[-6000:]}"
+    ref_config, ref_rounds, ref_evals = _read(ref_base / strategy)
     assert ref_config["backend"] == "mpi"
 
     assert [r["round"] for r in rounds] == [r["round"] for r in ref_rounds] and len(rounds) >= 2
