@@ -64,8 +64,8 @@ def demo_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mpi_backend_trainings(tmp_path_factory):
     """Every strategy trained with helpers.BACKEND_TRAIN under `mpirun -np 2 --backend mpi`, in one
-    launch, once per session: (its base directory, each strategy's --out under it, the
-    CompletedProcess). The reference that the torch backend (tests/e2e/test_backends.py) and the
+    launch, once per session: (the base directory, which holds each strategy's --out by its name,
+    the CompletedProcess). The reference that the torch backend (tests/e2e/test_backends.py) and the
     Horovod backend (tests/e2e/test_horovod_launch.py) must equal; both files run in one worker."""
     from helpers import BACKEND_STRATEGIES, BACKEND_TRAIN, mpirun, trainings_args
     base = tmp_path_factory.mktemp("mpi_backend")
