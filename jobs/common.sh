@@ -191,13 +191,16 @@ resist_finish() {
 # node was lost (a rank's exit 3, srun's node failure), it runs again on the nodes that are still
 # alive, continuing from the newest complete checkpoint (--resume auto), RESIST_MAX_RESTARTS times
 # at most; then it fails with a line that says why. A SLURM job needs --no-kill for this (else
-# SLURM ends the whole job when a node fails): jobs/README.md, "Lost nodes".
+# SLURM ends the whole job when a node fails): jobs/README.md, "Lost nodes". A launch whose rank
+# was killed by a signal before the run wrote a checkpoint (a crash while MPI starts: seen with
+# Open MPI 4.1.4 under srun --mpi=pmix) runs again on the same nodes, within the same limit.
 resist_train() {
     local out=$1; shift
-    local common rc restarts=0 hosts alive lost
+    local common rc restarts=0 hosts alive lost before
     mapfile -t common < <(resist_train_args)
     while :; do
         rc=0
+        before=$(_resist_newest_checkpoint "$out")
         # shellcheck disable=SC2086  # RESIST_EXTRA_ARGS is a list of flags
         resist_launch -m resist_mpi.train "${common[@]}" --out "$out" "$@" $RESIST_EXTRA_ARGS || rc=$?
         case $rc in  # done, bad input, diverged, stopped to be requeued: nothing a relaunch would fix
@@ -210,6 +213,13 @@ resist_train() {
         hosts=$(_resist_hosts)
         alive=$(_resist_wait_for_lost "$hosts")
         if [ "$alive" = "$hosts" ]; then
+            if [ "$rc" -gt 128 ] && [ "$(_resist_newest_checkpoint "$out")" = "$before" ]; then
+                restarts=$((restarts + 1))
+                echo "resist: a rank was killed by signal $((rc - 128)) before the launch wrote a checkpoint" \
+                     "(exit $rc) and every node still answers: launching again on the same nodes, restart" \
+                     "$restarts of $RESIST_MAX_RESTARTS" >&2
+                continue
+            fi
             echo "resist: the run failed (exit $rc) and every node still answers: not a lost node, no relaunch" >&2
             return "$rc"
         fi
@@ -225,6 +235,15 @@ resist_train() {
         echo "resist: lost $lost (exit $rc); relaunching on $RESIST_NODES nodes ($alive), restart $restarts of" \
              "$RESIST_MAX_RESTARTS, from the newest checkpoint"
     done
+}
+
+# The newest complete checkpoint of run directory $1 (its manifest is written last), or nothing.
+_resist_newest_checkpoint() {
+    local m newest=""
+    for m in "$1"/checkpoints/ckpt-*/manifest.json; do  # the glob sorts: ckpt-000012 after ckpt-000009
+        if [ -e "$m" ]; then newest=${m%/manifest.json}; fi
+    done
+    echo "$newest"
 }
 
 # The hosts (comma-separated) of $1 that are still alive: SLURM's view of its nodes (a node whose

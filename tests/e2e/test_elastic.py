@@ -205,17 +205,13 @@ def test_sbatch_relaunches_on_the_nodes_left(cluster, reference, tmp_path):
               cgroup_plugin="cgroup/v1", slurmd_timeout=10)
     try:
         s.start()
-        for attempt in (1, 2):
-            out, log = tmp_path / f"run{attempt}", tmp_path / f"job{attempt}.log"
-            job = submit(s, out, log)
-            ended = wait_for_round(s, job, out, log, 3)
-            if ended is None:
-                break
-            # Once, a CI run lost a rank to a segmentation fault inside MPI_Init (Open MPI 4.1.4 under
-            # srun --mpi=pmix), before any training: not what this test is about, so it submits again.
-            crashed_at_start = newest_round(out) == 0 and "Segmentation fault" in ended and " in _mpi" in ended
-            assert crashed_at_start and attempt == 1, f"the job ended before round 3:\n{ended}"
-            print(f"a rank crashed while MPI started; submitting again:\n{ended}")
+        # (CI runs have lost a rank to a segmentation fault inside MPI_Init, Open MPI 4.1.4 under srun
+        # --mpi=pmix, at the first launch and at the relaunch: the script launches such a step again,
+        # tests/unit/test_job_relaunch.py)
+        out, log = tmp_path / "run", tmp_path / "job.log"
+        job = submit(s, out, log)
+        ended = wait_for_round(s, job, out, log, 3)
+        assert ended is None, f"the job ended before round 3:\n{ended}"
         cluster.kill("node3")  # its slurmd and its rank
         info = s.wait(job, log, timeout=TIMEOUT)
     finally:

@@ -11,9 +11,15 @@ import subprocess
 from helpers import ROOT
 
 # Each call appends its arguments to $STUB_LOG; the exit codes of the launches come from $EXITS
-# (one per launch, the last repeated); `ping -c 1 -W 2 HOST` fails for the hosts in $DEAD.
+# (one per launch, the last repeated); the launches numbered in $PROGRESS write a checkpoint of the
+# run first; `ping -c 1 -W 2 HOST` fails for the hosts in $DEAD.
 LAUNCH = """echo "launch $*" >> "$STUB_LOG"
 n=$(grep -c '^launch ' "$STUB_LOG")
+for k in $PROGRESS; do
+    if [ "$k" = "$n" ]; then
+        c=$(printf '%s/checkpoints/ckpt-%06d' "$RESIST_OUT" "$n"); mkdir -p "$c"; touch "$c/manifest.json"
+    fi
+done
 read -ra codes <<<"$EXITS"
 i=$(( n <= ${#codes[@]} ? n - 1 : ${#codes[@]} - 1 ))
 exit "${codes[$i]}"
@@ -60,7 +66,7 @@ def _run(tmp_path, script, bin_dir, exits, dead="", **env):
     log = tmp_path / "stub.log"
     log.touch()
     base = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "STUB_LOG": str(log),
-            "EXITS": exits, "DEAD": dead, "RESIST_NODE_WAIT": "0", "RESIST_DATASET": "digits",
+            "EXITS": exits, "DEAD": dead, "PROGRESS": "", "RESIST_NODE_WAIT": "0", "RESIST_DATASET": "digits",
             "RESIST_PYTHON": "python3", "RESIST_OUT": str(tmp_path / "out")}
     proc = subprocess.run(["bash", script], cwd=ROOT, env={**base, **env}, capture_output=True, text=True,
                           timeout=60)
@@ -126,3 +132,39 @@ def test_slurm_relaunch_asks_sinfo_and_names_the_nodes_left(tmp_path):
                                   "--nodelist=node0,node2,node3 --overlap "), launches[1]
     assert "resist: lost node1 (exit 3); relaunching on 3 nodes (node0,node2,node3)" in out
     assert "ping" not in (tmp_path / "stub.log").read_text()  # SLURM's view, not a ping
+
+
+def _slurm(tmp_path, exits, dead="", **env):
+    bin_dir = _stubs(tmp_path, srun=SRUN, scontrol=SCONTROL, sinfo=SINFO, ping=PING)
+    return _run(tmp_path, "jobs/slurm/train.sbatch", bin_dir, exits, dead, SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="4",
+                SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NODELIST="node0,node1,node2,node3", **env)
+
+
+def test_a_crash_before_the_first_checkpoint_launches_again_on_the_same_nodes(tmp_path):
+    # the first launch: a rank's segmentation fault while MPI starts (srun: 139), nothing written
+    rc, out, launches = _slurm(_fresh(tmp_path, "start"), "139 0")
+    assert rc == 0 and len(launches) == 2 and launches[1] == launches[0], (out, launches)
+    assert ("resist: a rank was killed by signal 11 before the launch wrote a checkpoint (exit 139) and every "
+            "node still answers: launching again on the same nodes, restart 1 of 3") in out, out
+    # the relaunch after a lost node crashes the same way (a CI run's job): once more on the 3 nodes
+    # left, though the run has a checkpoint (the first launch's): the crashed launch wrote none
+    rc, out, launches = _slurm(_fresh(tmp_path, "relaunch"), "3 143 0", dead="node3", PROGRESS="1")
+    assert rc == 0 and len(launches) == 3, (out, launches)
+    assert "--nodelist=node0,node1,node2 --overlap " in launches[1] and launches[2] == launches[1], launches
+    assert "relaunching on 3 nodes (node0,node1,node2), restart 1 of 3" in out
+    assert "killed by signal 15 before the launch wrote a checkpoint (exit 143)" in out and "restart 2 of 3" in out
+
+
+def test_a_crash_after_a_checkpoint_or_one_that_repeats_ends_the_job(tmp_path):
+    # killed after it trained (a checkpoint written): a crash of the training, which a relaunch would repeat
+    rc, out, launches = _slurm(_fresh(tmp_path, "trained"), "139", PROGRESS="1")
+    assert rc == 139 and len(launches) == 1, (out, launches)
+    assert "every node still answers: not a lost node, no relaunch" in out
+    # a failure with a status (a rank's error line) is not retried either
+    rc, out, launches = _slurm(_fresh(tmp_path, "error"), "1")
+    assert rc == 1 and len(launches) == 1 and "not a lost node, no relaunch" in out, out
+    # a crash at every start: the restarts run out, and the last line says so
+    rc, out, launches = _slurm(_fresh(tmp_path, "always"), "139")
+    assert rc == 139 and len(launches) == 4, (out, launches)
+    assert out.rstrip().endswith("resist: the run failed (exit 139) and the restarts are used up "
+                                 "(3 of RESIST_MAX_RESTARTS=3)"), out
