@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
-VARIANTS = {"shared": [], "blocks": []}  # both: --outer-optimizer nesterov; "blocks" adds the blocks' step
+VARIANTS = ("shared", "blocks")  # both: --outer-optimizer nesterov; "blocks" adds the blocks' step
 OUTER = ["--outer-optimizer", "nesterov"]
 
 
@@ -63,8 +63,7 @@ def travelling_resist(outer_lr: float, outer_momentum: float):
 
         def _begin(self):
             super()._begin()
-            owners = [g for g, blocks in enumerate(self.assignment) for _ in blocks]
-            if len(owners) != len(self.blocks) or sorted(b for a in self.assignment for b in a) != list(range(len(self.blocks))):
+            if sorted(b for a in self.assignment for b in a) != list(range(len(self.blocks))):
                 raise SystemExit("block_outer: a block is trained by several ranks (or none) in a round: "
                                  "the emulation needs one trainer per block")
             for g, blocks in enumerate(self.assignment):
@@ -85,7 +84,7 @@ def travelling_resist(outer_lr: float, outer_momentum: float):
                 mine = set(self.mine())
                 flat = torch.cat([m.reshape(-1) if b in mine else torch.zeros_like(m).reshape(-1)
                                   for b, ms in enumerate(self._momentum) for m in ms])
-                with self.comm.as_control():  # one term per element is non-zero: the mean times S is it
+                with self.comm.as_control():  # one non-zero term per element: the mean times S is it (S = 4: exactly)
                     self.comm.allreduce_mean_(flat).mul_(self.comm.size)
                 k = 0
                 for ms in self._momentum:
