@@ -2,17 +2,13 @@
 on 2 thread ranks: the rank that trained a block steps it from the round's starting values with the
 block's momentum, whoever trained it before, and the bytes a travelling momentum would add are
 counted where a block's trainer changes (tests/cases/averaging.py's exact values and updates)."""
-import importlib.util
-
 import torch
 
 from cases import averaging as A
-from helpers import ROOT
+from helpers import benchmark_module
 from resist_mpi.comm.thread import run_ranks
 
-spec = importlib.util.spec_from_file_location("block_outer", ROOT / "benchmarks" / "block_outer.py")
-block_outer = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(block_outer)
+block_outer = benchmark_module("block_outer")
 
 LR, MU, ROUNDS = 0.5, 0.5, 3
 

@@ -1,12 +1,10 @@
 """benchmarks/compare.py's report from finished runs: training and evaluation traffic apart."""
-import importlib.util
 import json
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "benchmarks", "compare.py"))
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
+from helpers import benchmark_module
+
+compare = benchmark_module("compare")
 
 
 def _run(path, rounds, evals):
@@ -49,9 +47,7 @@ def test_training_rounds_fold_an_evaluations_early_exchange_back_into_its_round(
 
 
 def test_eval_cost_net_cost_from_runs_with_and_without_evaluations(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("eval_cost", os.path.join(ROOT, "benchmarks", "eval_cost.py"))
-    eval_cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_cost)
+    eval_cost = benchmark_module("eval_cost")
 
     def rounds(n, early_after=()):
         return [{"event": "round", "round": i, "step": i + 1, "t_compute": 3.0, "bytes_sent": 1, "bytes_recv": 1,
