@@ -28,7 +28,7 @@ collect_ignore_glob = [] if world_info_from_env().launcher != "none" else ["mpi/
 #            (test_backends and the README's, in test_docs).
 # The groups took about as long as each other in one process (about 500 s each here). xdist's own loadgroup reads a node
 # id that pytest 9 no longer uses (markers are ignored), so the scheduler is chosen here.
-NETWORK = {"test_demo.py", "test_elastic.py", "test_multinode.py", "test_scheduler.py", "test_examples.py", "test_gpu_check.py"}
+NETWORK = {"test_demo.py", "test_elastic.py", "test_multinode.py", "test_scheduler.py", "test_examples.py"}
 
 
 def group_of(nodeid: str) -> str:

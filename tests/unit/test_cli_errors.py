@@ -1,7 +1,9 @@
 """Bad input stops every rank before training with one line from one rank and exit status 2, and
 leaves the user's files as they were: the trainer's set-up on 1, 2 and 4 thread ranks (one real
 launch per kind of failure: tests/e2e/test_cli.py::test_bad_input_one_line_nonzero_everywhere)."""
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -127,3 +129,45 @@ def test_a_rank_that_crashes_in_native_code_prints_where(tmp_path):
     assert p.returncode == -signal.SIGSEGV, err[-2000:]
     assert "Fatal Python error: Segmentation fault" in err and "Current thread" in err, err[-2000:]
     assert os.path.join("resist_mpi", "cli", "trainer.py") in err.split("Current thread")[1], err[-2000:]
+
+
+def _run_or_exit(cfg, c):
+    """A thread rank's whole run: 0, or the exit status it stopped with."""
+    try:
+        Trainer(cfg, c).run()
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_out_dir_holding_a_run_is_never_overwritten_unasked(tmp_path, capsys):
+    """A second run into the same --out stops every rank with one line and leaves the first run's
+    files as they were; --resume auto continues it (finished: trains nothing); --overwrite starts
+    afresh, the old run's checkpoints gone. On 2 thread ranks: the check, the agreement and the
+    deletion are the trainer's; a real launch's agreement on a bad input:
+    tests/e2e/test_cli.py::test_bad_input_one_line_nonzero_everywhere."""
+    from helpers import records
+    out = tmp_path / "run"
+    base = dict(model="preact_resnet18", width=4, epochs=1, batch_size=256, min_depth=1, checkpoint_every=1,
+                bn_batches=1, out=str(out), progress="off")
+    torch.set_num_threads(1)
+
+    def run(**kw):
+        cfg = validate(Config(**{**base, **kw}))
+        capsys.readouterr()
+        codes = run_ranks(2, lambda c: _run_or_exit(cfg, c))
+        return codes, [line for line in capsys.readouterr().err.splitlines() if line.startswith("resist_mpi: error:")]
+
+    assert run() == ([0, 0], [])
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert run(seed=1) == ([2, 2], [f"resist_mpi: error: --out {out} holds a run; pass --resume auto to continue it, "
+                                    "or --overwrite"])
+    assert files == {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    rounds = records(out, "round")
+    assert run(resume="auto") == ([0, 0], [])  # finished: loads its last checkpoint, trains nothing
+    assert records(out, "round") == rounds and len(rounds) > 0
+    (ckpt,) = (out / "checkpoints").iterdir()
+    shutil.copytree(ckpt, out / "checkpoints" / "ckpt-000099")
+    assert run(seed=1, overwrite=True) == ([0, 0], [])
+    assert sorted(q.name for q in (out / "checkpoints").iterdir()) == [ckpt.name]  # the old run's are gone
+    assert json.load(open(out / "config.json"))["config"]["seed"] == 1

@@ -226,3 +226,41 @@ def test_resume_on_another_world_size_continues_at_the_same_epoch(tmp_path):
         member = [r for r in recs if r["event"] == "membership"]
         assert len(member) == 1 and member[0]["previous_world_size"] == 2 and member[0]["world_size"] == size
         assert result["epoch"] == 2.0 and result["test_acc"] > 0.05
+
+
+def test_round_records_do_not_depend_on_evaluations(tmp_path):
+    """Training does not depend on evaluations: the rounds' losses are those of a run without them.
+    An evaluation that a round follows leaves each rank its next round's blocks (ResIST's
+    prepare_round), so that round moves fewer bytes than without the evaluation (the part of its
+    exchange that ran early is the eval record's bytes_next_exchange), the others the same.
+    Evaluations in the background (--eval-background) see the same models and give the same
+    results, and leave the rounds exactly as without evaluations (the gather on background
+    communicators). On 2 thread ranks; the same with DataLoader workers under mpirun:
+    tests/e2e/test_cli.py::test_round_records_do_not_depend_on_loader_workers."""
+    from helpers import records
+    kw = dict(strategy="resist", epochs=3, checkpoint_every=0, bn_batches=2)
+    keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
+    rounds = {}
+    for name, extra in [("final", dict(eval_every=0)), ("every", dict(eval_every=1)),
+                        ("background", dict(eval_every=1, eval_background=True))]:
+        _run_ranks(tmp_path / name, 2, **kw, **extra)
+        rounds[name] = [{k: r[k] for k in keys} for r in records(tmp_path / name, "round")]
+    evals, final = records(tmp_path / "every", "eval"), rounds["final"]
+    assert len(evals) == 3 and len(records(tmp_path / "final", "eval")) == 1 and len(final) > 3
+    early = {e["round"] + 1: e["bytes_next_exchange"] for e in evals[:-1]}
+    assert evals[-1]["bytes_next_exchange"] == 0  # nothing follows the last round
+    every = rounds["every"]
+    assert [(r["round"], r["train_loss"]) for r in every] == [(r["round"], r["train_loss"]) for r in final]
+    for r, f in zip(every, final):
+        if r["round"] in early:
+            assert r["bytes_sent"] + early[r["round"]] <= f["bytes_sent"]
+        else:
+            assert r["bytes_sent"] == f["bytes_sent"]
+    assert any(r["bytes_sent"] + early[r["round"]] < f["bytes_sent"] for r, f in zip(every, final) if r["round"] in early)
+    assert all(e["bytes_sent"] > 0 for e in evals)  # the gather is counted where it happens
+    assert rounds["background"] == final
+    background = records(tmp_path / "background", "eval")
+    assert [(e["round"], e["test_loss"], e["test_acc"]) for e in background] == \
+        [(e["round"], e["test_loss"], e["test_acc"]) for e in evals]
+    assert [e.get("background", False) for e in background] == [True, True, False]
+    assert all(e["bytes_sent"] > 0 and e["t_eval_wait"] >= 0 for e in background[:-1])
