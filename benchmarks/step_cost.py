@@ -83,6 +83,22 @@ def measure(width: int, batch: int, ranks: int, reps: int) -> dict:
             "layout_ratio": layout, "block_count_ratio": (33 - P + mine) / 33}
 
 
+def machine() -> dict:
+    """The CPU the steps ran on: the ratios depend on it (how fast small convolutions run against large ones)."""
+    info = {"cpu": "unknown", "avx512": False, "torch": torch.__version__}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and info["cpu"] == "unknown":
+                    info["cpu"] = value.strip()
+                elif key.strip() == "flags":
+                    info["avx512"] = "avx512f" in value.split()
+    except OSError:
+        pass
+    return info
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--widths", default="8,16,32,64")
@@ -92,7 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = []
+    rows, cpu = [], machine()
+    print(f"step_cost: {cpu['cpu']} (AVX-512: {'yes' if cpu['avx512'] else 'no'}), torch {cpu['torch']}, one thread")
     print(f"{'width':>5} | {'full':>8} | {'resist':>8} | {'lean':>8} | {'shared':>8} | resist/full | lean/full | "
           f"resist/lean | layout | block count")
     for w in [int(v) for v in args.widths.split(",")]:
@@ -104,7 +121,7 @@ def main(argv=None) -> int:
               f"{r['resist_over_lean']:11.3f} | {r['layout_ratio']:6.3f} | {r['block_count_ratio']:.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"benchmark": "step_cost", "argv": sys.argv, "rows": rows}, fh, indent=1)
+            json.dump({"benchmark": "step_cost", "argv": sys.argv, "machine": cpu, "rows": rows}, fh, indent=1)
     return 0
 
 
