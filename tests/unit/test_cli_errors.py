@@ -171,3 +171,31 @@ def test_out_dir_holding_a_run_is_never_overwritten_unasked(tmp_path, capsys):
     assert run(seed=1, overwrite=True) == ([0, 0], [])
     assert sorted(q.name for q in (out / "checkpoints").iterdir()) == [ckpt.name]  # the old run's are gone
     assert json.load(open(out / "config.json"))["config"]["seed"] == 1
+
+
+def test_a_second_job_into_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys):
+    """The same batch script submitted twice: the second job (here 2 thread ranks, --resume auto)
+    stops on every rank with one line naming the live run that holds the --out (another process),
+    and leaves that run's files as they were. (The lock itself: tests/unit/test_defects.py.)"""
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"event": "round", "round": 0}\n')
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; from resist_mpi.cli.checkpoint import OutLock; "
+                               f"l = OutLock({str(out)!r}); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        cfg = validate(Config(width=4, epochs=1, out=str(out), progress="off", resume="auto"))
+        capsys.readouterr()
+        torch.set_num_threads(1)
+        assert run_ranks(2, lambda c: _run_or_exit(cfg, c)) == [2, 2]
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resist_mpi: error:")]
+        assert len(errors) == 1 and f"--out {out} is in use by another run (host" in errors[0], errors
+        assert f"pid {holder.pid}," in errors[0]
+        assert files == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    finally:
+        holder.kill()
+        holder.wait()
