@@ -150,15 +150,21 @@ def test_bad_input_one_line_nonzero_everywhere(tmp_path):
 
 def test_diverging_run_stops_with_its_own_exit_and_keeps_the_finite_checkpoint(tmp_path):
     """--lr 1e6: every rank stops after the first non-finite round with one line and exit 4; the
-    checkpoint on disk is the finite one from before, and metrics.jsonl is strict JSON."""
+    checkpoint on disk is the finite one from before, and metrics.jsonl is strict JSON. One launch:
+    a finite epoch with its checkpoint, then the diverging run resumed from it (helpers.TRAININGS
+    ends the launch with the status of the first training that fails)."""
     out = tmp_path / "run"
-    assert _train(2, out, *TINY, "--epochs", "1", "--checkpoint-every", "1", "--bn-batches", "1").returncode == 0
-    good = sorted(os.listdir(out / "checkpoints"))
-    p = _train(2, out, *TINY, "--epochs", "3", "--lr", "1e6", "--resume", "auto", "--checkpoint-rounds", "1")
+    base = ["--out", out, "--progress", "off", *TINY]
+    p = mpirun(2, trainings_args([[*base, "--epochs", "1", "--checkpoint-every", "1", "--bn-batches", "1"],
+                                  [*base, "--epochs", "3", "--lr", "1e6", "--resume", "auto", "--checkpoint-rounds", "1"]]),
+               timeout=600)
     assert p.returncode == 4, p.stderr[-3000:]
     errors = _errors(p)
     assert len(errors) == 1 and "training diverged: non-finite" in errors[0] and "exit 4" in errors[0], p.stderr
     assert "Traceback" not in p.stderr
+    first = [r for r in records(out, "round") if r["epoch"] <= 1 + 1e-9]  # the finite epoch's rounds
+    good = [f"ckpt-{len(first):06d}"]  # its checkpoint, at the epoch's end
+    assert records(out, "diverged")[0]["round"] == len(first)  # the resumed run's first round
     assert sorted(os.listdir(out / "checkpoints")) == good  # nothing from the broken model
     state = _full_state(out, good[-1])
     assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
