@@ -19,6 +19,20 @@ def benchmark_module(name: str):
     return module
 
 
+@contextlib.contextmanager
+def out_lock_held_elsewhere(out):
+    """Another process holds --out out's lock while the block runs, as a live run does; yields it."""
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; from resist_mpi.cli.checkpoint import OutLock; "
+                               f"l = OutLock({str(out)!r}); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def mpi_env(**extra):
     env = dict(os.environ)
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",

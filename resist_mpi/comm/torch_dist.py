@@ -104,10 +104,13 @@ def _elastic_with_shared_store() -> bool:
 
 
 # What gloo and NCCL say when the other end of a collective is gone (a process that died, a link
-# that is down): those failures are a lost peer, not a bug, and end the job with one line.
+# that is down): those failures are a lost peer, not a bug, and end the job with one line. A
+# DistNetworkError (a socket of the store or of gloo failed) is one whatever its text, e.g. the
+# store's "Failed to recv, got 0 bytes. Connection was likely closed" when the rank that hosted it
+# has gone.
 _PEER_GONE = ("connection closed by peer", "connection reset", "connection timed out", "connection refused",
               "broken pipe", "socket timeout", "timed out", "remote worker", "ncclremoteerror",
-              "no route to host")
+              "no route to host", "connection was likely closed")
 
 
 def _peer_errors(fn):
@@ -118,7 +121,7 @@ def _peer_errors(fn):
             return fn(*args, **kwargs)
         except RuntimeError as e:  # torch.distributed.DistError is a RuntimeError
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if any(s in text.lower() for s in _PEER_GONE):
+            if isinstance(e, dist.DistNetworkError) or any(s in text.lower() for s in _PEER_GONE):
                 raise PeerLost(f"a collective failed because a peer is gone: {text[:200]}") from None
             raise
     return call
@@ -166,6 +169,7 @@ class TorchComm(Comm):
         super().__init__(dist.get_rank(), dist.get_world_size(), local_rank, local_size)
         self.learn_nodes()
 
+    @_peer_errors
     def _split(self, color, key, groups):
         # torch's rule: every rank creates every group, in the same order; a group's ranks are
         # ordered by global rank
@@ -183,6 +187,7 @@ class TorchComm(Comm):
         Comm.__init__(sub, sub.global_ranks.index(dist.get_rank()), len(sub.global_ranks), 0, 1, self._counters)
         return sub
 
+    @_peer_errors  # every rank creates the group through the store: a lost peer or store shows here
     def _dup(self):
         if len(self.global_ranks) != dist.get_world_size():
             raise ValueError("the torch backend duplicates only the world communicator (every rank creates "

@@ -79,17 +79,24 @@ def test_bad_input_stops_every_rank_with_one_line(tmp_path, capsys, size, settin
     torch.set_num_threads(1)
     outcome = run_ranks(size, lambda c: _exit_code(cfg, c))
     assert outcome == [2] * size
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resist_mpi: error:")]
+    errors = _error_lines(capsys)
     assert len(errors) == 1 and message in errors[0], errors
     assert files == {p: p.read_bytes() for p in files}  # the user's files, untouched
 
 
-def _exit_code(cfg, c):
+def _exit_code(cfg, c, run=False):
+    """A thread rank's set-up (and with run, its whole run): 0, or the exit status it stopped with."""
     try:
-        Trainer(cfg, c)
+        trainer = Trainer(cfg, c)
+        if run:
+            trainer.run()
     except SystemExit as e:
         return e.code
     return 0
+
+
+def _error_lines(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("resist_mpi: error:")]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -131,15 +138,6 @@ def test_a_rank_that_crashes_in_native_code_prints_where(tmp_path):
     assert os.path.join("resist_mpi", "cli", "trainer.py") in err.split("Current thread")[1], err[-2000:]
 
 
-def _run_or_exit(cfg, c):
-    """A thread rank's whole run: 0, or the exit status it stopped with."""
-    try:
-        Trainer(cfg, c).run()
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
 def test_out_dir_holding_a_run_is_never_overwritten_unasked(tmp_path, capsys):
     """A second run into the same --out stops every rank with one line and leaves the first run's
     files as they were; --resume auto continues it (finished: trains nothing); --overwrite starts
@@ -155,8 +153,8 @@ def test_out_dir_holding_a_run_is_never_overwritten_unasked(tmp_path, capsys):
     def run(**kw):
         cfg = validate(Config(**{**base, **kw}))
         capsys.readouterr()
-        codes = run_ranks(2, lambda c: _run_or_exit(cfg, c))
-        return codes, [line for line in capsys.readouterr().err.splitlines() if line.startswith("resist_mpi: error:")]
+        codes = run_ranks(2, lambda c: _exit_code(cfg, c, run=True))
+        return codes, _error_lines(capsys)
 
     assert run() == ([0, 0], [])
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
@@ -177,25 +175,17 @@ def test_a_second_job_into_the_same_out_is_refused_while_the_first_runs(tmp_path
     """The same batch script submitted twice: the second job (here 2 thread ranks, --resume auto)
     stops on every rank with one line naming the live run that holds the --out (another process),
     and leaves that run's files as they were. (The lock itself: tests/unit/test_defects.py.)"""
-    import subprocess
-    import sys
+    from helpers import out_lock_held_elsewhere
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"event": "round", "round": 0}\n')
-    holder = subprocess.Popen([sys.executable, "-c", f"import time; from resist_mpi.cli.checkpoint import OutLock; "
-                               f"l = OutLock({str(out)!r}); print('held', flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with out_lock_held_elsewhere(out) as holder:
         files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
         cfg = validate(Config(width=4, epochs=1, out=str(out), progress="off", resume="auto"))
         capsys.readouterr()
         torch.set_num_threads(1)
-        assert run_ranks(2, lambda c: _run_or_exit(cfg, c)) == [2, 2]
-        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resist_mpi: error:")]
+        assert run_ranks(2, lambda c: _exit_code(cfg, c, run=True)) == [2, 2]
+        errors = _error_lines(capsys)
         assert len(errors) == 1 and f"--out {out} is in use by another run (host" in errors[0], errors
         assert f"pid {holder.pid}," in errors[0]
         assert files == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    finally:
-        holder.kill()
-        holder.wait()

@@ -205,3 +205,34 @@ def test_the_mpi_backend_starts_open_mpi_with_its_defaults_unless_the_user_chose
     from resist_mpi.comm import mpi
     source = inspect.getsource(mpi._mpi)
     assert source.index("with_open_mpi_defaults(os.environ)") < source.index("from mpi4py import MPI")
+
+
+def test_the_torch_backend_turns_a_lost_peer_into_one_line_also_when_a_group_is_made(monkeypatch):
+    """A peer or the store's host gone shows as PeerLost (the trainer's one line, exit 3), whether a
+    collective or the creation of a group (dup, split: every rank connects through the store) finds
+    it; seen under torchrun: a survivor making its background communicators when a node was killed
+    got the store's "Connection was likely closed" and printed a traceback. Other errors pass."""
+    import torch.distributed as dist
+    from resist_mpi.comm import torch_dist
+    from resist_mpi.errors import PeerLost
+
+    store_gone = dist.DistNetworkError("Failed to recv, got 0 bytes. Connection was likely closed. Did the remote "
+                                       "server shutdown or crash?\nException raised from recvBytes at Utils.hpp:790")
+
+    def fails(e):
+        def raise_(*args, **kwargs):
+            raise e
+        return raise_
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    world = torch_dist.TorchComm.__new__(torch_dist.TorchComm)
+    world.nccl, world.device, world.group, world.global_ranks = False, torch.device("cpu"), None, [0, 1]
+    for error in (store_gone, RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection timed out")):
+        monkeypatch.setattr(dist, "new_group", fails(error))
+        for make in (world._dup, lambda: world._split(0, 0, {0: [0, 1]})):
+            with pytest.raises(PeerLost) as e:
+                make()
+            assert str(e.value).startswith("a collective failed because a peer is gone: ") and "\n" not in str(e.value)
+    monkeypatch.setattr(dist, "new_group", fails(RuntimeError("invalid argument: a bug, not a lost peer")))
+    with pytest.raises(RuntimeError, match="a bug") as e:
+        world._dup()
+    assert not isinstance(e.value, PeerLost)

@@ -1,8 +1,6 @@
 """Defects found reading the code and trying it as a new user, each pinned by a test that failed
 before its fix (issue #20). Multi-rank cases run on thread ranks."""
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -172,18 +170,12 @@ def test_the_checkpoint_writer_survives_any_error_and_runs_tasks_in_order(tmp_pa
 
 
 def test_an_out_directory_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_is_free(tmp_path):
+    from helpers import out_lock_held_elsewhere
     out = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", f"import time; from resist_mpi.cli.checkpoint import OutLock; "
-                               f"l = OutLock({out!r}); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with out_lock_held_elsewhere(out) as holder:
         with pytest.raises(ckpt.CheckpointError, match=r"--out .* is in use by another run \(host .*, pid "
                                                        rf"{holder.pid}, since"):
             ckpt.OutLock(out)
-    finally:
-        holder.kill()
-        holder.wait()
     time.sleep(0.1)
     lock = ckpt.OutLock(out)  # the dead run's lock file is still there; its lock went with it
     assert f"pid {os.getpid()}" in open(os.path.join(out, ".lock")).read()
