@@ -27,9 +27,9 @@ collect_ignore_glob = [] if world_info_from_env().launcher != "none" else ["mpi/
 #   "local": launches on localhost, among them the two plain torchruns on torchrun's default port
 #            (test_backends and the README's, in test_docs).
 # The groups' files take about as long as each other (docs/testing.md: the launching tier alone, 2026-12-06:
-# network 792 s, local 751 s, before three of test_cli.py's launches moved to the unit tier and test_gpu_check.py
-# to local). xdist's own loadgroup reads a node id that pytest 9 no longer uses (markers are ignored), so the
-# scheduler is chosen here.
+# network 792 s, local 751 s, before seven of test_cli.py's launches went (the unit tier or one launch) and
+# test_gpu_check.py moved to local). xdist's own loadgroup reads a node id that pytest 9 no longer uses
+# (markers are ignored), so the scheduler is chosen here.
 NETWORK = {"test_demo.py", "test_elastic.py", "test_multinode.py", "test_scheduler.py", "test_examples.py"}
 
 

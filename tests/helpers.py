@@ -95,6 +95,11 @@ def records(out, event):
     return read_metrics(str(out), event)
 
 
+def round_records(out, *keys):
+    """The round records of a run, each cut to keys (what two runs must agree on)."""
+    return [{k: r[k] for k in keys} for r in records(out, "round")]
+
+
 def mpi_pytest(np_, test_files, timeout=600, **env):
     """Run tests/mpi files (one path or a list) with pytest on np_ ranks, in one job (no cache plugin:
     N ranks would race on it)."""

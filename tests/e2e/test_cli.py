@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from helpers import mpirun, records, requires, trainings_args
+from helpers import mpirun, records, requires, round_records, trainings_args
 
 pytestmark = requires("mpi", "slow")
 
@@ -72,10 +72,6 @@ def _errors(p):
     return [line for line in p.stderr.splitlines() if line.startswith("resist_mpi: error:")]
 
 
-def _round_records(out, *keys):
-    return [{k: r[k] for k in keys} for r in records(out, "round")]
-
-
 def _copy_checkpoint(full, part, name):
     os.makedirs(part / "checkpoints")
     shutil.copytree(full / "checkpoints" / name, part / "checkpoints" / name)
@@ -114,8 +110,8 @@ def test_resume_continues_bit_for_bit(tmp_path, np_, extra):
     assert records(full, "eval")[-1]["test_loss"] == records(part, "eval")[-1]["test_loss"]
     # the resumed rounds are the uninterrupted run's rounds, their traffic included
     keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
-    resumed = _round_records(part, *keys)
-    assert resumed and resumed == _round_records(full, *keys)[-len(resumed):]
+    resumed = round_records(part, *keys)
+    assert resumed and resumed == round_records(full, *keys)[-len(resumed):]
     assert records(part, "resume")[0]["round"] == resumed[0]["round"] == int(copy[-6:])
 
 
@@ -222,7 +218,7 @@ def test_round_records_do_not_depend_on_loader_workers(tmp_path):
                timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     keys = ("round", "train_loss")
-    assert _round_records(tmp_path / "workers", *keys) == _round_records(tmp_path / "inline", *keys)
+    assert round_records(tmp_path / "workers", *keys) == round_records(tmp_path / "inline", *keys)
     evals, background = records(tmp_path / "inline", "eval"), records(tmp_path / "workers", "eval")
     assert len(evals) == 3
     assert [(e["round"], e["test_loss"], e["test_acc"]) for e in background] == \

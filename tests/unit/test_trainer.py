@@ -237,14 +237,14 @@ def test_round_records_do_not_depend_on_evaluations(tmp_path):
     results, and leave the rounds exactly as without evaluations (the gather on background
     communicators). On 2 thread ranks; the same with DataLoader workers under mpirun:
     tests/e2e/test_cli.py::test_round_records_do_not_depend_on_loader_workers."""
-    from helpers import records
+    from helpers import records, round_records
     kw = dict(strategy="resist", epochs=3, checkpoint_every=0, bn_batches=2)
     keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
     rounds = {}
     for name, extra in [("final", dict(eval_every=0)), ("every", dict(eval_every=1)),
                         ("background", dict(eval_every=1, eval_background=True))]:
         _run_ranks(tmp_path / name, 2, **kw, **extra)
-        rounds[name] = [{k: r[k] for k in keys} for r in records(tmp_path / name, "round")]
+        rounds[name] = round_records(tmp_path / name, *keys)
     evals, final = records(tmp_path / "every", "eval"), rounds["final"]
     assert len(evals) == 3 and len(records(tmp_path / "final", "eval")) == 1 and len(final) > 3
     early = {e["round"] + 1: e["bytes_next_exchange"] for e in evals[:-1]}
