@@ -19,14 +19,16 @@ from helpers import BACKEND_STRATEGIES, BACKEND_TRAIN, ROOT, mpi_env, mpirun, pa
 CONTRACT = "tests/mpi/test_comm_contract.py"
 
 
-def test_contract_torch_under_torchrun():
+def test_contract_torch_under_torchrun(tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found")
     env = mpi_env(RESIST_TEST_BACKEND="torch")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    p = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        CONTRACT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # --log-dir: torchrun's agent otherwise leaves a torchelastic_* folder in /tmp on every launch
+    p = subprocess.run([torchrun, "--nproc-per-node", "2", "--log-dir", str(tmp_path),
+                        "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", CONTRACT],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     passed_on_every_rank(p, 2)
 
 

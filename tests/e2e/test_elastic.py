@@ -18,6 +18,7 @@ Needs root and iproute2 (and SLURM for the job-script test); skipped with the re
 """
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,7 +58,9 @@ def torchrun(cl, out, tag, log_dir, extra=()):
     for h in HOSTS:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2:4", "--nproc-per-node", "1",
                "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400", "--rdzv-id", tag,
-               "--rdzv-conf", "last_call_timeout=10,join_timeout=120", *TRAIN, "--backend", "torch",
+               "--rdzv-conf", "last_call_timeout=10,join_timeout=120",
+               "--log-dir", str(log_dir),  # (else each agent leaves a torchelastic_* folder in /tmp)
+               *TRAIN, "--backend", "torch",
                "--out", str(out), *extra]
         log = log_dir / f"{tag}-{h}.log"
         # a fresh rendezvous store for every restart (torchrun's shared one keeps the dead workers' keys)
@@ -200,7 +203,7 @@ def test_sbatch_relaunches_on_the_nodes_left(cluster, reference, tmp_path):
     reason = why_no_slurm()
     if reason:
         pytest.skip(reason)
-    d = Path(tempfile.mkdtemp(prefix="rce-slurm-"))
+    d = Path(tempfile.mkdtemp(prefix="rce-slurm-"))  # short: the munge socket path must fit 108 bytes
     s = Slurm(d, nodes=[(h, cluster.address(h)) for h in HOSTS], on=cluster.on, env=cluster.env(mpi_env()),
               cgroup_plugin="cgroup/v1", slurmd_timeout=10)
     try:
@@ -216,6 +219,7 @@ def test_sbatch_relaunches_on_the_nodes_left(cluster, reference, tmp_path):
         info = s.wait(job, log, timeout=TIMEOUT)
     finally:
         s.stop()
+        shutil.rmtree(d, ignore_errors=True)  # the daemons' state (8 MB); the job's log and --out are in tmp_path
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-4000:]}"
     assert "resist: lost node3 (exit" in text and "relaunching on 3 nodes (node0,node1,node2)" in text, text[-4000:]
