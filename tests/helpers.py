@@ -111,9 +111,23 @@ def passed_on_every_rank(p, np_):
     """Assert a multi-rank pytest job passed: exit 0 and one non-empty "N passed" line per rank."""
     import re
     out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-4000:]
+    assert p.returncode == 0, failure_digest(out)
     passed = re.findall(r"(\d+) passed", out)
-    assert len(passed) == np_ and all(int(n) > 0 for n in passed), out[-4000:]
+    assert len(passed) == np_ and all(int(n) > 0 for n in passed), failure_digest(out)
+
+
+def failure_digest(out, first=3000, last=3000):
+    """What a failed multi-rank pytest job's output says first: every rank's summary lines (which
+    test failed where, "N passed"/"N failed"), the first failure's report (where the ranks parted:
+    one rank's error often makes the others fail later, with errors of their own), and the end."""
+    import re
+    summary = [line for line in out.splitlines()
+               if re.search(r"\b(FAILED|ERROR)\b|\d+ (passed|failed|error)", line)]
+    start = re.search(r"^.*_{3,} (test_\S+|ERROR \S+.*) _{3,}", out, re.M)
+    parts = ["-- summary lines:", *summary[:40]]
+    if start:
+        parts += ["-- the first failure:", out[start.start():start.start() + first]]
+    return "\n".join(parts + ["-- the end:", out[-last:]])
 
 
 # -- what a test needs: one marker and one skip reason per need -------------------------------------------

@@ -10,7 +10,10 @@ cluster of resist_mpi.cluster (4 network namespaces, one torchrun agent or slurm
   round is trained twice per loss, and a `membership` record per loss says who left, when, and how
   long the recovery took.
 - The SLURM job script (one slurmd per node, `sbatch --no-kill`): node3's slurmd and ranks killed;
-  the script relaunches on the 3 nodes SLURM still sees and the run finishes the same way.
+  the script relaunches on the 3 nodes SLURM still sees and the run finishes the same way: the same
+  records, on a shorter run (SBATCH_EPOCHS). What it adds to the torchrun run is the script's
+  relaunch; the trainer's resume on the survivors, and the accuracy it reaches, are the torchrun
+  run's to check (the same code: the world's size and the newest checkpoint are all it reads).
 - The rendezvous host's loss (node0 runs the c10d store) is not survived: every surviving worker
   ends with one line, every agent with a non-zero exit, in bounded time.
 
@@ -35,6 +38,7 @@ pytestmark = requires("mpi", "root", "cluster", "slow")
 
 HOSTS = ["node0", "node1", "node2", "node3"]
 EPOCHS = 12  # the demo's (at 6 the uninterrupted run reaches only 81%, and the comparison says little)
+SBATCH_EPOCHS = 5  # node3 lost after round 3's checkpoint, then 2 rounds or more on the 3 nodes left
 TRAIN = ["-m", "resist_mpi.train", "--config", os.path.join(ROOT, "configs", "demo.yaml"), "--progress", "off",
          "--epochs", str(EPOCHS),
          "--resume", "auto", "--checkpoint-rounds", "1", "--comm-timeout", "10"]
@@ -118,8 +122,9 @@ def reference(demo_run):
     return records(demo_run[0], "eval")[-1]["test_acc"]
 
 
-def check_recovered(out, reference_acc, lost):
-    """The run lost the nodes of `lost` in that order, one at a time, and finished as it should."""
+def check_recovered(out, lost, reference_acc=None, n_epochs=EPOCHS):
+    """The run lost the nodes of `lost` in that order, one at a time, and finished its epochs; at
+    most a point below the uninterrupted run where reference_acc is given."""
     rounds = records(out, "round")
     member = records(out, "membership")
     assert [m["left"] for m in member] == [[h] for h in lost] and all(m["joined"] == [] for m in member), member
@@ -131,7 +136,10 @@ def check_recovered(out, reference_acc, lost):
     seen = [r["world_size"] for r in rounds]
     assert sorted(set(seen), reverse=True) == sizes and seen == sorted(seen, reverse=True)
     final = records(out, "eval")[-1]
-    assert final["epoch"] == EPOCHS
+    assert final["epoch"] == n_epochs
+    if reference_acc is None:
+        print(f"final accuracy {final['test_acc']:.4f} after {n_epochs} epochs")
+        return member
     # at most a point below the uninterrupted run; above it is no defect: the rounds after a loss
     # train deeper sub-networks (22/3 or 22/2 blocks instead of 22/4; measured: 98.89% against 97.50%)
     assert final["test_acc"] >= reference_acc - 0.01, (final["test_acc"], reference_acc)
@@ -168,7 +176,7 @@ def test_torchrun_goes_on_without_lost_nodes(cluster, reference, tmp_path):
         stop_all(cluster, procs)
         subprocess.run(link + ["up"], check=True)
     assert codes == {h: 0 for h in HOSTS[:2]}, {h: procs[h][1].read_text()[-3000:] for h in HOSTS[:2]}
-    member = check_recovered(out, reference, lost=["node3", "node2"])
+    member = check_recovered(out, ["node3", "node2"], reference)
     for h in HOSTS[:2]:  # each survivor's worker said in one line why it stopped, each time, then carried on
         text = procs[h][1].read_text()
         errors = [line for line in text.splitlines() if "resist_mpi: error:" in line]
@@ -198,7 +206,7 @@ def test_the_rendezvous_hosts_loss_ends_the_job_with_one_line_per_worker(cluster
         assert len(errors) == 1 and says_lost(errors[0], "node0"), text[-3000:]
 
 
-def test_sbatch_relaunches_on_the_nodes_left(cluster, reference, tmp_path):
+def test_sbatch_relaunches_on_the_nodes_left(cluster, tmp_path):
     from slurm_helpers import Slurm, why_no_slurm
     reason = why_no_slurm()
     if reason:
@@ -223,12 +231,12 @@ def test_sbatch_relaunches_on_the_nodes_left(cluster, reference, tmp_path):
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text[-4000:]}"
     assert "resist: lost node3 (exit" in text and "relaunching on 3 nodes (node0,node1,node2)" in text, text[-4000:]
-    check_recovered(out, reference, lost=["node3"])
+    check_recovered(out, ["node3"], n_epochs=SBATCH_EPOCHS)
 
 
 def submit(s, out, log):
     """sbatch the job script on 4 nodes into out; the job's id."""
-    env = dict(RESIST_DATASET="digits", RESIST_EPOCHS=str(EPOCHS), RESIST_OUT=str(out), RESIST_LAUNCHER="srun",
+    env = dict(RESIST_DATASET="digits", RESIST_EPOCHS=str(SBATCH_EPOCHS), RESIST_OUT=str(out), RESIST_LAUNCHER="srun",
                RESIST_CONFIG=os.path.join(ROOT, "configs", "demo.yaml"), RESIST_NODE_WAIT="120",
                RESIST_EXTRA_ARGS="--comm-timeout 10")
     p = s.run(["sbatch", "--parsable", "--nodes=4", "--ntasks-per-node=1", "--no-kill", f"--output={log}",
