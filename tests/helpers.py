@@ -79,13 +79,35 @@ def trainings_args(runs):
     return ["-c", TRAININGS, json.dumps([[str(a) for a in args] for args in runs])]
 
 
-def run_documented(command, timeout=600):
-    """Run a command of the documentation as written: bash, from the repository root, with the
-    interpreter's directory first on PATH (a bare `python`, `torchrun` or `horovodrun` is the
-    venv's) and the repository on PYTHONPATH. Returns CompletedProcess (text)."""
-    env = mpi_env(PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+_DOC_TMP = []
+
+
+def _doc_tmpdir():
+    """One temporary directory per test process for the documented commands' TMPDIR, removed when
+    the process ends: what they leave there (a torchrun agent's torchelastic_* folder on every
+    launch) does not pile up in /tmp, and the simulated cluster's state (kept under TMPDIR) is found
+    by the commands that follow the one that started it."""
+    if not _DOC_TMP:
+        import atexit
+        import tempfile
+        _DOC_TMP.append(tempfile.mkdtemp(prefix="resist-doc-"))
+        atexit.register(shutil.rmtree, _DOC_TMP[0], True)
+    return _DOC_TMP[0]
+
+
+def documented_env():
+    """The environment of the documentation's commands: the interpreter's directory first on PATH
+    (a bare `python`, `torchrun` or `horovodrun` is the venv's), the repository on PYTHONPATH,
+    TMPDIR in _doc_tmpdir()."""
+    env = mpi_env(PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", TMPDIR=_doc_tmpdir())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
+    return env
+
+
+def run_documented(command, timeout=600):
+    """Run a command of the documentation as written: bash, from the repository root, in
+    documented_env(). Returns CompletedProcess (text)."""
+    return subprocess.run(["bash", "-c", command], cwd=ROOT, env=documented_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 

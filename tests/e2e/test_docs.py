@@ -24,7 +24,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, requires, run_documented
+from helpers import ROOT, documented_env, requires, run_documented
 
 DOCS = ["README.md", "jobs/README.md", "docs/index.md", "docs/usage.md", "docs/library.md", "docs/method.md",
         "docs/backends.md", "docs/multinode.md", "docs/checkpoints.md", "docs/benchmarks.md", "docs/testing.md",
@@ -97,9 +97,9 @@ def simulated_cluster():
     if reason:
         pytest.skip(f"simulated cluster: {reason}")
     down = [sys.executable, "-m", CLUSTER, "down"]
-    subprocess.run(down, cwd=ROOT, capture_output=True, timeout=120)
+    subprocess.run(down, cwd=ROOT, capture_output=True, timeout=120)  # a stale one, its state in /tmp
     yield
-    subprocess.run(down, cwd=ROOT, capture_output=True, timeout=120)
+    subprocess.run(down, cwd=ROOT, env=documented_env(), capture_output=True, timeout=120)  # the commands' own
 
 
 @requires("mpi")
