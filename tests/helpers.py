@@ -1,9 +1,12 @@
 """Launching multi-rank commands from single-process tests."""
+import atexit
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -79,20 +82,15 @@ def trainings_args(runs):
     return ["-c", TRAININGS, json.dumps([[str(a) for a in args] for args in runs])]
 
 
-_DOC_TMP = []
-
-
+@functools.cache
 def _doc_tmpdir():
     """One temporary directory per test process for the documented commands' TMPDIR, removed when
     the process ends: what they leave there (a torchrun agent's torchelastic_* folder on every
     launch) does not pile up in /tmp, and the simulated cluster's state (kept under TMPDIR) is found
     by the commands that follow the one that started it."""
-    if not _DOC_TMP:
-        import atexit
-        import tempfile
-        _DOC_TMP.append(tempfile.mkdtemp(prefix="resist-doc-"))
-        atexit.register(shutil.rmtree, _DOC_TMP[0], True)
-    return _DOC_TMP[0]
+    path = tempfile.mkdtemp(prefix="resist-doc-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def documented_env():
