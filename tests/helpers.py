@@ -36,8 +36,17 @@ def out_lock_held_elsewhere(out):
         holder.wait()
 
 
+# Open MPI, run by several jobs at once on a few cores (the suite runs launches side by side and the
+# unit tier beside them): with no more ranks than cores it binds rank k to core k and busy-polls
+# without yielding, so every 2-rank job stacks its ranks on the same cores as the others and a rank
+# waiting for its peer takes a core's share from the ones working. Unbound and yielding, the
+# scheduler spreads them (benchmarks/contention.py: three 2-rank trainings beside a busy process).
+# What the user's environment sets wins.
+SHARED_CORES = {"OMPI_MCA_hwloc_base_binding_policy": "none", "OMPI_MCA_mpi_yield_when_idle": "1"}
+
+
 def mpi_env(**extra):
-    env = dict(os.environ)
+    env = {**SHARED_CORES, **os.environ}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)

@@ -44,12 +44,11 @@ def _horovodrun_cmd(np_, controller, args, **extra_env):
     """(command, environment) of `horovodrun -np np_ [--gloo|--mpi] python args...`.
 
     The environment is helpers.mpi_env's (Open MPI behind the MPI controller refuses root and more
-    ranks than cores otherwise), plus the repo on PYTHONPATH and mpi_yield_when_idle: horovodrun
-    tells mpirun there are np_ slots on localhost, so Open MPI would busy-poll even when the
-    ranks outnumber the cores (plain mpirun --oversubscribe yields by itself); on 2 cores that
-    halves the MPI controller's run time.
+    ranks than cores otherwise; mpi_yield_when_idle matters most here: horovodrun tells mpirun there
+    are np_ slots on localhost, so Open MPI would busy-poll even when the ranks outnumber the cores,
+    which on 2 cores doubled the MPI controller's run time), plus the repo on PYTHONPATH.
     """
-    env = mpi_env(OMPI_MCA_mpi_yield_when_idle="1", **extra_env)
+    env = mpi_env(**extra_env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     cmd = [horovodrun_path(), "-np", str(np_), "-H", f"localhost:{np_}"]
     cmd += ["--gloo"] if controller == "gloo" else ["--mpi"]
