@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 class ConfigError(ValueError):
@@ -110,6 +113,101 @@ class Config:
         return dataclasses.asdict(self)
 
 
+@functools.lru_cache(maxsize=None)
+def field_types() -> Dict[str, Tuple[Any, bool]]:
+    """Each Config field's type without Optional, and whether None is allowed: read from the
+    dataclass's annotations, the one definition that the flags and the config-file check share."""
+    out = {}
+    for name, tp in typing.get_type_hints(Config).items():
+        args = typing.get_args(tp)
+        optional = typing.get_origin(tp) is typing.Union and type(None) in args
+        if optional:
+            rest = [a for a in args if a is not type(None)]
+            tp = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+        out[name] = (tp, optional)
+    return out
+
+
+_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _describe(tp: Any, optional: bool = False, choices: Optional[Sequence[str]] = None) -> str:
+    if choices:
+        what = "one of " + ", ".join(choices)
+    else:
+        what = _KIND.get(tp, getattr(tp, "__name__", str(tp)))
+    return what + (" or null" if optional else "")
+
+
+def _shown(value: Any) -> str:
+    """A value as the file wrote it (YAML and JSON spell None, True as null, true)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def coerce_setting(key: str, value: Any, tp: Any, optional: bool = False,
+                   choices: Optional[Sequence[str]] = None) -> Any:
+    """A config file's value for a field of type tp, or ConfigError naming the key, the value and
+    what it must be. A file's values are YAML/JSON types, not text: a bool only from a boolean (the
+    string 'false' is refused, not read as true); an int from an integer, or from a string the flag
+    would read ('5'), never from a boolean or a float (3.0 too); a float from a number or such a
+    string (PyYAML reads 1e-3 as a string); a string from a string, or an integer written as it
+    (group_size: 2 is '2', as --group-size 2); never a list or a mapping; null only where the
+    field is Optional; and a field with choices takes one of them."""
+    given = value  # as the file wrote it, for the message
+
+    def bad() -> ConfigError:
+        hint = (" (a boolean, unquoted)" if tp is bool and isinstance(given, str) else
+                " (written without a decimal point)" if tp is int and isinstance(given, float) else "")
+        return ConfigError(f"{key} {_shown(given)} must be {_describe(tp, optional, choices)}{hint}")
+    if value is None:
+        if optional:
+            return None
+        raise bad()
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+    elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad()  # a boolean, list or mapping where a number or a string belongs
+    elif tp is int:
+        if isinstance(value, float):
+            raise bad()
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise bad() from None
+    elif tp is float:
+        try:
+            value = float(value)
+        except ValueError:
+            raise bad() from None
+    elif tp is str:
+        if isinstance(value, float):
+            raise bad()
+        value = str(value)
+    if choices and value not in choices:
+        raise bad()
+    return value
+
+
+def check_file_values(path: str, settings: Dict[str, Any], keys: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """A config file's settings (Config field names) checked against the fields' types; keys: the
+    file's own spelling of each name, for the message."""
+    types, out = field_types(), {}
+    by_name = {f.name: f for f in fields(Config)}
+    for name, value in settings.items():
+        tp, optional = types[name]
+        try:
+            out[name] = coerce_setting((keys or {}).get(name, name), value, tp, optional,
+                                       by_name[name].metadata.get("choices"))
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    return out
+
+
 def validate(cfg: Config) -> Config:
     """Check settings that need no model or data; raise ConfigError with one line."""
     from ..models import list_models
@@ -117,6 +215,10 @@ def validate(cfg: Config) -> Config:
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: choose one of {', '.join(choices)}")
+    for name, (tp, _) in field_types().items():  # NaN passes every bound below (nan <= 0 is false)
+        value = getattr(cfg, name)
+        if tp is float and isinstance(value, (int, float)) and not math.isfinite(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if cfg.model not in list_models():
         raise ConfigError(f"unknown model {cfg.model!r}; available: {', '.join(list_models())}")
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "local_steps": cfg.local_steps,
@@ -129,7 +231,7 @@ def validate(cfg: Config) -> Config:
                     "bn_images": cfg.bn_images,
                     "checkpoint_minutes": cfg.checkpoint_minutes,
                     "checkpoint_rounds": cfg.checkpoint_rounds, "weight_decay": cfg.weight_decay,
-                    "comm_timeout": cfg.comm_timeout}
+                    "momentum": cfg.momentum, "comm_timeout": cfg.comm_timeout}
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
@@ -185,7 +287,7 @@ def load_config_file(path: str) -> Dict[str, Any]:
     if unknown:
         hints = "".join(f" ({k} is now {RENAMED[k]})" for k in unknown if k in RENAMED)
         raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}{hints}")
-    return clean
+    return check_file_values(path, clean, {str(k).replace("-", "_"): str(k) for k in data})
 
 
 RENAMED = {"--keep-shared-momentum": "--optimizer-state keep_shared", "keep_shared_momentum": "optimizer_state: keep_shared"}
@@ -207,15 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML or JSON file with settings (flags given too override it)")
     parser.add_argument("--list-models", action="store_true", help="print the registered models and exit")
     groups = {g: parser.add_argument_group(g) for g in ("model", "data", "optim", "eval", "run")}
+    types = field_types()
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         kw: Dict[str, Any] = {"dest": f.name, "help": f.metadata["help"] + " (default: %(default)s)"}
-        if f.type in ("bool", bool, "Optional[bool]"):  # Optional: None is "decided by the run" (its help says how)
+        tp, _ = types[f.name]
+        if tp is bool:  # Optional[bool]: None is "decided by the run" (its help says how)
             kw["action"] = argparse.BooleanOptionalAction
             if f.default is None:
                 kw["help"] = f.metadata["help"]
         else:
-            kw["type"] = {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), str)
+            kw["type"] = tp if tp in (int, float) else str
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
         groups[f.metadata["group"]].add_argument(flag, default=f.default, **kw)

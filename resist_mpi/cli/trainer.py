@@ -458,11 +458,11 @@ class Trainer:
         """Every rank stops after a non-finite round: one line, a record, exit NONFINITE_EXIT; no
         checkpoint is written from this model, so the newest one on disk is the last finite one."""
         newest = ckpt.list_checkpoints(self.cfg.out)
-        kept = f"the newest checkpoint, {newest[-1]}, is from before it" if newest else "no checkpoint was written"
+        kept = (f"the newest checkpoint, {newest[-1]}, is from before it (lower --lr, or resume from it with "
+                f"--resume auto)" if newest else "no checkpoint was written (lower --lr)")
         log.record("diverged", round=r, epoch=epoch, message=message, exit=NONFINITE_EXIT)
         if self.c.rank == 0:
-            sys.stderr.write(f"resist_mpi: error: {message}; {kept} (lower --lr, or resume from it with "
-                             f"--resume auto); exit {NONFINITE_EXIT}\n")
+            sys.stderr.write(f"resist_mpi: error: {message}; {kept}; exit {NONFINITE_EXIT}\n")
             sys.stderr.flush()
         self.exit_code = NONFINITE_EXIT
 

@@ -113,6 +113,124 @@ def test_bad_settings_are_refused_before_any_rank_starts(argv, message):
     assert "\n" not in str(e.value)
 
 
+BAD_FILE_VALUES = [  # (file name, its text, what the one line says)
+    ("c.yaml", "overlap: 'false'\n", 'overlap "false" must be true or false (a boolean, unquoted)'),
+    ("c.json", '{"overlap": "false"}', 'overlap "false" must be true or false (a boolean, unquoted)'),
+    ("c.yaml", "eval_background: 'no'\n", 'eval_background "no" must be true or false or null'),
+    ("c.yaml", "tensorboard: 0\n", "tensorboard 0 must be true or false"),
+    ("c.yaml", "epochs: null\n", "epochs null must be an integer"),
+    ("c.yaml", "batch_size: [1, 2]\n", "batch_size [1, 2] must be an integer"),
+    ("c.yaml", "epochs: 2.5\n", "epochs 2.5 must be an integer (written without a decimal point)"),
+    ("c.yaml", "epochs: 3.0\n", "epochs 3.0 must be an integer"),  # an integral float too
+    ("c.json", '{"width": 8.0}', "width 8.0 must be an integer"),
+    ("c.yaml", "checkpoint_rounds: true\n", "checkpoint_rounds true must be an integer"),
+    ("c.yaml", "local-steps: five\n", 'local-steps "five" must be an integer'),  # the file's spelling
+    ("c.yaml", "image_size: 2.5\n", "image_size 2.5 must be an integer or null"),
+    ("c.yaml", "lr: fast\n", 'lr "fast" must be a number'),
+    ("c.yaml", "lr: true\n", "lr true must be a number"),
+    ("c.yaml", "momentum: {a: 1}\n", 'momentum {"a": 1} must be a number'),
+    ("c.yaml", "model: null\n", "model null must be a string"),
+    ("c.yaml", "partition_stages: 2.5\n", "partition_stages 2.5 must be a string"),
+    ("c.yaml", "data_dir: [a]\n", 'data_dir ["a"] must be a string or null'),
+    ("c.yaml", "schedule: linear\n", 'schedule "linear" must be one of step, cosine'),
+    ("c.yaml", "progress: 1\n", "progress 1 must be one of auto, on, off"),
+    ("c.yaml", "lr: .nan\n", "--lr must be a finite number, got nan"),
+    ("c.json", '{"lr": NaN}', "--lr must be a finite number, got nan"),
+    ("c.yaml", "outer_lr: .inf\n", "--outer-lr must be a finite number, got inf"),
+    ("c.yaml", "momentum: .nan\n", "--momentum must be a finite number, got nan"),
+    ("c.yaml", "weight_decay: -.inf\n", "--weight-decay must be a finite number, got -inf"),
+]
+
+
+def _main_exit_and_errors(argv, capsys):
+    """The CLI's exit status, its error lines, and all it wrote to stderr."""
+    from resist_mpi.cli.train import main
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, _error_lines_of(err), err
+
+
+def _error_lines_of(err):
+    return [line for line in err.splitlines() if line.startswith("resist_mpi: error:")]
+
+
+@pytest.mark.parametrize("name, text, message", BAD_FILE_VALUES, ids=[t.strip() for _, t, _ in BAD_FILE_VALUES])
+def test_a_config_file_value_of_the_wrong_type_is_one_line_exit_2(tmp_path, capsys, name, text, message):
+    """A file's values are checked against the Config fields' types: 'false' is not false, null
+    and lists are no numbers, NaN no learning rate; the same one line and exit 2 as a bad flag."""
+    path = tmp_path / name
+    path.write_text(text)
+    code, errors, err = _main_exit_and_errors(["--config", str(path), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+    assert errors[0].startswith(f"resist_mpi: error: config file {path}: ") or "finite" in message, errors
+    assert "Traceback" not in err and err.strip() == errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--outer-lr", "nan"], "--outer-lr must be a finite number, got nan"),
+    (["--outer-momentum", "nan"], "--outer-momentum must be a finite number, got nan"),
+    (["--momentum", "nan"], "--momentum must be a finite number, got nan"),
+    (["--momentum", "-0.5"], "--momentum must be >= 0, got -0.5"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+    (["--checkpoint-minutes", "inf"], "--checkpoint-minutes must be a finite number, got inf"),
+    (["--comm-timeout", "nan"], "--comm-timeout must be a finite number, got nan"),
+])
+def test_a_non_finite_float_flag_is_one_line_exit_2(tmp_path, capsys, argv, message):
+    code, errors, err = _main_exit_and_errors([*argv, "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and errors == [f"resist_mpi: error: {message}"] and "Traceback" not in err, err
+
+
+def test_every_float_field_is_checked_for_finite_values():
+    """validate's finiteness check covers each float field (read from the dataclass), not a list."""
+    import math
+    from resist_mpi.cli.config import field_types
+    floats = sorted(n for n, (tp, _) in field_types().items() if tp is float)
+    assert {"lr", "momentum", "weight_decay", "outer_lr", "outer_momentum"} <= set(floats)
+    for name in floats:
+        with pytest.raises(ConfigError, match="must be a finite number, got nan"):
+            validate(Config(**{name: math.nan}))
+
+
+@pytest.mark.parametrize("config", ["demo.yaml", "cifar100_resnet101.yaml"])
+def test_the_repositorys_config_files_load_as_before(config):
+    """configs/*.yaml give the Config their raw YAML values give, each value of its field's type
+    (checkpoint_minutes: 20 becomes 20.0, as --checkpoint-minutes 20 does)."""
+    import glob
+    import yaml
+    from helpers import ROOT
+    from resist_mpi.cli.config import field_types
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) == \
+        ["cifar100_resnet101.yaml", "demo.yaml"]  # a new one: add it here
+    path = os.path.join(ROOT, "configs", config)
+    raw = yaml.safe_load(open(path))
+    cfg = validate(parse_config(["--config", path]))
+    assert cfg == Config(**{k.replace("-", "_"): v for k, v in raw.items()})
+    for name, (tp, optional) in field_types().items():
+        value = getattr(cfg, name)
+        assert (value is None and optional) or type(value) is tp, (name, value)
+
+
+def test_a_config_file_takes_what_the_flags_would_read(tmp_path):
+    """Accepted: a number's text (PyYAML reads 1e-3 as a string; '5' is 5 as --local-steps 5),
+    an integer for a text setting ('2' as --group-size 2), an integer for a float, null where the
+    field is optional, real booleans."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nlocal_steps: '5'\ngroup_size: 2\npartition_stages: 3\ncheckpoint_minutes: 20\n"
+                    "eval_background: false\noverlap: true\ndata_dir: null\nimage_size: 64\nresume: null\n")
+    cfg = validate(parse_config(["--config", str(path)]))
+    got = {k: getattr(cfg, k) for k in ("lr", "local_steps", "group_size", "partition_stages", "checkpoint_minutes",
+                                        "eval_background", "overlap", "data_dir", "image_size", "resume")}
+    assert got == dict(lr=0.001, local_steps=5, group_size="2", partition_stages="3", checkpoint_minutes=20.0,
+                       eval_background=False, overlap=True, data_dir=None, image_size=64, resume=None)
+    assert type(cfg.checkpoint_minutes) is float and type(cfg.lr) is float
+    path.write_text("eval_background: null\n")
+    assert parse_config(["--config", str(path)]).eval_background is None
+
+
 def test_a_rank_that_crashes_in_native_code_prints_where(tmp_path):
     """A segmentation fault (in MPI, torch, a driver) ends a rank with its threads' Python stacks on
     stderr, the training loop's among them, instead of Open MPI's bare "Signal: Segmentation fault"."""

@@ -166,6 +166,29 @@ def test_metrics_write_non_finite_values_as_strings_and_read_them_back(tmp_path)
     assert math.isnan(back["train_loss"]) and back["lr"] == math.inf and back["name"] == "NaN-free"
 
 
+def test_the_divergence_line_offers_a_resume_only_from_a_checkpoint_that_exists(tmp_path, capsys):
+    """Diverged before any checkpoint: the line says none was written and does not send the user to
+    --resume auto; with one on disk it names it and says how to resume from it. (stop_diverged
+    alone: the whole run is tested above.)"""
+    from types import SimpleNamespace
+    from resist_mpi.cli import checkpoint as ckpt
+    from resist_mpi.cli.config import Config
+    from resist_mpi.cli.trainer import Trainer
+    trainer = Trainer.__new__(Trainer)  # no model or data: only what stop_diverged reads
+    trainer.cfg, trainer.c = Config(out=str(tmp_path)), SimpleNamespace(rank=0)
+    log = SimpleNamespace(record=lambda *a, **kw: None)
+    what = "training diverged: non-finite train loss at round 0 (rank 0)"
+    trainer.stop_diverged(log, what, 0, 0.0)
+    assert trainer.exit_code == rm.NONFINITE_EXIT
+    assert capsys.readouterr().err == f"resist_mpi: error: {what}; no checkpoint was written (lower --lr); exit 4\n"
+    newest = tmp_path / "checkpoints" / "ckpt-000003"
+    newest.mkdir(parents=True)
+    (newest / ckpt.MANIFEST).write_text("{}")
+    trainer.stop_diverged(log, what, 5, 1.5)
+    assert capsys.readouterr().err == (f"resist_mpi: error: {what}; the newest checkpoint, {newest}, is from before "
+                                       "it (lower --lr, or resume from it with --resume auto); exit 4\n")
+
+
 def test_a_non_finite_model_is_never_checkpointed():
     from resist_mpi.cli.checkpoint import check_finite
     check_finite({"model": {"w": torch.ones(2), "n": torch.tensor(3)}})
