@@ -229,6 +229,7 @@ class ShardWriter:
         try:
             t0 = time.perf_counter()
             os.makedirs(directory, exist_ok=True)
+            invalidate(directory)  # a folder written over: incomplete until its new manifest lands
             for name, obj in files.items():
                 atomic_save(obj, os.path.join(directory, name), crc32=False)
             self.t_round[round_index] = time.perf_counter() - t0
@@ -242,6 +243,22 @@ class ShardWriter:
     def wait(self) -> None:
         """Block until everything submitted is written (or failed)."""
         self._queue.join()
+
+
+def invalidate(directory: str) -> None:
+    """Remove directory's manifest (if any) before any new file goes in, so that a checkpoint folder
+    written over in place (a resumed run writing a round again) is incomplete until rank 0 writes
+    its new manifest, last, as always: a write that fails half-way leaves no manifest naming a mix
+    of old and new files (their sizes are the same, so verify could not tell). Every rank does this
+    before its own files; rank 0 writes the new manifest only after every rank's files are done."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise OSError(f"cannot remove the old {path}: {_first_line(e)}") from None
+    fsync_dir(directory)
 
 
 def _quietly(task) -> None:
@@ -318,7 +335,8 @@ class Checkpointer:
                 log.record("checkpoint", round=r - 1, path=directory, t_snapshot=self._snap.pop(r, None),
                            t_commit=time.perf_counter() - t0, t_write=self.writer.t_round.pop(r, None))
         if ready:  # deleting old checkpoints' files is file system work (tens of ms for 160 MB): in the background
-            self.writer.submit_task(lambda: rotate(self.cfg.out, self.cfg.keep_checkpoints))
+            last = self.written[-1]
+            self.writer.submit_task(lambda: rotate(self.cfg.out, self.cfg.keep_checkpoints, last))
 
     def finish(self, log=None) -> None:
         """Every rank: wait for this rank's files; then agree and commit (collective). Raises the
@@ -334,10 +352,14 @@ class Checkpointer:
         self.writer.wait()  # the rotation it started
 
 
-def rotate(out: str, keep: int) -> None:
+def rotate(out: str, keep: int, newest: Optional[int] = None) -> None:
     """Keep the newest `keep` complete checkpoints; remove older ones and incomplete ones older
-    than the newest complete one (a run killed mid-write left them)."""
-    found = sorted(_round_dirs(out))
+    than the newest complete one (a run killed mid-write left them).
+
+    newest: the newest round this run wrote a manifest for. Folders newer than it are not this
+    run's (the trainer set aside those of an abandoned line when it started) and are neither
+    counted nor touched, so they can never make the run's own checkpoints look old."""
+    found = sorted((r, d) for r, d in _round_dirs(out) if newest is None or r <= newest)
     complete = [r for r, d in found if os.path.isfile(os.path.join(d, MANIFEST))]
     if not complete:
         return
@@ -478,6 +500,7 @@ def resolve_and_load(cfg, probe, rank: int = 0, world_size: int = 1) -> Optional
     if manifest["strategy"] not in allowed:
         raise CheckpointError(f"checkpoint {path} was written by --strategy {manifest['strategy']}, not "
                               f"{cfg.strategy}: resume it with that strategy, or start afresh with --overwrite")
+    check_resume_settings(path, manifest, cfg, world_size)
     state = {"path": path, "reader": reader, "round": int(manifest["round"]), "epoch": float(manifest["epoch"]),
              "world_size": int(manifest["world_size"]), "skipped": skipped, "hosts": manifest.get("hosts", []),
              "time": manifest.get("time")}
@@ -487,6 +510,49 @@ def resolve_and_load(cfg, probe, rank: int = 0, world_size: int = 1) -> Optional
         state["rank_state_dropped"] = (f"the checkpoint was written by {written[0]} ranks in groups of "
                                        f"{written[1]}, this run has {world_size} in groups of {cfg.group_size}")
     return state
+
+
+def _flag_value(key: str, value) -> str:
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
+
+
+def check_resume_settings(path: str, manifest: Dict, cfg, world_size: int) -> None:
+    """CheckpointError (one line: the setting, the checkpoint's value, this run's) when this run's
+    settings cannot continue the checkpoint's run correctly:
+
+    - --local-steps or --batch-size with the same number of ranks: the run continues at the
+      checkpoint's round number, which with another round length (in steps, or steps per epoch)
+      is another point of training: steps would be skipped or trained twice. (With another
+      number of ranks the start is derived from the checkpoint's epoch, as for any world-size
+      change, and another per-rank batch is what keeps the global batch.)
+    - --overlap, --outer-optimizer, --wire-dtype: what is in flight at a round boundary (the
+      overlapped average, the outer optimizer's state, error-feedback residuals) is another thing,
+      and would be dropped or misread.
+    - --partition-stages (ResIST): other blocks are partitioned, the checkpoint's block files do
+      not match them.
+
+    Settings a checkpoint's config does not record (older checkpoints) are not checked."""
+    config = manifest.get("config") or {}
+    keys = ["overlap", "outer_optimizer", "wire_dtype"]
+    if int(manifest.get("world_size", world_size)) == world_size:
+        keys = ["local_steps", "batch_size"] + keys
+    if cfg.strategy == "resist" and manifest.get("strategy") == "resist":
+        keys.append("partition_stages")
+    for key in keys:
+        if key not in config:
+            continue
+        old, new = config[key], getattr(cfg, key)
+        if key == "partition_stages":
+            same = [s.strip() for s in str(old).split(",")] == [s.strip() for s in str(new).split(",")]
+        else:
+            same = old == new
+        if not same:
+            raise CheckpointError(f"checkpoint {path} was written with {_flag_value(key, old)}, this run has "
+                                  f"{_flag_value(key, new)}: resume it with the checkpoint's setting, or start "
+                                  f"afresh with --overwrite")
 
 
 def full_state_dict(reader: Reader, with_pending: bool = True) -> Dict[str, torch.Tensor]:
@@ -527,17 +593,53 @@ def clear_out_dir(cfg) -> None:
     never mistake them for the new run's."""
     for _, d in _round_dirs(cfg.out):
         shutil.rmtree(d, ignore_errors=True)
+    base = checkpoint_dir(cfg.out)
+    for name in (os.listdir(base) if os.path.isdir(base) else []):
+        if name.startswith(ABANDONED):  # lines an earlier resume set aside: --overwrite starts afresh
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
     for name in ("metrics.jsonl", "config.json"):
         if os.path.isfile(os.path.join(cfg.out, name)):
             os.remove(os.path.join(cfg.out, name))
 
 
-def clear_incomplete_after(out: str, round_index: int) -> None:
-    """Remove checkpoint directories newer than round_index that have no manifest (a resumed run
-    writes those rounds again, possibly with another world size)."""
-    for r, d in _round_dirs(out):
-        if r > round_index and not os.path.isfile(os.path.join(d, MANIFEST)):
+ABANDONED = "abandoned-"  # OUT/checkpoints/abandoned-*/: checkpoints of a line a resumed run left
+
+
+def set_aside_after(out: str, round_index: int, keep: Optional[str] = None) -> Optional[str]:
+    """Move the checkpoint folders of out newer than round_index that have a manifest (complete or
+    not: those failing verification too) into OUT/checkpoints/abandoned-YYYYmmdd-HHMMSS/, where
+    neither --resume auto nor rotation looks; folders without one are removed (a killed write's
+    half, trained again). round_index -1: all of them (a run starting afresh after --resume auto
+    found none usable). keep: a directory never moved (the checkpoint being resumed from).
+
+    A resumed run continues the line of the checkpoint it resumed from; newer folders belong to
+    another line (--resume PATH to an older one, or ones --resume auto skipped as unusable) and
+    would otherwise stay "the newest": rotation would prune the run's own checkpoints in their
+    favour, and a later --resume auto continue that other line. Nothing with a manifest is deleted.
+    Returns one line saying what was moved where, or None when nothing was."""
+    keep_real = os.path.realpath(keep) if keep else None
+    newer = sorted((r, d) for r, d in _round_dirs(out) if r > round_index and os.path.realpath(d) != keep_real)
+    moved = []
+    for r, d in newer:
+        if not os.path.isfile(os.path.join(d, MANIFEST)):
             shutil.rmtree(d, ignore_errors=True)
+            continue
+        if not moved:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = os.path.join(checkpoint_dir(out), ABANDONED + stamp)
+            n = 1
+            while os.path.exists(aside):
+                n += 1
+                aside = os.path.join(checkpoint_dir(out), f"{ABANDONED}{stamp}-{n}")
+            os.makedirs(aside)
+        os.replace(d, os.path.join(aside, os.path.basename(d)))
+        moved.append(os.path.basename(d))
+    if not moved:
+        return None
+    fsync_dir(checkpoint_dir(out))
+    since = "all" if round_index < 0 else f"newer than round {round_index}, the one resumed from"
+    return (f"moved {len(moved)} checkpoint(s) not of this run's line ({since}: {', '.join(moved)}) to {aside}; "
+            f"--resume auto and --keep-checkpoints ignore them there")
 
 
 class OutLock:

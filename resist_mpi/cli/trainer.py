@@ -269,14 +269,23 @@ class Trainer:
         self.resume_state = self.share_resume_state(self.resume_state)
         if cfg.overwrite and c.rank == 0:  # only once every rank is ready to start
             ckpt.clear_out_dir(cfg)
-        if self.resume_state is not None and c.rank == 0:  # a killed run's half-written newer rounds
-            ckpt.clear_incomplete_after(cfg.out, self.resume_state["round"])
+        self.set_aside = None  # rank 0: the line saying which checkpoints of another line were moved aside
+        if c.rank == 0 and (self.resume_state is not None or self.skipped):
+            # newer checkpoints are another line (or, starting afresh, all are unusable): moved aside,
+            # never deleted (half-written ones without a manifest are), so that neither rotation nor a
+            # later --resume auto takes them for this run's
+            state = self.resume_state or {"round": -1, "path": None}
+            try:
+                self.set_aside = ckpt.set_aside_after(cfg.out, int(state["round"]), state["path"])
+            except OSError as e:  # rank 0 alone here: a line, not a hang of the others
+                self.set_aside = f"could not move the checkpoints newer than round {state['round']} aside: {e}"
 
     def share_resume_state(self, state):
         """Every rank gets rank 0's checkpoint choice (one broadcast of a few fields; each rank then
         reads only the files it needs)."""
         with self.c.as_control():
             info = self.c.bcast_object(None if state is None else {k: v for k, v in state.items() if k != "reader"})
+        self.skipped = []
         if info is None or info.get("path") is None:
             self.skipped = (info or {}).get("skipped", [])
             return None
@@ -356,6 +365,8 @@ class Trainer:
         log = self.open_log(job, num_rounds, start_round, spe)
         for line in getattr(self, "skipped", []) + (self.resume_state or {}).get("skipped", []):
             log.info(f"resume: {line}")
+        if getattr(self, "set_aside", None):
+            log.info(f"resume: {self.set_aside}")
         if self.resume_state is not None:
             self.resume(job, log, start_round)
             self.log_membership(log, before, start_round)

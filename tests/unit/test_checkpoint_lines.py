@@ -1,0 +1,218 @@
+"""A checkpoint folder written over in place is incomplete until its new manifest lands; a resumed
+run moves the checkpoints of another line aside (never deletes them), so that rotation prunes only
+its own and a later --resume auto continues its line; a resume with settings the checkpoint's run
+cannot be continued with is refused with one line. In one process (the self backend, thread ranks)."""
+import json
+import os
+
+import pytest
+import torch
+
+from resist_mpi import comm
+from resist_mpi.cli import checkpoint as ckpt
+from resist_mpi.cli.config import Config, validate
+from resist_mpi.cli.trainer import Trainer
+from resist_mpi.comm.thread import run_ranks
+
+TINY = dict(model="preact_resnet34", width=2, dataset="synthetic", epochs=2, batch_size=128, local_steps=3,
+            bn_batches=1, checkpoint_rounds=1, eval_every=0, progress="off")
+
+
+def _run(out, capsys=None, **kw):
+    cfg = validate(Config(**{**TINY, "out": str(out), **kw}))
+    if capsys is not None:
+        capsys.readouterr()
+    Trainer(cfg, comm.init("self", fail_fast=False)).run()
+    return capsys.readouterr().out if capsys is not None else None
+
+
+def _names(out):
+    base = out / "checkpoints"
+    return sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+
+
+def _manifest(path):
+    return json.load(open(os.path.join(path, ckpt.MANIFEST)))
+
+
+def _fake_checkpoint(directory, round_index, files=("shared.pt", "rank-00000.pt")):
+    os.makedirs(directory, exist_ok=True)
+    for name in files:
+        ckpt.atomic_save({"x": torch.full((4,), float(round_index))}, os.path.join(directory, name))
+    manifest = {"format": ckpt.FORMAT, "round": round_index, "files": list(files),
+                "bytes": {n: os.path.getsize(os.path.join(directory, n)) for n in files}}
+    ckpt.atomic_write_text(json.dumps(manifest), os.path.join(directory, ckpt.MANIFEST))
+
+
+# -- A: a folder written over in place ---------------------------------------------------------------------
+def test_a_folder_written_over_is_incomplete_until_its_new_manifest(tmp_path, monkeypatch):
+    """The old manifest goes before any new file: a write that fails half-way (a full disk after
+    the first file) leaves no manifest naming a mix of new and old files of the same sizes."""
+    d = str(tmp_path / "checkpoints" / "ckpt-000007")
+    _fake_checkpoint(d, 7)
+    assert ckpt.verify(d)[0] is not None
+    real, calls = ckpt.atomic_save, []
+
+    def full_disk(obj, path, crc32=True):
+        calls.append(os.path.basename(path))
+        if len(calls) == 2:
+            raise OSError(f"cannot write checkpoint {path}: [Errno 28] No space left on device")
+        real(obj, path, crc32)
+
+    monkeypatch.setattr(ckpt, "atomic_save", full_disk)
+    writer = ckpt.ShardWriter()
+    new = {"x": torch.full((4,), 99.0)}  # the same size as the old files
+    writer.submit(7, d, {"rank-00000.pt": new, "shared.pt": new})
+    writer.wait()
+    assert calls == ["rank-00000.pt", "shared.pt"] and "No space left" in str(writer.error)
+    assert sorted(os.listdir(d)) == ["rank-00000.pt", "shared.pt"]  # the new rank file, the old shared.pt
+    assert ckpt.verify(d) == (None, "no manifest (it was still being written)")
+
+    # a write that succeeds: still incomplete (no manifest) until rank 0 commits the new one
+    monkeypatch.setattr(ckpt, "atomic_save", real)
+    _fake_checkpoint(d, 7)
+    writer = ckpt.ShardWriter()
+    writer.submit(7, d, {"rank-00000.pt": new, "shared.pt": new})
+    writer.wait()
+    assert writer.error is None and writer.done == 7
+    assert ckpt.verify(d) == (None, "no manifest (it was still being written)")
+
+
+# -- B: another line's checkpoints are moved aside -----------------------------------------------------------
+def test_set_aside_moves_newer_checkpoints_and_rotation_ignores_newer_ones(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    for r in (1, 2, 3, 4, 5):
+        _fake_checkpoint(str(out / "checkpoints" / f"ckpt-{r:06d}"), r)
+    (out / "checkpoints" / "ckpt-000006").mkdir()  # a killed write's half: no manifest
+    monkeypatch.setattr(ckpt.time, "strftime", lambda fmt: "20250101-120000")
+    line = ckpt.set_aside_after(str(out), 3)
+    aside = out / "checkpoints" / "abandoned-20250101-120000"
+    assert line == (f"moved 2 checkpoint(s) not of this run's line (newer than round 3, the one resumed from: "
+                    f"ckpt-000004, ckpt-000005) to {aside}; --resume auto and --keep-checkpoints ignore them there")
+    assert _names(out) == ["abandoned-20250101-120000", "ckpt-000001", "ckpt-000002", "ckpt-000003"]
+    assert sorted(p.name for p in aside.iterdir()) == ["ckpt-000004", "ckpt-000005"]
+    assert ckpt.verify(str(aside / "ckpt-000005"))[0]["round"] == 5  # moved whole, still a checkpoint
+    assert ckpt.newest_verified(str(out)) == (str(out / "checkpoints" / "ckpt-000003"), [])
+    assert ckpt.set_aside_after(str(out), 3) is None  # nothing newer: nothing moved
+    # a second set-aside in the same second gets its own folder; starting afresh (-1): all of them
+    keep = str(out / "checkpoints" / "ckpt-000002")
+    line = ckpt.set_aside_after(str(out), -1, keep=keep)
+    assert line.startswith("moved 2 checkpoint(s) not of this run's line (all: ckpt-000001, ckpt-000003) to "
+                           f"{aside}-2;")
+    assert _names(out) == ["abandoned-20250101-120000", "abandoned-20250101-120000-2", "ckpt-000002"]
+
+    # rotation: folders newer than this run's newest are neither counted nor removed
+    for r in (3, 4, 5, 6):
+        _fake_checkpoint(str(out / "checkpoints" / f"ckpt-{r:06d}"), r)
+    ckpt.rotate(str(out), 2, newest=4)
+    assert [n for n in _names(out) if n.startswith("ckpt")] == ["ckpt-000003", "ckpt-000004", "ckpt-000005",
+                                                               "ckpt-000006"]
+    ckpt.rotate(str(out), 2)  # without newest: as before, the newest 2 of all
+    assert [n for n in _names(out) if n.startswith("ckpt")] == ["ckpt-000005", "ckpt-000006"]
+    # --overwrite starts afresh: the set-aside lines go too
+    ckpt.clear_out_dir(validate(Config(**{**TINY, "out": str(out), "overwrite": True})))
+    assert _names(out) == []
+
+
+def test_resume_auto_skipping_corrupt_checkpoints_moves_them_aside_and_keeps_its_own(tmp_path, capsys):
+    """The audit's r3: the newest 3 checkpoints corrupt, --resume auto starts afresh; they used to
+    stay "the newest", so rotation deleted every checkpoint the new run wrote. Now they are moved
+    aside (not deleted) and the new run keeps its own newest 3."""
+    out = tmp_path / "run"
+    _run(out, keep_checkpoints=3)  # 8 steps an epoch, 3 a round: rounds 0-5, ckpt 1-6, the newest 3 kept
+    assert _names(out) == ["ckpt-000004", "ckpt-000005", "ckpt-000006"]
+    for n in _names(out):
+        (out / "checkpoints" / n / "shared.pt").write_bytes(b"PK\x03\x04 not a zip")  # same name, any size
+    old = {n: _manifest(out / "checkpoints" / n)["time"] for n in _names(out)}
+    said = _run(out, capsys, epochs=1, keep_checkpoints=3, resume="auto", lr=0.05)  # afresh: writes ckpt 1-3
+    (aside,) = [n for n in _names(out) if n.startswith("abandoned-")]
+    assert _names(out) == [aside, "ckpt-000001", "ckpt-000002", "ckpt-000003"]  # its own, not pruned
+    assert sorted(os.listdir(out / "checkpoints" / aside)) == list(old)
+    assert {n: _manifest(out / "checkpoints" / aside / n)["time"] for n in old} == old  # moved, untouched
+    for n in ("ckpt-000001", "ckpt-000002", "ckpt-000003"):  # the new run's own, complete
+        manifest, why = ckpt.verify(str(out / "checkpoints" / n))
+        assert why is None and manifest["config"]["lr"] == 0.05
+    lines = [line for line in said.splitlines() if line.startswith("resume: ")]
+    sizes = {n: _manifest(out / "checkpoints" / aside / n)["bytes"]["shared.pt"] for n in old}
+    assert lines[:3] == [f"resume: skipped ckpt-00000{r}: shared.pt has 14 bytes, not {sizes[f'ckpt-00000{r}']} "
+                         f"(truncated?)" for r in (6, 5, 4)]
+    assert lines[3] == (f"resume: moved 3 checkpoint(s) not of this run's line (all: ckpt-000004, ckpt-000005, "
+                        f"ckpt-000006) to {out / 'checkpoints' / aside}; --resume auto and --keep-checkpoints "
+                        f"ignore them there")
+    assert len(lines) == 4
+
+
+def test_resume_from_an_older_checkpoint_moves_the_newer_line_aside(tmp_path, capsys):
+    """The audit's r5: --resume PATH to an older checkpoint with another --lr left the old line's
+    newer checkpoints in place, and a later --resume auto continued that line. Now they are moved
+    aside, and --resume auto continues the line of the run that resumed."""
+    out = tmp_path / "run"
+    _run(out, keep_checkpoints=10)  # rounds 0-5, ckpt 1-6, lr 0.1
+    assert _names(out) == [f"ckpt-{r:06d}" for r in range(1, 7)]
+    said = _run(out, capsys, keep_checkpoints=10, epochs=1, lr=0.5,
+                resume=str(out / "checkpoints" / "ckpt-000002"))  # trains round 2, ends at epoch 1
+    (aside,) = [n for n in _names(out) if n.startswith("abandoned-")]
+    assert _names(out) == [aside, "ckpt-000001", "ckpt-000002", "ckpt-000003"]
+    assert [(n, _manifest(out / "checkpoints" / aside / n)["config"]["lr"])
+            for n in sorted(os.listdir(out / "checkpoints" / aside))] == \
+        [(f"ckpt-{r:06d}", 0.1) for r in range(3, 7)]
+    assert [_manifest(out / "checkpoints" / f"ckpt-{r:06d}")["config"]["lr"] for r in (1, 2, 3)] == [0.1, 0.1, 0.5]
+    assert [line for line in said.splitlines() if line.startswith("resume")] == [
+        f"resume: moved 4 checkpoint(s) not of this run's line (newer than round 2, the one resumed from: "
+        f"ckpt-000003, ckpt-000004, ckpt-000005, ckpt-000006) to {out / 'checkpoints' / aside}; --resume auto "
+        f"and --keep-checkpoints ignore them there",
+        f"resumed from {out / 'checkpoints' / 'ckpt-000002'} at round 2"]
+    said = _run(out, capsys, keep_checkpoints=10, lr=0.5, resume="auto")
+    assert f"resumed from {out / 'checkpoints' / 'ckpt-000003'} at round 3" in said.splitlines()
+    assert [_manifest(out / "checkpoints" / f"ckpt-{r:06d}")["config"]["lr"] for r in range(1, 7)] == \
+        [0.1, 0.1, 0.5, 0.5, 0.5, 0.5]
+
+
+# -- C: settings a checkpoint cannot be continued with ---------------------------------------------------------
+def _exit_code(cfg, c):
+    try:
+        Trainer(cfg, c)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.fixture(scope="module")
+def two_rank_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("c") / "run"
+    cfg = validate(Config(**{**TINY, "out": str(out), "epochs": 1, "checkpoint_rounds": 0, "checkpoint_every": 1,
+                             "batch_size": 64}))
+    torch.set_num_threads(1)
+    run_ranks(2, lambda c: Trainer(cfg, c).run())
+    (path,) = ckpt.list_checkpoints(str(out))
+    return path
+
+
+@pytest.mark.parametrize("settings, said", [
+    (dict(local_steps=6), "--local-steps 3, this run has --local-steps 6"),
+    (dict(batch_size=32), "--batch-size 64, this run has --batch-size 32"),
+    (dict(overlap=True), "no --overlap, this run has --overlap"),
+    (dict(outer_optimizer="nesterov"), "--outer-optimizer average, this run has --outer-optimizer nesterov"),
+    (dict(wire_dtype="int8"), "--wire-dtype float32, this run has --wire-dtype int8"),
+    (dict(partition_stages="2,3"), "--partition-stages 3, this run has --partition-stages 2,3"),
+], ids=["local_steps", "batch_size", "overlap", "outer_optimizer", "wire_dtype", "partition_stages"])
+def test_resume_with_settings_the_checkpoint_cannot_continue_is_refused(two_rank_checkpoint, tmp_path, capsys,
+                                                                      settings, said):
+    """One line from one rank, exit 2 on every rank, before training, the checkpoint untouched."""
+    files = {p: open(os.path.join(two_rank_checkpoint, p), "rb").read() for p in os.listdir(two_rank_checkpoint)}
+    cfg = validate(Config(**{**TINY, "out": str(tmp_path / "new"), "epochs": 1, "batch_size": 64,
+                             "resume": two_rank_checkpoint, **settings}))
+    capsys.readouterr()
+    assert run_ranks(2, lambda c: _exit_code(cfg, c)) == [2, 2]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resist_mpi: error:")]
+    assert errors == [f"resist_mpi: error: checkpoint {two_rank_checkpoint} was written with {said}: resume it "
+                      f"with the checkpoint's setting, or start afresh with --overwrite"]
+    assert files == {p: open(os.path.join(two_rank_checkpoint, p), "rb").read() for p in os.listdir(two_rank_checkpoint)}
+
+
+def test_another_batch_size_on_another_world_size_still_resumes(two_rank_checkpoint, tmp_path):
+    """With another number of ranks the start comes from the checkpoint's epoch (an elastic
+    restart may change the per-rank batch to keep the global one): not refused."""
+    cfg = validate(Config(**{**TINY, "out": str(tmp_path / "new"), "epochs": 1, "batch_size": 128,
+                             "resume": two_rank_checkpoint}))
+    assert _exit_code(cfg, comm.init("self", fail_fast=False)) == 0
