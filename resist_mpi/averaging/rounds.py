@@ -243,12 +243,18 @@ class Averager:
             self._pending[0].done()
 
     def flush(self) -> None:
-        """Wait for the background average and apply it: every rank holds the same values after."""
+        """Wait for the background average and apply it: every rank holds the same values after.
+
+        Inside a round (after mark(): in the `with job:` form an evaluation or a checkpoint between
+        rounds comes after the next round began) the round's update counts from these values, not
+        from the round's start: it would hold mean_r - own_r, and undo the average on every rank
+        for a round."""
         self._launch_deferred()
         if self._pending is not None:
             flat = self._buffer()
             self._apply_pending()
             flat.copy_(self.agreed)
+            self.start.copy_(flat)  # a pending average exists only with overlap, which allocated start
 
     @property
     def pending(self) -> bool:

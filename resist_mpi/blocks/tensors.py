@@ -24,9 +24,25 @@ def tensor_slots(module: nn.Module, recurse: bool = True) -> List[tuple]:
     """(dict, name) of each of module_tensors(module), in the same order: d[name] is the tensor.
 
     Reading tensors through slots sees tensors replaced later (.to(), to_empty(), rebinding)."""
-    mods = list(module.modules()) if recurse else [module]
-    return [(m._parameters, n) for m in mods for n, p in m._parameters.items() if p is not None] + \
-           [(m._buffers, n) for m in mods for n, b in m._buffers.items() if b is not None and b.is_floating_point()]
+    mods = list(module.named_modules()) if recurse else [("", module)]
+    return [(d, n) for d, n, _ in _slots(mods)]
+
+
+def _slots(mods: Sequence[tuple]) -> List[tuple]:
+    """(dict, name, state_dict key) of the parameters, then the float buffers, of the (prefix,
+    module) pairs mods, module by module. A tensor reachable under several names (tied weights: an
+    embedding that is also the output layer's weight) comes once, under its first name, as in
+    module.parameters(): listed twice, it would be averaged twice and no flat buffer could hold it."""
+    seen, out = set(), []
+    for kind in ("_parameters", "_buffers"):
+        for prefix, m in mods:
+            tensors = getattr(m, kind)
+            for n, t in tensors.items():
+                if t is None or id(t) in seen or (kind == "_buffers" and not t.is_floating_point()):
+                    continue
+                seen.add(id(t))
+                out.append((tensors, n, f"{prefix}.{n}" if prefix else n))
+    return out
 
 
 def set_storage_(p: torch.Tensor, value: torch.Tensor) -> None:
@@ -42,20 +58,20 @@ def set_storage_(p: torch.Tensor, value: torch.Tensor) -> None:
 # -- what is not a block ---------------------------------------------------------------------------------------
 def shared_slots(model: nn.Module, blocks: Sequence[nn.Module]) -> List[tuple]:
     """tensor_slots of every module of model outside the blocks (the shared layers every rank trains),
-    in model order: parameters then float buffers, module by module."""
-    inside = {id(m) for b in blocks for m in b.modules()}
-    mods = [m for m in model.modules() if id(m) not in inside]
-    return [(m._parameters, n) for m in mods for n, p in m._parameters.items() if p is not None] + \
-           [(m._buffers, n) for m in mods for n, t in m._buffers.items() if t is not None and t.is_floating_point()]
+    in model order: parameters then float buffers, module by module (tied ones once)."""
+    return [(d, n) for d, n, _ in _slots(_outside(model, blocks))]
 
 
 def shared_keys(model: nn.Module, blocks: Sequence[nn.Module]) -> List[str]:
-    """The state_dict keys of shared_slots(model, blocks), in the same order."""
+    """The state_dict keys of shared_slots(model, blocks), in the same order (a tied tensor's first
+    name; its other names are in state_dict() too, with the same values)."""
+    return [key for _, _, key in _slots(_outside(model, blocks))]
+
+
+def _outside(model: nn.Module, blocks: Sequence[nn.Module]) -> List[tuple]:
+    """(name, module) of every module of model outside the blocks, in model order."""
     inside = {id(m) for b in blocks for m in b.modules()}
-    mods = [(name, m) for name, m in model.named_modules() if id(m) not in inside]
-    join = lambda a, b: f"{a}.{b}" if a else b  # noqa: E731
-    return [join(mn, n) for mn, m in mods for n, p in m._parameters.items() if p is not None] + \
-           [join(mn, n) for mn, m in mods for n, t in m._buffers.items() if t is not None and t.is_floating_point()]
+    return [(name, m) for name, m in model.named_modules() if id(m) not in inside]
 
 
 def module_keys(model: nn.Module) -> List[str]:

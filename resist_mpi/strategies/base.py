@@ -50,8 +50,9 @@ class Strategy:
         model: the user's nn.Module (the strategy binds storage to it; it stays the same object,
             and so do its Parameter objects).
         comm: the Comm (resist_mpi.init()).
-        optimizer: the user's torch optimizer over model.parameters(), or None (then build one per
-            round over job.parameters(), as the paper's reference code did).
+        optimizer: the user's torch optimizer over model.parameters() (frozen ones may be left
+            out), or None (then build one per round over job.parameters(), as the paper's
+            reference code did).
         scheduler: the user's LR scheduler, only so that state_dict() carries its state.
         local_steps: with an optimizer, `with job:` ends and begins rounds every local_steps
             optimizer steps (from its step hooks).
@@ -148,6 +149,10 @@ class Strategy:
             self.end_round()
         else:
             self._open = False
+
+    def _abandon_round(self) -> None:
+        """Close an open round without ending it: nothing is averaged, the round stays self.round."""
+        self._open = False
 
     @property
     def comm_time(self) -> float:
@@ -273,10 +278,14 @@ class Strategy:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._round_hook.remove()
         self._round_hook = None
-        # a broken model is not averaged again; any other exception (raised on every rank, or the
-        # others meet this one in the round's average) still leaves the ranks consistent
-        if exc_type is None or (issubclass(exc_type, (Exception, KeyboardInterrupt))
-                                and not issubclass(exc_type, NonFiniteError)):
+        if exc_type is not None and issubclass(exc_type, NonFiniteError):
+            # a broken model is not averaged again: every rank of the average that raised did raise
+            # (they saw the same values), and each closes the round where it stands, so that
+            # load_state_dict() takes the last good state (a round's average closed its round already)
+            self._abandon_round()
+        elif exc_type is None or issubclass(exc_type, (Exception, KeyboardInterrupt)):
+            # any other exception (raised on every rank, or the others meet this one in the round's
+            # average) still leaves the ranks consistent
             self._close_round()
             self._verify()
             self.flush()
@@ -328,10 +337,11 @@ class Strategy:
                              f"over that model's parameters(), e.g. SGD(model.parameters(), ...)")
 
     def _prepare_optimizer(self) -> None:
-        """At a round's start: check the optimizer covers this round's parameters, apply the state policy."""
+        """At a round's start: check the optimizer covers this round's trainable parameters (frozen
+        ones, requires_grad=False, may be left out: nothing steps them), apply the state policy."""
         opt = self.optimizer
         held = {p for g in opt.param_groups for p in g["params"]}
-        missing = [p for p in self.parameters() if p not in held]
+        missing = [p for p in self.parameters() if p.requires_grad and p not in held]
         if missing:
             raise UsageError(f"round {self.round}: the optimizer does not hold {len(missing)} parameter(s) this rank "
                              f"trains (the first: {self._names.get(missing[0], '?')}): build it over "
@@ -366,12 +376,18 @@ class Strategy:
 
     def state_dict(self) -> Dict:
         """Everything a resume needs, collective (ResIST gathers the model): the full model, the
-        round, the optimizer's and scheduler's state, and every rank's own state (rank 0 receives
-        them all; the others keep their own), so one file written by rank 0 resumes every rank."""
+        round, the optimizer's hyper-parameters (its param_groups: lr, momentum, ...; the same on
+        every rank), its state where the policy keeps it, the scheduler's state, and every rank's
+        own state (rank 0 receives them all; the others keep their own), so one file written by
+        rank 0 resumes every rank."""
         self._check_boundary("state_dict()")
         with self.full_model() as full:
             model = {k: v.detach().cpu().clone() for k, v in full.state_dict().items()}
         state = {"strategy": self.name, "round": self.round, "model": model, "world_size": self.comm.size}
+        if self.optimizer is not None:
+            # whatever the state policy: a chainable scheduler (StepLR, MultiStepLR) goes on from the
+            # lr the groups hold, which loading its own state does not set
+            state["param_groups"] = _hyper_parameters(self.optimizer)
         if self.optimizer is not None and self.replicated_optimizer_state:
             state["optimizer"] = self.optimizer.state_dict()
         if self.scheduler is not None:
@@ -408,6 +424,8 @@ class Strategy:
         if rank_state is None and same_world and state.get("rank_states"):
             rank_state = state["rank_states"][self.comm.rank]
         self._resumed_optimizer = state.get("optimizer") or (rank_state or {}).get("optimizer")
+        if self.optimizer is not None and state.get("param_groups") is not None:  # (older states have none)
+            _load_hyper_parameters(self.optimizer, state["param_groups"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         shared = state.get("averagers") or [None] * len(self._model_averagers)
@@ -557,6 +575,22 @@ def _bn_restored(model: torch.nn.Module):
                     m.running_mean.copy_(mean)
                     m.running_var.copy_(var)
                     m.num_batches_tracked.copy_(n)
+
+
+def _hyper_parameters(optimizer: torch.optim.Optimizer) -> List[Dict]:
+    """A copy of the optimizer's param_groups without their parameters: lr, momentum,
+    weight_decay, ..., and a scheduler's initial_lr."""
+    return [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups]
+
+
+def _load_hyper_parameters(optimizer: torch.optim.Optimizer, groups: List[Dict]) -> None:
+    """Give the optimizer's param_groups the hyper-parameters of _hyper_parameters() (copies: a
+    scheduler may change a tensor lr in place, and the same state may be loaded again)."""
+    if len(groups) != len(optimizer.param_groups):
+        raise UsageError(f"load_state_dict(): the state holds {len(groups)} optimizer parameter group(s), the "
+                         f"optimizer {len(optimizer.param_groups)}: build it as the run that saved the state did")
+    for group, saved in zip(optimizer.param_groups, groups):
+        group.update(copy.deepcopy(saved))
 
 
 def gather_object(c, obj, root: int = 0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Dict, List, Optional
 
+from ..errors import UsageError
 from .base import Strategy
 
 
@@ -18,7 +19,9 @@ class Warmup(Strategy):
         switch_round: the first round of `then`.
     The round protocol, parameters, optimizer and state are those of the current strategy; `name`
     says which one it is, so a training loop can log the switch. At the switch the first strategy's
-    hooks (its per-step gradient averages, its optimizer step hooks) are taken off.
+    hooks (its per-step gradient averages, its optimizer step hooks) are taken off. A job that has
+    not switched yet loads any state of the run; one that has (a roll-back in the same run) loads
+    only the second strategy's, and refuses the warm-up's with a UsageError.
     """
 
     def __init__(self, first: Strategy, then: Callable[[], Strategy], switch_round: int):
@@ -111,8 +114,10 @@ class Warmup(Strategy):
         return self.current.shard()
 
     def load_shards(self, reader, round_index: int, same_layout: bool) -> None:
+        written = reader.manifest["strategy"]
+        self._check_loadable("load_shards()", round_index, written)
         self.round = round_index
-        if reader.manifest["strategy"] == self.first.name:  # written during the warm-up
+        if self.first is not None and written == self.first.name:  # written during the warm-up
             self.first.load_shards(reader, round_index, same_layout)
             self._switch_if_due()  # (at the switch round: the next strategy takes over the loaded model)
             return
@@ -120,10 +125,37 @@ class Warmup(Strategy):
         self.current.load_shards(reader, round_index, same_layout)
 
     def load_state_dict(self, state: Dict, rank_state: Optional[Dict] = None) -> None:
-        self.round = int(state.get("round", 0))
-        if self.round >= self.switch_round:
+        if self._open:
+            raise UsageError("load_state_dict() in the middle of a round: load before the first round")
+        round_index, written = int(state.get("round", 0)), state.get("strategy")
+        self._check_loadable("load_state_dict()", round_index, written)
+        self.round = round_index
+        if self.first is not None and self.round >= self.switch_round:
             # the checkpoint's full model goes to the first strategy's model (every rank the
             # same), from which the second one takes over
             self.first._load_model(state["model"])
             self._switch_if_due()
+            if written != self.current.name:  # the first strategy's, at the end of its last round
+                state, rank_state = _as_switched(state), _as_switched(rank_state)
         self.current.load_state_dict(state, rank_state)
+
+    def _check_loadable(self, what: str, round_index: int, written: Optional[str]) -> None:
+        """After the switch (a roll-back in the same run) only the current strategy's own states
+        load: the warm-up's strategy was closed at the switch, and the current one's averagers
+        would not start afresh from the warm-up's model as they did at the switch."""
+        if self.first is None and (round_index < self.switch_round or written != self.current.name):
+            raise UsageError(f"{what}: the state of round {round_index} ({written}'s) is from the warm-up, and "
+                             f"this job has switched to {self.current.name} already: load it into a new Warmup "
+                             f"job, built as the run that saved it")
+
+
+def _as_switched(state: Optional[Dict]) -> Optional[Dict]:
+    """A state of the warm-up's strategy as the switch leaves it: its averagers' part (agreed values,
+    error feedback, outer optimizer, each the size of that strategy's averaged tensors) goes with
+    the strategy, and the next one's averagers start afresh; model, optimizer and scheduler stay."""
+    if state is None:
+        return None
+    out = {k: v for k, v in state.items() if k != "averagers"}
+    if state.get("rank_states"):
+        out["rank_states"] = [_as_switched(r) for r in state["rank_states"]]
+    return out

@@ -54,9 +54,13 @@ def trained_tensors(job):
     return module_tensors(job.model)
 
 
-def local_steps(c, job, r):
+def local_steps(c, job, r, flush_before=None):
+    """Round r's steps; flush_before=s: job.flush() before step s (what an evaluation or a checkpoint
+    in the `with job:` form does once the next round has begun, at s=0)."""
     with torch.no_grad():
         for s in range(STEPS):
+            if s == flush_before:
+                job.flush()
             for k, t in enumerate(trained_tensors(job)):
                 t.add_(delta(c.rank, r, s, t.numel(), k).view(t.shape))
 
@@ -67,15 +71,16 @@ def shared_flat(job):
 
 
 def run(c, model, strategy="local_sgd", overlap=False, outer=None, wire="float32", group_size=1,
-        checkpoint_at=None, resume=False):
+        checkpoint_at=None, resume=False, flush_at=None):
     """Per round, this rank's shared values after the round's end (and after the final flush), and
     the full model at the end. checkpoint_at=k: state_dict() after round k (collective: it flushes
-    an overlapped average); with resume, a fresh job loaded from it goes on instead of this one."""
+    an overlapped average); with resume, a fresh job loaded from it goes on instead of this one.
+    flush_at=(r, s): job.flush() in round r before its step s (local_steps)."""
     job = build(c, model, strategy, overlap, outer, wire, group_size)
     after = []
     for r in range(ROUNDS):
         job.begin_round()
-        local_steps(c, job, r)
+        local_steps(c, job, r, flush_at[1] if flush_at and flush_at[0] == r else None)
         job.end_round()
         after.append(shared_flat(job))
         if checkpoint_at == r:
@@ -167,8 +172,10 @@ def reference_update_mean(ups, G, wire, efs):
     return out
 
 
-def reference(S, strategy="local_sgd", overlap=False, outer=None, wire="float32", group_size=1):
-    """Every rank's shared values after each round (and after the final flush), computed here."""
+def reference(S, strategy="local_sgd", overlap=False, outer=None, wire="float32", group_size=1, flush_at=None):
+    """Every rank's shared values after each round (and after the final flush), computed here.
+    flush_at=(r, s): the average in flight applied in round r before step s; every rank holds the
+    agreed values then (the steps before are dropped) and the round's update counts from them."""
     G = group_size
     groups = S // G
     model = make_model()
@@ -185,8 +192,13 @@ def reference(S, strategy="local_sgd", overlap=False, outer=None, wire="float32"
         starts = [x.clone() for x in xs]
         if pending is None:
             agreed.copy_(xs[0])
-        for i in range(S):
-            for s in range(STEPS):
+        for s in range(STEPS):
+            if (r, s) == flush_at and pending is not None:
+                _advance(agreed, opt, P, pending)
+                pending = None
+                xs = [agreed.clone() for _ in range(S)]
+                starts = [x.clone() for x in xs]
+            for i in range(S):
                 xs[i] = xs[i] + trained(i, r, s)
         if not overlap and not outer:
             mean = reference_plain_average(xs, starts, G, wire, efs)

@@ -185,6 +185,38 @@ def train_with_background_evaluations(c, model, background, **kw):
     return seen, full_state(job), rounds, momenta
 
 
+def look_inside_hook_rounds(c, model, strategy, how):
+    """overlap=True in the `with job:` form: the full model looked at (how: "full_model",
+    "state_dict" or "evaluation_copy") right after the step that ended round 0, when round 1 has
+    begun, then two rounds that change nothing (lr 0, BN in eval mode). Returns (the full state
+    seen, the averaged entries after each of those rounds' ends, the full state at the end)."""
+    from resist_mpi.blocks.tensors import shared_keys
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    job = _strategy(strategy, model, c, optimizer=opt, local_steps=STEPS, overlap=True)
+    keys = shared_keys(model, getattr(job, "blocks", []))
+    after = []
+    with job:
+        for k in range(STEPS):
+            step(model, opt, c, k)
+        if how == "full_model":
+            seen = full_state(job)
+        elif how == "state_dict":
+            seen = job.state_dict()["model"]
+        else:
+            copy = job.evaluation_copy()
+            c.submit(copy.complete).wait()
+            seen = {n: v.detach().clone() for n, v in copy.model.state_dict().items()}
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+        model.eval()
+        for k in range(STEPS, 3 * STEPS):
+            step(model, opt, c, k)
+            if k % STEPS == STEPS - 1:
+                state = model.state_dict()
+                after.append({n: state[n].detach().clone() for n in keys})
+    return seen, after, full_state(job)
+
+
 def single_process_lrs():
     """The same scheduler in a plain single-process loop."""
     m = torch.nn.Linear(2, 2)
@@ -219,6 +251,136 @@ def blocks_all_changed(c, init, state):
     names = [k for k in state if any(k.startswith(b + ".") for b in job_blocks) and "running" not in k
              and "num_batches" not in k]
     return bool(names) and all(not torch.equal(state[k], init.state_dict()[k]) for k in names)
+
+
+def train_resumed(c, model, strategy, fresh=None, legacy=False):
+    """The explicit form with one optimizer and a StepLR scheduler stepped every step. fresh: the
+    model a restart after round 1 goes on with, as a new process would: state_dict(), then a new
+    optimizer, scheduler and job over fresh, loaded from it (legacy: a state without param_groups,
+    as saved before they were). Returns (the full state, the lr of every step)."""
+    def build(m):
+        opt = torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+        return opt, sched, _strategy(strategy, m, c, optimizer=opt, scheduler=sched)
+    opt, sched, job = build(model)
+    lrs = []
+    for stop in ((2, ROUNDS) if fresh is not None else (ROUNDS,)):
+        if job.round:  # the restart
+            state = job.state_dict()
+            if legacy:
+                del state["param_groups"]
+            model = fresh
+            opt, sched, job = build(model)
+            job.load_state_dict(state)
+        for r in job.rounds(stop):
+            for s in range(STEPS):
+                lrs.append(opt.param_groups[0]["lr"])
+                step(model, opt, c, r * STEPS + s)
+                sched.step()
+    return full_state(job), lrs
+
+
+def train_frozen(c, model, strategy):
+    """The stem, stage 1 and a convolution of a partitioned block frozen (requires_grad=False), the
+    optimizer built over the trainable parameters only, as fine-tuning does, the hook form.
+    Returns (the frozen parameters' names, the full state)."""
+    frozen = [n for n, _ in model.named_parameters()
+              if n == "stem.weight" or n.startswith("stages.0.") or n == "stages.2.2.conv1.weight"]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=0.9, weight_decay=5e-4)
+    with _strategy(strategy, model, c, optimizer=opt, local_steps=STEPS) as job:
+        for k in range(ROUNDS * STEPS):
+            step(model, opt, c, k)
+    return frozen, full_state(job)
+
+
+# -- tied weights ----------------------------------------------------------------------------------------------
+class TiedLM(torch.nn.Module):
+    """A small transformer language model whose output layer's weight is its embedding (weight
+    tying): one Parameter under two names, both outside the blocks (the encoder's layers)."""
+
+    def __init__(self, vocab=50, dim=16, layers=4):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        layer = torch.nn.TransformerEncoderLayer(dim, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)))
+
+
+def make_tied_model():
+    torch.manual_seed(0)
+    return TiedLM()
+
+
+def tied_rounds(c, model, strategy, fresh=None, **kw):
+    """ROUNDS rounds on a TiedLM, a state_dict() after round 1 (it flushes an overlapped average);
+    with fresh (another TiedLM), a new job on it loaded from that state goes on instead. Returns
+    (per round: whether the tied weight after the round's end is the mean over ranks of its values
+    before it, None with overlap, where it lands a round later; per round: the round's averaged
+    buffer, None for data-parallel; the full state at the end; whether the model is still tied)."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    job = _strategy(strategy, model, c, optimizer=opt, **kw)
+    g = torch.Generator().manual_seed(c.rank)
+    averaged, buffers = [], []
+    for r in range(ROUNDS):
+        job.begin_round()
+        for _ in range(STEPS):
+            x = torch.randint(0, 50, (4, 8), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x).reshape(-1, 50), x.reshape(-1)).backward()
+            opt.step()
+        mean = model.emb.weight.detach().clone()
+        c.allreduce_mean_(mean.view(-1))
+        job.end_round()
+        averaged.append(None if kw.get("overlap") else torch.equal(model.emb.weight, mean))
+        buffers.append(job._model_averagers[0].flat if job._model_averagers else None)
+        if r == 1:
+            state = job.state_dict()
+            if fresh is not None:
+                model, opt = fresh, torch.optim.SGD(fresh.parameters(), lr=LR)
+                job = _strategy(strategy, model, c, optimizer=opt, **kw)
+                job.load_state_dict(state)
+    return averaged, buffers, full_state(job), model.head.weight is model.emb.weight
+
+
+# -- a warm-up's checkpoints ---------------------------------------------------------------------------------
+def warmup_reload(c, model, fresh, saved_round, **kw):
+    """A Warmup (local SGD for rounds 0-1, then ResIST) through round 3, with state_dict() taken
+    once saved_round rounds ended (saved_round 2: by local SGD, at the end of the warm-up). Then
+    the state goes back into the same job (switched by then: a roll-back), and into a new Warmup
+    on fresh; each goes on through round 3 on the same batches. Returns (the uninterrupted full
+    state, the rolled-back one or the exception raised, the new job's)."""
+    def warmup(m, o):
+        return rm.Warmup(rm.LocalSGD(m, c, optimizer=o, **kw),
+                         lambda: rm.ResIST(m, c, optimizer=o, synchronized=True, seed=7, **kw), 2)
+
+    def train(job, m, o, state=None):
+        while job.round < 4:
+            job.begin_round()
+            for s in range(STEPS):
+                step(m, o, c, job.round * STEPS + s)
+            job.end_round()
+            if job.round == saved_round:
+                state = job.state_dict()
+        return state, full_state(job)
+
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    job = warmup(model, opt)
+    state, straight = train(job, model, opt)
+    try:
+        job.load_state_dict(state)
+        rolled_back = train(job, model, opt, state)[1]
+    except rm.UsageError as e:
+        rolled_back = e
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=LR, momentum=0.9)
+    job = warmup(fresh, fresh_opt)
+    job.load_state_dict(state)
+    return straight, rolled_back, train(job, fresh, fresh_opt, state)[1]
 
 
 # -- misuse ------------------------------------------------------------------------------------------------

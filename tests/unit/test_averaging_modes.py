@@ -20,7 +20,7 @@ def on_ranks(size, **kw):
 def check(size, **kw):
     got = on_ranks(size, **kw)
     want = A.reference(size, **{k: v for k, v in kw.items() if k in ("strategy", "overlap", "outer", "wire",
-                                                                        "group_size")})
+                                                                        "group_size", "flush_at")})
     for r, per_rank in enumerate(want):
         for rank in range(size):
             assert torch.equal(got[rank][0][r], per_rank[rank]), (r, rank)
@@ -40,6 +40,21 @@ def test_rounds_equal_the_single_process_computation(strategy, size, group_size,
         plain = on_ranks(size, strategy=strategy, wire=wire, group_size=group_size)
         block_keys = [k for k in got[0][1] if k.startswith("stages.2.") and not k.startswith("stages.2.0.")]
         assert block_keys and all(torch.equal(got[0][1][k], plain[0][1][k]) for k in block_keys)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=IDS)
+@pytest.mark.parametrize("step", [0, 1], ids=["before-its-steps", "after-a-step"])
+@pytest.mark.parametrize("strategy, size, group_size, wire", [
+    ("local_sgd", 2, 1, "float32"), ("resist", 2, 1, "int8"), ("local_sgd", 4, 2, "bfloat16"),
+    ("resist", 4, 2, "float32")], ids=["local_sgd-S2", "resist-S2-int8", "local_sgd-S4-G2-bf16", "resist-S4-G2"])
+def test_a_flush_inside_a_round_counts_the_rounds_update_from_the_flushed_values(strategy, size, group_size,
+                                                                                  wire, mode, step):
+    """An evaluation or a checkpoint in the `with job:` form, once the next round has begun,
+    flushes the overlapped average inside that round: its update counted from the round's start
+    before, so it held mean - own of the round before, and each rank went back to its own values
+    of that round for a round (0.04 apart on the library's model)."""
+    got = check(size, strategy=strategy, wire=wire, group_size=group_size, flush_at=(1, step), **mode)
+    assert all(torch.equal(g[0][-1], got[0][0][-1]) for g in got)
 
 
 def test_diloco_settings_equal_the_single_process_computation():

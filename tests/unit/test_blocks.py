@@ -11,8 +11,9 @@ from resist_mpi.blocks.kinds import BlockError
 from resist_mpi.strategies.store import BlockStore
 from resist_mpi.blocks.switch import activate, make_switchable, set_scale
 from resist_mpi.blocks.find import find_blocks
-from resist_mpi.blocks.tensors import module_tensors, shared_slots
+from resist_mpi.blocks.tensors import module_keys, module_tensors, shared_keys, shared_slots, tensor_slots
 from resist_mpi.models import PreActBlock, PreActResNet, create_model
+from cases import library as L
 
 
 def _switch_all(model, blocks="auto", stages=None):
@@ -248,6 +249,25 @@ def test_shared_and_block_tensors_partition_the_model():
         assert not bt & ids
         ids |= bt
     assert ids == {id(t) for t in module_tensors(tv)}
+
+
+def test_a_tied_tensor_is_listed_once_under_its_first_name():
+    """An embedding tied to the output layer is one Parameter under two names: the shared layers,
+    their state_dict keys and a block's slots list it once, as module.parameters() does (twice, it
+    was averaged twice and no flat buffer could keep it as a view)."""
+    lm = L.make_tied_model()
+    blocks = _switch_all(lm)
+    assert len(blocks) == 4 and lm.head.weight is lm.emb.weight
+    assert [id(d[n]) for d, n in shared_slots(lm, blocks)] == [id(lm.emb.weight)]
+    assert shared_keys(lm, blocks) == ["emb.weight"]
+    held = lm.state_dict(keep_vars=True)
+    assert [id(held[k]) for k in module_keys(lm)] == [id(t) for t in module_tensors(lm)]
+    block = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    block[1].weight = block[0].weight
+    assert [id(d[n]) for d, n in tensor_slots(block)] == [id(t) for t in module_tensors(block)]
+    store = BlockStore([block])
+    assert store.slab(0).numel() == 16 + 4 + 4 and block[1].weight is block[0].weight
+    assert block[0].weight.data_ptr() == store.slab(0).data_ptr()
 
 
 def test_store_works_on_transformer_layers():

@@ -1,5 +1,7 @@
 """The library on the user's own optimizer, on 2 and 4 ranks that are threads of one process
 (tests/cases/library.py has the bodies; tests/mpi/test_library.py runs them on real ranks)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -36,6 +38,108 @@ def test_one_optimizer_built_before_the_loop_equals_a_fresh_one_per_round(size, 
         assert len(trained) == L.ROUNDS and all(trained)
     assert L.states_equal(per_round[0], per_round[-1])  # the full model: the same on every rank
     assert L.blocks_all_changed(None, init, per_round[0])
+
+
+@pytest.mark.parametrize("size, strategy, how", [
+    (2, "local_sgd", "full_model"), (2, "resist", "full_model"), (2, "resist", "state_dict"),
+    (2, "resist", "evaluation_copy"), (4, "local_sgd", "state_dict"), (4, "resist", "full_model")])
+def test_a_look_inside_an_overlapped_round_keeps_the_model_it_saw(size, strategy, how):
+    """overlap=True in the `with job:` form: an evaluation or a checkpoint after the step that ended
+    a round is inside the next round, whose update then counted mean - own of the round before, so
+    each rank went back to its own values of that round for a round (0.04 apart). Rounds that
+    change nothing must leave the model exactly as it was seen, on every rank."""
+    for seen, after, final in on_ranks(size, L.look_inside_hook_rounds, strategy, how):
+        for values in after:
+            assert values and all(torch.equal(v, seen[k]) for k, v in values.items())
+        assert L.states_equal(final, seen)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("strategy", ["resist", "local_sgd", "data_parallel"])
+def test_a_restart_from_state_dict_goes_on_at_the_scheduled_lr_bit_for_bit(size, strategy):
+    """Under "reset" (ResIST's and local SGD's default) the state carried no optimizer, so a restart's
+    optimizer went on at its initial lr while the scheduler's last_epoch was restored: a chainable
+    scheduler (StepLR, MultiStepLR) then scaled the wrong lr (0.05 instead of 0.025 here)."""
+    whole = on_ranks(size, L.train_resumed, strategy)
+    fresh = [L.make_model() for _ in range(size)]
+    resumed = on_ranks(size, lambda c, m: L.train_resumed(c, m, strategy, fresh[c.rank]))
+    for (state, lrs), (again, lrs_again) in zip(whole, resumed):
+        assert lrs == lrs_again == [L.lr_of_step(k) for k in range(L.ROUNDS * L.STEPS)]
+        assert L.states_equal(state, again)
+
+
+def test_a_state_saved_without_param_groups_still_loads():
+    """States saved before param_groups were: the restart's optimizer keeps its own lr, as then."""
+    fresh = [L.make_model() for _ in range(2)]
+    for _, lrs in on_ranks(2, lambda c, m: L.train_resumed(c, m, "resist", fresh[c.rank], legacy=True)):
+        assert lrs == [L.lr_of_step(k) for k in range(2 * L.STEPS)] + [L.LR] * (L.ROUNDS - 2) * L.STEPS
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("strategy", ["resist", "local_sgd", "data_parallel"])
+def test_frozen_parameters_may_be_left_out_of_the_optimizer_and_stay_as_they_were(size, strategy):
+    """An optimizer over the trainable parameters only was refused ("does not hold N parameter(s)
+    this rank trains"); the frozen ones, averaged and moved with the rest, stay the initial values
+    on every rank."""
+    init = L.make_model().state_dict()
+    out = on_ranks(size, L.train_frozen, strategy)
+    frozen, state = out[0]
+    trainable = [n for n, p in L.make_model().named_parameters() if n not in frozen]
+    assert len(frozen) == 20 and all(torch.equal(state[n], init[n]) for n in frozen)
+    assert all(not torch.equal(state[n], init[n]) for n in trainable)
+    assert all(L.states_equal(s, state) for _, s in out)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("strategy, kw", [("resist", {}), ("resist", dict(overlap=True)), ("local_sgd", {}),
+                                          ("local_sgd", dict(overlap=True)), ("data_parallel", {})],
+                         ids=["resist", "resist-overlap", "local_sgd", "local_sgd-overlap", "data_parallel"])
+def test_a_tied_weight_is_averaged_once_and_its_model_saves_and_loads(size, strategy, kw):
+    """An embedding tied to the output layer: ResIST listed it twice among the shared layers, so its
+    flat buffer was rebuilt every round and, with overlap, the run stopped ("the averaged tensors
+    were replaced while a background average was in flight")."""
+    def run(resume):
+        models = [L.make_tied_model() for _ in range(size)]
+        fresh = [L.make_tied_model() for _ in range(size)] if resume else [None] * size
+        torch.set_num_threads(1)
+        return run_ranks(size, lambda c: L.tied_rounds(c, models[c.rank], strategy, fresh[c.rank], **kw))
+    straight, resumed = run(False), run(True)
+    for averaged, buffers, state, tied in straight:
+        assert tied and averaged == [None if kw else True] * L.ROUNDS
+        assert all(b is buffers[0] for b in buffers)  # built once
+        assert L.states_equal(state, straight[0][2])  # every rank the same model
+    for (_, _, a, _), (_, _, b, tied) in zip(straight, resumed):
+        assert tied and L.states_equal(a, b)  # bit for bit as without the checkpoint
+
+
+@pytest.mark.parametrize("kw", [{}, dict(overlap=True), dict(wire_dtype="int8")], ids=["plain", "overlap", "int8"])
+@pytest.mark.parametrize("saved_round", [1, 2, 3], ids=["in-the-warm-up", "at-the-switch", "after-the-switch"])
+def test_a_warmups_state_loads_before_and_after_the_switch(saved_round, kw):
+    """Warmup.load_state_dict() after the switch crashed (the warm-up's strategy, gone, was asked to
+    load the model); a state local SGD saved at the end of the warm-up gave ResIST its averagers
+    (with overlap: a size mismatch). A new job goes on from any state bit for bit as the run that
+    saved it, a switched one from ResIST's; the warm-up's is one clear error there, on every rank."""
+    models, fresh = [L.make_model() for _ in range(2)], [L.make_model() for _ in range(2)]
+    torch.set_num_threads(1)
+    for straight, rolled_back, new_job in run_ranks(2, lambda c: L.warmup_reload(c, models[c.rank], fresh[c.rank],
+                                                                                  saved_round, **kw)):
+        assert L.states_equal(new_job, straight)
+        if saved_round <= 2:
+            assert isinstance(rolled_back, UsageError) and "is from the warm-up" in str(rolled_back)
+        else:
+            assert L.states_equal(rolled_back, straight)
+
+
+def test_a_switched_warmup_refuses_the_warmups_sharded_checkpoint():
+    """load_shards() after the switch crashed as load_state_dict() did; local SGD's checkpoint has
+    no blocks for ResIST to read."""
+    def body(c, model):
+        job = L._strategy("warmup", model, c)
+        for _ in job.rounds(2):
+            pass
+        return _raised(job.load_shards, SimpleNamespace(manifest={"strategy": "local_sgd"}), 1, True)
+    for e in on_ranks(2, body):
+        assert isinstance(e, UsageError) and "round 1 (local_sgd's) is from the warm-up" in str(e), e
 
 
 @pytest.mark.parametrize("case, message", [

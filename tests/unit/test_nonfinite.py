@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import resist_mpi as rm
 from cases import library as L
@@ -121,6 +122,52 @@ def test_gradient_averager_recovers_after_a_backward_that_raised():
         (w * (c.rank + 1.0)).sum().backward()
         return w.grad.tolist()
     assert run_ranks(2, body) == [[1.5, 1.5], [1.5, 1.5]]  # the average of 1 and 2
+
+
+@pytest.mark.parametrize("strategy, size, group_size", [
+    ("data_parallel", 2, None), ("data_parallel", 4, None), ("local_sgd", 2, 2), ("local_sgd", 4, 2), ("resist", 4, 2),
+    ("local_sgd", 2, None), ("resist", 2, None)])
+def test_after_a_non_finite_average_the_last_good_state_reloads_and_training_goes_on(strategy, size, group_size):
+    """A per-step average (data-parallel; inside each group) that is not finite raises from
+    backward() in the middle of a round: `with job:` left that round open, and load_state_dict()
+    refused ("in the middle of a round"). Reloaded, the job trains what a job that never met the
+    NaN trains, bit for bit; as it did already after a round's average that was not finite (no
+    per-step average: the NaN gradient is stepped, the round's end raises)."""
+    G = group_size or size
+    averaged = "gradient" if strategy == "data_parallel" or group_size else "round's"
+
+    def body(c, model, poisoned):
+        opt = torch.optim.SGD(model.parameters(), lr=L.LR, momentum=0.9)
+        job = L._strategy(strategy, model, c, optimizer=opt, local_steps=L.STEPS,
+                          **({"group_size": group_size} if group_size else {}))
+        good, raised = job.state_dict(), None
+        if poisoned:
+            try:
+                with job:
+                    for k in range(2 * L.STEPS):
+                        opt.zero_grad()
+                        x, y = L.batch(c.rank, k)
+                        loss = F.cross_entropy(model(x), y)
+                        if k == L.STEPS + 1 and c.rank % G == 0:  # in round 1, on the first rank of every group (or of all)
+                            loss = loss * math.nan
+                        loss.backward()
+                        opt.step()
+            except rm.NonFiniteError as e:
+                raised = str(e)
+            job.load_state_dict(good)
+        with job:
+            for k in range(2 * L.STEPS):
+                L.step(model, opt, c, k)
+        return raised, job.round, L.full_state(job)
+
+    def run(poisoned):
+        models = [L.make_model() for _ in range(size)]
+        torch.set_num_threads(1)
+        return run_ranks(size, lambda c: body(c, models[c.rank], poisoned))
+    clean = run(False)
+    for (raised, r, state), (_, r_clean, state_clean) in zip(run(True), clean):
+        assert raised == f"the {averaged} average is not finite" and r == r_clean == 2
+        assert L.states_equal(state, state_clean)
 
 
 def test_trainer_stops_on_a_diverging_round_with_its_own_exit_and_keeps_the_finite_checkpoint(tmp_path):
