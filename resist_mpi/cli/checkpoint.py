@@ -382,21 +382,28 @@ def _round_dirs(out: str) -> List[Tuple[int, str]]:
 def verify(directory: str) -> Tuple[Optional[Dict], Optional[str]]:
     """(manifest, None) when the checkpoint in directory is complete and readable, else (None, why)."""
     path = os.path.join(directory, MANIFEST)
+    if not os.path.isdir(directory):
+        return None, "no such directory"
     if not os.path.isfile(path):
         return None, "no manifest (it was still being written)"
     try:
         manifest = json.load(open(path))
     except (OSError, ValueError) as e:
         return None, f"its manifest is unreadable ({_first_line(e)[:80]})"
+    if not isinstance(manifest, dict):
+        return None, "its manifest is unreadable (not a JSON object)"
     if manifest.get("format") not in READABLE:
         return None, f"it is not a checkpoint of this version ({manifest.get('format')})"
-    for name in manifest["files"]:
+    files, sizes = manifest.get("files"), manifest.get("bytes")
+    if not isinstance(files, list) or not isinstance(sizes, dict) or any(name not in sizes for name in files):
+        return None, "its manifest is unreadable (no list of files with their sizes)"
+    for name in files:
         f = os.path.join(directory, name)
         if not os.path.isfile(f):
             return None, f"{name} is missing"
         size = os.path.getsize(f)
-        if size != manifest["bytes"][name]:
-            return None, f"{name} has {size} bytes, not {manifest['bytes'][name]} (truncated?)"
+        if size != sizes[name]:
+            return None, f"{name} has {size} bytes, not {sizes[name]} (truncated?)"
         try:
             torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # a damaged zip, a bad pickle

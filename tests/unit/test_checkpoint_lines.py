@@ -216,3 +216,20 @@ def test_another_batch_size_on_another_world_size_still_resumes(two_rank_checkpo
     cfg = validate(Config(**{**TINY, "out": str(tmp_path / "new"), "epochs": 1, "batch_size": 128,
                              "resume": two_rank_checkpoint}))
     assert _exit_code(cfg, comm.init("self", fail_fast=False)) == 0
+
+
+@pytest.mark.parametrize("text, why", [
+    ("[]", "its manifest is unreadable (not a JSON object)"),
+    ('{"format": FORMAT}', "its manifest is unreadable (no list of files with their sizes)"),
+    ('{"format": FORMAT, "files": ["shared.pt"], "bytes": {}}', "its manifest is unreadable (no list of files with their sizes)"),
+    ('{"format": FORMAT, "files": "shared.pt", "bytes": {"shared.pt": 1}}',
+     "its manifest is unreadable (no list of files with their sizes)"),
+])
+def test_a_malformed_manifest_is_unreadable_not_a_traceback(tmp_path, text, why):
+    """verify() (behind --resume and `python -m resist_mpi.checkpoint verify`) says why a manifest of
+    the wrong shape cannot be used, where it raised AttributeError or KeyError."""
+    d = tmp_path / "ckpt-000003"
+    d.mkdir()
+    (d / ckpt.MANIFEST).write_text(text.replace("FORMAT", json.dumps(ckpt.FORMAT)))
+    assert ckpt.verify(str(d)) == (None, why)
+    assert ckpt.verify(str(tmp_path / "nope")) == (None, "no such directory")
