@@ -586,13 +586,21 @@ def full_state_dict(reader: Reader, with_pending: bool = True) -> Dict[str, torc
 def check_out_dir(cfg) -> None:
     """Refuse to start a new run over the records of another one (CheckpointError, one line).
 
-    An --out that holds metrics.jsonl or checkpoints is continued only when --resume says so, and
-    started afresh only with --overwrite; nothing a user had is replaced without being asked.
+    An --out that holds metrics.jsonl or checkpoints is continued only when --resume says so (auto,
+    or one of its own checkpoints: a checkpoint of another run would continue that run on top of
+    this one's records), and started afresh only with --overwrite; nothing a user had is replaced
+    or mixed without being asked.
     """
-    if cfg.resume or cfg.overwrite:
+    if cfg.overwrite or cfg.resume == "auto":
         return
-    if os.path.isfile(os.path.join(cfg.out, "metrics.jsonl")) or _round_dirs(cfg.out):
+    if not (os.path.isfile(os.path.join(cfg.out, "metrics.jsonl")) or _round_dirs(cfg.out)):
+        return
+    if not cfg.resume:
         raise CheckpointError(f"--out {cfg.out} holds a run; pass --resume auto to continue it, or --overwrite")
+    own = os.path.realpath(checkpoint_dir(cfg.out)) + os.sep
+    if not os.path.realpath(cfg.resume).startswith(own):
+        raise CheckpointError(f"--out {cfg.out} holds a run, and --resume {cfg.resume} is not one of its checkpoints: "
+                              f"resume it into another --out, or pass --overwrite")
 
 
 def clear_out_dir(cfg) -> None:

@@ -233,3 +233,22 @@ def test_a_malformed_manifest_is_unreadable_not_a_traceback(tmp_path, text, why)
     (d / ckpt.MANIFEST).write_text(text.replace("FORMAT", json.dumps(ckpt.FORMAT)))
     assert ckpt.verify(str(d)) == (None, why)
     assert ckpt.verify(str(tmp_path / "nope")) == (None, "no such directory")
+
+
+def test_resume_path_into_an_out_that_holds_another_run_is_refused(tmp_path):
+    """--resume PATH continues PATH's run: into an --out holding a run of which PATH is not a
+    checkpoint it would write that run's continuation after the other run's records. Refused with
+    one line; its own checkpoints (set-aside ones too), --resume auto and --overwrite go on."""
+    out, other = tmp_path / "out", tmp_path / "other" / "checkpoints" / "ckpt-000004"
+    (out / "checkpoints" / "ckpt-000002").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_out_dir(Config(out=str(out), resume=str(other)))
+    assert str(e.value) == (f"--out {out} holds a run, and --resume {other} is not one of its checkpoints: "
+                            "resume it into another --out, or pass --overwrite")
+    for resume in (out / "checkpoints" / "ckpt-000002", out / "checkpoints" / "abandoned-1" / "ckpt-000005", "auto"):
+        ckpt.check_out_dir(Config(out=str(out), resume=str(resume)))
+    ckpt.check_out_dir(Config(out=str(out), resume=str(other), overwrite=True))
+    ckpt.check_out_dir(Config(out=str(tmp_path / "new"), resume=str(other)))  # an empty --out: fine
+    with pytest.raises(ckpt.CheckpointError, match="holds a run; pass --resume auto"):
+        ckpt.check_out_dir(Config(out=str(out)))
