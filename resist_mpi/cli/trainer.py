@@ -501,7 +501,9 @@ class Trainer:
         left, joined = _difference(old, new), _difference(new, old)
         rounds = [r for r in before if r.get("event") == "round"]
         last = max(rounds, key=lambda r: r["round"]) if rounds else None
-        repeated = max(0, last["round"] + 1 - start) if last else 0
+        # rounds of the world before the change that ran after the checkpoint (their work is trained
+        # again): counted in that world's rounds, which another world size numbers differently
+        repeated = max(0, last["round"] + 1 - int(self.resume_state["round"])) if last else 0
         seconds = time.time() - last["time"] if last and isinstance(last.get("time"), (int, float)) else None
         log.record("membership", round=start, world_size=self.c.size, previous_world_size=self.resume_state["world_size"],
                    left=left, joined=joined, rounds_repeated=repeated, t_recovery=seconds)

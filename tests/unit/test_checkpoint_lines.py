@@ -4,6 +4,7 @@ its own and a later --resume auto continues its line; a resume with settings the
 cannot be continued with is refused with one line. In one process (the self backend, thread ranks)."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -252,3 +253,22 @@ def test_resume_path_into_an_out_that_holds_another_run_is_refused(tmp_path):
     ckpt.check_out_dir(Config(out=str(tmp_path / "new"), resume=str(other)))  # an empty --out: fine
     with pytest.raises(ckpt.CheckpointError, match="holds a run; pass --resume auto"):
         ckpt.check_out_dir(Config(out=str(out)))
+
+
+def test_rounds_trained_again_after_a_world_size_change_count_the_old_worlds_rounds(tmp_path):
+    """The membership record's rounds_repeated: the rounds the world before the change trained
+    after the checkpoint (their work is lost and trained again), in that world's numbering; the new
+    world's start round numbers another round length and said 0 here."""
+    from helpers import records
+    out = tmp_path / "run"
+    cfg = validate(Config(**{**TINY, "out": str(out), "batch_size": 64, "keep_checkpoints": 10}))
+    torch.set_num_threads(1)
+    run_ranks(2, lambda c: Trainer(cfg, c).run())
+    last = max(r["round"] for r in records(out, "round"))
+    for name in _names(out):  # the job lost a node after ckpt-000002's round: the newer ones never landed
+        if int(name[-6:]) > 2:
+            shutil.rmtree(out / "checkpoints" / name)
+    _run(out, resume="auto", batch_size=64, keep_checkpoints=10)
+    (member,) = records(out, "membership")
+    assert (member["previous_world_size"], member["world_size"]) == (2, 1)
+    assert last >= 4 and member["rounds_repeated"] == last + 1 - 2
