@@ -361,6 +361,13 @@ class Trainer:
 
         job = self.build_strategy(spe)
         start_round = self.start_round(spe)
+        if self.resume_state is not None and start_round >= num_rounds:  # (a requeued job that had finished)
+            stop_request.close()
+            self.watchdog.close()
+            if c.rank == 0:
+                print(f"resist_mpi: {self.resume_state['path']} ends the run's {cfg.epochs} epochs: nothing to "
+                      f"train (a larger --epochs trains on; --overwrite starts afresh)", flush=True)
+            return {}
         before = self.previous_records() if self.resume_state is not None else []
         log = self.open_log(job, num_rounds, start_round, spe)
         for line in getattr(self, "skipped", []) + (self.resume_state or {}).get("skipped", []):

@@ -272,3 +272,16 @@ def test_rounds_trained_again_after_a_world_size_change_count_the_old_worlds_rou
     (member,) = records(out, "membership")
     assert (member["previous_world_size"], member["world_size"]) == (2, 1)
     assert last >= 4 and member["rounds_repeated"] == last + 1 - 2
+
+
+def test_resume_auto_of_a_finished_run_says_so_and_leaves_its_records(tmp_path, capsys):
+    """A requeued job whose run had finished: one line naming its last checkpoint, nothing trained,
+    metrics.jsonl as it was (no second resume record), no final accuracy line."""
+    out = tmp_path / "run"
+    _run(out, epochs=1)
+    records = (out / "metrics.jsonl").read_text()
+    said = _run(out, capsys, epochs=1, resume="auto")
+    newest = ckpt.list_checkpoints(str(out))[-1]
+    assert said.strip().splitlines()[-1] == (f"resist_mpi: {newest} ends the run's 1 epochs: nothing to train (a larger "
+                                             "--epochs trains on; --overwrite starts afresh)")
+    assert (out / "metrics.jsonl").read_text() == records
