@@ -293,7 +293,10 @@ class ResIST(Strategy):
             self._back_to_own_blocks()
             if ready:
                 self._prepared = (self.round, self.last_plan)  # the gather's plan: what arrived for the next round
-                self._forget_state(self._moved_parameters())
+            # the blocks the gather brought (the next round's) or averaged with their copies (several
+            # ranks trained them) lose their optimizer state as the next round's exchange would have
+            # made them lose it: that exchange now finds them synchronised and moves nothing
+            self._forget_state(self._moved_parameters())
 
     def _completion(self, model):
         """The copy gathers the blocks this rank lacks (the plan full_model() would carry out, divergent
