@@ -296,7 +296,8 @@ class ResIST(Strategy):
             # the blocks the gather brought (the next round's) or averaged with their copies (several
             # ranks trained them) lose their optimizer state as the next round's exchange would have
             # made them lose it: that exchange now finds them synchronised and moves nothing
-            self._forget_state(self._moved_parameters())
+            if self.assignment is not None:  # (before the first round nothing is dealt, nothing trained)
+                self._forget_state(self._moved_parameters())
 
     def _completion(self, model):
         """The copy gathers the blocks this rank lacks (the plan full_model() would carry out, divergent
