@@ -42,7 +42,7 @@ def test_rounds_equal_the_single_process_computation(strategy, size, group_size,
         assert block_keys and all(torch.equal(got[0][1][k], plain[0][1][k]) for k in block_keys)
 
 
-@pytest.mark.parametrize("mode", MODES, ids=IDS)
+@pytest.mark.parametrize("mode", MODES[2:], ids=IDS[2:])  # (without overlap nothing is pending: a flush does nothing)
 @pytest.mark.parametrize("step", [0, 1], ids=["before-its-steps", "after-a-step"])
 @pytest.mark.parametrize("strategy, size, group_size, wire", [
     ("local_sgd", 2, 1, "float32"), ("resist", 2, 1, "int8"), ("local_sgd", 4, 2, "bfloat16"),
