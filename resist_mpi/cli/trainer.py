@@ -372,7 +372,7 @@ class Trainer:
         log = self.open_log(job, num_rounds, start_round, spe)
         for line in getattr(self, "skipped", []) + (self.resume_state or {}).get("skipped", []):
             log.info(f"resume: {line}")
-        if getattr(self, "set_aside", None):
+        if self.set_aside:
             log.info(f"resume: {self.set_aside}")
         if self.resume_state is not None:
             self.resume(job, log, start_round)
