@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -552,8 +553,8 @@ def check_resume_settings(path: str, manifest: Dict, cfg, world_size: int) -> No
         if key not in config:
             continue
         old, new = config[key], getattr(cfg, key)
-        if key == "partition_stages":
-            same = [s.strip() for s in str(old).split(",")] == [s.strip() for s in str(new).split(",")]
+        if key == "partition_stages":  # the stage numbers, as Config.stages() reads them ("2,3" and "2, 3" alike)
+            same = dataclasses.replace(cfg, partition_stages=str(old)).stages() == cfg.stages()
         else:
             same = old == new
         if not same:
