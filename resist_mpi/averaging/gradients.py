@@ -26,12 +26,15 @@ class GradientAverager:
         comm: the Comm to average over.
         params: the parameters whose gradients are averaged (attach() replaces them).
         wire_dtype: float32, or float16 / bfloat16 / int8 to move them compressed (resist_mpi.averaging.compression).
+        check_finite: raise NonFiniteError on an average that is not finite (False with a loss
+            scaler, which skips such a step and lowers its scale).
     Attributes:
         comm_time: seconds spent in the averages, cumulative.
     """
 
-    def __init__(self, comm: Comm, params: Sequence[torch.nn.Parameter] = (), wire_dtype: str = "float32"):
-        self.comm = comm
+    def __init__(self, comm: Comm, params: Sequence[torch.nn.Parameter] = (), wire_dtype: str = "float32",
+                 check_finite: bool = True):
+        self.comm, self.check_finite = comm, check_finite
         self.codec = Codec(wire_dtype) if wire_dtype != "float32" else None
         self.comm_time = 0.0
         self._queued_in: Optional[int] = None  # the backward pass (graph task) whose average is queued
@@ -66,7 +69,8 @@ class GradientAverager:
             flat = compressed_mean(self.comm, flat, self.codec)[0]
         unpack_(flat, grads)
         self.comm_time += time.perf_counter() - t0
-        _check_finite(flat, "the gradient average")
+        if self.check_finite:
+            _check_finite(flat, "the gradient average")
 
     def remove(self) -> None:
         """Take the hooks off (the parameters then train alone again)."""

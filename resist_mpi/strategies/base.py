@@ -28,6 +28,7 @@ from another rank or left this one). Each distributed step is inside a method he
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import pickle
@@ -54,8 +55,12 @@ class Strategy:
             out), or None (then build one per round over job.parameters(), as the paper's
             reference code did).
         scheduler: the user's LR scheduler, only so that state_dict() carries its state.
+        scaler: the user's torch.amp.GradScaler, for mixed precision (with optimizer=): the steps
+            of `with job:` are then counted at scaler.update(), once per iteration, since
+            scaler.step(opt) skips opt.step() when this rank's gradients overflowed; state_dict()
+            carries its state (each rank's own: ranks overflow on their own data).
         local_steps: with an optimizer, `with job:` ends and begins rounds every local_steps
-            optimizer steps (from its step hooks).
+            optimizer steps (from its step hooks; with a scaler, every local_steps iterations).
         optimizer_state: "reset", "keep_shared" or "keep" (see the module docstring); default:
             the strategy's (reset for ResIST and local SGD, keep for data-parallel).
     Attributes:
@@ -69,7 +74,8 @@ class Strategy:
     replicated_optimizer_state = False
 
     def __init__(self, model: torch.nn.Module, comm, *, optimizer: Optional[torch.optim.Optimizer] = None,
-                 scheduler=None, local_steps: Optional[int] = None, optimizer_state: Optional[str] = None):
+                 scheduler=None, scaler=None, local_steps: Optional[int] = None,
+                 optimizer_state: Optional[str] = None):
         self.model, self.comm = model, comm
         self.round = 0
         self._timed = 0.0
@@ -80,7 +86,10 @@ class Strategy:
                             f"got {type(optimizer).__name__}")
         if local_steps is not None and (optimizer is None or int(local_steps) < 1):
             raise ValueError("local_steps= needs optimizer= (the steps counted are its steps) and is at least 1")
-        self.optimizer, self.scheduler = optimizer, scheduler
+        if scaler is not None and (optimizer is None or not callable(getattr(scaler, "update", None))
+                                   or not callable(getattr(scaler, "state_dict", None))):
+            raise TypeError("scaler= takes a torch.amp.GradScaler, with optimizer= (the optimizer it steps)")
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.local_steps = None if local_steps is None else int(local_steps)
         self.optimizer_state = optimizer_state or self.default_optimizer_state
         if self.optimizer_state not in POLICIES:
@@ -93,7 +102,7 @@ class Strategy:
         self._resumed_optimizer: Optional[Dict] = None
         if optimizer is not None:
             self._check_foreign(optimizer)
-            self._hooks.append(optimizer.register_step_post_hook(self._count_step))
+            self._hooks.append(self._on_step(self._count_step))
 
     # -- the round protocol --------------------------------------------------------------------------
     def rounds(self, num_rounds: int) -> Iterator[int]:
@@ -270,7 +279,7 @@ class Strategy:
         if self.optimizer is None or self.local_steps is None:
             raise UsageError("`with job:` ends rounds from the optimizer's steps: pass optimizer=opt and "
                              "local_steps=l when building the strategy (or use `for r in job.rounds(n)`)")
-        self._round_hook = self.optimizer.register_step_post_hook(self._after_step)
+        self._round_hook = self._on_step(self._after_step)
         if not self._open:
             self.begin_round()
         return self
@@ -290,6 +299,13 @@ class Strategy:
             self._verify()
             self.flush()
         return False
+
+    def _on_step(self, hook):
+        """Call hook(optimizer, args, kwargs) after every step of the training loop: the optimizer's
+        step, or with a scaler its update(), which every iteration reaches (a removable handle)."""
+        if self.scaler is None:
+            return self.optimizer.register_step_post_hook(hook)
+        return _scaler_update_hook(self.scaler, lambda: hook(self.optimizer, (), {}))
 
     def _count_step(self, optimizer, args, kwargs) -> None:
         if self._open:
@@ -392,6 +408,8 @@ class Strategy:
             state["optimizer"] = self.optimizer.state_dict()
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
+        if self.scaler is not None:  # (this rank's; a resume on another world size gives it every rank)
+            state["scaler"] = self.scaler.state_dict()
         shared = [a.state_dict() for a in self._model_averagers]
         if any(x is not None for x in shared):
             state["averagers"] = shared  # the outer optimizer's parameter and state: the same everywhere
@@ -408,6 +426,8 @@ class Strategy:
         state = {}
         if self.optimizer is not None and not self.replicated_optimizer_state and self.optimizer_state != "reset":
             state["optimizer"] = self.optimizer.state_dict()
+        if self.scaler is not None and not self.replicated_optimizer_state:
+            state["scaler"] = self.scaler.state_dict()
         own = [a.rank_state_dict() for a in self._model_averagers]
         if any(x is not None for x in own):
             state["averagers"] = own
@@ -428,10 +448,15 @@ class Strategy:
             _load_hyper_parameters(self.optimizer, state["param_groups"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        self._load_scaler((rank_state or {}).get("scaler") or state.get("scaler"))
         shared = state.get("averagers") or [None] * len(self._model_averagers)
         own = (rank_state or {}).get("averagers") or [None] * len(self._model_averagers)
         for averager, s, r in zip(self._model_averagers, shared, own):
             averager.load_state_dict(s, r)
+
+    def _load_scaler(self, state: Optional[Dict]) -> None:
+        if self.scaler is not None and state is not None:
+            self.scaler.load_state_dict(state)
 
     def _load_model(self, weights: Dict) -> None:
         self.model.load_state_dict(weights)
@@ -470,6 +495,8 @@ class Strategy:
                  "averagers": [a.state_dict() for a in self._model_averagers]}
         if self.optimizer is not None and self.replicated_optimizer_state:
             state["optimizer"] = _cpu_copy(self.optimizer.state_dict())
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         shard.shared = state
 
     def _rank_shard(self) -> Dict:
@@ -481,6 +508,7 @@ class Strategy:
         shared = reader.shared
         own = reader.rank_state(self.comm.rank) if same_layout else {}
         self._resumed_optimizer = shared.get("optimizer") or own.get("optimizer")
+        self._load_scaler(own.get("scaler") or shared.get("scaler"))
         globals_ = shared.get("averagers") or [None] * len(self._model_averagers)
         ranks = own.get("averagers") or [None] * len(self._model_averagers)
         for i, (averager, g, r) in enumerate(zip(self._model_averagers, globals_, ranks)):
@@ -575,6 +603,26 @@ def _bn_restored(model: torch.nn.Module):
                     m.running_mean.copy_(mean)
                     m.running_var.copy_(var)
                     m.num_batches_tracked.copy_(n)
+
+
+def _scaler_update_hook(scaler, hook):
+    """Call hook() after every scaler.update() (a GradScaler has no hooks of its own: its update is
+    wrapped once, on the instance, and calls the hooks registered here in order); returns a
+    removable handle."""
+    hooks = scaler.__dict__.get("_resist_update_hooks")
+    if hooks is None:
+        hooks = scaler._resist_update_hooks = collections.OrderedDict()  # (a handle holds a weak reference)
+        update = scaler.update
+
+        def update_then_hooks(*args, **kwargs):
+            out = update(*args, **kwargs)
+            for h in list(hooks.values()):
+                h()
+            return out
+        scaler.update = update_then_hooks
+    handle = torch.utils.hooks.RemovableHandle(hooks)
+    hooks[handle.id] = hook
+    return handle
 
 
 def _hyper_parameters(optimizer: torch.optim.Optimizer) -> List[Dict]:

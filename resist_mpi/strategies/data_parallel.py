@@ -23,7 +23,10 @@ class DataParallel(Replicated):
     def __init__(self, model, comm, wire_dtype: str = "float32", **kw):
         super().__init__(model, comm, **kw)
         # a compressed wire: gradients cast (int8: scaled) for the wire, summed in float32
-        self._gradient_averagers.append(GradientAverager(comm, list(model.parameters()), wire_dtype))
+        # with a loss scaler an overflowing step is the scaler's to skip (every rank sees the same
+        # averaged gradients, so every rank skips it and lowers its scale alike): no NonFiniteError
+        self._gradient_averagers.append(GradientAverager(comm, list(model.parameters()), wire_dtype,
+                                                         check_finite=self.scaler is None))
         self._bn = Averager(comm, lambda: [b for b in self.model.buffers() if b.is_floating_point()])
 
     def _end(self) -> None:

@@ -41,7 +41,8 @@ class LocalSGD(Replicated):
                                  overlap=overlap, outer=outer_optimizer)
         self._model_averagers.append(self._average)
         if self.groups.inner is not None:  # data-parallel inside the group, every step
-            self._gradient_averagers.append(GradientAverager(self.groups.inner, list(model.parameters())))
+            self._gradient_averagers.append(GradientAverager(self.groups.inner, list(model.parameters()),
+                                                             check_finite=self.scaler is None))
 
     def _end(self) -> None:
         # ---- distributed step: one fused allreduce of the whole model ----

@@ -90,7 +90,7 @@ class ResIST(Strategy):
                                  outer=outer_optimizer)
         self._model_averagers.append(self._average)
         if self.groups.inner is not None:  # data-parallel inside the group, every step (the fast link)
-            self._gradient_averagers.append(GradientAverager(self.groups.inner))
+            self._gradient_averagers.append(GradientAverager(self.groups.inner, check_finite=self.scaler is None))
         self._workspace: Dict = {}  # the exchange's averaging buffer, reused round after round
         self._drawn: Dict[int, partition.Assignment] = {}  # round -> assignment, from rank 0's last broadcast
         self._full_depth = 0

@@ -15,7 +15,8 @@ class Warmup(Strategy):
     Args:
         first: the warm-up strategy (every rank ends its rounds with the identical model: local SGD).
         then: called once, at the switch, to build the strategy that takes over (e.g.
-            lambda: ResIST(model, c, optimizer=opt, synchronized=True)); give both the same optimizer.
+            lambda: ResIST(model, c, optimizer=opt, synchronized=True)); give both the same optimizer
+            (and loss scaler).
         switch_round: the first round of `then`.
     The round protocol, parameters, optimizer and state are those of the current strategy; `name`
     says which one it is, so a training loop can log the switch. At the switch the first strategy's
@@ -25,11 +26,12 @@ class Warmup(Strategy):
     """
 
     def __init__(self, first: Strategy, then: Callable[[], Strategy], switch_round: int):
-        super().__init__(first.model, first.comm, optimizer=first.optimizer, scheduler=first.scheduler,
+        super().__init__(first.model, first.comm, optimizer=first.optimizer, scheduler=first.scheduler, scaler=first.scaler,
                          local_steps=first.local_steps, optimizer_state=first.optimizer_state)
         self.first, self._then, self.switch_round = first, then, switch_round
         self.current: Strategy = first
         self._warmup_time = 0.0  # the first strategy's communication time, once it is gone
+        _count_for_it(first)
 
     @property
     def name(self) -> str:
@@ -55,6 +57,10 @@ class Warmup(Strategy):
             self.first.close()
             self._warmup_time = self.first.comm_time
             self.current = self._then()
+            if self.current.optimizer is not self.optimizer or self.current.scaler is not self.scaler:
+                raise UsageError("Warmup: the strategy then() built holds another optimizer or loss scaler than the "
+                                 "warm-up's: give both the same optimizer= (and scaler=)")
+            _count_for_it(self.current)
             self.current.round = self.round
             self.first = None  # its flat buffer (a whole model) goes with it
 
@@ -76,6 +82,16 @@ class Warmup(Strategy):
         if self.first is None:  # after the switch (no early work across it: the switch happens at begin_round)
             self.current.round = self.round
             self.current.prepare_round()
+
+    def _count_step(self, optimizer, args, kwargs) -> None:
+        if self._open:
+            self._steps += 1
+            self.current._steps = self._steps  # its boundary checks see the steps counted here
+            self.poll()
+
+    def _abandon_round(self) -> None:
+        self.current._abandon_round()
+        self._open = False
 
     def poll(self) -> None:
         self.current.poll()
@@ -147,6 +163,15 @@ class Warmup(Strategy):
             raise UsageError(f"{what}: the state of round {round_index} ({written}'s) is from the warm-up, and "
                              f"this job has switched to {self.current.name} already: load it into a new Warmup "
                              f"job, built as the run that saved it")
+
+
+def _count_for_it(strategy: Strategy) -> None:
+    """The Warmup counts the optimizer's steps for the strategy it runs: that strategy's own step hook
+    goes (registered after the Warmup's round-ending hook, as the second strategy's is at the switch,
+    it would count the step that ended a round into the next one)."""
+    for h in strategy._hooks:
+        h.remove()
+    strategy._hooks = []
 
 
 def _as_switched(state: Optional[Dict]) -> Optional[Dict]:

@@ -458,3 +458,109 @@ def leave_early(c, model, how, wire="int8"):
         except KeyError:
             pass
     return torch.cat([t.detach().reshape(-1) for t in job.shared_tensors()]), job.round
+
+
+# -- mixed precision: a loss scaler ------------------------------------------------------------------------------
+SCALE = 2.0 ** 8
+
+
+def overflows(rank, k):
+    """Whether iteration k's loss overflows on this rank: rank 0 at iterations 1 and 4, rank 1 at 4."""
+    return (rank == 0 and k in (1, 4)) or (rank == 1 and k == 4)
+
+
+def step_peers(rank, size, strategy, group_size=1):
+    """The ranks whose gradients this rank's step averages: every rank under data-parallel, its
+    group's with groups, itself alone otherwise."""
+    if strategy == "data_parallel":
+        return range(size)
+    first = rank // group_size * group_size
+    return range(first, first + group_size)
+
+
+def train_with_scaler(c, model, strategy, form, **kw):
+    """Mixed precision's loop shape: scaler.scale(loss).backward(); scaler.step(opt);
+    scaler.update(), with losses that overflow on some ranks at some iterations (their steps are the
+    scaler's to skip). form: "hooks" (`with job:`), "rounds" (job.rounds(n), STEPS iterations each)
+    or "reference" (no scaler, the explicit form: an iteration that overflows takes no step, on the
+    ranks it overflows on, or on every rank where gradients are averaged every step). Returns (the
+    full state, the round after training, this rank's state_dict(), its scale)."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    scaler = None if form == "reference" else torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
+    extra = {"scaler": scaler} if scaler is not None else {}
+    if form == "hooks":
+        extra["local_steps"] = STEPS
+    job = _strategy(strategy, model, c, optimizer=opt, **extra, **kw)
+    peers = step_peers(c.rank, c.size, strategy, kw.get("group_size", 1))
+
+    def iteration(k):
+        opt.zero_grad()
+        x, y = batch(c.rank, k)
+        loss = F.cross_entropy(model(x), y)  # (the forward updates BN's statistics, skipped step or not)
+        if scaler is None:
+            loss.backward()
+            if not any(overflows(r, k) for r in peers):
+                opt.step()
+            return
+        scaler.scale(loss * (float("inf") if overflows(c.rank, k) else 1.0)).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    if form == "hooks":
+        with job:
+            for k in range(ROUNDS * STEPS):
+                iteration(k)
+    else:
+        k = 0
+        for _ in job.rounds(ROUNDS):
+            for _ in range(STEPS):
+                iteration(k)
+                k += 1
+    state = full_state(job)
+    return state, job.round, job.state_dict(), None if scaler is None else scaler.get_scale()
+
+
+
+def scaler_reload(c, model, strategy, state, other_world=False):
+    """A new job over model with a new loss scaler, loaded from a rank's state_dict() of
+    train_with_scaler (other_world: as if saved on another world size). Returns the scale."""
+    if other_world:
+        state = {**state, "world_size": state["world_size"] + 1}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    _strategy(strategy, model, c, optimizer=opt, scaler=scaler).load_state_dict(state)
+    return scaler.get_scale()
+
+
+def warmup_hooks_looks(c, model):
+    """A Warmup (local SGD for round 0, then ResIST) in the `with job:` form, the full model looked at
+    after every round-ending step. Returns, per look, the job's name and the full state or the error."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    job = rm.Warmup(rm.LocalSGD(model, c, optimizer=opt, local_steps=STEPS),
+                    lambda: rm.ResIST(model, c, seed=7, optimizer=opt, local_steps=STEPS), 1)
+    looks = []
+    with job:
+        for k in range(ROUNDS * STEPS):
+            step(model, opt, c, k)
+            if k % STEPS == STEPS - 1:
+                try:
+                    looks.append((job.name, full_state(job)))
+                except rm.UsageError as e:
+                    looks.append((job.name, e))
+    return looks
+
+
+def warmup_rounds_looks(c, model):
+    """warmup_hooks_looks in the explicit form (the full model looked at between rounds)."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    job = rm.Warmup(rm.LocalSGD(model, c, optimizer=opt), lambda: rm.ResIST(model, c, seed=7, optimizer=opt), 1)
+    looks, k = [], 0
+    for _ in range(ROUNDS):
+        job.begin_round()
+        for _ in range(STEPS):
+            step(model, opt, c, k)
+            k += 1
+        job.end_round()
+        job.prepare_round()  # (the hook form's next round has begun when it looks)
+        looks.append((job.name, full_state(job)))
+    return looks

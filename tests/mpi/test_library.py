@@ -45,6 +45,19 @@ def test_data_parallel_hooks_and_rounds_agree(c):
     assert L.states_equal(state, L.train_one_optimizer_rounds(c, L.make_model(), "data_parallel"))
 
 
+@pytest.mark.parametrize("strategy", ["resist", "data_parallel"])
+def test_a_loss_scaler_skips_the_overflowing_steps_and_rounds_stay_aligned(c, strategy):
+    """As on thread ranks (tests/unit/test_library.py): the hook form with a GradScaler whose
+    overflows differ between ranks trains what the loop without a scaler trains when the
+    overflowing iterations take no step, on real ranks of each backend."""
+    reference = L.train_with_scaler(c, L.make_model(), strategy, "reference")[0]
+    state, round_, _, scale = L.train_with_scaler(c, L.make_model(), strategy, "hooks")
+    assert L.states_equal(state, reference) and round_ == L.ROUNDS
+    overflowed = sum(any(L.overflows(r, k) for r in L.step_peers(c.rank, c.size, strategy))
+                     for k in range(L.ROUNDS * L.STEPS))
+    assert scale == L.SCALE / 2 ** overflowed
+
+
 @pytest.mark.parametrize("case, message", [
     ("foreign", "not parameters of the model"),
     ("missing", r"does not hold \d+ parameter"),

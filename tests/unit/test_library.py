@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cases import library as L
+import resist_mpi as rm
 from resist_mpi import UsageError
 from resist_mpi.comm.thread import run_ranks
 
@@ -128,6 +129,88 @@ def test_a_warmups_state_loads_before_and_after_the_switch(saved_round, kw):
             assert isinstance(rolled_back, UsageError) and "is from the warm-up" in str(rolled_back)
         else:
             assert L.states_equal(rolled_back, straight)
+
+
+def test_a_warmup_in_the_hook_form_can_look_at_the_full_model_after_the_switch():
+    """After the switch, the second strategy's step hook ran after the Warmup's round-ending one and
+    counted the step that ended a round into the next: full_model() right after it said "in the
+    middle of round 2". The looks are the explicit form's, bit for bit."""
+    hooks, rounds = on_ranks(2, L.warmup_hooks_looks), on_ranks(2, L.warmup_rounds_looks)
+    for h, r in zip(hooks, rounds):
+        # (the hook form's look after round 0 comes when round 1, ResIST's first, has begun)
+        assert [name for name, _ in h] == ["resist"] * 3 and [name for name, _ in r] == ["local_sgd", "resist", "resist"]
+        assert all(isinstance(a, dict) and L.states_equal(a, b) for (_, a), (_, b) in zip(h, r)), h
+
+
+SCALER_CASES = [(2, "local_sgd", {}), (2, "resist", {}), (2, "data_parallel", {}), (2, "warmup", {}),
+                (4, "resist", dict(group_size=2))]  # (local SGD's groups average gradients the same way)
+
+
+def _overflowed(rank, size, strategy, kw):
+    """How many iterations overflowed in the gradients this rank steps on (its own, or its group's
+    or every rank's average)."""
+    peers = L.step_peers(rank, size, strategy, kw.get("group_size", 1))
+    return sum(any(L.overflows(r, k) for r in peers) for k in range(L.ROUNDS * L.STEPS))
+
+
+@pytest.mark.parametrize("size, strategy, kw", SCALER_CASES)
+def test_a_loss_scaler_skips_the_overflowing_steps_and_rounds_stay_aligned(size, strategy, kw):
+    """torch.amp.GradScaler skips opt.step() on a rank whose gradients overflowed, so `with job:`,
+    counting optimizer steps, ended rounds at different iterations on different ranks (a hang).
+    With scaler=, it counts scaler.update(): the hook form and the explicit form train bit for bit
+    what the same loop without a scaler trains when the overflowing iterations take no step; with
+    per-step averages (data-parallel, groups) an overflow is every rank's to skip, not a
+    NonFiniteError; state_dict() carries this rank's scaler."""
+    # (the explicit form counts the loop's rounds itself: checked where the steps are averaged or not)
+    forms = ("hooks", "rounds") if strategy in ("local_sgd", "data_parallel") else ("hooks",)
+    out = {form: on_ranks(size, L.train_with_scaler, strategy, form, **kw) for form in (*forms, "reference")}
+    for r in range(size):
+        reference = out["reference"][r][0]
+        expected = L.SCALE / 2 ** _overflowed(r, size, strategy, kw)
+        for form in forms:
+            state, round_, saved, scale = out[form][r]
+            assert L.states_equal(state, reference), (form, r)
+            assert round_ == L.ROUNDS and scale == expected, (form, r, round_, scale)
+            assert saved["scaler"]["scale"] == expected
+            if strategy != "data_parallel":  # (its scalers are alike: state_dict()["scaler"] is every rank's)
+                ranks = range(size) if r == 0 else [r]  # rank 0 receives every rank's own state
+                assert [saved["rank_states"][q]["scaler"]["scale"] for q in ranks] == \
+                    [L.SCALE / 2 ** _overflowed(q, size, strategy, kw) for q in ranks]
+    assert any(L.SCALE / 2 ** _overflowed(r, size, strategy, kw) != L.SCALE for r in range(size))
+
+
+@pytest.mark.parametrize("strategy", ["local_sgd", "data_parallel"])
+def test_a_loss_scalers_state_is_restored_each_ranks_own(strategy):
+    """load_state_dict() of rank 0's state_dict() (the one file a run saves) gives each rank its own
+    scaler's state on the world size it was saved on, and rank 0's on another (ranks overflow on
+    their own data: under local SGD their scales differ)."""
+    trained = on_ranks(2, L.train_with_scaler, strategy, "hooks")
+    saved = trained[0][2]
+    same = on_ranks(2, lambda c, m: L.scaler_reload(c, m, strategy, saved))
+    other = on_ranks(2, lambda c, m: L.scaler_reload(c, m, strategy, saved, other_world=True))
+    assert same == [t[3] for t in trained]
+    assert other == [trained[0][3]] * 2
+    if strategy == "local_sgd":
+        assert trained[0][3] != trained[1][3]
+
+
+def test_a_scaler_is_checked_and_a_warmup_refuses_another_optimizer_or_scaler_at_its_switch():
+    """scaler= takes a GradScaler with the optimizer it steps; a Warmup whose then() builds its
+    strategy over another optimizer or scaler would count steps the second one does not see."""
+    def body(c, model, case):
+        opt = torch.optim.SGD(model.parameters(), lr=L.LR)
+        if case == "scalers":
+            return [_raised(lambda: L._strategy("local_sgd", model, c, scaler=object())),
+                    _raised(lambda: L._strategy("local_sgd", model, c, scaler=torch.amp.GradScaler("cpu")))]
+        other = dict(optimizer=torch.optim.SGD(model.parameters(), lr=L.LR)) if case == "optimizer" else \
+            dict(optimizer=opt, scaler=torch.amp.GradScaler("cpu"))
+        job = rm.Warmup(rm.LocalSGD(model, c, optimizer=opt), lambda: rm.ResIST(model, c, **other), 1)
+        return [_raised(lambda: list(job.rounds(2)))]
+    for errors in on_ranks(2, body, "scalers"):
+        assert [type(e) for e in errors] == [TypeError, TypeError], errors
+    for case in ("optimizer", "scaler"):
+        for errors in on_ranks(2, body, case):
+            assert isinstance(errors[0], UsageError) and "another optimizer or loss scaler" in str(errors[0])
 
 
 def test_a_switched_warmup_refuses_the_warmups_sharded_checkpoint():
