@@ -262,3 +262,43 @@ def _one(c):
     m = RoundMeter(0, 0, 1, loss_sum=1.0, seen=1, bad_update=c.rank == 1)
     m.reduce(c)
     return m.divergence()
+
+
+def test_a_warmup_after_its_switch_reloads_the_last_good_state_after_a_non_finite_round():
+    """A Warmup's `with job:` left the running strategy's round open on a NonFiniteError from a
+    per-step average (groups: data-parallel inside each; it closed only its own), so
+    load_state_dict() of the last good state was refused. Reloaded after the switch, it trains what
+    the job that never met the NaN trains, bit for bit."""
+    def body(c, model, poisoned):
+        opt = torch.optim.SGD(model.parameters(), lr=L.LR, momentum=0.9)
+        job = L._strategy("warmup", model, c, optimizer=opt, local_steps=L.STEPS, group_size=2)  # ResIST from round 1
+        good, raised = None, None
+        try:
+            with job:
+                for k in range(4 * L.STEPS):
+                    opt.zero_grad()
+                    x, y = L.batch(c.rank, k)
+                    loss = F.cross_entropy(model(x), y)
+                    if poisoned and k == 2 * L.STEPS + 1 and c.rank % 2 == 0:  # round 2 (ResIST's second), every group
+                        loss = loss * math.nan
+                    loss.backward()
+                    opt.step()
+                    if k == 2 * L.STEPS - 1:  # round 1 ended (and round 2 began): the last good state
+                        good = job.state_dict()
+        except rm.NonFiniteError as e:
+            raised = str(e)
+            job.load_state_dict(good)
+            with job:
+                for k in range(2 * L.STEPS, 4 * L.STEPS):
+                    L.step(model, opt, c, k)
+        return raised, job.name, job.round, L.full_state(job)
+
+    def run(poisoned):
+        models = [L.make_model() for _ in range(4)]
+        torch.set_num_threads(1)
+        return run_ranks(4, lambda c: body(c, models[c.rank], poisoned))
+    for (raised, name, r, state), (_, _, r_clean, state_clean) in zip(run(True), run(False)):
+        assert name == "resist" and r == r_clean == 4
+        assert raised == "the gradient average is not finite"
+        assert L.states_equal(state, state_clean)
+        assert L.states_equal(state, state_clean)
