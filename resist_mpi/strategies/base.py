@@ -76,6 +76,7 @@ class Strategy:
     def __init__(self, model: torch.nn.Module, comm, *, optimizer: Optional[torch.optim.Optimizer] = None,
                  scheduler=None, scaler=None, local_steps: Optional[int] = None,
                  optimizer_state: Optional[str] = None):
+        _check_float32(model)
         self.model, self.comm = model, comm
         self.round = 0
         self._timed = 0.0
@@ -603,6 +604,17 @@ def _bn_restored(model: torch.nn.Module):
                     m.running_mean.copy_(mean)
                     m.running_var.copy_(var)
                     m.num_batches_tracked.copy_(n)
+
+
+def _check_float32(model: torch.nn.Module) -> None:
+    """Every averaged or exchanged tensor moves in float32 buffers: a model in another precision is
+    refused with what to do instead."""
+    names = [(n, t.dtype) for n, t in [*model.named_parameters(), *model.named_buffers()]
+             if t.is_floating_point() and t.dtype != torch.float32]
+    if names:
+        raise UsageError(f"resist_mpi trains float32 models; {names[0][0]} is {names[0][1]} ({len(names)} such "
+                         f"tensor(s)): keep the weights float32 and compute in lower precision with "
+                         f"torch.autocast (and a torch.amp.GradScaler: scaler=)")
 
 
 def _scaler_update_hook(scaler, hook):

@@ -410,6 +410,9 @@ def misuse(c, model, case):
             job.state_dict()
     elif case == "factory":
         rm.ResIST(model, c, optimizer=lambda groups: torch.optim.SGD(groups, lr=LR))
+    elif case == "half":  # (a flat buffer of float32 refused it deep inside, naming no tensor)
+        model.bn.half()
+        rm.LocalSGD(model, c)
 
 
 # -- policies -------------------------------------------------------------------------------------------------

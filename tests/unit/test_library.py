@@ -232,6 +232,7 @@ def test_a_switched_warmup_refuses_the_warmups_sharded_checkpoint():
     ("full_model_mid_round", "full_model\\(\\) in the middle of round 0"),
     ("state_dict_in_rounds_body", "state_dict\\(\\) in the middle of round 0"),
     ("factory", "takes a torch.optim.Optimizer"),
+    ("half", r"trains float32 models; bn\.weight is torch\.float16 \(4 such tensor\(s\)\): .*torch\.autocast"),
 ])
 def test_misuse_is_one_clear_error_on_every_rank(case, message):
     results = on_ranks(2, lambda c, m: _raised(L.misuse, c, m, case))
