@@ -158,7 +158,7 @@ class Strategy:
         if self._steps > 0 or self.optimizer is None:
             self.end_round()
         else:
-            self._open = False
+            self._abandon_round()  # (nothing trained: closing it without an average loses nothing)
 
     def _abandon_round(self) -> None:
         """Close an open round without ending it: nothing is averaged, the round stays self.round."""

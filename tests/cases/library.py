@@ -567,3 +567,16 @@ def warmup_rounds_looks(c, model):
         job.prepare_round()  # (the hook form's next round has begun when it looks)
         looks.append((job.name, full_state(job)))
     return looks
+
+
+def train_in_with_blocks(c, model, strategy, blocks):
+    """The hook form with `with job:` entered `blocks` times, each for a whole number of rounds (a
+    loop over epochs that enters it per epoch). Returns the full state."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    job = _strategy(strategy, model, c, optimizer=opt, local_steps=STEPS)
+    steps = ROUNDS * STEPS // blocks
+    for b in range(blocks):
+        with job:
+            for k in range(b * steps, (b + 1) * steps):
+                step(model, opt, c, k)
+    return full_state(job)

@@ -142,6 +142,15 @@ def test_a_warmup_in_the_hook_form_can_look_at_the_full_model_after_the_switch()
         assert all(isinstance(a, dict) and L.states_equal(a, b) for (_, a), (_, b) in zip(h, r)), h
 
 
+@pytest.mark.parametrize("strategy", ["warmup", "resist"])
+def test_with_job_entered_once_per_round_trains_what_one_block_trains(strategy):
+    """Leaving `with job:` at a round boundary closes the round just begun (nothing trained in it);
+    a Warmup closed only its own and left its strategy's open, so entering again said "round 2 is
+    already open"."""
+    one, per_round = on_ranks(2, L.train_in_with_blocks, strategy, 1), on_ranks(2, L.train_in_with_blocks, strategy, L.ROUNDS)
+    assert all(L.states_equal(a, b) for a, b in zip(one, per_round))
+
+
 SCALER_CASES = [(2, "local_sgd", {}), (2, "resist", {}), (2, "data_parallel", {}), (2, "warmup", {}),
                 (4, "resist", dict(group_size=2))]  # (local SGD's groups average gradients the same way)
 

@@ -126,29 +126,36 @@ def test_gradient_averager_recovers_after_a_backward_that_raised():
 
 @pytest.mark.parametrize("strategy, size, group_size", [
     ("data_parallel", 2, None), ("data_parallel", 4, None), ("local_sgd", 2, 2), ("local_sgd", 4, 2), ("resist", 4, 2),
-    ("local_sgd", 2, None), ("resist", 2, None)])
+    ("local_sgd", 2, None), ("resist", 2, None), ("warmup", 4, 2)])
 def test_after_a_non_finite_average_the_last_good_state_reloads_and_training_goes_on(strategy, size, group_size):
     """A per-step average (data-parallel; inside each group) that is not finite raises from
     backward() in the middle of a round: `with job:` left that round open, and load_state_dict()
     refused ("in the middle of a round"). Reloaded, the job trains what a job that never met the
     NaN trains, bit for bit; as it did already after a round's average that was not finite (no
-    per-step average: the NaN gradient is stepped, the round's end raises)."""
+    per-step average: the NaN gradient is stepped, the round's end raises). A Warmup (local SGD,
+    then ResIST from round 1) closed only its own round, not its strategy's: its last good state
+    is taken after the switch (the warm-up's own no longer loads there)."""
     G = group_size or size
     averaged = "gradient" if strategy == "data_parallel" or group_size else "round's"
+    start = 2 if strategy == "warmup" else 0  # rounds before the last good state
 
     def body(c, model, poisoned):
         opt = torch.optim.SGD(model.parameters(), lr=L.LR, momentum=0.9)
         job = L._strategy(strategy, model, c, optimizer=opt, local_steps=L.STEPS,
                           **({"group_size": group_size} if group_size else {}))
-        good, raised = job.state_dict(), None
+        if start:
+            with job:
+                for k in range(start * L.STEPS):
+                    L.step(model, opt, c, k)
+        good, raised, steps = job.state_dict(), None, range(start * L.STEPS, (start + 2) * L.STEPS)
         if poisoned:
             try:
                 with job:
-                    for k in range(2 * L.STEPS):
+                    for k in steps:
                         opt.zero_grad()
                         x, y = L.batch(c.rank, k)
                         loss = F.cross_entropy(model(x), y)
-                        if k == L.STEPS + 1 and c.rank % G == 0:  # in round 1, on the first rank of every group (or of all)
+                        if k == (start + 1) * L.STEPS + 1 and c.rank % G == 0:  # 2nd round, first rank of each group (or of all)
                             loss = loss * math.nan
                         loss.backward()
                         opt.step()
@@ -156,17 +163,18 @@ def test_after_a_non_finite_average_the_last_good_state_reloads_and_training_goe
                 raised = str(e)
             job.load_state_dict(good)
         with job:
-            for k in range(2 * L.STEPS):
+            for k in steps:
                 L.step(model, opt, c, k)
-        return raised, job.round, L.full_state(job)
+        return raised, job.name, job.round, L.full_state(job)
 
     def run(poisoned):
         models = [L.make_model() for _ in range(size)]
         torch.set_num_threads(1)
         return run_ranks(size, lambda c: body(c, models[c.rank], poisoned))
     clean = run(False)
-    for (raised, r, state), (_, r_clean, state_clean) in zip(run(True), clean):
-        assert raised == f"the {averaged} average is not finite" and r == r_clean == 2
+    for (raised, name, r, state), (_, _, r_clean, state_clean) in zip(run(True), clean):
+        assert raised == f"the {averaged} average is not finite" and r == r_clean == start + 2
+        assert name == ("resist" if strategy == "warmup" else strategy)
         assert L.states_equal(state, state_clean)
 
 
@@ -263,42 +271,3 @@ def _one(c):
     m.reduce(c)
     return m.divergence()
 
-
-def test_a_warmup_after_its_switch_reloads_the_last_good_state_after_a_non_finite_round():
-    """A Warmup's `with job:` left the running strategy's round open on a NonFiniteError from a
-    per-step average (groups: data-parallel inside each; it closed only its own), so
-    load_state_dict() of the last good state was refused. Reloaded after the switch, it trains what
-    the job that never met the NaN trains, bit for bit."""
-    def body(c, model, poisoned):
-        opt = torch.optim.SGD(model.parameters(), lr=L.LR, momentum=0.9)
-        job = L._strategy("warmup", model, c, optimizer=opt, local_steps=L.STEPS, group_size=2)  # ResIST from round 1
-        good, raised = None, None
-        try:
-            with job:
-                for k in range(4 * L.STEPS):
-                    opt.zero_grad()
-                    x, y = L.batch(c.rank, k)
-                    loss = F.cross_entropy(model(x), y)
-                    if poisoned and k == 2 * L.STEPS + 1 and c.rank % 2 == 0:  # round 2 (ResIST's second), every group
-                        loss = loss * math.nan
-                    loss.backward()
-                    opt.step()
-                    if k == 2 * L.STEPS - 1:  # round 1 ended (and round 2 began): the last good state
-                        good = job.state_dict()
-        except rm.NonFiniteError as e:
-            raised = str(e)
-            job.load_state_dict(good)
-            with job:
-                for k in range(2 * L.STEPS, 4 * L.STEPS):
-                    L.step(model, opt, c, k)
-        return raised, job.name, job.round, L.full_state(job)
-
-    def run(poisoned):
-        models = [L.make_model() for _ in range(4)]
-        torch.set_num_threads(1)
-        return run_ranks(4, lambda c: body(c, models[c.rank], poisoned))
-    for (raised, name, r, state), (_, _, r_clean, state_clean) in zip(run(True), run(False)):
-        assert name == "resist" and r == r_clean == 4
-        assert raised == "the gradient average is not finite"
-        assert L.states_equal(state, state_clean)
-        assert L.states_equal(state, state_clean)
