@@ -152,7 +152,8 @@ def test_with_job_entered_once_per_round_trains_what_one_block_trains(strategy):
 
 
 SCALER_CASES = [(2, "local_sgd", {}), (2, "resist", {}), (2, "data_parallel", {}), (2, "warmup", {}),
-                (4, "resist", dict(group_size=2))]  # (local SGD's groups average gradients the same way)
+                (4, "resist", dict(group_size=2)),  # (local SGD's groups average gradients the same way)
+                (2, "data_parallel", dict(wire_dtype="int8"))]  # (an overflow on the wire: NaN, no error)
 
 
 def _overflowed(rank, size, strategy, kw):
