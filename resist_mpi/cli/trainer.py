@@ -551,6 +551,13 @@ class Trainer:
         log.info(f"resist_mpi: {job.name} | {cfg.model} width {cfg.width} | {self.info.name} "
                  f"({self.info.num_train} train / {self.info.num_test} test) | {c.size} ranks, {c.name} backend, "
                  f"{self.device} | {cfg.epochs} epochs = {num_rounds} rounds of {cfg.local_steps} steps")
+        between = cfg.eval_every * spe / cfg.local_steps  # rounds from one evaluation to the next
+        if cfg.overlap and cfg.eval_every and c.size > 1 and between < 3:
+            # an evaluation needs the average in flight applied: it runs it, and the next round starts
+            # from it (docs/benchmarks.md, "Evaluating every epoch")
+            log.info(f"resist_mpi: note: --overlap with an evaluation every {between:.1f} rounds: each one waits "
+                     f"for the average in flight and applies it before the next round, so those rounds hide "
+                     f"nothing; evaluate less often (--eval-every) to keep the average in the background")
         if self.eval_background and cfg.eval_background is None and cfg.eval_every:
             log.info(f"resist_mpi: ranks on {len(set(c.nodes))} nodes: each evaluation but the last runs in the "
                      f"background while the next round trains (--no-eval-background: wait for it)")

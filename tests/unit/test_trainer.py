@@ -200,8 +200,17 @@ def test_evaluations_run_in_the_background_by_default_only_where_the_ranks_span_
     evals = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["event"] == "eval"]
     # epoch 1's evaluation in the background or not; the last one always waited for
     assert [r.get("background", False) for r in evals] == [background, False]
-    said = "each evaluation but the last runs in the background" in capsys.readouterr().out
-    assert said == (background and flag is None)
+    out = capsys.readouterr().out
+    assert ("each evaluation but the last runs in the background" in out) == (background and flag is None)
+    assert "note: --overlap" not in out  # (no --overlap here)
+
+
+def test_overlap_with_an_evaluation_every_few_rounds_says_what_it_costs(tmp_path, capsys):
+    """An evaluation needs the overlapped average applied: evaluating every 2.7 rounds (an epoch of 8
+    steps, rounds of 3) hides little, and the run says so once, on rank 0."""
+    _run_ranks(tmp_path / "run", 2, strategy="local_sgd", epochs=1, overlap=True, eval_every=1)
+    out = capsys.readouterr().out
+    assert out.count("note: --overlap with an evaluation every 2.7 rounds: each one waits for the average") == 1
 
 
 def test_resume_on_another_world_size_continues_at_the_same_epoch(tmp_path):
