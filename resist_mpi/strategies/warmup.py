@@ -84,10 +84,8 @@ class Warmup(Strategy):
             self.current.prepare_round()
 
     def _count_step(self, optimizer, args, kwargs) -> None:
-        if self._open:
-            self._steps += 1
-            self.current._steps = self._steps  # its boundary checks see the steps counted here
-            self.poll()
+        super()._count_step(optimizer, args, kwargs)
+        self.current._steps = self._steps  # its boundary checks see the steps counted here
 
     def _abandon_round(self) -> None:
         self.current._abandon_round()
