@@ -486,7 +486,7 @@ def train_with_scaler(c, model, strategy, form, **kw):
     scaler.update(), with losses that overflow on some ranks at some iterations (their steps are the
     scaler's to skip). form: "hooks" (`with job:`), "rounds" (job.rounds(n), STEPS iterations each)
     or "reference" (no scaler, the explicit form: an iteration that overflows takes no step, on the
-    ranks it overflows on, or on every rank where gradients are averaged every step). Returns (the
+    ranks it overflows on, or on every rank of a per-step average it is in). Returns (the
     full state, the round after training, this rank's state_dict(), its scale)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
     scaler = None if form == "reference" else torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
@@ -521,7 +521,6 @@ def train_with_scaler(c, model, strategy, form, **kw):
                 k += 1
     state = full_state(job)
     return state, job.round, job.state_dict(), None if scaler is None else scaler.get_scale()
-
 
 
 def scaler_reload(c, model, strategy, state, other_world=False):
