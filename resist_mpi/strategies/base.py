@@ -31,8 +31,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import pickle
 import time
+import weakref
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -617,21 +619,25 @@ def _check_float32(model: torch.nn.Module) -> None:
                          f"torch.autocast (and a torch.amp.GradScaler: scaler=)")
 
 
-def _scaler_update_hook(scaler, hook):
-    """Call hook() after every scaler.update() (a GradScaler has no hooks of its own: its update is
-    wrapped once, on the instance, and calls the hooks registered here in order); returns a
-    removable handle."""
-    hooks = scaler.__dict__.get("_resist_update_hooks")
-    if hooks is None:
-        hooks = scaler._resist_update_hooks = collections.OrderedDict()  # (a handle holds a weak reference)
-        update = scaler.update
+# hooks called after a GradScaler's update(), per scaler (a GradScaler has none of its own); kept
+# outside the scaler, so that it still pickles (its __getstate__ copies its __dict__)
+_SCALER_HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-        def update_then_hooks(*args, **kwargs):
-            out = update(*args, **kwargs)
-            for h in list(hooks.values()):
-                h()
-            return out
-        scaler.update = update_then_hooks
+
+def _update_then_hooks(scaler, *args, **kwargs):
+    out = type(scaler).update(scaler, *args, **kwargs)
+    for hook in list(_SCALER_HOOKS.get(scaler, {}).values()):  # (a hook may register another)
+        hook()
+    return out
+
+
+def _scaler_update_hook(scaler, hook):
+    """Call hook() after every scaler.update(): the instance's update becomes the class's followed
+    by the hooks registered here, in order; returns a removable handle."""
+    hooks = _SCALER_HOOKS.get(scaler)
+    if hooks is None:
+        hooks = _SCALER_HOOKS[scaler] = collections.OrderedDict()  # (a handle holds a weak reference)
+        scaler.update = functools.partial(_update_then_hooks, scaler)  # (a partial of a module function pickles)
     handle = torch.utils.hooks.RemovableHandle(hooks)
     hooks[handle.id] = hook
     return handle

@@ -189,6 +189,33 @@ def test_a_loss_scaler_skips_the_overflowing_steps_and_rounds_stay_aligned(size,
     assert any(L.SCALE / 2 ** _overflowed(r, size, strategy, kw) != L.SCALE for r in range(size))
 
 
+def test_a_scaler_given_to_a_job_still_pickles_and_its_copies_count_nothing():
+    """The job's hook on scaler.update() lives outside the scaler (GradScaler pickles its __dict__:
+    a closure there made torch.save(scaler) fail); a copy or an unpickled scaler updates as a
+    scaler does and ends no round of the job."""
+    import copy
+    import pickle
+
+    def body(c, model):
+        opt = torch.optim.SGD(model.parameters(), lr=L.LR)
+        scaler = torch.amp.GradScaler("cpu", init_scale=L.SCALE)
+        with L._strategy("local_sgd", model, c, optimizer=opt, scaler=scaler, local_steps=1) as job:
+            for k in range(2):
+                opt.zero_grad()
+                scaler.scale(torch.nn.functional.cross_entropy(model(L.batch(c.rank, k)[0]), L.batch(c.rank, k)[1])).backward()
+                scaler.step(opt)
+                scaler.update()
+            rounds = job.round
+            for other in (pickle.loads(pickle.dumps(scaler)), copy.deepcopy(scaler)):
+                opt.zero_grad()
+                other.scale(model(L.batch(c.rank, 9)[0]).sum()).backward()
+                other.step(opt)
+                other.update()
+                assert other.get_scale() == L.SCALE and job.round == rounds == 2
+        return True
+    assert on_ranks(2, body) == [True, True]
+
+
 @pytest.mark.parametrize("strategy", ["local_sgd", "data_parallel"])
 def test_a_loss_scalers_state_is_restored_each_ranks_own(strategy):
     """load_state_dict() of rank 0's state_dict() (the one file a run saves) gives each rank its own
