@@ -370,7 +370,7 @@ class Trainer:
             return {}
         before = self.previous_records() if self.resume_state is not None else []
         log = self.open_log(job, num_rounds, start_round, spe)
-        for line in getattr(self, "skipped", []) + (self.resume_state or {}).get("skipped", []):
+        for line in self.skipped + (self.resume_state or {}).get("skipped", []):
             log.info(f"resume: {line}")
         if self.set_aside:
             log.info(f"resume: {self.set_aside}")

@@ -323,11 +323,15 @@ class Strategy:
 
     def close(self) -> None:
         """Take every hook this strategy put on the optimizer and the model's parameters off."""
+        self._drop_step_hooks()
+        for averager in self._gradient_averagers:
+            averager.remove()
+
+    def _drop_step_hooks(self) -> None:
+        """Stop counting the training loop's steps (the hooks on the optimizer's step or scaler's update)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for averager in self._gradient_averagers:
-            averager.remove()
 
     # -- what this rank trains ----------------------------------------------------------------------
     def param_groups(self) -> List[Dict]:

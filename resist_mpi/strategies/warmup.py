@@ -31,7 +31,7 @@ class Warmup(Strategy):
         self.first, self._then, self.switch_round = first, then, switch_round
         self.current: Strategy = first
         self._warmup_time = 0.0  # the first strategy's communication time, once it is gone
-        _count_for_it(first)
+        first._drop_step_hooks()  # the Warmup counts the steps for the strategy it runs (_count_step)
 
     @property
     def name(self) -> str:
@@ -60,7 +60,9 @@ class Warmup(Strategy):
             if self.current.optimizer is not self.optimizer or self.current.scaler is not self.scaler:
                 raise UsageError("Warmup: the strategy then() built holds another optimizer or loss scaler than the "
                                  "warm-up's: give both the same optimizer= (and scaler=)")
-            _count_for_it(self.current)
+            # its own step hook, registered after the Warmup's round-ending one, would count the step
+            # that ended a round into the next: the Warmup counts for it
+            self.current._drop_step_hooks()
             self.current.round = self.round
             self.first = None  # its flat buffer (a whole model) goes with it
 
@@ -161,15 +163,6 @@ class Warmup(Strategy):
             raise UsageError(f"{what}: the state of round {round_index} ({written}'s) is from the warm-up, and "
                              f"this job has switched to {self.current.name} already: load it into a new Warmup "
                              f"job, built as the run that saved it")
-
-
-def _count_for_it(strategy: Strategy) -> None:
-    """The Warmup counts the optimizer's steps for the strategy it runs: that strategy's own step hook
-    goes (registered after the Warmup's round-ending hook, as the second strategy's is at the switch,
-    it would count the step that ended a round into the next one)."""
-    for h in strategy._hooks:
-        h.remove()
-    strategy._hooks = []
 
 
 def _as_switched(state: Optional[Dict]) -> Optional[Dict]:
