@@ -62,8 +62,9 @@ RESIST_CHECKPOINT_MINUTES=${RESIST_CHECKPOINT_MINUTES:-20}
 RESIST_CHECKPOINT_ROUNDS=${RESIST_CHECKPOINT_ROUNDS:-1}
 # After a lost node: relaunch on the nodes still alive, this many times at most (0: never)
 RESIST_MAX_RESTARTS=${RESIST_MAX_RESTARTS:-3}
-# Seconds to wait for the scheduler to see the lost node (SLURM marks it after its SlurmdTimeout)
-RESIST_NODE_WAIT=${RESIST_NODE_WAIT:-120}
+# After a failed launch, seconds a node has to answer a probe (SLURM: a step running `true` on it;
+# PBS: a ping) before it counts as lost
+RESIST_NODE_WAIT=${RESIST_NODE_WAIT:-30}
 RESIST_EXTRA_ARGS=${RESIST_EXTRA_ARGS:-}
 # One thread per rank unless the job asked for more cores per task (ranks share a node's cores).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -211,7 +212,7 @@ resist_train() {
             return "$rc"
         fi
         hosts=$(_resist_hosts)
-        alive=$(_resist_wait_for_lost "$hosts")
+        alive=$(_resist_alive_now "$hosts")
         if [ "$alive" = "$hosts" ]; then
             if [ "$rc" -gt 128 ] && [ "$(_resist_newest_checkpoint "$out")" = "$before" ]; then
                 restarts=$((restarts + 1))
@@ -246,32 +247,36 @@ _resist_newest_checkpoint() {
     echo "$newest"
 }
 
-# The hosts (comma-separated) of $1 that are still alive: SLURM's view of its nodes (a node whose
-# slurmd stopped answering is "not responding" after SlurmdTimeout), else a ping of each. Waits up to
-# RESIST_NODE_WAIT seconds for one of them to be seen lost; prints the alive ones.
+# The hosts (comma-separated) of $1 that are still alive, in their order. A host is lost when the
+# scheduler already says so (SLURM: sinfo shows it not responding, down, drained or failed) or when
+# it does not answer a probe within RESIST_NODE_WAIT seconds: under SLURM a one-task step running
+# `true` there (srun --overlap: the failed step may still hold the CPUs), else a ping. The probes
+# run at once, so a crash while every node answers is known in a second or two, and a lost node
+# without waiting for SLURM's SlurmdTimeout (300 s by default) to mark it.
+_resist_probe() {
+    if [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
+        timeout "$RESIST_NODE_WAIT" srun --overlap --nodes=1 --ntasks=1 --nodelist="$1" --quiet true >/dev/null 2>&1
+    else
+        ping -c 1 -W 2 "$1" >/dev/null 2>&1
+    fi
+}
+
 _resist_alive_now() {
-    local h out=""
+    local h out="" answered
+    answered=$(mktemp -d)
     for h in ${1//,/ }; do
         if [ -n "${SLURM_JOB_ID:-}" ] && command -v sinfo >/dev/null; then
             # %t: the state, with * when the node does not respond; down/drain/fail: not usable
             case $(sinfo -h -N -n "$h" -o %t 2>/dev/null | head -1) in
                 *"*"*|down*|drain*|fail*|"") continue ;;
             esac
-        elif ! ping -c 1 -W 2 "$h" >/dev/null 2>&1; then
-            continue
         fi
-        out+="${out:+,}$h"
+        { _resist_probe "$h" && touch "$answered/$h"; } &
     done
+    wait
+    for h in ${1//,/ }; do
+        if [ -e "$answered/$h" ]; then out+="${out:+,}$h"; fi
+    done
+    rm -rf "$answered"
     echo "$out"
-}
-
-_resist_wait_for_lost() {
-    local waited=0 alive
-    alive=$(_resist_alive_now "$1")
-    while [ "$alive" = "$1" ] && [ "$waited" -lt "$RESIST_NODE_WAIT" ]; do
-        sleep 5
-        waited=$((waited + 5))
-        alive=$(_resist_alive_now "$1")
-    done
-    echo "$alive"
 }

@@ -237,7 +237,7 @@ def test_sbatch_relaunches_on_the_nodes_left(cluster, tmp_path):
 def submit(s, out, log):
     """sbatch the job script on 4 nodes into out; the job's id."""
     env = dict(RESIST_DATASET="digits", RESIST_EPOCHS=str(SBATCH_EPOCHS), RESIST_OUT=str(out), RESIST_LAUNCHER="srun",
-               RESIST_CONFIG=os.path.join(ROOT, "configs", "demo.yaml"), RESIST_NODE_WAIT="120",
+               RESIST_CONFIG=os.path.join(ROOT, "configs", "demo.yaml"),
                RESIST_EXTRA_ARGS="--comm-timeout 10")
     p = s.run(["sbatch", "--parsable", "--nodes=4", "--ntasks-per-node=1", "--no-kill", f"--output={log}",
                "jobs/slurm/train.sbatch"], env=env)

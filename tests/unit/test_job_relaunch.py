@@ -33,17 +33,26 @@ echo "ping $host" >> "$STUB_LOG"
 for d in $DEAD; do [ "$d" = "$host" ] && exit 1; done
 exit 0
 """
-# SLURM: scontrol expands the node list, sinfo says "idle*" (not responding) for the dead hosts.
+# SLURM: scontrol expands the node list, sinfo says "idle*" (not responding) for the hosts in
+# $MARKED (default: the dead ones); srun's probe of one node (a step running `true`) fails on the
+# hosts in $DEAD and outlasts any timeout on those in $HANG.
 SCONTROL = """#!/bin/bash
 [ "$1 $2" = "show hostnames" ] && tr , '\\n' <<<"$3"
 """
 SINFO = """#!/bin/bash
 host=""; while [ $# -gt 0 ]; do [ "$1" = -n ] && host=$2; shift; done
-for d in $DEAD; do [ "$d" = "$host" ] && { echo "idle*"; exit 0; }; done
+for d in ${MARKED-$DEAD}; do [ "$d" = "$host" ] && { echo "idle*"; exit 0; }; done
 echo idle
 """
 SRUN = """#!/bin/bash
 if [ "$1" = --mpi=list ]; then echo "MPI plugin types are... pmix"; exit 0; fi
+if [ "${@: -1}" = true ]; then
+    for a in "$@"; do case $a in --nodelist=*) host=${a#--nodelist=} ;; esac; done
+    echo "probe $* " >> "$STUB_LOG"
+    for d in $HANG; do [ "$d" = "$host" ] && exec sleep 60; done
+    for d in $DEAD; do [ "$d" = "$host" ] && exit 1; done
+    exit 0
+fi
 """ + LAUNCH
 
 
@@ -131,7 +140,25 @@ def test_slurm_relaunch_asks_sinfo_and_names_the_nodes_left(tmp_path):
     assert launches[1].startswith("--nodes=3 --ntasks=6 --ntasks-per-node=2 --mpi=pmix --kill-on-bad-exit=1 "
                                   "--nodelist=node0,node2,node3 --overlap "), launches[1]
     assert "resist: lost node1 (exit 3); relaunching on 3 nodes (node0,node2,node3)" in out
-    assert "ping" not in (tmp_path / "stub.log").read_text()  # SLURM's view, not a ping
+    log = (tmp_path / "stub.log").read_text()
+    assert "ping" not in log  # SLURM's view and its steps, not a ping
+    # the nodes SLURM does not mark lost answer a one-task step on each; node1 is not asked
+    probes = sorted(w for line in log.splitlines() if line.startswith("probe ") for w in line.split()
+                    if w.startswith("--nodelist="))
+    assert probes == ["--nodelist=node0", "--nodelist=node2", "--nodelist=node3"], log
+    assert "probe --overlap --nodes=1 --ntasks=1 --nodelist=node0 --quiet true" in log, log
+
+
+def test_slurm_finds_a_lost_node_before_slurm_marks_it(tmp_path):
+    # SLURM still shows every node idle (its SlurmdTimeout, 300 s by default, has not passed):
+    # node1 does not run the probe's step, node2's step never answers; a wait for SLURM's mark
+    # (RESIST_NODE_WAIT=100 would have been 100 s) would outlast the subprocess' 60 s
+    rc, out, launches = _slurm(_fresh(tmp_path, "probe"), "3 0", dead="node1", MARKED="", HANG="node2",
+                               RESIST_NODE_WAIT="2")
+    assert rc == 0 and len(launches) == 2, (out, launches)
+    assert "--nodes=2 --ntasks=2 --ntasks-per-node=1 --mpi=pmix --kill-on-bad-exit=1 --nodelist=node0,node3 " \
+        "--overlap " in launches[1], launches[1]
+    assert "resist: lost node1,node2 (exit 3); relaunching on 2 nodes (node0,node3)" in out, out
 
 
 def _slurm(tmp_path, exits, dead="", **env):
@@ -141,8 +168,10 @@ def _slurm(tmp_path, exits, dead="", **env):
 
 
 def test_a_crash_before_the_first_checkpoint_launches_again_on_the_same_nodes(tmp_path):
-    # the first launch: a rank's segmentation fault while MPI starts (srun: 139), nothing written
-    rc, out, launches = _slurm(_fresh(tmp_path, "start"), "139 0")
+    # the first launch: a rank's segmentation fault while MPI starts (srun: 139), nothing written;
+    # every node answers its probe, so the relaunch comes at once (a wait of RESIST_NODE_WAIT for a
+    # lost node to show would outlast the subprocess' 60 s)
+    rc, out, launches = _slurm(_fresh(tmp_path, "start"), "139 0", RESIST_NODE_WAIT="100")
     assert rc == 0 and len(launches) == 2 and launches[1] == launches[0], (out, launches)
     assert ("resist: a rank was killed by signal 11 before the launch wrote a checkpoint (exit 139) and every "
             "node still answers: launching again on the same nodes, restart 1 of 3") in out, out
