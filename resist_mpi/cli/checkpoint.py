@@ -621,7 +621,8 @@ def clear_out_dir(cfg) -> None:
 ABANDONED = "abandoned-"  # OUT/checkpoints/abandoned-*/: checkpoints of a line a resumed run left
 
 
-def set_aside_after(out: str, round_index: int, keep: Optional[str] = None) -> Optional[str]:
+def set_aside_after(out: str, round_index: int, keep: Optional[str] = None,
+                    reason: Optional[str] = None) -> Optional[str]:
     """Move the checkpoint folders of out newer than round_index that have a manifest (complete or
     not: those failing verification too) into OUT/checkpoints/abandoned-YYYYmmdd-HHMMSS/, where
     neither --resume auto nor rotation looks; folders without one are removed (a killed write's
@@ -632,7 +633,8 @@ def set_aside_after(out: str, round_index: int, keep: Optional[str] = None) -> O
     another line (--resume PATH to an older one, or ones --resume auto skipped as unusable) and
     would otherwise stay "the newest": rotation would prune the run's own checkpoints in their
     favour, and a later --resume auto continue that other line. Nothing with a manifest is deleted.
-    Returns one line saying what was moved where, or None when nothing was."""
+    Returns one line saying what was moved where (why: reason, else "not of this run's line"), or
+    None when nothing was."""
     keep_real = os.path.realpath(keep) if keep else None
     newer = sorted((r, d) for r, d in _round_dirs(out) if r > round_index and os.path.realpath(d) != keep_real)
     moved = []
@@ -654,8 +656,41 @@ def set_aside_after(out: str, round_index: int, keep: Optional[str] = None) -> O
         return None
     fsync_dir(checkpoint_dir(out))
     since = "all" if round_index < 0 else f"newer than round {round_index}, the one resumed from"
-    return (f"moved {len(moved)} checkpoint(s) not of this run's line ({since}: {', '.join(moved)}) to {aside}; "
+    reason = reason or f"not of this run's line ({since}"
+    return (f"moved {len(moved)} checkpoint(s) {reason}: {', '.join(moved)}) to {aside}; "
             f"--resume auto and --keep-checkpoints ignore them there")
+
+
+def folder_round(out: str, path: str) -> Optional[int]:
+    """The number of checkpoint folder path when it is one of out's (OUT/checkpoints/ckpt-NNNNNN),
+    else None. It orders out's checkpoints; after a resume on another world size it can differ
+    from the round in the folder's manifest (renumber_resumed)."""
+    real = os.path.realpath(path)
+    m = _DIR.fullmatch(os.path.basename(real))
+    return int(m.group(1)) if m and os.path.dirname(real) == os.path.realpath(checkpoint_dir(out)) else None
+
+
+def renumber_resumed(out: str, path: str, start: int, old_size: int) -> Optional[str]:
+    """After a resume on more ranks than the checkpoint's (fewer rounds to an epoch), number the
+    checkpoints by the new world's rounds again: the run continues at round `start`, lower than
+    the checkpoint's folder number, and writes ckpt-(start+1) next, so the old world's folders
+    numbered above it (older training, numbered higher) would be taken by --resume auto for the
+    newest and kept by rotation in favour of the run's own. The checkpoint resumed from (when it is
+    one of out's) becomes ckpt-<start> (its manifest unchanged: it still says which round of its
+    own world it holds), and the old world's folders from `start` on are moved aside, never deleted.
+    Call it on rank 0 once every rank has read the checkpoint. One line saying what changed, or None."""
+    real = os.path.realpath(path)
+    number = folder_round(out, real)
+    reason = f"of the {old_size}-rank world from this world's round {start} on (older training"
+    if number is None or number <= start:  # another directory's checkpoint, or fewer ranks: numbers only grow
+        return set_aside_after(out, start, keep=real if number is not None else None, reason=reason)
+    moved = set_aside_after(out, start - 1, keep=real, reason=reason)
+    target = round_dir(out, start)
+    os.replace(real, target)
+    fsync_dir(checkpoint_dir(out))
+    line = (f"renamed {os.path.basename(real)} to {os.path.basename(target)}: this world of more ranks numbers "
+            f"the same epoch as round {start}")
+    return f"{line}; {moved}" if moved else line
 
 
 class OutLock:

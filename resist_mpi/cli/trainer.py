@@ -275,10 +275,14 @@ class Trainer:
             # never deleted (half-written ones without a manifest are), so that neither rotation nor a
             # later --resume auto takes them for this run's
             state = self.resume_state or {"round": -1, "path": None}
+            # the folder's number orders out's checkpoints (renumbered after a world-size change, it
+            # can differ from its manifest's round); a checkpoint from elsewhere: its manifest's round
+            number = ckpt.folder_round(cfg.out, state["path"]) if state["path"] else None
+            since = int(state["round"]) if number is None else number
             try:
-                self.set_aside = ckpt.set_aside_after(cfg.out, int(state["round"]), state["path"])
+                self.set_aside = ckpt.set_aside_after(cfg.out, since, state["path"])
             except OSError as e:  # rank 0 alone here: a line, not a hang of the others
-                self.set_aside = f"could not move the checkpoints newer than round {state['round']} aside: {e}"
+                self.set_aside = f"could not move the checkpoints newer than round {since} aside: {e}"
 
     def share_resume_state(self, state):
         """Every rank gets rank 0's checkpoint choice (one broadcast of a few fields; each rank then
@@ -376,6 +380,7 @@ class Trainer:
             log.info(f"resume: {self.set_aside}")
         if self.resume_state is not None:
             self.resume(job, log, start_round)
+            self.renumber_checkpoints(log, start_round)
             self.log_membership(log, before, start_round)
         self.log_start(job, log, num_rounds, start_round, spe)
         self.checkpointer = ckpt.Checkpointer(cfg, c, {"model_name": cfg.model, "config": cfg.to_dict(),
@@ -496,6 +501,22 @@ class Trainer:
             return read_metrics(path)
         except ValueError:
             return []
+
+    def renumber_checkpoints(self, log: RunLog, start: int) -> None:
+        """After a resume on another world size: the checkpoint folders numbered by this world's
+        rounds (ckpt.renumber_resumed), by rank 0 once every rank has read its files."""
+        state = self.resume_state
+        if int(state["world_size"]) == self.c.size:
+            return
+        self.c.barrier()
+        if self.c.rank != 0:
+            return
+        try:
+            line = ckpt.renumber_resumed(self.cfg.out, state["path"], start, int(state["world_size"]))
+        except OSError as e:  # rank 0 alone here: a line, not a hang of the others
+            line = f"could not renumber the checkpoints for this world's rounds: {e}"
+        if line:
+            log.info(f"resume: {line}")
 
     def log_membership(self, log: RunLog, before: List[Dict], start: int) -> None:
         """A `membership` record when the world differs from the checkpoint's (a node lost or added):

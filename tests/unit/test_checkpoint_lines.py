@@ -285,3 +285,38 @@ def test_resume_auto_of_a_finished_run_says_so_and_leaves_its_records(tmp_path, 
     assert said.strip().splitlines()[-1] == (f"resist_mpi: {newest} ends the run's 1 epochs: nothing to train (a larger "
                                              "--epochs trains on; --overwrite starts afresh)")
     assert (out / "metrics.jsonl").read_text() == records
+
+
+def test_a_resume_on_more_ranks_numbers_the_checkpoints_by_the_new_worlds_rounds(tmp_path, capsys):
+    """More ranks number the same epoch with a lower round (fewer steps per rank to an epoch): the
+    1-rank run's checkpoint of round 8 (epoch 3 of 4) continues on 2 ranks at round 4. The folder
+    it was read from becomes ckpt-000004, the old world's folders from 4 on are moved aside, so the
+    run's own checkpoints are the newest by number: a later --resume auto finds the finished run,
+    not the old world's ckpt-000008 (which would train epoch 4 again)."""
+    out = tmp_path / "run"
+    torch.set_num_threads(1)
+    _run(out, epochs=4, keep_checkpoints=20)  # 1 rank: 8 steps an epoch, 11 rounds of 3
+    for name in _names(out):  # a node lost after ckpt-000008 (the state after round 7, epoch 3)
+        if int(name[-6:]) > 8:
+            shutil.rmtree(out / "checkpoints" / name)
+    old = {name: _manifest(out / "checkpoints" / name) for name in _names(out)}
+    cfg = validate(Config(**{**TINY, "out": str(out), "epochs": 4, "keep_checkpoints": 20, "resume": "auto"}))
+    capsys.readouterr()
+    run_ranks(2, lambda c: Trainer(cfg, c).run())  # 4 steps an epoch: rounds 4 and 5 of 6
+    said = capsys.readouterr().out
+    assert "resume: renamed ckpt-000008 to ckpt-000004: this world of more ranks numbers the same epoch as round 4" \
+        in said, said
+    names = _names(out)
+    aside = [n for n in names if n.startswith(ckpt.ABANDONED)]
+    assert len(aside) == 1 and sorted(os.listdir(out / "checkpoints" / aside[0])) == [
+        f"ckpt-00000{k}" for k in (4, 5, 6, 7)]
+    for k in (4, 5, 6, 7):  # moved, not deleted: the old world's checkpoints as they were
+        assert _manifest(out / "checkpoints" / aside[0] / f"ckpt-00000{k}") == old[f"ckpt-00000{k}"]
+    assert [n for n in names if not n.startswith(ckpt.ABANDONED)] == [f"ckpt-00000{k}" for k in range(1, 7)]
+    manifests = {k: _manifest(out / "checkpoints" / f"ckpt-00000{k}") for k in range(1, 7)}
+    assert manifests[4] == old["ckpt-000008"]  # renamed, its manifest as written (round 8 of 1 rank)
+    assert [(manifests[k]["world_size"], manifests[k]["round"]) for k in (5, 6)] == [(2, 5), (2, 6)]
+    newest, skipped = ckpt.newest_verified(str(out))
+    assert (os.path.basename(newest), skipped, _manifest(newest)["epoch"]) == ("ckpt-000006", [], 4.0)
+    run_ranks(2, lambda c: Trainer(cfg, c).run())  # a requeue of the finished job: nothing to train
+    assert "ckpt-000006 ends the run's 4 epochs: nothing to train" in capsys.readouterr().out
