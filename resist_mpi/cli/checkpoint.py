@@ -683,7 +683,7 @@ def renumber_resumed(out: str, path: str, start: int, old_size: int) -> Optional
     number = folder_round(out, real)
     reason = f"of the {old_size}-rank world from this world's round {start} on (older training"
     if number is None or number <= start:  # another directory's checkpoint, or fewer ranks: numbers only grow
-        return set_aside_after(out, start, keep=real if number is not None else None, reason=reason)
+        return set_aside_after(out, start, keep=real, reason=reason)
     moved = set_aside_after(out, start - 1, keep=real, reason=reason)
     target = round_dir(out, start)
     os.replace(real, target)
