@@ -69,7 +69,8 @@ class RunLog:
         kept = []
         if resume_round and os.path.exists(path):
             # a resumed run continues the record: keep what happened before the checkpoint only (by
-            # epoch when the world size changed: a round is then another length)
+            # epoch where given: after a world-size change a round is another length and the record
+            # holds rounds of two numberings)
             kept = [r for r in read_metrics(path) if _before(r, resume_round, resume_epoch)]
         self._fh = open(path, "w")
         for rec in kept:
@@ -130,7 +131,9 @@ def _before(rec: Dict, resume_round: int, resume_epoch: Optional[float]) -> bool
     if rec.get("event") == "done":
         return False
     if resume_epoch is not None and isinstance(rec.get("epoch"), (int, float)):
-        return rec["epoch"] <= resume_epoch + 1e-9 and rec.get("event") != "resume"
+        if rec.get("event") == "resume":  # an earlier resume stays; one from this checkpoint is redone
+            return rec["epoch"] < resume_epoch - 1e-9
+        return rec["epoch"] <= resume_epoch + 1e-9
     return rec.get("round", -1) < resume_round
 
 

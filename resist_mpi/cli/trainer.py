@@ -554,7 +554,9 @@ class Trainer:
         cfg, c = self.cfg, self.c
         self.num_rounds, self.train_steps_per_epoch = num_rounds, spe
         state = self.resume_state
-        epoch = float(state["epoch"]) if state is not None and int(state["world_size"]) != c.size else None
+        # the record is cut at the checkpoint's epoch: after a world-size change it holds rounds of
+        # two numberings, and a cut by round number would drop the other world's
+        epoch = float(state["epoch"]) if state is not None else None
         log = RunLog(cfg.out, c.rank == 0, cfg.progress, num_rounds - start, cfg.tensorboard, resume_round=start,
                      resume_epoch=epoch)
         log.write_config({"config": cfg.to_dict(), "world_size": c.size, "backend": c.name,

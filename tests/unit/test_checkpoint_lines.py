@@ -320,3 +320,12 @@ def test_a_resume_on_more_ranks_numbers_the_checkpoints_by_the_new_worlds_rounds
     assert (os.path.basename(newest), skipped, _manifest(newest)["epoch"]) == ("ckpt-000006", [], 4.0)
     run_ranks(2, lambda c: Trainer(cfg, c).run())  # a requeue of the finished job: nothing to train
     assert "ckpt-000006 ends the run's 4 epochs: nothing to train" in capsys.readouterr().out
+    # the record keeps both worlds' rounds, each stretch of training once, in order; a resume on
+    # the same 2 ranks (from ckpt-000005) keeps the 1-rank world's rounds numbered above 5
+    from helpers import records
+    epochs = [r["epoch"] for r in records(out, "round")]
+    shutil.rmtree(out / "checkpoints" / "ckpt-000006")
+    run_ranks(2, lambda c: Trainer(cfg, c).run())
+    again = [r["epoch"] for r in records(out, "round")]
+    assert again == sorted(set(again)) and again == epochs, (again, epochs)
+    assert [r["epoch"] for r in records(out, "resume")] == [3.0, 3.75]  # both resumes, once each
