@@ -333,7 +333,8 @@ class Checkpointer:
             atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), os.path.join(directory, MANIFEST))
             self.written.append(r)
             if log is not None:  # rank 0's seconds: the snapshot and the manifest (training waits), the write (not)
-                log.record("checkpoint", round=r - 1, path=directory, t_snapshot=self._snap.pop(r, None),
+                log.record("checkpoint", round=r - 1, epoch=manifest["epoch"], path=directory,
+                           t_snapshot=self._snap.pop(r, None),
                            t_commit=time.perf_counter() - t0, t_write=self.writer.t_round.pop(r, None))
         if ready:  # deleting old checkpoints' files is file system work (tens of ms for 160 MB): in the background
             last = self.written[-1]

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -55,7 +55,8 @@ class RunLog:
     """
 
     def __init__(self, out: str, is_root: bool, progress: str = "auto", total_rounds: int = 0,
-                 tensorboard: bool = False, resume_round: int = 0, resume_epoch: Optional[float] = None):
+                 tensorboard: bool = False, resume_round: int = 0, resume_epoch: Optional[float] = None,
+                 resumed_as: Optional[Tuple[float, int]] = None):
         self.is_root = is_root
         self.out = out
         self.start = time.perf_counter()
@@ -71,7 +72,7 @@ class RunLog:
             # a resumed run continues the record: keep what happened before the checkpoint only (by
             # epoch where given: after a world-size change a round is another length and the record
             # holds rounds of two numberings)
-            kept = [r for r in read_metrics(path) if _before(r, resume_round, resume_epoch)]
+            kept = [r for r in read_metrics(path) if _before(r, resume_round, resume_epoch, resumed_as)]
         self._fh = open(path, "w")
         for rec in kept:
             self._fh.write(json.dumps(finite_json(rec), allow_nan=False) + "\n")
@@ -127,12 +128,18 @@ class RunLog:
             self._tb.close()
 
 
-def _before(rec: Dict, resume_round: int, resume_epoch: Optional[float]) -> bool:
+def _before(rec: Dict, resume_round: int, resume_epoch: Optional[float],
+            resumed_as: Optional[Tuple[float, int]] = None) -> bool:
+    """Whether a record of the run being resumed stays: it came before the checkpoint's epoch
+    (resume_epoch; without one, before resume_round). A resume's own records (resume, membership)
+    at resumed_as = (its start epoch, its world size) are an earlier attempt of this resume, redone
+    now; earlier changes of the world stay, also one at the same start epoch to another size."""
     if rec.get("event") == "done":
         return False
     if resume_epoch is not None and isinstance(rec.get("epoch"), (int, float)):
-        if rec.get("event") == "resume":  # an earlier resume stays; one from this checkpoint is redone
-            return rec["epoch"] < resume_epoch - 1e-9
+        if rec.get("event") in ("resume", "membership"):
+            start, size = resumed_as or (resume_epoch, None)
+            return rec["epoch"] < start - 1e-9 or (rec["epoch"] < resume_epoch - 1e-9 and rec.get("world_size") != size)
         return rec["epoch"] <= resume_epoch + 1e-9
     return rec.get("round", -1) < resume_round
 

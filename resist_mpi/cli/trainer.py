@@ -533,8 +533,9 @@ class Trainer:
         # again): counted in that world's rounds, which another world size numbers differently
         repeated = max(0, last["round"] + 1 - int(self.resume_state["round"])) if last else 0
         seconds = time.time() - last["time"] if last and isinstance(last.get("time"), (int, float)) else None
-        log.record("membership", round=start, world_size=self.c.size, previous_world_size=self.resume_state["world_size"],
-                   left=left, joined=joined, rounds_repeated=repeated, t_recovery=seconds)
+        log.record("membership", round=start, epoch=start * self.cfg.local_steps / self.spe, world_size=self.c.size,
+                   previous_world_size=self.resume_state["world_size"], left=left, joined=joined,
+                   rounds_repeated=repeated, t_recovery=seconds)
         log.info(f"membership: {self.resume_state['world_size']} -> {self.c.size} ranks at round {start} "
                  f"(left: {', '.join(left) or '-'}; joined: {', '.join(joined) or '-'}); {repeated} round(s) "
                  f"trained again" + (f", {seconds:.0f} s since the last round before the change" if seconds else ""))
@@ -558,7 +559,7 @@ class Trainer:
         # two numberings, and a cut by round number would drop the other world's
         epoch = float(state["epoch"]) if state is not None else None
         log = RunLog(cfg.out, c.rank == 0, cfg.progress, num_rounds - start, cfg.tensorboard, resume_round=start,
-                     resume_epoch=epoch)
+                     resume_epoch=epoch, resumed_as=(start * cfg.local_steps / spe, c.size))
         log.write_config({"config": cfg.to_dict(), "world_size": c.size, "backend": c.name,
                           "device": str(self.device), "steps_per_epoch": spe, "num_rounds": num_rounds,
                           "dataset": self.info.name, "num_classes": self.info.num_classes,

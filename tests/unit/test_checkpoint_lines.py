@@ -329,3 +329,22 @@ def test_a_resume_on_more_ranks_numbers_the_checkpoints_by_the_new_worlds_rounds
     again = [r["epoch"] for r in records(out, "round")]
     assert again == sorted(set(again)) and again == epochs, (again, epochs)
     assert [r["epoch"] for r in records(out, "resume")] == [3.0, 3.75]  # both resumes, once each
+    # on 4 ranks from ckpt-000005 (epoch 3.75: round 2 there): renumbered again, and the record
+    # keeps the first change's membership record (its round, 4, counts the 2-rank world's rounds)
+    shutil.rmtree(out / "checkpoints" / "ckpt-000006")
+    run_ranks(4, lambda c: Trainer(cfg, c).run())
+    assert [(m["previous_world_size"], m["world_size"], m["round"], m["epoch"]) for m in records(out, "membership")] \
+        == [(1, 2, 4, 3.0), (2, 4, 2, 3.0)]
+    final = [r["epoch"] for r in records(out, "round")]
+    assert final == sorted(set(final)) and final[:len(epochs) - 1] == epochs[:-1] and final[-1] == 4.0, final
+    assert [n for n in _names(out) if not n.startswith(ckpt.ABANDONED)] == ["ckpt-000001", "ckpt-000002", "ckpt-000003"]
+    assert _manifest(out / "checkpoints" / "ckpt-000002")["round"] == 5  # the 2-rank world's, renamed
+    # the resume on 2 ranks from ckpt-000005 came after that checkpoint: its record went with its rounds
+    resumes = [(r["epoch"], r["world_size"]) for r in records(out, "resume")]
+    assert resumes == [(3.0, 2), (3.0, 4)], resumes
+    # the 4-rank run lost before its first checkpoint landed: the same resume again, its records once
+    shutil.rmtree(out / "checkpoints" / "ckpt-000003")
+    run_ranks(4, lambda c: Trainer(cfg, c).run())
+    assert [(r["epoch"], r["world_size"]) for r in records(out, "resume")] == resumes
+    assert [(m["previous_world_size"], m["world_size"]) for m in records(out, "membership")] == [(1, 2), (2, 4)]
+    assert [r["epoch"] for r in records(out, "round")] == final
