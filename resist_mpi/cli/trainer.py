@@ -502,6 +502,10 @@ class Trainer:
         except ValueError:
             return []
 
+    def start_epoch(self, start_round: int) -> float:
+        """The epoch at the start of round start_round of this world."""
+        return start_round * self.cfg.local_steps / self.spe
+
     def renumber_checkpoints(self, log: RunLog, start: int) -> None:
         """After a resume on another world size: the checkpoint folders numbered by this world's
         rounds (ckpt.renumber_resumed), by rank 0 once every rank has read its files."""
@@ -533,7 +537,7 @@ class Trainer:
         # again): counted in that world's rounds, which another world size numbers differently
         repeated = max(0, last["round"] + 1 - int(self.resume_state["round"])) if last else 0
         seconds = time.time() - last["time"] if last and isinstance(last.get("time"), (int, float)) else None
-        log.record("membership", round=start, epoch=start * self.cfg.local_steps / self.spe, world_size=self.c.size,
+        log.record("membership", round=start, epoch=self.start_epoch(start), world_size=self.c.size,
                    previous_world_size=self.resume_state["world_size"], left=left, joined=joined,
                    rounds_repeated=repeated, t_recovery=seconds)
         log.info(f"membership: {self.resume_state['world_size']} -> {self.c.size} ranks at round {start} "
@@ -559,7 +563,7 @@ class Trainer:
         # two numberings, and a cut by round number would drop the other world's
         epoch = float(state["epoch"]) if state is not None else None
         log = RunLog(cfg.out, c.rank == 0, cfg.progress, num_rounds - start, cfg.tensorboard, resume_round=start,
-                     resume_epoch=epoch, resumed_as=(start * cfg.local_steps / spe, c.size))
+                     resume_epoch=epoch, resumed_as=(self.start_epoch(start), c.size))
         log.write_config({"config": cfg.to_dict(), "world_size": c.size, "backend": c.name,
                           "device": str(self.device), "steps_per_epoch": spe, "num_rounds": num_rounds,
                           "dataset": self.info.name, "num_classes": self.info.num_classes,
@@ -569,7 +573,7 @@ class Trainer:
     def log_start(self, job, log: RunLog, num_rounds: int, start_round: int, spe: int) -> None:
         cfg, c = self.cfg, self.c
         if self.resume_state is not None:
-            log.record("resume", round=start_round, epoch=start_round * cfg.local_steps / spe,
+            log.record("resume", round=start_round, epoch=self.start_epoch(start_round),
                        path=self.resume_state["path"], world_size=c.size)
             log.info(f"resumed from {self.resume_state['path']} at round {start_round}")
         log.info(f"resist_mpi: {job.name} | {cfg.model} width {cfg.width} | {self.info.name} "
