@@ -292,7 +292,9 @@ def test_a_resume_on_more_ranks_numbers_the_checkpoints_by_the_new_worlds_rounds
     1-rank run's checkpoint of round 8 (epoch 3 of 4) continues on 2 ranks at round 4. The folder
     it was read from becomes ckpt-000004, the old world's folders from 4 on are moved aside, so the
     run's own checkpoints are the newest by number: a later --resume auto finds the finished run,
-    not the old world's ckpt-000008 (which would train epoch 4 again)."""
+    not the old world's ckpt-000008 (which would train epoch 4 again). Then metrics.jsonl through
+    further resumes (again on 2 ranks, on 4, on 4 once more): both worlds' rounds, each epoch once
+    and in order, every change of the world recorded once."""
     out = tmp_path / "run"
     torch.set_num_threads(1)
     _run(out, epochs=4, keep_checkpoints=20)  # 1 rank: 8 steps an epoch, 11 rounds of 3
