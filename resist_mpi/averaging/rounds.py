@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ..comm import Comm
-from ..comm.fusion import flatten_, is_view_of
+from ..comm.fusion import flatten_, is_view_of, unpack_
 from ..plan.groups import Groups, slice_counts
 from .compression import ErrorFeedback
 from .tensors import _check_finite, _cpu_copy
@@ -41,8 +41,9 @@ class Averager:
       round-r update by the average one and keeps its round-r+1 progress: x <- x - own_r +
       mean_r, computed as agreed + own_{r+1} where agreed (the same on every rank) has taken
       mean_r (or the outer step), so no rounding accumulates in x and a flush leaves every rank
-      the same bits. flush() waits and applies at once (evaluation, checkpoints, the end of
-      training).
+      the same bits. flush() waits and applies at once (full_model(), the end of training);
+      deliver_to() gives another copy of the tensors (an evaluation's) the values a flush would,
+      when the average lands in its own time, and changes nothing in training.
 
     Args:
         comm: the Comm to average over.
@@ -72,6 +73,7 @@ class Averager:
         self._params = 0  # elements of the parameters' part of the buffer (a prefix)
         self._pending = None  # (Work, own update, mean buffer, residual before it) of the last round
         self._deferred: Optional[torch.Tensor] = None  # the update of the round just ended, not yet started
+        self._deliveries: List[tuple] = []  # (tensors, callback): copies waiting for the pending average (deliver_to)
         self.exposed = self.hidden = 0.0
         self._bg_world = self._bg = None
         if self.overlap:
@@ -234,8 +236,12 @@ class Averager:
         self.exposed += waited
         self.hidden += max(0.0, work.duration - waited)
         self.comm.absorb(self._bg_world)  # its bytes count now, on this thread
-        _check_finite(mean, "the overlapped average of a round's update")
+        deliveries, self._deliveries = self._deliveries, []
+        _check_finite(mean, "the overlapped average of a round's update")  # (raises: no copy gets it)
         self._advance(mean)
+        for targets, landed in deliveries:
+            unpack_(self.agreed, targets)
+            landed()
 
     def poll(self) -> None:
         """Let a background average progress (MPI's poll mode needs the calls)."""
@@ -255,6 +261,17 @@ class Averager:
             self._apply_pending()
             flat.copy_(self.agreed)
             self.start.copy_(flat)  # a pending average exists only with overlap, which allocated start
+
+    def deliver_to(self, copy_of: Callable[[torch.Tensor], torch.Tensor], landed: Callable[[], None]) -> None:
+        """Give another copy of the averaged tensors (an evaluation's; copy_of maps each tensor to
+        its copy) the values flush() would leave now, when the pending average is applied in its
+        own time (the next round's end, or a flush), without applying it early; then call landed().
+        With nothing pending every rank holds those values already: landed() at once, the copy
+        untouched. An average that is not finite delivers nothing."""
+        if not self.pending:
+            landed()
+            return
+        self._deliveries.append(([copy_of(t) for t in self._tensors()], landed))
 
     @property
     def pending(self) -> bool:

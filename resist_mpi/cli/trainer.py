@@ -225,6 +225,7 @@ class Trainer:
     def __init__(self, cfg: Config, c: Comm):
         self.cfg, self.c = cfg, c
         self.pending_eval = None  # --eval-background: the evaluation running while a round trains
+        self.delayed_eval = None  # --overlap: an evaluation's copy waiting for its round's average to land
         # --eval-background's default: on where the ranks span nodes (across slow links the gather of
         # the blocks is most of an evaluation, and it then hides behind training), off on one machine,
         # where an evaluation is CPU work that would only share the training's cores (docs/benchmarks.md)
@@ -424,7 +425,9 @@ class Trainer:
                          f"to be requeued (continue with --resume auto)")
                 self.stopped, self.exit_code = True, REQUEUE_EXIT
                 break
-        if self.pending_eval is not None:  # a run that stopped on a non-finite round: its last evaluation
+        if self.pending_eval is not None:  # a run that stopped on a non-finite round: its last evaluations
+            self.finish_background_eval(log)
+        if self.take_landed_eval(log):
             self.finish_background_eval(log)
         log.close()
         stop_request.close()
@@ -579,13 +582,10 @@ class Trainer:
         log.info(f"resist_mpi: {job.name} | {cfg.model} width {cfg.width} | {self.info.name} "
                  f"({self.info.num_train} train / {self.info.num_test} test) | {c.size} ranks, {c.name} backend, "
                  f"{self.device} | {cfg.epochs} epochs = {num_rounds} rounds of {cfg.local_steps} steps")
-        between = cfg.eval_every * spe / cfg.local_steps  # rounds from one evaluation to the next
-        if cfg.overlap and cfg.eval_every and c.size > 1 and between < 3:
-            # an evaluation needs the average in flight applied: it runs it, and the next round starts
-            # from it (docs/benchmarks.md, "Evaluating every epoch")
-            log.info(f"resist_mpi: note: --overlap with an evaluation every {between:.1f} rounds: each one waits "
-                     f"for the average in flight and applies it before the next round, so those rounds hide "
-                     f"nothing; evaluate less often (--eval-every) to keep the average in the background")
+        if self.delays_evaluations and cfg.eval_every:
+            log.info("resist_mpi: --overlap: each evaluation but the last is of its round's model with that round's "
+                     "average, which lands at the next round's end: its record comes then, and training goes on "
+                     "as without it")
         if self.eval_background and cfg.eval_background is None and cfg.eval_every:
             log.info(f"resist_mpi: ranks on {len(set(c.nodes))} nodes: each evaluation but the last runs in the "
                      f"background while the next round trains (--no-eval-background: wait for it)")
@@ -596,6 +596,8 @@ class Trainer:
         stop = m.stop and not last
         if self.pending_eval is not None:  # the evaluation started after the round before this one
             self.finish_background_eval(log)
+        if self.take_landed_eval(log) and (last or stop or not self.eval_background):
+            self.finish_background_eval(log)  # (run now, beside nothing)
         done = (m.step0 + m.steps) // spe
         epoch = (m.step0 + m.steps) / spe
         eval_due = last or (cfg.eval_every and done // cfg.eval_every > m.step0 // spe // cfg.eval_every)
@@ -610,8 +612,18 @@ class Trainer:
             return None
         self.watchdog.beat(f"round {m.round}: evaluation/checkpoint")
         result = None
-        if eval_due and self.eval_background and not (last or stop):
-            self.start_background_eval(job, m, log)
+        if ckpt_due and stop:
+            # before the evaluation, which applies an overlapped average in flight: the checkpoint
+            # holds the run as it would have gone on (the average restarts from it on resume)
+            self.checkpointer.snapshot(job, epoch)
+            self.last_ckpt_time = time.perf_counter()
+        if eval_due and self.delays_evaluations and not (last or stop):
+            # the copy takes the round's average when it lands, at the next round's end: evaluated then
+            self.delayed_eval = self.background_eval(job, m, log, flush=False)
+            if self.take_landed_eval(log) and not self.eval_background:  # nothing was in flight
+                self.finish_background_eval(log)
+        elif eval_due and self.eval_background and not (last or stop):
+            self.pending_eval = self.background_eval(job, m, log)
         elif eval_due:
             meter = EvalMeter(c)
             if not (last or stop):
@@ -627,18 +639,26 @@ class Trainer:
                 meter.mark(None)
             meter.mark("return")
             result = self.log_eval(job, log, m, meter)
-        if ckpt_due:
-            # after the evaluation (which applied an overlapped average: the run goes on from there);
+        if ckpt_due and not stop:
             # nothing is gathered: each rank hands its own part to its background writer
             self.checkpointer.snapshot(job, epoch)
             self.last_ckpt_time = time.perf_counter()
         return result
 
-    def start_background_eval(self, job, m: RoundMeter, log) -> None:
-        """--eval-background: evaluate round m.round's model on the background thread while the
-        next round trains (Strategy.evaluation_copy: the same full model, to the bit); its record
-        is written when it is done, at the end of the next round at the latest."""
-        cfg, copy, out = self.cfg, job.evaluation_copy(), {}
+    @property
+    def delays_evaluations(self) -> bool:
+        """--overlap on several ranks: an evaluation waits for its round's average in a copy
+        (Strategy.evaluation_copy(flush=False)) instead of applying it early, which would change
+        the training (the next round would start from the averaged values)."""
+        return self.cfg.overlap and self.c.size > 1
+
+    def background_eval(self, job, m: RoundMeter, log, flush: bool = True) -> "PendingEval":
+        """Round m.round's model evaluated on the background thread (Strategy.evaluation_copy: the
+        same full model, to the bit): with --eval-background while the next round trains, its
+        record written when it is done, at the end of the next round at the latest. With flush=False
+        (--overlap) it runs once the round's average has landed in the copy, at the next round's
+        end: beside the round after that, or at once without --eval-background."""
+        cfg, copy, out = self.cfg, job.evaluation_copy(flush), {}
         # the same batches read on that thread: DataLoader workers are never forked from it
         train, test = (copy_of_loader(loader) for loader in (self.train_loader, self.test_loader))
 
@@ -650,26 +670,40 @@ class Trainer:
                 copy.model, copy.comm, cfg, test, train, self.device, copy.bn)
             out["t"] = {"gather": t1 - t0, "calibrate": t_cal, "test": t_test}
 
-        self.pending_eval = PendingEval(run, out, copy, m, job, log.wallclock())  # started by launch_eval
+        # started by launch_eval; a delayed one's clock is set when its average lands
+        return PendingEval(run, out, copy, m, job, log.wallclock(), delayed=not copy.ready)
+
+    def take_landed_eval(self, log) -> bool:
+        """Make the delayed evaluation whose round's average has landed (in the round just ended) the
+        pending one, its clock now: the time its model exists on every rank. Whether there was one."""
+        delayed = self.delayed_eval
+        if delayed is None or not delayed.copy.ready:
+            return False
+        self.pending_eval, self.delayed_eval = delayed, None
+        delayed.wallclock = log.wallclock()
+        return True
 
     def launch_eval(self) -> None:
         """Start the pending background evaluation, once the round's own block exchange is done: its
         gather then shares the links with the local steps' silence, not with that exchange."""
         pending = self.pending_eval
         if pending is not None and pending.work is None:
-            pending.work = self.c.submit(pending.run)
+            pending.work, pending.beside = self.c.submit(pending.run), True
 
     def finish_background_eval(self, log) -> None:
         """Wait for the background evaluation (collective: every rank at the same point) and log it."""
-        self.launch_eval()  # not started yet (no round began since): now
         pending, self.pending_eval = self.pending_eval, None
+        if pending.work is None:  # not started yet (no round began since): now, beside nothing
+            pending.work = self.c.submit(pending.run)
         self.watchdog.beat(f"round {pending.m.round}: the background evaluation")
         t0 = time.perf_counter()
         pending.work.wait()
         meter = EvalMeter(self.c)
         pending.copy.count_into(self.c)  # its bytes, counted on its own communicators, are the meter's
         meter.t.update(pending.out["t"])
-        meter.wallclock, meter.t_wait = pending.wallclock, time.perf_counter() - t0
+        meter.wallclock = pending.wallclock
+        meter.t_wait = time.perf_counter() - t0 if pending.beside else None
+        meter.delayed = pending.delayed
         meter.loss, meter.acc = pending.out["loss"], pending.out["acc"]
         self.log_eval(pending.job, log, pending.m, meter)
 
@@ -678,6 +712,8 @@ class Trainer:
         sent, recv, cross, t, total, early_sent, t_early = meter.totals()
         wallclock = log.wallclock() if meter.wallclock is None else meter.wallclock
         extra = {} if meter.t_wait is None else {"background": True, "t_eval_wait": c.reduce_stats([meter.t_wait], "max")[0]}
+        if meter.delayed:
+            extra["delayed"] = True  # (--overlap) after the next round, when the round's average landed
         log.record("eval", round=m.round, epoch=epoch, strategy=job.name, world_size=c.size, test_loss=test_loss,
                    test_acc=test_acc, bytes_sent=int(sent), bytes_recv=int(recv), bytes_cross_node=int(cross),
                    t_eval=total, **{f"t_{k}": v for k, v in t.items()},
@@ -689,15 +725,18 @@ class Trainer:
 
 @dataclass
 class PendingEval:
-    """A background evaluation (--eval-background): what runs it, its results once it has, the copy
-    it evaluates, the round and strategy it belongs to, the run's clock when it was taken."""
+    """An evaluation on the background thread (--eval-background, or --overlap's delayed ones):
+    what runs it, its results once it has, the copy it evaluates, the round and strategy it
+    belongs to, the run's clock when its model existed (taken; a delayed one's: landed)."""
     run: object
     out: Dict
     copy: object
     m: RoundMeter
     job: Strategy
     wallclock: float
-    work: Optional[object] = None  # its Work once started (launch_eval)
+    delayed: bool = False  # its copy waits for the round's overlapped average (evaluation_copy(flush=False))
+    work: Optional[object] = None  # its Work once started
+    beside: bool = False  # started at a round's start (launch_eval): it ran beside that round's training
 
 
 class EvalMeter:
@@ -712,6 +751,7 @@ class EvalMeter:
         self.loss, self.acc = float("nan"), float("nan")  # the evaluation's result, once it has one
         self.wallclock: Optional[float] = None  # a background evaluation: the run's clock when it started
         self.t_wait: Optional[float] = None  # a background evaluation: seconds training waited for it
+        self.delayed = False  # (--overlap) evaluated when its round's average landed, a round later
         self.early_sent, self.t_early = 0, 0.0
         self._last = time.perf_counter()
 

@@ -193,9 +193,9 @@ class Strategy:
         evaluation but the last. The base strategies move nothing at a round's start: nothing to do."""
         self._check_boundary("prepare_round()")
 
-    def evaluation_copy(self) -> "ModelCopy":
+    def evaluation_copy(self, flush: bool = True) -> "ModelCopy":
         """A copy of the synchronised model, to evaluate in the background while training goes on
-        (collective, between rounds; pending overlapped averages are applied first).
+        (collective, between rounds).
 
         copy.model is this rank's own copy: training never touches it, and evaluating it changes
         nothing in training. copy.complete(), run on the background thread (Comm.submit), makes it
@@ -203,13 +203,25 @@ class Strategy:
         communicators only (ResIST: gathers the blocks this rank lacks; the base strategies hold the
         full model already). copy.comm is a background communicator of every rank for the
         evaluation's own collectives (BN statistics, counts); copy.bn the copy's modules of
-        bn_to_recalibrate()."""
+        bn_to_recalibrate().
+
+        flush: apply a pending overlapped average first (--overlap; the next round then starts from
+        the averaged values, as after full_model()). With flush=False the average stays in flight
+        and training goes on exactly as without the copy: the copy takes the averaged values when
+        the average lands (at the next round's end, or a flush()), and copy.ready says when;
+        complete() before that raises UsageError. (Without a pending average both are the same.)"""
         self._check_boundary("evaluation_copy()")
-        self.flush()
-        model = copy.deepcopy(self.model)
+        if flush:
+            self.flush()
+        memo: Dict = {}
+        model = copy.deepcopy(self.model, memo)  # memo: each of this model's tensors -> its copy
         complete, comms = self._completion(model)
-        return ModelCopy(model, self._background("world", self.comm), _same_modules(self.model, model, self.bn_to_recalibrate()),
-                         complete, comms)
+        out = ModelCopy(model, self._background("world", self.comm), _same_modules(self.model, model, self.bn_to_recalibrate()),
+                        complete, comms)
+        for averager in self._model_averagers:
+            out._awaiting += 1
+            averager.deliver_to(lambda t: memo[id(t)], out._landed)
+        return out
 
     def _completion(self, model: torch.nn.Module):
         """(what makes the copy model the full model, the background communicators it uses); the
@@ -573,9 +585,21 @@ class ModelCopy:
         self.model, self.comm, self.bn = model, comm, bn
         self._complete = complete
         self.comms = [comm, *comms]  # every background communicator it uses
+        self._awaiting = 0  # overlapped averages still to land in it (evaluation_copy(flush=False))
+
+    @property
+    def ready(self) -> bool:
+        """Whether the copy holds the synchronised values (every overlapped average it waits for landed)."""
+        return self._awaiting == 0
+
+    def _landed(self) -> None:
+        self._awaiting -= 1
 
     def complete(self) -> None:
         """Make the copy the full model (on the background thread: background communicators only)."""
+        if not self.ready:
+            raise UsageError("ModelCopy.complete(): an overlapped average this copy waits for has not landed "
+                             "yet (it lands at the end of the next round, or at the strategy's flush())")
         if self._complete is not None:
             self._complete()
 

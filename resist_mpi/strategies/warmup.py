@@ -115,9 +115,9 @@ class Warmup(Strategy):
         with self.current.full_model() as full:
             yield full
 
-    def evaluation_copy(self):
+    def evaluation_copy(self, flush: bool = True):
         self._check_boundary("evaluation_copy()")
-        return self.current.evaluation_copy()
+        return self.current.evaluation_copy(flush)
 
     def state_dict(self) -> Dict:
         self._check_boundary("state_dict()")

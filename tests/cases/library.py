@@ -185,6 +185,48 @@ def train_with_background_evaluations(c, model, background, **kw):
     return seen, full_state(job), rounds, momenta
 
 
+def train_with_a_delayed_evaluation(c, model, how, **kw):
+    """overlap=True, explicit rounds: one evaluation, of round 0's model: with full_model() right
+    after round 0 (how "flush": the average in flight applied at once), or of
+    job.evaluation_copy(flush=False), completed and looked at after round 1, when round 0's average
+    has landed in it ("delayed"); None: no evaluation. Returns (what the evaluation saw: _look(),
+    the copy's readiness after round 0 and after round 1 and whether complete() refused it before,
+    the final state, per round bytes (sent, received) of the training communicator)."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    job = _strategy(kw.pop("strategy", "resist"), model, c, optimizer=opt, optimizer_state="keep", overlap=True, **kw)
+    seen, ready, rounds, copy, k = None, [], [], None, 0
+    for r in range(ROUNDS):
+        before = c.counters()
+        job.begin_round()
+        for _ in range(STEPS):
+            step(model, opt, c, k)
+            k += 1
+        job.end_round()
+        after = c.counters()
+        rounds.append((after[0] - before[0], after[1] - before[1]))
+        if r == 0 and how == "flush":
+            with job.full_model() as full:
+                seen = _look(full, c, job.bn_to_recalibrate())
+        elif r == 0 and how == "delayed":
+            copy = job.evaluation_copy(flush=False)
+            ready.append(copy.ready)
+            try:
+                copy.complete()
+                ready.append("completed")
+            except rm.UsageError:
+                ready.append("refused")
+        elif r == 1 and copy is not None:
+            ready.append(copy.ready)
+            out = {}
+
+            def run():
+                copy.complete()
+                out["look"] = _look(copy.model, copy.comm, copy.bn)
+            c.submit(run).wait()
+            seen = out["look"]
+    return seen, ready, full_state(job), rounds
+
+
 def look_inside_hook_rounds(c, model, strategy, how):
     """overlap=True in the `with job:` form: the full model looked at (how: "full_model",
     "state_dict" or "evaluation_copy") right after the step that ended round 0, when round 1 has

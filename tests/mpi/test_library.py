@@ -105,3 +105,19 @@ def test_background_evaluation_sees_the_full_model_on_real_ranks(c, kw):
         assert _same_everywhere(c, sa)
     assert L.states_equal(bg[1], sync[1]) and L.states_equal(bg[1], plain[1])
     assert bg[2] == plain[2]
+
+
+@pytest.mark.parametrize("kw", [{}, dict(strategy="local_sgd", wire_dtype="int8")], ids=["resist", "local_sgd-int8"])
+def test_a_delayed_evaluation_under_overlap_on_real_ranks(c, kw):
+    """tests/unit/test_eval_background.py's delayed evaluation on real ranks and backends (the
+    average landing in the copy while the background thread has the copy's own collectives): the
+    copy is the model full_model() gave right after round 0, to the bit, and training and its bytes
+    are a run's without the evaluation."""
+    flushed = L.train_with_a_delayed_evaluation(c, L.make_model(), "flush", **kw)
+    delayed = L.train_with_a_delayed_evaluation(c, L.make_model(), "delayed", **kw)
+    plain = L.train_with_a_delayed_evaluation(c, L.make_model(), None, **kw)
+    assert delayed[1] == [False, "refused", True]
+    (sa, oa, ma), (sb, ob, mb) = delayed[0], flushed[0]
+    assert L.states_equal(sa, sb) and torch.equal(oa, ob) and ma == mb and _same_everywhere(c, sa)
+    assert L.states_equal(delayed[2], plain[2]) and not L.states_equal(flushed[2], plain[2])
+    assert delayed[3] == plain[3]

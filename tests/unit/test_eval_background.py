@@ -71,3 +71,31 @@ def test_the_copy_is_the_ranks_own():
         assert not all(held) and held_after == held_now  # the copy's gather leaves the training store alone
         unchanged, moved = moved
         assert unchanged and moved[0] > 0 and moved[1] > 0  # its bytes were counted on its own communicators
+
+
+def _delayed(size, how, **kw):
+    models = [L.make_model() for _ in range(size)]
+    torch.set_num_threads(1)
+    return run_ranks(size, lambda c: L.train_with_a_delayed_evaluation(c, models[c.rank], how, **kw))
+
+
+@pytest.mark.parametrize("size, kw", [
+    (2, {}), (4, dict(group_size=2)), (2, dict(strategy="local_sgd", wire_dtype="int8")),
+    (2, dict(strategy="local_sgd", outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True))),
+    (2, dict(strategy="warmup"))], ids=["resist-2", "resist-4-groups", "local_sgd-int8", "diloco", "warmup"])
+def test_an_evaluation_under_overlap_waits_for_the_average_in_a_copy_and_changes_nothing(size, kw):
+    """--overlap: evaluation_copy(flush=False) is not ready until round 0's average lands (round 1's
+    end), then it is the model full_model() gave right after round 0 (which applied the average
+    early), to the bit; and training goes on exactly as without an evaluation, where the early
+    application changes the rest of the run."""
+    flushed = _delayed(size, "flush", **kw)
+    delayed = _delayed(size, "delayed", **kw)
+    plain = _delayed(size, None, **kw)
+    for r in range(size):
+        assert delayed[r][1] == [False, "refused", True]
+        assert _looks_equal(delayed[r][0], flushed[r][0])
+        assert _looks_equal(delayed[r][0], delayed[0][0])  # every rank the same result
+        assert L.states_equal(delayed[r][2], plain[r][2])
+        if kw.get("strategy") != "warmup":  # (whose switch at round 1's start applies it anyway)
+            assert not L.states_equal(flushed[r][2], plain[r][2])  # applying it early changes training
+    assert [x[3] for x in delayed] == [x[3] for x in plain]  # nothing more on the training communicator

@@ -202,15 +202,79 @@ def test_evaluations_run_in_the_background_by_default_only_where_the_ranks_span_
     assert [r.get("background", False) for r in evals] == [background, False]
     out = capsys.readouterr().out
     assert ("each evaluation but the last runs in the background" in out) == (background and flag is None)
-    assert "note: --overlap" not in out  # (no --overlap here)
+    assert "--overlap:" not in out  # (no --overlap here)
 
 
-def test_overlap_with_an_evaluation_every_few_rounds_says_what_it_costs(tmp_path, capsys):
-    """An evaluation needs the overlapped average applied: evaluating every 2.7 rounds (an epoch of 8
-    steps, rounds of 3) hides little, and the run says so once, on rank 0."""
-    _run_ranks(tmp_path / "run", 2, strategy="local_sgd", epochs=1, overlap=True, eval_every=1)
+def test_evaluations_under_overlap_leave_the_training_as_without_them(tmp_path, capsys):
+    """--overlap: each evaluation but the last waits in a copy for its round's average, which lands at
+    the next round's end (Strategy.evaluation_copy(flush=False)), so the rounds are those of a run
+    without evaluations, to the bit (an evaluation that applied the average early changed them).
+    2 epochs of 8 steps, rounds of 3: evaluations due after rounds 2 and 5; the first is recorded
+    after round 3, marked delayed, with the run's clock then; in the background (--eval-background)
+    the same results. The run says so once."""
+    from helpers import records, round_records
+    kw = dict(strategy="resist", epochs=2, overlap=True, checkpoint_every=0, bn_batches=2)
+    keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
+    runs = {name: tmp_path / name for name in ("final", "every", "background")}
+    results = {}
+    for name, extra in [("final", dict(eval_every=0)), ("every", dict(eval_every=1, eval_background=False)),
+                        ("background", dict(eval_every=1, eval_background=True))]:
+        results[name] = _run_ranks(runs[name], 2, **kw, **extra)
     out = capsys.readouterr().out
-    assert out.count("note: --overlap with an evaluation every 2.7 rounds: each one waits for the average") == 1
+    assert out.count("--overlap: each evaluation but the last is of its round's model with that round's average") == 2
+    assert round_records(runs["every"], *keys) == round_records(runs["final"], *keys)
+    assert round_records(runs["background"], *keys) == round_records(runs["final"], *keys)
+    assert results["every"] == results["background"] == results["final"]
+    every, background = records(runs["every"], "eval"), records(runs["background"], "eval")
+    assert [(e["round"], e.get("delayed", False), e.get("background", False)) for e in every] == \
+        [(2, True, False), (5, False, False)]
+    assert [(e["round"], e.get("delayed", False), e.get("background", False)) for e in background] == \
+        [(2, True, True), (5, False, False)]
+    assert [(e["test_loss"], e["test_acc"]) for e in every] == [(e["test_loss"], e["test_acc"]) for e in background]
+    lines = [json.loads(line) for line in open(runs["every"] / "metrics.jsonl")]
+    order = [(r["event"], r["round"]) for r in lines if r["event"] in ("round", "eval")]
+    assert order.index(("eval", 2)) == order.index(("round", 3)) + 1  # recorded when the average landed
+    clock = {r["round"]: r["wallclock"] for r in lines if r["event"] == "round"}
+    assert clock[3] <= every[0]["wallclock"] < clock[4]
+
+
+class _StopAtRound2:
+    """StopRequest as if a signal came during round 2 (each rank reads it once per round)."""
+
+    def __init__(self, *args, **kwargs):
+        self.reads, self.signal_name = 0, "SIGUSR1"
+
+    @property
+    def requested(self) -> bool:
+        self.reads += 1
+        return self.reads == 3
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_stop_under_overlap_checkpoints_before_its_evaluation_and_the_requeue_goes_on_bit_for_bit(
+        tmp_path, monkeypatch):
+    """A stop after round 2, where an evaluation is due: the evaluation applies the average in flight
+    (the run ends there), so the checkpoint is written before it and holds the run as it would have
+    gone on; the requeued run's rounds and results are the uninterrupted run's, to the bit."""
+    import resist_mpi.cli.trainer as trainer_module
+    from helpers import records, round_records
+    kw = dict(strategy="resist", epochs=2, overlap=True, checkpoint_every=0, checkpoint_rounds=0, eval_every=1)
+    keys = ("round", "train_loss", "train_acc", "bytes_sent")
+    full = _run_ranks(tmp_path / "full", 2, **kw)
+    with monkeypatch.context() as patched:
+        patched.setattr(trainer_module, "StopRequest", _StopAtRound2)
+        _run_ranks(tmp_path / "part", 2, **kw)
+    assert [(r["round"], r["exit"]) for r in records(tmp_path / "part", "stop")] == [(2, 99)]
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path / "part"))] == ["ckpt-000003"]
+    stopped = records(tmp_path / "part", "eval")
+    assert [e["round"] for e in stopped] == [2] and not stopped[0].get("delayed")
+    resumed = _run_ranks(tmp_path / "part", 2, resume="auto", **kw)
+    assert resumed == full
+    assert round_records(tmp_path / "part", *keys) == round_records(tmp_path / "full", *keys)
+    assert [(e["round"], e["test_loss"], e["test_acc"]) for e in records(tmp_path / "part", "eval")] == \
+        [(e["round"], e["test_loss"], e["test_acc"]) for e in records(tmp_path / "full", "eval")]
 
 
 def test_resume_on_another_world_size_continues_at_the_same_epoch(tmp_path):
