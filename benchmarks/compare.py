@@ -166,9 +166,11 @@ def summarise_run(path: str, targets: List[float]) -> Optional[Dict]:
             reached[str(t)] = None
             continue
         # training time: the wall-clock at that evaluation less what the evaluations so far took from
-        # training (a background one's wallclock is when it started: its own time came after)
+        # training (a background one's wallclock is when it started, a delayed one's (--overlap) when
+        # its round's average landed: their own time came after)
         hit = evals[k]
-        taken = sum(map(time_taken_from_training, evals[:k])) + (0.0 if hit.get("background") else hit.get("t_eval", 0.0))
+        own = 0.0 if hit.get("background") or hit.get("delayed") else hit.get("t_eval", 0.0)
+        taken = sum(map(time_taken_from_training, evals[:k])) + own
         reached[str(t)] = {"wallclock": hit["wallclock"], "epoch": hit["epoch"], "train_wallclock": hit["wallclock"] - taken}
     launch = os.path.join(path, "launch.json")
     return {

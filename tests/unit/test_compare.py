@@ -87,3 +87,10 @@ def test_time_to_target_without_evaluations_counts_only_what_background_ones_mad
     run = compare.summarise_run(str(tmp_path / "resist-0"), [0.95, 0.97])
     assert run["time_to_target"] == {"0.95": {"wallclock": 5.0, "epoch": 1.0, "train_wallclock": 4.75},
                                      "0.97": {"wallclock": 9.0, "epoch": 2.0, "train_wallclock": 6.25}}
+    # --overlap: a delayed evaluation's wallclock is when its round's average landed, before it ran
+    # (training waited for all of it, which counts for the later ones)
+    evals[1] = {**evals[1], "delayed": True, "background": False}
+    _run(tmp_path / "resist-1", rounds, evals)
+    run = compare.summarise_run(str(tmp_path / "resist-1"), [0.95, 0.97])
+    assert run["time_to_target"] == {"0.95": {"wallclock": 5.0, "epoch": 1.0, "train_wallclock": 4.75},
+                                     "0.97": {"wallclock": 9.0, "epoch": 2.0, "train_wallclock": 5.75}}
