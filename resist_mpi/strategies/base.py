@@ -285,7 +285,7 @@ class Strategy:
 
     def flush(self) -> None:
         """Wait for background averages and apply them (--overlap), so every rank holds the same
-        model; evaluation, checkpoints and the end of training call it."""
+        model; full_model(), evaluation_copy() (unless told not to) and the end of training call it."""
         for averager in self._model_averagers:
             averager.flush()
 
