@@ -145,6 +145,19 @@ def _look(model, c, only):
     return state, out, (loss, acc)
 
 
+def _counted_round(job, model, opt, c, k):
+    """One explicit round of STEPS steps from step k: (the next step, (bytes sent, received) of
+    the training communicator in it)."""
+    before = c.counters()
+    job.begin_round()
+    for _ in range(STEPS):
+        step(model, opt, c, k)
+        k += 1
+    job.end_round()
+    after = c.counters()
+    return k, (after[0] - before[0], after[1] - before[1])
+
+
 def train_with_background_evaluations(c, model, background, **kw):
     """Explicit rounds, one optimizer, an evaluation after every round but the last: of full_model()
     after prepare_round() (background False: the trainer's synchronous evaluation), or of
@@ -156,18 +169,12 @@ def train_with_background_evaluations(c, model, background, **kw):
     job = _strategy(kw.pop("strategy", "resist"), model, c, optimizer=opt, optimizer_state="keep", **kw)
     seen, rounds, pending, k = [], [], None, 0
     for r in range(ROUNDS):
-        before = c.counters()
-        job.begin_round()
-        for _ in range(STEPS):
-            step(model, opt, c, k)
-            k += 1
-        job.end_round()
+        k, moved = _counted_round(job, model, opt, c, k)
+        rounds.append(moved)
         if pending is not None:
             pending[0].wait()
             seen.append(pending[1]["look"])
             pending = None
-        after = c.counters()
-        rounds.append((after[0] - before[0], after[1] - before[1]))
         if background is None:
             continue
         if r < ROUNDS - 1 and not background:
@@ -196,14 +203,8 @@ def train_with_a_delayed_evaluation(c, model, how, **kw):
     job = _strategy(kw.pop("strategy", "resist"), model, c, optimizer=opt, optimizer_state="keep", overlap=True, **kw)
     seen, ready, rounds, copy, k = None, [], [], None, 0
     for r in range(ROUNDS):
-        before = c.counters()
-        job.begin_round()
-        for _ in range(STEPS):
-            step(model, opt, c, k)
-            k += 1
-        job.end_round()
-        after = c.counters()
-        rounds.append((after[0] - before[0], after[1] - before[1]))
+        k, moved = _counted_round(job, model, opt, c, k)
+        rounds.append(moved)
         if r == 0 and how == "flush":
             with job.full_model() as full:
                 seen = _look(full, c, job.bn_to_recalibrate())
