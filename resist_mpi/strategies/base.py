@@ -219,8 +219,7 @@ class Strategy:
         out = ModelCopy(model, self._background("world", self.comm), _same_modules(self.model, model, self.bn_to_recalibrate()),
                         complete, comms)
         for averager in self._model_averagers:
-            out._awaiting += 1
-            averager.deliver_to(lambda t: memo[id(t)], out._landed)
+            out.wait_for(averager, lambda t: memo[id(t)])
         return out
 
     def _completion(self, model: torch.nn.Module):
@@ -591,6 +590,12 @@ class ModelCopy:
     def ready(self) -> bool:
         """Whether the copy holds the synchronised values (every overlapped average it waits for landed)."""
         return self._awaiting == 0
+
+    def wait_for(self, averager, copy_of) -> None:
+        """Take averager's pending average when it lands (Averager.deliver_to; copy_of maps each
+        averaged tensor to the copy's)."""
+        self._awaiting += 1
+        averager.deliver_to(copy_of, self._landed)
 
     def _landed(self) -> None:
         self._awaiting -= 1
