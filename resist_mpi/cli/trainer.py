@@ -615,8 +615,7 @@ class Trainer:
         if ckpt_due and stop:
             # before the evaluation, which applies an overlapped average in flight: the checkpoint
             # holds the run as it would have gone on (the average restarts from it on resume)
-            self.checkpointer.snapshot(job, epoch)
-            self.last_ckpt_time = time.perf_counter()
+            self.snapshot(job, epoch)
         if eval_due and self.delays_evaluations and not (last or stop):
             # the copy takes the round's average when it lands, at the next round's end: evaluated then
             self.delayed_eval = self.background_eval(job, m, log, flush=False)
@@ -640,10 +639,14 @@ class Trainer:
             meter.mark("return")
             result = self.log_eval(job, log, m, meter)
         if ckpt_due and not stop:
-            # nothing is gathered: each rank hands its own part to its background writer
-            self.checkpointer.snapshot(job, epoch)
-            self.last_ckpt_time = time.perf_counter()
+            self.snapshot(job, epoch)
         return result
+
+    def snapshot(self, job, epoch: float) -> None:
+        """A checkpoint of this round: nothing is gathered, each rank hands its own part to its
+        background writer."""
+        self.checkpointer.snapshot(job, epoch)
+        self.last_ckpt_time = time.perf_counter()
 
     @property
     def delays_evaluations(self) -> bool:
