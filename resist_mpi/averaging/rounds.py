@@ -41,7 +41,9 @@ class Averager:
       round-r update by the average one and keeps its round-r+1 progress: x <- x - own_r +
       mean_r, computed as agreed + own_{r+1} where agreed (the same on every rank) has taken
       mean_r (or the outer step), so no rounding accumulates in x and a flush leaves every rank
-      the same bits. flush() waits and applies at once (full_model(), the end of training);
+      the same bits. settle() applies it after some of round r+1's steps instead (the strategies'
+      overlap_steps: a shorter delay, less time to hide the average in), keeping those steps;
+      flush() waits and applies at once, between rounds (full_model(), the end of training);
       deliver_to() gives another copy of the tensors (an evaluation's) the values a flush would,
       when the average lands in its own time, and changes nothing in training.
 
@@ -242,6 +244,20 @@ class Averager:
         for targets, landed in deliveries:
             unpack_(self.agreed, targets)
             landed()
+
+    def settle(self) -> None:
+        """Apply last round's background mean now, inside the round (--overlap-steps: after some of
+        its steps): x <- x - own_r + mean_r keeping the steps taken, computed as the agreed values
+        (which take mean_r) plus this round's progress so far; the round's update counts from the
+        agreed values from here on. The steps after see the average: the delay is the steps before.
+        Nothing pending: nothing to do."""
+        if self._pending is None:
+            return
+        flat = self._buffer()
+        progress = flat - self.start
+        self._apply_pending()
+        torch.add(self.agreed, progress, out=flat)
+        self.start.copy_(self.agreed)
 
     def poll(self) -> None:
         """Let a background average progress (MPI's poll mode needs the calls)."""

@@ -57,6 +57,9 @@ class Config:
                               ("auto", "reset", "keep_shared", "keep"))
     overlap: bool = _f(False, "average the shared layers (local SGD: the model) in the background while the next "
                        "round trains, one round late (blocks still move at the round boundary)", "optim")
+    overlap_steps: int = _f(0, "with --overlap: the average in flight lands after this many local steps of the next "
+                            "round instead of at its end (0); a shorter delay costs less accuracy and has less "
+                            "time to hide in", "optim")
     outer_optimizer: str = _f("average", "what a round's averaged update does: average (the plain mean), nesterov "
                               "(an outer Nesterov step on it, as DiLoCo)", "optim", ("average", "nesterov"))
     mpi_progress: str = _f("thread", "who moves an overlapped average's bytes under the mpi backend: thread (the "
@@ -243,6 +246,9 @@ def validate(cfg: Config) -> Config:
     if cfg.strategy == "data_parallel" and (cfg.overlap or cfg.outer_optimizer != "average"):
         raise ConfigError("--overlap and --outer-optimizer apply to resist and local_sgd (data_parallel averages "
                           "gradients at every step)")
+    if cfg.overlap_steps and (not cfg.overlap or not 0 < cfg.overlap_steps < cfg.local_steps):
+        raise ConfigError(f"--overlap-steps {cfg.overlap_steps}: needs --overlap and a value from 1 to --local-steps - 1 "
+                          f"({cfg.local_steps - 1}); 0 lands the average at the round's end")
     if cfg.warmup_epochs and cfg.strategy != "resist":
         raise ConfigError("--warmup-epochs applies to --strategy resist only")
     if cfg.warmup_epochs >= cfg.epochs:

@@ -80,7 +80,7 @@ def build_strategy(cfg: Config, model: nn.Module, c: Comm, steps_per_epoch: int,
     """
     common = dict(kw, optimizer_state=None if cfg.optimizer_state == "auto" else cfg.optimizer_state)
     averaged = dict(group_size=cfg.group_size, wire_dtype=cfg.wire_dtype, overlap=cfg.overlap,
-                    outer_optimizer=outer_optimizer(cfg))
+                    overlap_steps=cfg.overlap_steps or None, outer_optimizer=outer_optimizer(cfg))
     if cfg.strategy == "data_parallel":
         return DataParallel(model, c, wire_dtype=cfg.wire_dtype, **common)
     if cfg.strategy == "local_sgd":

@@ -68,6 +68,8 @@ class Strategy:
     Attributes:
         round: index of the next round (or of the open one); restored on resume.
         comm_time: seconds spent communicating, cumulative (for metrics).
+        overlap_steps: (LocalSGD, ResIST with overlap=True) the step of each round after which the
+            last round's background average lands (settles); None: at the round's end.
     """
 
     name = "base"
@@ -97,6 +99,7 @@ class Strategy:
         self.optimizer_state = optimizer_state or self.default_optimizer_state
         if self.optimizer_state not in POLICIES:
             raise ValueError(f"optimizer_state={self.optimizer_state!r}: choose one of {', '.join(POLICIES)}")
+        self.overlap_steps: Optional[int] = None  # (--overlap) the step of a round after which last round's average lands
         self._open = False  # between begin_round() and end_round()
         self._steps = 0  # optimizer steps taken in the open round
         self._hooks: List = []
@@ -324,7 +327,29 @@ class Strategy:
     def _count_step(self, optimizer, args, kwargs) -> None:
         if self._open:
             self._steps += 1
-            self.poll()
+            self._stepped()
+
+    def _stepped(self) -> None:
+        """After each counted step of the open round: background averages progress, and with
+        overlap_steps=k the one in flight lands after the round's k-th step (its wait is timed)."""
+        self.poll()
+        if self._steps == self.overlap_steps:
+            t0 = time.perf_counter()
+            for averager in self._model_averagers:
+                averager.settle()
+            self._timed += time.perf_counter() - t0
+
+    def _set_overlap_steps(self, overlap: bool, overlap_steps: Optional[int]) -> None:
+        """overlap_steps=k (with overlap=True): last round's average lands after k steps of the
+        next round instead of at its end (the optimizer's steps, counted by its hooks)."""
+        if overlap_steps is None:
+            return
+        k = int(overlap_steps)
+        if not overlap or self.optimizer is None or k < 1 or (self.local_steps is not None and k >= self.local_steps):
+            raise ValueError(f"overlap_steps={overlap_steps}: needs overlap=True and optimizer= (its steps are "
+                             f"counted), at least 1 and below local_steps (local_steps itself is the default: "
+                             f"overlap_steps=None)")
+        self.overlap_steps = k
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._steps >= self.local_steps:

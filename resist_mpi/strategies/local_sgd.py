@@ -5,7 +5,7 @@ Local SGD", ICLR 2020): data-parallel inside each group of G ranks at every step
 averaged across the groups every l steps (hierarchically: resist_mpi.plan.groups)."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 from ..averaging.rounds import Averager
 from ..averaging.gradients import GradientAverager
@@ -24,6 +24,8 @@ class LocalSGD(Replicated):
         wire_dtype: float32, or float16 / bfloat16 / int8: each round's update moves compressed, with
             error feedback (resist_mpi.averaging.compression).
         overlap: the model's average of a round runs while the next round trains (one round late).
+        overlap_steps: with overlap and optimizer=, the average lands after this many of the next
+            round's steps instead of at its end (a shorter delay; Strategy).
         outer_optimizer: a factory params -> torch optimizer for an outer step on each round's
             averaged update (DiLoCo with SGD(lr=0.7, momentum=0.9, nesterov=True)); None: the average.
             See resist_mpi.averaging.Averager.
@@ -34,8 +36,9 @@ class LocalSGD(Replicated):
     name = "local_sgd"
 
     def __init__(self, model, comm, group_size: Union[int, str] = 1, wire_dtype: str = "float32",
-                 overlap: bool = False, outer_optimizer=None, **kw):
+                 overlap: bool = False, overlap_steps: Optional[int] = None, outer_optimizer=None, **kw):
         super().__init__(model, comm, **kw)
+        self._set_overlap_steps(overlap, overlap_steps)
         self.groups = Groups(comm, group_size)
         self._average = Averager(comm, lambda: module_tensors(self.model), self.groups, wire_dtype,
                                  overlap=overlap, outer=outer_optimizer)

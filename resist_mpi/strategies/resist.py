@@ -62,6 +62,8 @@ class ResIST(Strategy):
             round's update compressed, with error feedback (resist_mpi.averaging.compression); blocks stay float32.
         overlap: the shared layers' average of a round runs while the next round trains (one round
             late); blocks still move at the round boundary. See resist_mpi.averaging.Averager.
+        overlap_steps: with overlap and optimizer=, the average lands after this many of the next
+            round's steps instead of at its end (a shorter delay; Strategy).
         outer_optimizer: a factory params -> torch optimizer for an outer step (DiLoCo) on the shared
             layers' averaged update; blocks are averaged as without it (docs/method.md, "Overlap and the outer optimizer": why).
         optimizer, scheduler, local_steps, optimizer_state: see Strategy ("shared" = the shared
@@ -73,8 +75,9 @@ class ResIST(Strategy):
     def __init__(self, model, comm, *, blocks: Union[str, Sequence] = "auto", stages: Optional[Sequence[int]] = None,
                  min_depth: int = 0, seed: int = 0, device=None, synchronized: bool = False,
                  group_size: Union[int, str] = 1, wire_dtype: str = "float32", overlap: bool = False,
-                 outer_optimizer=None, **kw):
+                 overlap_steps: Optional[int] = None, outer_optimizer=None, **kw):
         super().__init__(model, comm, **kw)
+        self._set_overlap_steps(overlap, overlap_steps)
         named = find_blocks(model, blocks, stages)
         self.block_names = [n for n, _ in named]
         self.blocks = [m for _, m in named]

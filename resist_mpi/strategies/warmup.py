@@ -85,9 +85,9 @@ class Warmup(Strategy):
             self.current.round = self.round
             self.current.prepare_round()
 
-    def _count_step(self, optimizer, args, kwargs) -> None:
-        super()._count_step(optimizer, args, kwargs)
-        self.current._steps = self._steps  # its boundary checks see the steps counted here
+    def _stepped(self) -> None:
+        self.current._steps = self._steps  # its boundary checks (and overlap_steps) see the steps counted here
+        self.current._stepped()
 
     def _abandon_round(self) -> None:
         self.current._abandon_round()

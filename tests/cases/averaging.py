@@ -40,9 +40,12 @@ def outer_factory(lr, momentum):
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
 
 
-def build(c, model, strategy, overlap, outer, wire, group_size):
+def build(c, model, strategy, overlap, outer, wire, group_size, settle=None):
+    """settle=k: overlap_steps=k, counted on an optimizer that steps nothing (lr 0, no gradients)."""
     kw = dict(overlap=overlap, outer_optimizer=outer_factory(*outer) if outer else None, wire_dtype=wire,
               group_size=group_size)
+    if settle is not None:
+        kw.update(optimizer=torch.optim.SGD(model.parameters(), lr=0.0), overlap_steps=settle)
     if strategy == "resist":
         return rm.ResIST(model, c, seed=3, **kw)
     return rm.LocalSGD(model, c, **kw)
@@ -54,15 +57,20 @@ def trained_tensors(job):
     return module_tensors(job.model)
 
 
-def local_steps(c, job, r, flush_before=None):
+def local_steps(c, job, r, flush_before=None, seen=None):
     """Round r's steps; flush_before=s: job.flush() before step s (what an evaluation or a checkpoint
-    in the `with job:` form does once the next round has begun, at s=0)."""
+    in the `with job:` form does once the next round has begun, at s=0); seen: a list that gets the
+    shared values after each step."""
     with torch.no_grad():
         for s in range(STEPS):
             if s == flush_before:
                 job.flush()
             for k, t in enumerate(trained_tensors(job)):
                 t.add_(delta(c.rank, r, s, t.numel(), k).view(t.shape))
+            if job.optimizer is not None:
+                job.optimizer.step()  # its step hook counts the step (overlap_steps)
+            if seen is not None:
+                seen.append(shared_flat(job))
 
 
 def shared_flat(job):
@@ -71,22 +79,24 @@ def shared_flat(job):
 
 
 def run(c, model, strategy="local_sgd", overlap=False, outer=None, wire="float32", group_size=1,
-        checkpoint_at=None, resume=False, flush_at=None):
+        checkpoint_at=None, resume=False, flush_at=None, settle=None, seen=None):
     """Per round, this rank's shared values after the round's end (and after the final flush), and
     the full model at the end. checkpoint_at=k: state_dict() after round k (collective: it flushes
     an overlapped average); with resume, a fresh job loaded from it goes on instead of this one.
-    flush_at=(r, s): job.flush() in round r before its step s (local_steps)."""
-    job = build(c, model, strategy, overlap, outer, wire, group_size)
+    flush_at=(r, s): job.flush() in round r before its step s (local_steps). settle=k: the average
+    in flight lands after k steps of each round (overlap_steps); seen: a list that gets this rank's
+    shared values after each step."""
+    job = build(c, model, strategy, overlap, outer, wire, group_size, settle)
     after = []
     for r in range(ROUNDS):
         job.begin_round()
-        local_steps(c, job, r, flush_at[1] if flush_at and flush_at[0] == r else None)
+        local_steps(c, job, r, flush_at[1] if flush_at and flush_at[0] == r else None, seen)
         job.end_round()
         after.append(shared_flat(job))
         if checkpoint_at == r:
             state = job.state_dict()
             if resume:
-                job = build(c, make_model(), strategy, overlap, outer, wire, group_size)
+                job = build(c, make_model(), strategy, overlap, outer, wire, group_size, settle)
                 job.load_state_dict(state)
     job.flush()
     after.append(shared_flat(job))
@@ -172,10 +182,14 @@ def reference_update_mean(ups, G, wire, efs):
     return out
 
 
-def reference(S, strategy="local_sgd", overlap=False, outer=None, wire="float32", group_size=1, flush_at=None):
+def reference(S, strategy="local_sgd", overlap=False, outer=None, wire="float32", group_size=1, flush_at=None,
+              settle=None, seen=None):
     """Every rank's shared values after each round (and after the final flush), computed here.
     flush_at=(r, s): the average in flight applied in round r before step s; every rank holds the
-    agreed values then (the steps before are dropped) and the round's update counts from them."""
+    agreed values then (the steps before are dropped) and the round's update counts from them.
+    settle=k: in every round the average in flight is applied after k steps, keeping them: each
+    rank holds the agreed values plus its progress so far, and the round's update counts from the
+    agreed values. seen: a list that gets every rank's values after each step (run's seen)."""
     G = group_size
     groups = S // G
     model = make_model()
@@ -200,6 +214,13 @@ def reference(S, strategy="local_sgd", overlap=False, outer=None, wire="float32"
                 starts = [x.clone() for x in xs]
             for i in range(S):
                 xs[i] = xs[i] + trained(i, r, s)
+            if s + 1 == settle and pending is not None:
+                _advance(agreed, opt, P, pending)
+                pending = None
+                xs = [agreed + (x - start) for x, start in zip(xs, starts)]
+                starts = [agreed.clone() for _ in range(S)]
+            if seen is not None:
+                seen.append([x.clone() for x in xs])
         if not overlap and not outer:
             mean = reference_plain_average(xs, starts, G, wire, efs)
             xs = [mean.clone() for _ in range(S)]

@@ -260,6 +260,32 @@ def look_inside_hook_rounds(c, model, strategy, how):
     return seen, after, full_state(job)
 
 
+def settle_in_hook_rounds(c, model, strategy, overlap_steps):
+    """overlap=True with overlap_steps in the `with job:` form (a Warmup: local SGD for its first two
+    rounds): round 0 trains, then a round that changes nothing (lr 0, BN in eval mode); the shared
+    entries after each of its steps (look_inside_hook_rounds shows the averaged ones)."""
+    from resist_mpi.blocks.tensors import shared_keys
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    kw = dict(optimizer=opt, local_steps=STEPS, overlap=True, overlap_steps=overlap_steps)
+    if strategy == "warmup":
+        job = rm.Warmup(rm.LocalSGD(model, c, **kw), lambda: rm.ResIST(model, c, seed=7, **kw), 2)
+    else:
+        job = _strategy(strategy, model, c, **kw)
+    keys = shared_keys(model, getattr(job, "blocks", []))
+    after = []
+    with job:
+        for k in range(STEPS):
+            step(model, opt, c, k)
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+        model.eval()
+        for k in range(STEPS, 2 * STEPS):
+            step(model, opt, c, k)
+            state = model.state_dict()
+            after.append({n: state[n].detach().clone() for n in keys})
+    return after
+
+
 def single_process_lrs():
     """The same scheduler in a plain single-process loop."""
     m = torch.nn.Linear(2, 2)

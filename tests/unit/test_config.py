@@ -32,6 +32,9 @@ def test_flags_map_to_fields_and_file(tmp_path):
     (["--outer-optimizer", "adam"], "invalid choice"),
     (["--outer-optimizer", "nesterov", "--outer-momentum", "1"], "outer-momentum in"),
     (["--strategy", "data_parallel", "--overlap"], "apply to resist and local_sgd"),
+    (["--overlap-steps", "2"], r"--overlap-steps 2: needs --overlap and a value from 1 to --local-steps - 1"),
+    (["--overlap", "--overlap-steps", "5", "--local-steps", "5"], r"from 1 to --local-steps - 1 \(4\)"),
+    (["--overlap", "--overlap-steps", "-1"], "--overlap-steps -1: needs"),
 ])
 def test_bad_settings_one_line(argv, msg):
     with pytest.raises(ConfigError, match=msg) as e:

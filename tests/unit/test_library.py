@@ -55,6 +55,20 @@ def test_a_look_inside_an_overlapped_round_keeps_the_model_it_saw(size, strategy
         assert L.states_equal(final, seen)
 
 
+@pytest.mark.parametrize("size, strategy", [(2, "local_sgd"), (2, "warmup"), (4, "resist")])
+def test_overlap_steps_lands_the_average_after_that_step_of_the_next_round(size, strategy):
+    """overlap_steps=1 in the `with job:` form: after the first step of round 1 (lr 0) every rank
+    holds round 0's averaged values, the ones full_model() shows, to the bit; at the round's end
+    (no overlap_steps) it still holds its own. A Warmup lands its strategy's average too."""
+    seen = on_ranks(size, L.look_inside_hook_rounds, "resist" if strategy == "resist" else "local_sgd",
+                    "full_model")
+    settled = on_ranks(size, L.settle_in_hook_rounds, strategy, 1)
+    late = on_ranks(size, L.settle_in_hook_rounds, strategy, None)
+    for rank in range(size):
+        assert settled[rank][0] and all(torch.equal(v, seen[rank][0][k]) for k, v in settled[rank][0].items())
+        assert any(not torch.equal(v, seen[rank][0][k]) for k, v in late[rank][0].items())
+
+
 @pytest.mark.parametrize("size", [2, 4])
 @pytest.mark.parametrize("strategy", ["resist", "local_sgd", "data_parallel"])
 def test_a_restart_from_state_dict_goes_on_at_the_scheduled_lr_bit_for_bit(size, strategy):
