@@ -67,11 +67,15 @@ def test_a_non_finite_update_on_one_rank_stops_every_rank_before_anything_is_los
         assert raised == "raised" and kept and "not finite" in msg
 
 
-def test_a_diverging_round_raises_on_every_rank_and_the_loop_does_not_average_it_again():
+@pytest.mark.parametrize("kw", [{}, dict(overlap=True), dict(overlap=True, overlap_steps=1)],
+                         ids=["plain", "overlap", "overlap-steps"])
+def test_a_diverging_round_raises_on_every_rank_and_the_loop_does_not_average_it_again(kw):
+    """(--overlap: the average lands a round later, at the round's end or, with overlap_steps, in
+    the optimizer's step, from which it raises.)"""
     def body(c, model):
         opt = torch.optim.SGD(model.parameters(), lr=1e6, momentum=0.9)
         try:
-            with rm.ResIST(model, c, optimizer=opt, local_steps=2, seed=7):
+            with rm.ResIST(model, c, optimizer=opt, local_steps=2, seed=7, **kw):
                 for k in range(20):
                     L.step(model, opt, c, k)
         except rm.NonFiniteError as e:

@@ -238,6 +238,23 @@ def test_evaluations_under_overlap_leave_the_training_as_without_them(tmp_path, 
     assert clock[3] <= every[0]["wallclock"] < clock[4]
 
 
+def test_overlap_steps_lands_the_average_inside_the_next_round_and_evaluations_still_change_nothing(tmp_path):
+    """--overlap --overlap-steps 1: the CLI hands it to the strategy (the rounds differ from
+    --overlap's, whose average lands at the round's end), and an evaluation's copy, which gets the
+    average at that step, still leaves the training as without evaluations."""
+    from helpers import records, round_records
+    kw = dict(strategy="resist", epochs=2, overlap=True, checkpoint_every=0, bn_batches=2)
+    keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
+    late = _run_ranks(tmp_path / "late", 2, eval_every=0, **kw)
+    final = _run_ranks(tmp_path / "final", 2, eval_every=0, overlap_steps=1, **kw)
+    every = _run_ranks(tmp_path / "every", 2, eval_every=1, eval_background=True, overlap_steps=1, **kw)
+    assert round_records(tmp_path / "every", *keys) == round_records(tmp_path / "final", *keys)
+    assert every == final != late
+    losses = [round_records(tmp_path / run, "train_loss") for run in ("final", "late")]
+    assert losses[0][0] == losses[1][0] and all(a != b for a, b in zip(losses[0][1:], losses[1][1:]))
+    assert [(e["round"], e.get("delayed", False)) for e in records(tmp_path / "every", "eval")] == [(2, True), (5, False)]
+
+
 class _StopAtRound2:
     """StopRequest as if a signal came during round 2 (each rank reads it once per round)."""
 
