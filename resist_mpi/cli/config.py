@@ -56,10 +56,11 @@ class Config:
                               "arrives from another rank starts fresh); auto: reset, keep for data_parallel", "optim",
                               ("auto", "reset", "keep_shared", "keep"))
     overlap: bool = _f(False, "average the shared layers (local SGD: the model) in the background while the next "
-                       "round trains, one round late (blocks still move at the round boundary)", "optim")
-    overlap_steps: int = _f(0, "with --overlap: the average in flight lands after this many local steps of the next "
-                            "round instead of at its end (0); a shorter delay costs less accuracy and has less "
-                            "time to hide in", "optim")
+                       "round trains, applied --overlap-steps into it (blocks still move at the round boundary)",
+                       "optim")
+    overlap_steps: Optional[int] = _f(None, "with --overlap: the average in flight lands after this many local steps "
+                                      "of the next round (0: at its end); a shorter delay costs less accuracy and has "
+                                      "less time to hide in; default: half of --local-steps", "optim")
     outer_optimizer: str = _f("average", "what a round's averaged update does: average (the plain mean), nesterov "
                               "(an outer Nesterov step on it, as DiLoCo)", "optim", ("average", "nesterov"))
     mpi_progress: str = _f("thread", "who moves an overlapped average's bytes under the mpi backend: thread (the "

@@ -71,6 +71,15 @@ def outer_optimizer(cfg: Config):
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
 
 
+def overlap_steps(cfg: Config) -> Optional[int]:
+    """The strategies' overlap_steps under --overlap: --overlap-steps, by default half of --local-steps
+    (docs/benchmarks.md, "The average half a round late": half the delay took back most of the
+    accuracy a whole round cost, and reached every target sooner); None: at the round's end."""
+    if not cfg.overlap:
+        return None
+    return (cfg.local_steps // 2 if cfg.overlap_steps is None else cfg.overlap_steps) or None
+
+
 def build_strategy(cfg: Config, model: nn.Module, c: Comm, steps_per_epoch: int, **kw) -> Strategy:
     """The strategy a Config asks for, on model (kw: device, optimizer, ...): turning the CLI's
     settings into the strategies' keyword arguments is the CLI's job.
@@ -80,7 +89,7 @@ def build_strategy(cfg: Config, model: nn.Module, c: Comm, steps_per_epoch: int,
     """
     common = dict(kw, optimizer_state=None if cfg.optimizer_state == "auto" else cfg.optimizer_state)
     averaged = dict(group_size=cfg.group_size, wire_dtype=cfg.wire_dtype, overlap=cfg.overlap,
-                    overlap_steps=cfg.overlap_steps or None, outer_optimizer=outer_optimizer(cfg))
+                    overlap_steps=overlap_steps(cfg), outer_optimizer=outer_optimizer(cfg))
     if cfg.strategy == "data_parallel":
         return DataParallel(model, c, wire_dtype=cfg.wire_dtype, **common)
     if cfg.strategy == "local_sgd":
@@ -583,9 +592,11 @@ class Trainer:
                  f"({self.info.num_train} train / {self.info.num_test} test) | {c.size} ranks, {c.name} backend, "
                  f"{self.device} | {cfg.epochs} epochs = {num_rounds} rounds of {cfg.local_steps} steps")
         if self.delays_evaluations and cfg.eval_every:
-            log.info("resist_mpi: --overlap: each evaluation but the last is of its round's model with that round's "
-                     "average, which lands at the next round's end: its record comes then, and training goes on "
-                     "as without it")
+            k = overlap_steps(cfg)
+            lands = f"after {k} of the next round's {cfg.local_steps} steps" if k else "at the next round's end"
+            log.info(f"resist_mpi: --overlap: a round's average lands {lands} (--overlap-steps); each evaluation "
+                     f"but the last is of its round's model with that average: its record comes at the end of the "
+                     f"round it lands in, and training goes on as without it")
         if self.eval_background and cfg.eval_background is None and cfg.eval_every:
             log.info(f"resist_mpi: ranks on {len(set(c.nodes))} nodes: each evaluation but the last runs in the "
                      f"background while the next round trains (--no-eval-background: wait for it)")

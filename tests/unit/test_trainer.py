@@ -206,8 +206,8 @@ def test_evaluations_run_in_the_background_by_default_only_where_the_ranks_span_
 
 
 def test_evaluations_under_overlap_leave_the_training_as_without_them(tmp_path, capsys):
-    """--overlap: each evaluation but the last waits in a copy for its round's average, which lands at
-    the next round's end (Strategy.evaluation_copy(flush=False)), so the rounds are those of a run
+    """--overlap: each evaluation but the last waits in a copy for its round's average, which lands in
+    the next round (Strategy.evaluation_copy(flush=False)), so the rounds are those of a run
     without evaluations, to the bit (an evaluation that applied the average early changed them).
     2 epochs of 8 steps, rounds of 3: evaluations due after rounds 2 and 5; the first is recorded
     after round 3, marked delayed, with the run's clock then; in the background (--eval-background)
@@ -221,7 +221,8 @@ def test_evaluations_under_overlap_leave_the_training_as_without_them(tmp_path, 
                         ("background", dict(eval_every=1, eval_background=True))]:
         results[name] = _run_ranks(runs[name], 2, **kw, **extra)
     out = capsys.readouterr().out
-    assert out.count("--overlap: each evaluation but the last is of its round's model with that round's average") == 2
+    assert out.count("--overlap: a round's average lands after 1 of the next round's 3 steps (--overlap-steps); each "
+                     "evaluation but the last is of its round's model with that average") == 2
     assert round_records(runs["every"], *keys) == round_records(runs["final"], *keys)
     assert round_records(runs["background"], *keys) == round_records(runs["final"], *keys)
     assert results["every"] == results["background"] == results["final"]
@@ -240,16 +241,19 @@ def test_evaluations_under_overlap_leave_the_training_as_without_them(tmp_path, 
 
 def test_overlap_steps_lands_the_average_inside_the_next_round_and_evaluations_still_change_nothing(tmp_path):
     """--overlap --overlap-steps 1: the CLI hands it to the strategy (the rounds differ from
-    --overlap's, whose average lands at the round's end), and an evaluation's copy, which gets the
-    average at that step, still leaves the training as without evaluations."""
+    --overlap-steps 0's, whose average lands at the round's end), and an evaluation's copy, which
+    gets the average at that step, still leaves the training as without evaluations. Without the
+    flag, --overlap lands it after half the round's steps (3 // 2 = 1 here)."""
     from helpers import records, round_records
     kw = dict(strategy="resist", epochs=2, overlap=True, checkpoint_every=0, bn_batches=2)
     keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
-    late = _run_ranks(tmp_path / "late", 2, eval_every=0, **kw)
+    late = _run_ranks(tmp_path / "late", 2, eval_every=0, overlap_steps=0, **kw)
     final = _run_ranks(tmp_path / "final", 2, eval_every=0, overlap_steps=1, **kw)
     every = _run_ranks(tmp_path / "every", 2, eval_every=1, eval_background=True, overlap_steps=1, **kw)
+    default = _run_ranks(tmp_path / "default", 2, eval_every=0, **kw)
     assert round_records(tmp_path / "every", *keys) == round_records(tmp_path / "final", *keys)
-    assert every == final != late
+    assert round_records(tmp_path / "default", *keys) == round_records(tmp_path / "final", *keys)
+    assert every == final == default != late
     losses = [round_records(tmp_path / run, "train_loss") for run in ("final", "late")]
     assert losses[0][0] == losses[1][0] and all(a != b for a, b in zip(losses[0][1:], losses[1][1:]))
     assert [(e["round"], e.get("delayed", False)) for e in records(tmp_path / "every", "eval")] == [(2, True), (5, False)]
