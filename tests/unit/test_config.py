@@ -42,6 +42,14 @@ def test_bad_settings_one_line(argv, msg):
     assert "\n" not in str(e.value)
 
 
+def test_overlap_lands_half_a_round_late_by_default():
+    from resist_mpi.cli.trainer import overlap_steps
+    steps = {tuple(argv): overlap_steps(validate(parse_config(list(argv)))) for argv in [
+        (), ("--overlap", "--local-steps", "10"), ("--overlap", "--local-steps", "7"), ("--overlap", "--local-steps", "1"),
+        ("--overlap", "--overlap-steps", "0"), ("--overlap", "--local-steps", "10", "--overlap-steps", "9")]}
+    assert list(steps.values()) == [None, 5, 3, None, None, 9]
+
+
 def test_bad_config_file(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("lokal_steps: 3\n")

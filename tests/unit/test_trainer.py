@@ -211,15 +211,20 @@ def test_evaluations_under_overlap_leave_the_training_as_without_them(tmp_path, 
     without evaluations, to the bit (an evaluation that applied the average early changed them).
     2 epochs of 8 steps, rounds of 3: evaluations due after rounds 2 and 5; the first is recorded
     after round 3, marked delayed, with the run's clock then; in the background (--eval-background)
-    the same results. The run says so once."""
+    the same results. The run says so once. The average lands after 1 step of the next round (the
+    default, half of 3): with --overlap-steps 0 (at the round's end) every round after the first differs."""
     from helpers import records, round_records
     kw = dict(strategy="resist", epochs=2, overlap=True, checkpoint_every=0, bn_batches=2)
     keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
-    runs = {name: tmp_path / name for name in ("final", "every", "background")}
+    runs = {name: tmp_path / name for name in ("final", "every", "background", "late")}
     results = {}
     for name, extra in [("final", dict(eval_every=0)), ("every", dict(eval_every=1, eval_background=False)),
-                        ("background", dict(eval_every=1, eval_background=True))]:
+                        ("background", dict(eval_every=1, eval_background=True)),
+                        ("late", dict(eval_every=0, overlap_steps=0))]:
         results[name] = _run_ranks(runs[name], 2, **kw, **extra)
+    losses = [round_records(runs[name], "train_loss") for name in ("final", "late")]
+    assert losses[0][0] == losses[1][0] and all(a != b for a, b in zip(losses[0][1:], losses[1][1:]))
+    assert results["late"] != results["final"]
     out = capsys.readouterr().out
     assert out.count("--overlap: a round's average lands after 1 of the next round's 3 steps (--overlap-steps); each "
                      "evaluation but the last is of its round's model with that average") == 2
@@ -237,26 +242,6 @@ def test_evaluations_under_overlap_leave_the_training_as_without_them(tmp_path, 
     assert order.index(("eval", 2)) == order.index(("round", 3)) + 1  # recorded when the average landed
     clock = {r["round"]: r["wallclock"] for r in lines if r["event"] == "round"}
     assert clock[3] <= every[0]["wallclock"] < clock[4]
-
-
-def test_overlap_steps_lands_the_average_inside_the_next_round_and_evaluations_still_change_nothing(tmp_path):
-    """--overlap --overlap-steps 1: the CLI hands it to the strategy (the rounds differ from
-    --overlap-steps 0's, whose average lands at the round's end), and an evaluation's copy, which
-    gets the average at that step, still leaves the training as without evaluations. Without the
-    flag, --overlap lands it after half the round's steps (3 // 2 = 1 here)."""
-    from helpers import records, round_records
-    kw = dict(strategy="resist", epochs=2, overlap=True, checkpoint_every=0, bn_batches=2)
-    keys = ("round", "train_loss", "bytes_sent", "bytes_recv")
-    late = _run_ranks(tmp_path / "late", 2, eval_every=0, overlap_steps=0, **kw)
-    final = _run_ranks(tmp_path / "final", 2, eval_every=0, overlap_steps=1, **kw)
-    every = _run_ranks(tmp_path / "every", 2, eval_every=1, eval_background=True, overlap_steps=1, **kw)
-    default = _run_ranks(tmp_path / "default", 2, eval_every=0, **kw)
-    assert round_records(tmp_path / "every", *keys) == round_records(tmp_path / "final", *keys)
-    assert round_records(tmp_path / "default", *keys) == round_records(tmp_path / "final", *keys)
-    assert every == final == default != late
-    losses = [round_records(tmp_path / run, "train_loss") for run in ("final", "late")]
-    assert losses[0][0] == losses[1][0] and all(a != b for a, b in zip(losses[0][1:], losses[1][1:]))
-    assert [(e["round"], e.get("delayed", False)) for e in records(tmp_path / "every", "eval")] == [(2, True), (5, False)]
 
 
 class _StopAtRound2:
