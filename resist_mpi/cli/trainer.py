@@ -74,7 +74,8 @@ def outer_optimizer(cfg: Config):
 def overlap_steps(cfg: Config) -> Optional[int]:
     """The strategies' overlap_steps under --overlap: --overlap-steps, by default half of --local-steps
     (docs/benchmarks.md, "The average half a round late": half the delay took back most of the
-    accuracy a whole round cost, and reached every target sooner); None: at the round's end."""
+    accuracy a whole round cost and reached more accuracy targets, ResIST each sooner, at 22.7 and
+    5.68 Mbit/s); None: at the round's end."""
     if not cfg.overlap:
         return None
     return (cfg.local_steps // 2 if cfg.overlap_steps is None else cfg.overlap_steps) or None
