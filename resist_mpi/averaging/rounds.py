@@ -281,7 +281,8 @@ class Averager:
     def deliver_to(self, copy_of: Callable[[torch.Tensor], torch.Tensor], landed: Callable[[], None]) -> None:
         """Give another copy of the averaged tensors (an evaluation's; copy_of maps each tensor to
         its copy) the values flush() would leave now, when the pending average is applied in its
-        own time (the next round's end, or a flush), without applying it early; then call landed().
+        own time (the next round's end, a settle() inside it, or a flush), without applying it early;
+        then call landed().
         With nothing pending every rank holds those values already: landed() at once, the copy
         untouched. An average that is not finite delivers nothing."""
         if not self.pending:

@@ -629,7 +629,7 @@ class Trainer:
             # holds the run as it would have gone on (the average restarts from it on resume)
             self.snapshot(job, epoch)
         if eval_due and self.delays_evaluations and not (last or stop):
-            # the copy takes the round's average when it lands, at the next round's end: evaluated then
+            # the copy takes the round's average when it lands in the next round: evaluated at that round's end
             self.delayed_eval = self.background_eval(job, m, log, flush=False)
             if self.take_landed_eval(log) and not self.eval_background:  # nothing was in flight
                 self.finish_background_eval(log)
@@ -671,7 +671,7 @@ class Trainer:
         """Round m.round's model evaluated on the background thread (Strategy.evaluation_copy: the
         same full model, to the bit): with --eval-background while the next round trains, its
         record written when it is done, at the end of the next round at the latest. With flush=False
-        (--overlap) it runs once the round's average has landed in the copy, at the next round's
+        (--overlap) it runs once the round's average has landed in the copy, from the next round's
         end: beside the round after that, or at once without --eval-background."""
         cfg, copy, out = self.cfg, job.evaluation_copy(flush), {}
         # the same batches read on that thread: DataLoader workers are never forked from it

@@ -211,7 +211,8 @@ class Strategy:
         flush: apply a pending overlapped average first (--overlap; the next round then starts from
         the averaged values, as after full_model()). With flush=False the average stays in flight
         and training goes on exactly as without the copy: the copy takes the averaged values when
-        the average lands (at the next round's end, or a flush()), and copy.ready says when;
+        the average lands (in the next round: at its end, or after its overlap_steps-th step; or at a
+        flush()), and copy.ready says when;
         complete() before that raises UsageError. (Without a pending average both are the same.)"""
         self._check_boundary("evaluation_copy()")
         if flush:
@@ -629,7 +630,8 @@ class ModelCopy:
         """Make the copy the full model (on the background thread: background communicators only)."""
         if not self.ready:
             raise UsageError("ModelCopy.complete(): an overlapped average this copy waits for has not landed "
-                             "yet (it lands at the end of the next round, or at the strategy's flush())")
+                             "yet (it lands in the next round, at its end or after its overlap_steps-th step, or at the "
+                             "strategy's flush())")
         if self._complete is not None:
             self._complete()
 
