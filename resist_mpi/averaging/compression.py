@@ -167,24 +167,29 @@ class ErrorFeedback:
         elif self.residual.device != x.device:  # one loaded from a checkpoint
             self.residual = self.residual.to(x.device)
 
-    def average(self, x: torch.Tensor) -> None:
-        """x <- the round's start + the mean update (identical on every rank)."""
+    def average(self, x: torch.Tensor, check: bool = True) -> None:
+        """x <- the round's start + the mean update (identical on every rank). check: see reduce()."""
         if self.start is None:
             self.mark(x)  # nothing trained since: a zero update
-        mean = self.reduce(x - self.start)
+        mean = self.reduce(x - self.start, check=check)
         x.copy_(self.start.add_(mean))
 
-    def reduce(self, update: torch.Tensor, c=None) -> torch.Tensor:
+    def reduce(self, update: torch.Tensor, c=None, check: bool = True) -> torch.Tensor:
         """The mean over ranks of update (+ this rank's residual, which is renewed), compressed;
         NonFiniteError on every rank, before the residual changes, when the mean is not finite.
-        c: the communicator to average over (a background one for --overlap; default: self.c)."""
+        c: the communicator to average over (a background one for --overlap; default: self.c).
+        check=False: a mean that is not finite is returned (the residual still unchanged) instead of
+        raised, for a caller whose ranks average different slices and must all take part in what
+        comes next (a group's allgather) before they check the whole result together."""
         if self.residual is None or self.residual.numel() != update.numel():
             self.residual = torch.zeros_like(update)
         elif self.residual.device != update.device:  # one loaded from a checkpoint
             self.residual = self.residual.to(update.device)
         mean, residual, _ = compressed_mean(c or self.c, update + self.residual, self.codec)
         if not all_finite(mean):
-            raise NonFiniteError(f"the {self.codec.name} average of a round's update is not finite")
+            if check:
+                raise NonFiniteError(f"the {self.codec.name} average of a round's update is not finite")
+            return mean
         self.residual = residual
         return mean
 

@@ -9,6 +9,7 @@ import torch
 
 from ..comm import Comm
 from ..comm.fusion import flatten_, is_view_of, unpack_
+from ..errors import NonFiniteError
 from ..plan.groups import Groups, slice_counts
 from .compression import ErrorFeedback
 from .tensors import _check_finite, _cpu_copy
@@ -174,7 +175,9 @@ class Averager:
         if inner is not None:
             inner()  # ---- distributed step: the group's average (full precision, the fast link) ----
         # ---- distributed step: the compressed average of the round's update across ranks (or groups) ----
-        self.feedback.average(self._part(flat))
+        # (with groups, a member whose slice is not finite goes on to the gather, and every rank
+        # finds the NaN in the whole buffer after it: raising here would leave the others waiting)
+        self.feedback.average(self._part(flat), check=inner is None)
         if gather is not None:
             gather()  # ---- distributed step: the group puts the slices together ----
 
@@ -187,7 +190,7 @@ class Averager:
             across.allreduce_mean_(part)
         else:
             # ---- distributed step: the compressed average of the update across ranks (or groups) ----
-            part.copy_(self.feedback.reduce(part, across))
+            part.copy_(self.feedback.reduce(part, across, check=inner is None))  # (see _plain_average)
         if inner is not None:
             # ---- distributed step: the group puts the slices together ----
             inner.allgather_(update, slice_counts(update.numel(), self.groups.size))
@@ -232,13 +235,13 @@ class Averager:
             return
         work, _, mean, _ = self._pending
         self._pending = None
+        deliveries, self._deliveries = self._deliveries, []  # (also when the wait raises)
         t0 = time.perf_counter()
         work.wait()
         waited = time.perf_counter() - t0
         self.exposed += waited
         self.hidden += max(0.0, work.duration - waited)
         self.comm.absorb(self._bg_world)  # its bytes count now, on this thread
-        deliveries, self._deliveries = self._deliveries, []
         _check_finite(mean, "the overlapped average of a round's update")  # (raises: no copy gets it)
         self._advance(mean)
         for targets, landed in deliveries:
@@ -339,7 +342,9 @@ class Averager:
 
     def load_state_dict(self, state: Optional[Dict], rank_state: Optional[Dict]) -> None:
         """Continue from state_dict() / rank_state_dict(): a pending average is started again from
-        the saved update (and residual), so it gives the same mean as the uninterrupted run."""
+        the saved update (and residual), so it gives the same mean as the uninterrupted run.
+        An average not yet applied (a roll-back after a round was abandoned) is dropped first."""
+        self.discard()
         flat = self._buffer()
         if state is not None and not self.plain:
             self._allocate(flat)
@@ -353,6 +358,20 @@ class Averager:
             update = rank_state["pending_update"].to(flat.device).clone()
             torch.add(self.agreed, update, out=flat)  # this rank's values, as average() left them
             self._deferred = update  # started with the next round, as average() leaves it
+
+    def discard(self) -> None:
+        """Forget an average not yet applied (what it averaged is being replaced): one in flight is
+        waited for first (every rank started it, and it writes this rank's residual), and a
+        non-finite result it raises is dropped with it."""
+        self._deferred, self._deliveries = None, []
+        if self._pending is None:
+            return
+        work, self._pending = self._pending[0], None
+        try:
+            work.wait()
+        except NonFiniteError:
+            pass
+        self.comm.absorb(self._bg_world)
 
     def set_values(self, values: torch.Tensor) -> None:
         """Every rank's values (after an in-flight average was applied outside the run)."""

@@ -67,6 +67,41 @@ def test_a_non_finite_update_on_one_rank_stops_every_rank_before_anything_is_los
         assert raised == "raised" and kept and "not finite" in msg
 
 
+@pytest.mark.parametrize("wire", ["int8", "bfloat16"])
+@pytest.mark.parametrize("mode", ["plain", "overlap", "outer"])
+def test_a_non_finite_update_in_one_group_members_slice_stops_every_rank(wire, mode):
+    """With groups each member averages its own slice across the groups: the members whose slice
+    held the NaN raised before the group's gather, and the others waited in it for good."""
+    kw = dict(group_size=2, wire_dtype=wire)
+    if mode == "overlap":
+        kw["overlap"] = True
+    if mode == "outer":
+        kw["outer_optimizer"] = lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True)
+
+    def body(c, model):
+        job = rm.LocalSGD(model, c, **kw)
+        try:
+            for r in range(3):
+                job.begin_round()
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(0.01 * (c.rank + 1))
+                    if r == 0 and c.rank == 1:
+                        model[0].weight.view(-1)[0] = float("nan")  # in the first slice: the first members' (ranks 0, 2)
+                job.end_round()
+            job.flush()
+        except rm.NonFiniteError as e:
+            return str(e)
+        return "finished"
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
+    models = [make() for _ in range(4)]
+    out = run_ranks(4, lambda c: body(c, models[c.rank]), timeout=60)
+    assert all("not finite" in m for m in out), out
+
+
 @pytest.mark.parametrize("kw", [{}, dict(overlap=True), dict(overlap=True, overlap_steps=1)],
                          ids=["plain", "overlap", "overlap-steps"])
 def test_a_diverging_round_raises_on_every_rank_and_the_loop_does_not_average_it_again(kw):
@@ -128,17 +163,21 @@ def test_gradient_averager_recovers_after_a_backward_that_raised():
     assert run_ranks(2, body) == [[1.5, 1.5], [1.5, 1.5]]  # the average of 1 and 2
 
 
-@pytest.mark.parametrize("strategy, size, group_size", [
-    ("data_parallel", 2, None), ("data_parallel", 4, None), ("local_sgd", 2, 2), ("local_sgd", 4, 2), ("resist", 4, 2),
-    ("local_sgd", 2, None), ("resist", 2, None), ("warmup", 4, 2)])
-def test_after_a_non_finite_average_the_last_good_state_reloads_and_training_goes_on(strategy, size, group_size):
+@pytest.mark.parametrize("strategy, size, group_size, overlap", [
+    ("data_parallel", 2, None, False), ("data_parallel", 4, None, False), ("local_sgd", 2, 2, False),
+    ("local_sgd", 4, 2, False), ("resist", 4, 2, False), ("local_sgd", 2, None, False), ("resist", 2, None, False),
+    ("warmup", 4, 2, False), ("local_sgd", 4, 2, True), ("resist", 4, 2, True)])
+def test_after_a_non_finite_average_the_last_good_state_reloads_and_training_goes_on(strategy, size, group_size,
+                                                                                      overlap):
     """A per-step average (data-parallel; inside each group) that is not finite raises from
     backward() in the middle of a round: `with job:` left that round open, and load_state_dict()
     refused ("in the middle of a round"). Reloaded, the job trains what a job that never met the
     NaN trains, bit for bit; as it did already after a round's average that was not finite (no
     per-step average: the NaN gradient is stepped, the round's end raises). A Warmup (local SGD,
     then ResIST from round 1) closed only its own round, not its strategy's: its last good state
-    is taken after the switch (the warm-up's own no longer loads there)."""
+    is taken after the switch (the warm-up's own no longer loads there). With --overlap the first
+    round's average was still pending when the second raised, and the reload applied it on top of
+    the good state at the next round's end."""
     G = group_size or size
     averaged = "gradient" if strategy == "data_parallel" or group_size else "round's"
     start = 2 if strategy == "warmup" else 0  # rounds before the last good state
@@ -146,7 +185,7 @@ def test_after_a_non_finite_average_the_last_good_state_reloads_and_training_goe
     def body(c, model, poisoned):
         opt = torch.optim.SGD(model.parameters(), lr=L.LR, momentum=0.9)
         job = L._strategy(strategy, model, c, optimizer=opt, local_steps=L.STEPS,
-                          **({"group_size": group_size} if group_size else {}))
+                          **({"group_size": group_size} if group_size else {}), **({"overlap": True} if overlap else {}))
         if start:
             with job:
                 for k in range(start * L.STEPS):
