@@ -21,7 +21,8 @@ class Warmup(Strategy):
     The round protocol, parameters, optimizer and state are those of the current strategy; `name`
     says which one it is, so a training loop can log the switch. At the switch the first strategy's
     hooks (its per-step gradient averages, its optimizer step hooks) are taken off. A job that has
-    not switched yet loads any state of the run; one that has (a roll-back in the same run) loads
+    not switched yet loads any state of the run (one the second strategy wrote switches it at once,
+    whatever its switch round); one that has (a roll-back in the same run) loads
     only the second strategy's, and refuses the warm-up's with a UsageError.
     """
 
@@ -51,8 +52,13 @@ class Warmup(Strategy):
     def bn_to_recalibrate(self):
         return self.current.bn_to_recalibrate()
 
-    def _switch_if_due(self) -> None:
-        if self.first is not None and self.round >= self.switch_round:
+    def _switch_if_due(self, written: Optional[str] = None) -> None:
+        """Switch at the switch round, or at once when a state being loaded was written by the next
+        strategy (written: its name): the run that wrote it had switched, on a schedule that can put
+        its round before this job's switch round (a larger --warmup-epochs, or another world size and
+        so other rounds per epoch): the warm-up is over."""
+        after = written is not None and self.first is not None and written != self.first.name
+        if self.first is not None and (self.round >= self.switch_round or after):
             self.first.flush()  # an overlapped average must land before the model is handed over
             self.first.close()
             self._warmup_time = self.first.comm_time
@@ -137,7 +143,7 @@ class Warmup(Strategy):
             self.first.load_shards(reader, round_index, same_layout)
             self._switch_if_due()  # (at the switch round: the next strategy takes over the loaded model)
             return
-        self._switch_if_due()  # the first strategy's full model is every rank's; the next one takes over
+        self._switch_if_due(written)  # the first strategy's full model is every rank's; the next one takes over
         self.current.load_shards(reader, round_index, same_layout)
 
     def load_state_dict(self, state: Dict, rank_state: Optional[Dict] = None) -> None:
@@ -146,11 +152,11 @@ class Warmup(Strategy):
         round_index, written = int(state.get("round", 0)), state.get("strategy")
         self._check_loadable("load_state_dict()", round_index, written)
         self.round = round_index
-        if self.first is not None and self.round >= self.switch_round:
+        if self.first is not None and (self.round >= self.switch_round or written not in (None, self.first.name)):
             # the checkpoint's full model goes to the first strategy's model (every rank the
             # same), from which the second one takes over
             self.first._load_model(state["model"])
-            self._switch_if_due()
+            self._switch_if_due(written)
             if written != self.current.name:  # the first strategy's, at the end of its last round
                 state, rank_state = _as_switched(state), _as_switched(rank_state)
         self.current.load_state_dict(state, rank_state)

@@ -452,6 +452,34 @@ def warmup_reload(c, model, fresh, saved_round, **kw):
     return straight, rolled_back, train(job, fresh, fresh_opt, state)[1]
 
 
+def warmup_later_switch(c, model, fresh):
+    """A Warmup switching at round 2 saves its state after round 4 (ResIST's); a new Warmup on fresh
+    whose switch comes at round 6 (a longer warm-up) loads it. Both go on through round 5 on the
+    same batches. Returns (the first's full state, the new job's strategy name, its full state)."""
+    def warmup(m, o, switch):
+        return rm.Warmup(rm.LocalSGD(m, c, optimizer=o),
+                         lambda: rm.ResIST(m, c, optimizer=o, synchronized=True, seed=7), switch)
+
+    def train(job, m, o, state=None):
+        while job.round < 6:
+            job.begin_round()
+            for s in range(STEPS):
+                step(m, o, c, job.round * STEPS + s)
+            job.end_round()
+            if job.round == 4:
+                state = job.state_dict()
+        return state
+
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    job = warmup(model, opt, 2)
+    state = train(job, model, opt)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=LR, momentum=0.9)
+    later = warmup(fresh, fresh_opt, 6)
+    later.load_state_dict(state)
+    train(later, fresh, fresh_opt)
+    return full_state(job), later.name, full_state(later)
+
+
 # -- misuse ------------------------------------------------------------------------------------------------
 def misuse(c, model, case):
     """Raise the UsageError (or return None) that `case` should produce, on every rank alike."""

@@ -145,6 +145,15 @@ def test_a_warmups_state_loads_before_and_after_the_switch(saved_round, kw):
             assert L.states_equal(rolled_back, straight)
 
 
+def test_a_warmup_whose_switch_comes_later_goes_on_from_the_next_strategys_state():
+    """ResIST's state given to a Warmup that had not reached its switch round (a longer warm-up,
+    another world size's rounds) went to local SGD, which had no blocks for it: it switches at once."""
+    models, fresh = [L.make_model() for _ in range(2)], [L.make_model() for _ in range(2)]
+    torch.set_num_threads(1)
+    for straight, name, later in run_ranks(2, lambda c: L.warmup_later_switch(c, models[c.rank], fresh[c.rank])):
+        assert name == "resist" and L.states_equal(later, straight)
+
+
 def test_a_warmup_in_the_hook_form_can_look_at_the_full_model_after_the_switch():
     """After the switch, the second strategy's step hook ran after the Warmup's round-ending one and
     counted the step that ended a round into the next: full_model() right after it said "in the

@@ -283,6 +283,26 @@ def test_a_stop_under_overlap_checkpoints_before_its_evaluation_and_the_requeue_
         [(e["round"], e["test_loss"], e["test_acc"]) for e in records(tmp_path / "full", "eval")]
 
 
+def test_a_resists_checkpoint_resumed_with_a_longer_warmup_goes_on_as_resist(tmp_path):
+    """A checkpoint ResIST wrote after the switch, resumed where this run's --warmup-epochs puts the
+    switch later (or another world size puts its round before it): the warm-up handed ResIST's
+    shards to local SGD, which had no blocks to read (a traceback on every rank). ResIST's state
+    says the warm-up is over: the run goes on as ResIST, as the run that wrote it."""
+    kw = dict(strategy="resist", epochs=3, warmup_epochs=1, eval_every=0, checkpoint_every=0, checkpoint_rounds=1)
+    full = tmp_path / "full"
+    result, recs = _run(full, **kw)
+    rounds = [r for r in recs if r["event"] == "round"]
+    assert [r["strategy"] for r in rounds] == ["local_sgd"] * 3 + ["resist"] * 5  # 8 steps an epoch, 3 a round
+    part = tmp_path / "part" / "checkpoints"
+    part.mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "ckpt-000005", part / "ckpt-000005")  # after round 4: ResIST's
+    resumed, recs2 = _run(tmp_path / "part", resume="auto", **{**kw, "warmup_epochs": 2})  # the switch at round 6
+    assert resumed == result
+    keep = ("round", "strategy", "train_loss", "train_acc", "bytes_sent")
+    assert [{k: r[k] for k in keep} for r in recs2 if r["event"] == "round"] == \
+        [{k: r[k] for k in keep} for r in rounds[5:]]
+
+
 def test_resume_on_another_world_size_continues_at_the_same_epoch(tmp_path):
     """2 ranks wrote it, 4 (then 1) continue: each loads the blocks of its new first round, an
     overlapped average in flight is applied, a membership record says what changed. (Thread ranks:
