@@ -476,9 +476,11 @@ class Reader:
         return int(self.manifest["world_size"])
 
 
-def resolve_and_load(cfg, probe, rank: int = 0, world_size: int = 1) -> Optional[Dict[str, Any]]:
+def resolve_and_load(cfg, probe, rank: int = 0, world_size: int = 1,
+                     group_size: Optional[int] = None) -> Optional[Dict[str, Any]]:
     """The checkpoint cfg.resume names ('auto': the newest that verifies in cfg.out; None when there
     is none), checked against the model about to be trained (probe: built on the meta device).
+    group_size: this run's ranks per group, resolved (--group-size node: the ranks of a node).
 
     Returns {"path", "reader", "round", "epoch", "world_size", "skipped": [lines], "rank_state_dropped"}.
     """
@@ -513,11 +515,14 @@ def resolve_and_load(cfg, probe, rank: int = 0, world_size: int = 1) -> Optional
     state = {"path": path, "reader": reader, "round": int(manifest["round"]), "epoch": float(manifest["epoch"]),
              "world_size": int(manifest["world_size"]), "skipped": skipped, "hosts": manifest.get("hosts", []),
              "time": manifest.get("time")}
-    written = (int(manifest["world_size"]), str(manifest["config"].get("group_size", "1")))
-    state["same_layout"] = written == (world_size, str(cfg.group_size))
+    # the ranks per group as resolved when it was written (--group-size node: a number since the
+    # manifest records it; an older one's "node" matches no number here, and its per-rank state goes)
+    written = (int(manifest["world_size"]), str(manifest.get("group_size", manifest["config"].get("group_size", "1"))))
+    ours = str(group_size if group_size is not None else cfg.group_size)
+    state["same_layout"] = written == (world_size, ours)
     if not state["same_layout"]:
         state["rank_state_dropped"] = (f"the checkpoint was written by {written[0]} ranks in groups of "
-                                       f"{written[1]}, this run has {world_size} in groups of {cfg.group_size}")
+                                       f"{written[1]}, this run has {world_size} in groups of {ours}")
     return state
 
 
@@ -539,13 +544,18 @@ def check_resume_settings(path: str, manifest: Dict, cfg, world_size: int) -> No
       change, and another per-rank batch is what keeps the global batch.)
     - --overlap, --outer-optimizer, --wire-dtype: what is in flight at a round boundary (the
       overlapped average, the outer optimizer's state, error-feedback residuals) is another thing,
-      and would be dropped or misread.
+      and would be dropped or misread; with --outer-optimizer nesterov also --outer-lr and
+      --outer-momentum, which the outer optimizer's loaded state would override unsaid. (The inner
+      --lr, --momentum and --weight-decay are this run's: a lower --lr after a diverged run is the
+      way to go on.)
     - --partition-stages (ResIST): other blocks are partitioned, the checkpoint's block files do
       not match them.
 
     Settings a checkpoint's config does not record (older checkpoints) are not checked."""
     config = manifest.get("config") or {}
     keys = ["overlap", "outer_optimizer", "wire_dtype"]
+    if cfg.outer_optimizer != "average":
+        keys += ["outer_lr", "outer_momentum"]
     if int(manifest.get("world_size", world_size)) == world_size:
         keys = ["local_steps", "batch_size"] + keys
     if cfg.strategy == "resist" and manifest.get("strategy") == "resist":

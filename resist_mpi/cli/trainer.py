@@ -243,6 +243,7 @@ class Trainer:
         self.stopped = False  # True when a stop signal ended the run early (checkpoint written)
         self.exit_code = 0
         self.lock = None
+        self.group_size = 1  # ranks per group, resolved below
         # Everything below up to `agree` is local (no collective), so a rank that fails here
         # cannot leave the others waiting: agree() makes every rank stop together.
         error = None
@@ -262,11 +263,13 @@ class Trainer:
             # CIFAR-style models are built for 32x32; ImageNet-style ones take any size >= 32
             cifar = getattr(probe, "arch", {}).get("stem") == "cifar"
             check_compatible(self.info, 32 if cifar else None, self.info.num_classes)
-            groups = c.size // resolve_group_size(cfg.group_size, c)  # groups that fit the ranks (and nodes)
+            self.group_size = resolve_group_size(cfg.group_size, c)
+            groups = c.size // self.group_size  # groups that fit the ranks (and nodes)
             if cfg.strategy == "resist":  # enough blocks for the groups
                 partition.check_partition(len(find_blocks(probe, "auto", cfg.stages())), groups, cfg.min_depth)
             # rank 0 picks and checks the checkpoint; the others take its choice (below)
-            self.resume_state = ckpt.resolve_and_load(cfg, probe, c.rank, c.size) if c.rank == 0 else None
+            self.resume_state = (ckpt.resolve_and_load(cfg, probe, c.rank, c.size, self.group_size)
+                                if c.rank == 0 else None)
         except (ValueError, OSError) as e:  # DataError, PartitionError, CheckpointError are ValueErrors
             error = e
         if cfg.download and c.rank == 0:
@@ -395,7 +398,7 @@ class Trainer:
             self.log_membership(log, before, start_round)
         self.log_start(job, log, num_rounds, start_round, spe)
         self.checkpointer = ckpt.Checkpointer(cfg, c, {"model_name": cfg.model, "config": cfg.to_dict(),
-                                                        "group_size": str(cfg.group_size)})
+                                                        "group_size": str(self.group_size)})
         first = start_round * cfg.local_steps
         # the learning rate of every step, from a torch scheduler (epochs continue across restarts)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -211,6 +211,22 @@ def test_resume_with_settings_the_checkpoint_cannot_continue_is_refused(two_rank
     assert files == {p: open(os.path.join(two_rank_checkpoint, p), "rb").read() for p in os.listdir(two_rank_checkpoint)}
 
 
+def test_the_outer_step_size_and_momentum_of_a_nesterov_run_are_checked_at_a_resume():
+    """The outer optimizer's loaded state overrode --outer-lr and --outer-momentum unsaid; with the
+    plain average they do nothing, and another value is no reason to refuse."""
+    nesterov = dict(overlap=False, outer_optimizer="nesterov", wire_dtype="float32", outer_lr=0.7, outer_momentum=0.9)
+    manifest = {"world_size": 2, "config": nesterov}
+    for changed, said in ((dict(outer_lr=0.5), "--outer-lr 0.7, this run has --outer-lr 0.5"),
+                          (dict(outer_momentum=0.0), "--outer-momentum 0.9, this run has --outer-momentum 0.0")):
+        cfg = validate(Config(**{**TINY, **nesterov, **changed}))
+        with pytest.raises(ckpt.CheckpointError, match=f"written with {said}: resume it"):
+            ckpt.check_resume_settings("ckpt", manifest, cfg, 2)
+    ckpt.check_resume_settings("ckpt", manifest, validate(Config(**{**TINY, **nesterov})), 2)
+    plain = {**nesterov, "outer_optimizer": "average"}
+    ckpt.check_resume_settings("ckpt", {"world_size": 2, "config": plain},
+                               validate(Config(**{**TINY, **plain, "outer_lr": 0.5})), 2)
+
+
 def test_another_batch_size_on_another_world_size_still_resumes(two_rank_checkpoint, tmp_path):
     """With another number of ranks the start comes from the checkpoint's epoch (an elastic
     restart may change the per-rank batch to keep the global one): not refused."""

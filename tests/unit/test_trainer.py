@@ -62,12 +62,33 @@ def _verified(path):
     return str(path), manifest
 
 
-def _run_ranks(out, size, **kw):
+def _run_ranks(out, size, nodes=None, **kw):
     from resist_mpi.comm.thread import run_ranks
     cfg = validate(Config(**{**TINY, "out": str(out), "checkpoint_rounds": 1, "keep_checkpoints": 10,
                              "eval_every": 0, "batch_size": 64, **kw}))
     torch.set_num_threads(1)
-    return run_ranks(size, lambda c: Trainer(cfg, c).run())[0]
+    return run_ranks(size, lambda c: Trainer(cfg, c).run(), nodes=nodes)[0]
+
+
+def test_group_size_node_resumed_on_nodes_of_another_shape_drops_the_per_rank_state(tmp_path, capsys):
+    """4 ranks as 2 nodes of 2 (--group-size node: groups of 2) resumed as 4 nodes of 1 (groups of
+    1): the layout was judged by the setting, "node" both times, so the same; the groups' per-rank
+    state was read as this layout's (IndexError on ranks 2 and 3). The manifest now records the
+    groups' size, and the same shape again keeps the per-rank state."""
+    kw = dict(strategy="resist", epochs=1, batch_size=32, group_size="node", wire_dtype="int8")
+    out = tmp_path / "run"
+    _run_ranks(out, 4, nodes=[0, 0, 1, 1], **kw)
+    path = ckpt.list_checkpoints(str(out))[-2]
+    assert json.load(open(os.path.join(path, "manifest.json")))["group_size"] == "2"
+    for nodes, same in (([0, 1, 2, 3], False), ([0, 0, 1, 1], True)):
+        capsys.readouterr()
+        result = _run_ranks(tmp_path / f"again-{same}", 4, nodes=nodes, resume=path, **kw)
+        assert result["epoch"] == 1.0
+        lines = capsys.readouterr().out.splitlines()
+        dropped = [m for m in lines if "per-rank state" in m]
+        assert (dropped == []) == same, lines
+        if not same:
+            assert "written by 4 ranks in groups of 2, this run has 4 in groups of 1" in dropped[0]
 
 
 @pytest.mark.parametrize("size, kw, dealt", [
