@@ -73,9 +73,14 @@ class RunLog:
             # epoch where given: after a world-size change a round is another length and the record
             # holds rounds of two numberings)
             kept = [r for r in read_metrics(path) if _before(r, resume_round, resume_epoch, resumed_as)]
-        self._fh = open(path, "w")
-        for rec in kept:
-            self._fh.write(json.dumps(finite_json(rec), allow_nan=False) + "\n")
+        # the kept records replace the file at once (a run killed here leaves the old file or the new)
+        with open(path + ".tmp", "w") as fh:
+            for rec in kept:
+                fh.write(json.dumps(finite_json(rec), allow_nan=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(path + ".tmp", path)
+        self._fh = open(path, "a")
         show = progress == "on" or (progress == "auto" and sys.stderr.isatty())
         if show and total_rounds:
             from tqdm import tqdm
@@ -147,21 +152,26 @@ def _before(rec: Dict, resume_round: int, resume_epoch: Optional[float],
 def read_metrics(path: str, event: Optional[str] = None):
     """The records of a metrics.jsonl (or a run directory), optionally of one event type.
 
-    A line that is not JSON raises ValueError naming the file and line; non-object lines are skipped.
+    A line that is not JSON raises ValueError naming the file and line, except a last line without
+    its newline: a write cut short (a full disk, a killed run, a run still writing), which is left
+    out, so that the run can resume and its records be read. Non-object lines are skipped.
     """
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     recs = []
     with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON record ({e.msg})") from None
-            if isinstance(rec, dict) and (event is None or rec.get("event") == event):
-                recs.append(_restore(rec))
+        lines = fh.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{n}: not a JSON record ({e.msg})") from None
+        if isinstance(rec, dict) and (event is None or rec.get("event") == event):
+            recs.append(_restore(rec))
     return recs
 
 

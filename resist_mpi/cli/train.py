@@ -29,13 +29,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         return bad_settings(e)
 
+    # A stop signal (SIGTERM, SIGUSR1) from here on sets the flag the training loop acts on, also
+    # one that comes while torch loads, the ranks connect or the data is read: the run then stops
+    # after its first round with a checkpoint and exit 99, as a job script expects (SIGUSR1's own
+    # action would end the rank, and the script relaunch it instead of requeueing the job).
+    from .preempt import StopRequest
+    stop_request = StopRequest()
+
     import os
 
     from .. import comm
     from .trainer import Trainer
     os.environ["RESIST_MPI_PROGRESS"] = cfg.mpi_progress  # read by the mpi backend (comm/mpi.py)
     c = comm.init(cfg.backend, device=cfg.device)
-    trainer = Trainer(cfg, c)
+    trainer = Trainer(cfg, c, stop_request)
     result = trainer.run()
     if trainer.exit_code:  # REQUEUE_EXIT: a stop signal, checkpoint written; NONFINITE_EXIT: diverged
         return trainer.exit_code

@@ -232,8 +232,12 @@ class Trainer:
         c: the communication backend (from comm.init).
     """
 
-    def __init__(self, cfg: Config, c: Comm):
+    def __init__(self, cfg: Config, c: Comm, stop_request: Optional[StopRequest] = None):
+        """stop_request: the stop signals' catcher, when it was installed before (the command
+        installs it first thing, so that a stop during start-up is a stop after the first round,
+        not a rank killed by the signal's default action); otherwise the run installs its own."""
         self.cfg, self.c = cfg, c
+        self.stop_request = stop_request
         self.pending_eval = None  # --eval-background: the evaluation running while a round trains
         self.delayed_eval = None  # --overlap: an evaluation's copy waiting for its round's average to land
         # --eval-background's default: on where the ranks span nodes (across slow links the gather of
@@ -284,19 +288,23 @@ class Trainer:
         if cfg.overwrite and c.rank == 0:  # only once every rank is ready to start
             ckpt.clear_out_dir(cfg)
         self.set_aside = None  # rank 0: the line saying which checkpoints of another line were moved aside
-        if c.rank == 0 and (self.resume_state is not None or self.skipped):
-            # newer checkpoints are another line (or, starting afresh, all are unusable): moved aside,
-            # never deleted (half-written ones without a manifest are), so that neither rotation nor a
-            # later --resume auto takes them for this run's
-            state = self.resume_state or {"round": -1, "path": None}
-            # the folder's number orders out's checkpoints (renumbered after a world-size change, it
-            # can differ from its manifest's round); a checkpoint from elsewhere: its manifest's round
-            number = ckpt.folder_round(cfg.out, state["path"]) if state["path"] else None
-            since = int(state["round"]) if number is None else number
-            try:
-                self.set_aside = ckpt.set_aside_after(cfg.out, since, state["path"])
-            except OSError as e:  # rank 0 alone here: a line, not a hang of the others
-                self.set_aside = f"could not move the checkpoints newer than round {since} aside: {e}"
+
+    def set_aside_other_lines(self) -> None:
+        """Rank 0, once every rank has loaded the checkpoint (a rank that could not read its files
+        stops the run with the checkpoints where they were): the newer checkpoints are another line
+        (or, starting afresh, all are unusable), moved aside, never deleted (half-written ones without
+        a manifest are), so that neither rotation nor a later --resume auto takes them for this run's."""
+        if self.c.rank != 0 or (self.resume_state is None and not self.skipped):
+            return
+        state = self.resume_state or {"round": -1, "path": None}
+        # the folder's number orders out's checkpoints (renumbered after a world-size change, it
+        # can differ from its manifest's round); a checkpoint from elsewhere: its manifest's round
+        number = ckpt.folder_round(self.cfg.out, state["path"]) if state["path"] else None
+        since = int(state["round"]) if number is None else number
+        try:
+            self.set_aside = ckpt.set_aside_after(self.cfg.out, since, state["path"])
+        except OSError as e:  # rank 0 alone here: a line, not a hang of the others
+            self.set_aside = f"could not move the checkpoints newer than round {since} aside: {e}"
 
     def share_resume_state(self, state):
         """Every rank gets rank 0's checkpoint choice (one broadcast of a few fields; each rank then
@@ -336,7 +344,7 @@ class Trainer:
         if state is None:
             return 0
         if int(state["world_size"]) != self.c.size:
-            return int(float(state["epoch"]) * steps_per_epoch) // self.cfg.local_steps
+            return round_at_epoch(float(state["epoch"]), steps_per_epoch, self.cfg.local_steps)
         return int(state["round"])
 
     def resume(self, job, log: RunLog, start: int) -> None:
@@ -345,6 +353,7 @@ class Trainer:
         if state.get("rank_state_dropped"):
             log.info(f"resume: {state['rank_state_dropped']}: per-rank state (optimizer momentum, error-feedback "
                      f"residuals) starts afresh; an overlapped average in flight is applied")
+        state["reader"].shared  # noqa: B018 - read first, by every rank alike (before load_shards' collectives)
         job.load_shards(state["reader"], start, state["same_layout"])
 
     def run(self) -> Dict[str, float]:
@@ -368,7 +377,8 @@ class Trainer:
     def _run(self) -> Dict[str, float]:
         cfg, c = self.cfg, self.c
         seed_everything(cfg.seed)
-        stop_request = StopRequest()  # SIGTERM/SIGUSR1: stop after this round, save, ask for a requeue
+        # SIGTERM/SIGUSR1: stop after this round, save, ask for a requeue
+        stop_request = self.stop_request or StopRequest()
         self.watchdog = Watchdog(c, cfg.comm_timeout)  # a lost peer ends the job instead of hanging it
         self.train_loader = train_loader = ShardLoader(self.train_set, c.rank, c.size, cfg.batch_size, cfg.seed, True,
                                                        cfg.workers)
@@ -380,6 +390,7 @@ class Trainer:
         job = self.build_strategy(spe)
         start_round = self.start_round(spe)
         if self.resume_state is not None and start_round >= num_rounds:  # (a requeued job that had finished)
+            self.set_aside_other_lines()
             stop_request.close()
             self.watchdog.close()
             if c.rank == 0:
@@ -390,10 +401,23 @@ class Trainer:
         log = self.open_log(job, num_rounds, start_round, spe)
         for line in self.skipped + (self.resume_state or {}).get("skipped", []):
             log.info(f"resume: {line}")
+        if self.resume_state is not None:
+            error = None
+            try:
+                self.resume(job, log, start_round)
+            except ckpt.CheckpointError as e:  # a file only this rank reads is damaged: one line, every rank
+                error = e
+            try:
+                agree(c, error)
+            except SystemExit:
+                stop_request.close()
+                self.watchdog.close()
+                log.close()
+                raise
+        self.set_aside_other_lines()
         if self.set_aside:
             log.info(f"resume: {self.set_aside}")
         if self.resume_state is not None:
-            self.resume(job, log, start_round)
             self.renumber_checkpoints(log, start_round)
             self.log_membership(log, before, start_round)
         self.log_start(job, log, num_rounds, start_round, spe)
@@ -798,6 +822,14 @@ class EvalMeter:
             [c.bytes_sent - s0, c.bytes_recv - r0, c.bytes_sent_cross - x0, self.early_sent], "sum")
         *times, total, t_early = c.reduce_stats([*self.t.values(), sum(self.t.values()), self.t_early], "max")
         return sent, recv, cross, dict(zip(self.t, times)), total, early_sent, t_early
+
+
+def round_at_epoch(epoch: float, steps_per_epoch: int, local_steps: int) -> int:
+    """The round whose start is the last at or before epoch (a checkpoint's, written by another
+    world: its step over its steps per epoch, in floating point). A step count that is whole but
+    came out just below it (15/11 epochs of 22 steps: 29.999999999999996) counts as whole, so the
+    run neither trains a round again nor shifts its learning-rate schedule by one."""
+    return int(math.floor(epoch * steps_per_epoch + 1e-6)) // local_steps
 
 
 def agree(c: Comm, error: Optional[BaseException]) -> None:

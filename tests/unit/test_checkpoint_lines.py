@@ -5,6 +5,7 @@ cannot be continued with is refused with one line. In one process (the self back
 import json
 import os
 import shutil
+import zipfile
 
 import pytest
 import torch
@@ -167,6 +168,40 @@ def test_resume_from_an_older_checkpoint_moves_the_newer_line_aside(tmp_path, ca
     assert f"resumed from {out / 'checkpoints' / 'ckpt-000003'} at round 3" in said.splitlines()
     assert [_manifest(out / "checkpoints" / f"ckpt-{r:06d}")["config"]["lr"] for r in range(1, 7)] == \
         [0.1, 0.1, 0.5, 0.5, 0.5, 0.5]
+
+
+def test_a_rank_file_only_one_rank_reads_damaged_stops_every_rank_with_one_line_and_moves_nothing(tmp_path,
+                                                                                                 capsys):
+    """Rank 0 reads the shared files, rank 1 its own: a damaged rank-00001.pt raised on rank 1
+    alone, in the middle of the run's start (a traceback, the job aborted with exit 1), after rank 0
+    had moved the newer checkpoints aside for a line that never started."""
+    kw = dict(epochs=1, batch_size=64, overlap=True, keep_checkpoints=10)
+    out = tmp_path / "run"
+    cfg = validate(Config(**{**TINY, **kw, "out": str(out)}))
+    torch.set_num_threads(1)
+    run_ranks(2, lambda c: Trainer(cfg, c).run())
+    older, newest = ckpt.list_checkpoints(str(out))[-2:]
+    rank_file = os.path.join(older, "rank-00001.pt")
+    with zipfile.ZipFile(rank_file) as z:  # a tensor record's header zeroed: verify() reads no records
+        record = [i for i in z.infolist() if "/data/" in i.filename][0]
+    with open(rank_file, "r+b") as fh:
+        fh.seek(record.header_offset)
+        fh.write(b"\0" * 4)
+    assert ckpt.verify(older)[0] is not None
+    cfg = validate(Config(**{**TINY, **kw, "out": str(out), "epochs": 2, "resume": older}))
+    capsys.readouterr()
+
+    def body(c):
+        try:
+            Trainer(cfg, c).run()
+        except SystemExit as e:
+            return e.code
+        return 0
+    assert run_ranks(2, body) == [2, 2]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resist_mpi: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"resist_mpi: error: checkpoint {older}: cannot read "
+                                                     f"rank-00001.pt"), errors
+    assert ckpt.list_checkpoints(str(out))[-2:] == [older, newest]  # nothing moved aside
 
 
 # -- C: settings a checkpoint cannot be continued with ---------------------------------------------------------

@@ -101,3 +101,31 @@ def test_a_process_says_its_last_line_once_whoever_finds_the_loss_first():
     assert p.stdout.strip() == "1"
     lines = p.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("resist_mpi: error: from "), p.stderr
+
+
+def test_a_stop_signal_while_the_run_starts_stops_it_after_its_first_round_with_a_checkpoint(tmp_path, monkeypatch):
+    """SIGUSR1 (a job's time-limit warning) while a (re)launched run loaded its data: the handler
+    came with the training loop, so the signal's default action ended the rank, and the job script
+    relaunched it instead of requeueing. (Here a handler of the test's own stands for that default,
+    so that the process survives to tell.)"""
+    import json
+
+    from resist_mpi.cli import train, trainer
+    load = trainer.load_dataset
+
+    def load_while_signalled(*args, **kw):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return load(*args, **kw)
+    monkeypatch.setattr(trainer, "load_dataset", load_while_signalled)
+    default = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: default.append(True))
+    try:
+        code = train.main(["--backend", "self", "--model", "preact_resnet34", "--width", "2", "--dataset",
+                           "synthetic", "--epochs", "1", "--batch-size", "128", "--local-steps", "3", "--bn-batches",
+                           "1", "--progress", "off", "--out", str(tmp_path / "run")])
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert default == [] and code == REQUEUE_EXIT
+    stops = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["event"] == "stop"]
+    assert [(s["round"], s["signal"]) for s in stops] == [(0, "SIGUSR1")]
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["ckpt-000001"]

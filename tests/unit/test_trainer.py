@@ -56,6 +56,30 @@ def test_run_then_resume_from_a_checkpoint_bit_for_bit(tmp_path, kw):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_record_cut_short_at_the_end_of_the_metrics_does_not_stop_a_resume(tmp_path):
+    """A full disk or a kill in the middle of a record's write leaves a last line without its
+    newline: the resume read it as a bad record (ValueError, a traceback, every requeue the same).
+    It goes; a bad line anywhere else is still an error."""
+    from resist_mpi.cli.metrics import read_metrics
+    out = tmp_path / "run"
+    _run(out, epochs=1)
+    whole = (out / "metrics.jsonl").read_text()
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"event": "round", "round": 3, "trai')
+    assert len(read_metrics(str(out))) == whole.count("\n")
+    result, recs = _run(out, epochs=2, resume="auto")
+    assert result["epoch"] == 2.0 and [r["round"] for r in recs if r["event"] == "round"] == list(range(6))
+    (tmp_path / "bad.jsonl").write_text('{"event": "round", "round": 0}\n{"event": \n{"event": "eval"}')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not a JSON record"):
+        read_metrics(str(tmp_path / "bad.jsonl"))
+
+
+def test_the_round_at_a_checkpoints_epoch_is_not_lost_to_rounding():
+    from resist_mpi.cli.trainer import round_at_epoch
+    assert 15 / 11 * 22 < 30 and round_at_epoch(15 / 11, 22, 1) == 30 and round_at_epoch(15 / 11, 22, 3) == 10
+    assert round_at_epoch(29.99 / 22, 22, 1) == 29 and round_at_epoch(0.5, 8, 3) == 1 and round_at_epoch(0.0, 8, 3) == 0
+
+
 def _verified(path):
     manifest, why = ckpt.verify(str(path))
     assert manifest is not None, why
