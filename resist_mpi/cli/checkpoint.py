@@ -11,7 +11,9 @@
                            the lowest; every trainer of a block several ranks trained this round)
         rank-00002.pt      rank 2: its own state (optimizer state under a keep policy, error
                            feedback, the round update whose overlapped average is in flight)
-        manifest.json      rank 0, last, atomically: the checkpoint exists iff it is there
+        sums-00002.json    rank 2: the CRC-32 of each file it wrote (taken as it wrote them)
+        manifest.json      rank 0, last, atomically: the checkpoint exists iff it is there; it
+                           lists every file with its size and CRC-32 (from the ranks' sums)
 
 Nothing is gathered: a rank writes only what it holds, so a checkpoint every round costs a copy of
 a rank's own tensors at the round boundary (the rest is a background thread's disk time:
@@ -19,8 +21,9 @@ benchmarks/checkpoint_bench.py). Each file is written to a temporary name, fsync
 and the directory fsynced. Rank 0 learns that every rank finished its files in the per-round
 reduction the trainer makes anyway, and only then writes the manifest; a rank killed mid-write
 leaves an incomplete directory that no manifest names. `--resume auto` takes the newest
-checkpoint whose manifest lists files that are all present, of their size, and readable, and says
-which newer ones it skipped and why.
+checkpoint whose manifest lists files that are all present, of their size and checksum, and
+readable, and says which newer ones it skipped and why (a file damaged in place, its size the
+same, is told by its checksum, which no load of torch's checks).
 
 The format is the package's own, not torch.distributed.checkpoint: DCP plans its writes and reads
 with collectives of a torch process group (the mpi and horovod backends have none), and what it
@@ -50,6 +53,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -85,10 +89,11 @@ def shard_name(kind: str, rank: int) -> str:
 
 
 # -- files ------------------------------------------------------------------------------------------------
-def atomic_save(obj, path: str, crc32: bool = True) -> None:
+def atomic_save(obj, path: str, crc32: bool = True) -> int:
     """Write obj to path so that path is either absent (or the old file) or the complete new one: a
     temporary file, fsync, rename, fsync of the directory (the rename itself survives a crash). A
-    failure (a full disk) removes the temporary file and raises OSError with one line.
+    failure (a full disk) removes the temporary file and raises OSError with one line. Returns the
+    CRC-32 of the file's bytes (zlib's, of what was written, in order: file_crc32 of the file).
 
     crc32=False leaves the zip records' checksums out (0): torch.load never checks them, so they buy
     a shard nothing, and computing them is most of torch.save's CPU time (benchmarks/checkpoint_bench.py
@@ -103,6 +108,7 @@ def atomic_save(obj, path: str, crc32: bool = True) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(os.path.dirname(path) or ".")
+        return out.crc
     except Exception as e:  # torch.save reports a short write as a RuntimeError; a bad object as a pickling error
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -115,11 +121,13 @@ class _WriteErrors:
     disk in the middle of a record as "unexpected pos", and the user should read "No space left"."""
 
     def __init__(self, fh):
-        self.fh, self.error = fh, None
+        self.fh, self.error, self.crc = fh, None, 0
 
     def write(self, data) -> int:
         try:
-            return self.fh.write(data)
+            written = self.fh.write(data)
+            self.crc = zlib.crc32(data, self.crc)  # (torch writes its stream in order, never seeking back)
+            return written
         except OSError as e:
             self.error = self.error or e
             raise
@@ -129,6 +137,19 @@ class _WriteErrors:
 
 
 _atomic_save = atomic_save
+
+
+def file_crc32(path: str, chunk: int = 16 << 20) -> int:
+    """The CRC-32 (zlib's) of a file's bytes, read in chunks."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def sums_name(rank: int) -> str:
+    return f"sums-{rank:05d}.json"
 
 
 @contextlib.contextmanager
@@ -231,8 +252,12 @@ class ShardWriter:
             t0 = time.perf_counter()
             os.makedirs(directory, exist_ok=True)
             invalidate(directory)  # a folder written over: incomplete until its new manifest lands
+            sums = {}
             for name, obj in files.items():
-                atomic_save(obj, os.path.join(directory, name), crc32=False)
+                if name.endswith(".pt"):
+                    sums[name] = atomic_save(obj, os.path.join(directory, name), crc32=False)
+                else:  # this rank's sums, last
+                    atomic_write_text(json.dumps(sums, sort_keys=True), os.path.join(directory, name))
             self.t_round[round_index] = time.perf_counter() - t0
             self.t_written += self.t_round[round_index]
             self.done = round_index
@@ -299,6 +324,8 @@ class Checkpointer:
             files[shard_name("shared", self.c.rank)] = {"rank": self.c.rank, "model": shard.dealt}
         if self.c.rank == 0:
             files["shared.pt"] = shard.shared
+        files[sums_name(self.c.rank)] = None  # the CRC-32 of the files above, written after them
+        if self.c.rank == 0:
             expected = ["shared.pt"] + [shard_name("rank", r) for r in range(self.c.size)]
             expected += [shard_name("shared", r) for r in dealt_ranks(shard.shared)]
             expected += sorted({shard_name("blocks", r) for ws in shard.writers.values() for r in ws})
@@ -329,6 +356,9 @@ class Checkpointer:
             t0 = time.perf_counter()
             directory = round_dir(self.cfg.out, r)
             manifest["bytes"] = {name: os.path.getsize(os.path.join(directory, name)) for name in manifest["files"]}
+            sums = gather_sums(directory, manifest["world_size"])
+            if sums is not None and all(name in sums for name in manifest["files"]):
+                manifest["crc32"] = {name: sums[name] for name in manifest["files"]}
             manifest["time"] = time.time()
             atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), os.path.join(directory, MANIFEST))
             self.written.append(r)
@@ -352,6 +382,19 @@ class Checkpointer:
             raise PeerWriteFailed("another rank could not write its checkpoint files")
         self.commit(int(-done_neg), log)
         self.writer.wait()  # the rotation it started
+
+
+def gather_sums(directory: str, world_size: int) -> Optional[Dict[str, int]]:
+    """Every rank's CRC-32 of its files (sums-RRRRR.json), merged; None when one cannot be read
+    (the manifest then lists sizes only, as checkpoints of earlier versions did)."""
+    sums: Dict[str, int] = {}
+    try:
+        for r in range(world_size):
+            with open(os.path.join(directory, sums_name(r))) as fh:
+                sums.update(json.load(fh))
+    except (OSError, ValueError):
+        return None
+    return sums
 
 
 def rotate(out: str, keep: int, newest: Optional[int] = None) -> None:
@@ -399,6 +442,7 @@ def verify(directory: str) -> Tuple[Optional[Dict], Optional[str]]:
     files, sizes = manifest.get("files"), manifest.get("bytes")
     if not isinstance(files, list) or not isinstance(sizes, dict) or any(name not in sizes for name in files):
         return None, "its manifest is unreadable (no list of files with their sizes)"
+    sums = manifest.get("crc32") or {}
     for name in files:
         f = os.path.join(directory, name)
         if not os.path.isfile(f):
@@ -406,6 +450,13 @@ def verify(directory: str) -> Tuple[Optional[Dict], Optional[str]]:
         size = os.path.getsize(f)
         if size != sizes[name]:
             return None, f"{name} has {size} bytes, not {sizes[name]} (truncated?)"
+        if name in sums:  # (older checkpoints list sizes only)
+            try:
+                crc = file_crc32(f)
+            except OSError as e:
+                return None, f"{name} is unreadable ({_first_line(e)[:80]})"
+            if crc != sums[name]:
+                return None, f"{name} is damaged (its CRC-32 is {crc:08x}, the manifest's {sums[name]:08x})"
         try:
             torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # a damaged zip, a bad pickle

@@ -187,6 +187,11 @@ def test_a_rank_file_only_one_rank_reads_damaged_stops_every_rank_with_one_line_
     with open(rank_file, "r+b") as fh:
         fh.seek(record.header_offset)
         fh.write(b"\0" * 4)
+    # its checksum tells it now (below); a manifest without them (an earlier version's) does not
+    manifest_path = os.path.join(older, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    del manifest["crc32"]
+    open(manifest_path, "w").write(json.dumps(manifest))
     assert ckpt.verify(older)[0] is not None
     cfg = validate(Config(**{**TINY, **kw, "out": str(out), "epochs": 2, "resume": older}))
     capsys.readouterr()
@@ -202,6 +207,30 @@ def test_a_rank_file_only_one_rank_reads_damaged_stops_every_rank_with_one_line_
     assert len(errors) == 1 and errors[0].startswith(f"resist_mpi: error: checkpoint {older}: cannot read "
                                                      f"rank-00001.pt"), errors
     assert ckpt.list_checkpoints(str(out))[-2:] == [older, newest]  # nothing moved aside
+
+
+def test_a_file_damaged_in_place_fails_its_checksum_and_resume_auto_takes_the_checkpoint_before(tmp_path, capsys):
+    """256 bytes of a tensor overwritten, the size the same: verify() said complete (its load maps
+    the file and reads no tensor) and the run resumed with 64 weights changed. The manifest holds
+    every file's CRC-32, which the writing rank took as it wrote; the damaged checkpoint is skipped
+    with a line that says why."""
+    out = tmp_path / "run"
+    _run(out, capsys, keep_checkpoints=10)
+    *_, older, newest = ckpt.list_checkpoints(str(out))
+    manifest = _manifest(newest)
+    assert sorted(manifest["crc32"]) == sorted(manifest["files"])
+    assert all(manifest["crc32"][n] == ckpt.file_crc32(os.path.join(newest, n)) for n in manifest["files"])
+    blocks = sorted(n for n in manifest["files"] if n.startswith("blocks-"))[0]
+    with zipfile.ZipFile(os.path.join(newest, blocks)) as z:
+        record = [i for i in z.infolist() if "/data/" in i.filename and i.file_size >= 1024][0]
+    with open(os.path.join(newest, blocks), "r+b") as fh:
+        fh.seek(record.header_offset + 30 + len(record.filename) + len(record.extra) + 256)
+        fh.write(b"\x7f" * 256)
+    assert ckpt.verify(older)[0] is not None
+    assert ckpt.verify(newest)[1].startswith(f"{blocks} is damaged (its CRC-32 is ")
+    said = _run(out, capsys, keep_checkpoints=10, epochs=3, resume="auto")
+    assert f"resume: skipped {os.path.basename(newest)}: {blocks} is damaged (its CRC-32 is " in said
+    assert f"resumed from {older} at round" in said
 
 
 # -- C: settings a checkpoint cannot be continued with ---------------------------------------------------------
