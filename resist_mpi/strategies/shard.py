@@ -76,7 +76,9 @@ def average_copies(copies: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Ten
 def flushed_values(reader, index: int) -> Optional[Tuple[torch.Tensor, Optional[Dict]]]:
     """Averager `index`'s values with its in-flight average applied, and its outer optimizer's
     state after that (a float32 mean in rank order of every old rank's update, each with its
-    error-feedback residual added); None when nothing was in flight."""
+    error-feedback residual added where that covers the whole update: with groups a rank's
+    residual is of its slice only, and is dropped, as error feedback is at any change of the
+    world); None when nothing was in flight."""
     shared = reader.shared
     agreed = (shared.get("averagers") or [None])[index]
     if agreed is None:
