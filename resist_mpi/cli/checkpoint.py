@@ -601,10 +601,12 @@ def check_resume_settings(path: str, manifest: Dict, cfg, world_size: int) -> No
       way to go on.)
     - --partition-stages (ResIST): other blocks are partitioned, the checkpoint's block files do
       not match them.
+    - --seed and --dataset: the data order and the partitions after the checkpoint are functions
+      of the seed, and another dataset is another run, not a continuation.
 
     Settings a checkpoint's config does not record (older checkpoints) are not checked."""
     config = manifest.get("config") or {}
-    keys = ["overlap", "outer_optimizer", "wire_dtype"]
+    keys = ["overlap", "outer_optimizer", "wire_dtype", "seed", "dataset"]
     if cfg.outer_optimizer != "average":
         keys += ["outer_lr", "outer_momentum"]
     if int(manifest.get("world_size", world_size)) == world_size:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -63,6 +64,7 @@ class RunLog:
         self._fh = None
         self._bar = None
         self._tb = None
+        self.damaged: Optional[str] = None  # a line on the record that could not be read, the file kept aside
         if not is_root:
             return
         os.makedirs(out, exist_ok=True)
@@ -72,7 +74,14 @@ class RunLog:
             # a resumed run continues the record: keep what happened before the checkpoint only (by
             # epoch where given: after a world-size change a round is another length and the record
             # holds rounds of two numberings)
-            kept = [r for r in read_metrics(path) if _before(r, resume_round, resume_epoch, resumed_as)]
+            try:
+                records = read_metrics(path)
+            except ValueError as e:  # a damaged line: the records before it go on, the file is kept aside
+                records = read_metrics(path, until_damaged=True)
+                aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+                shutil.copyfile(path, aside)
+                self.damaged = f"{e}: the records before it go on, the whole file is kept as {aside}"
+            kept = [r for r in records if _before(r, resume_round, resume_epoch, resumed_as)]
         # the kept records replace the file at once (a run killed here leaves the old file or the new)
         with open(path + ".tmp", "w") as fh:
             for rec in kept:
@@ -149,8 +158,9 @@ def _before(rec: Dict, resume_round: int, resume_epoch: Optional[float],
     return rec.get("round", -1) < resume_round
 
 
-def read_metrics(path: str, event: Optional[str] = None):
+def read_metrics(path: str, event: Optional[str] = None, until_damaged: bool = False):
     """The records of a metrics.jsonl (or a run directory), optionally of one event type.
+    until_damaged: the records before the first line that is not JSON, instead of the ValueError.
 
     A line that is not JSON raises ValueError naming the file and line, except a last line without
     its newline: a write cut short (a full disk, a killed run, a run still writing), which is left
@@ -167,7 +177,7 @@ def read_metrics(path: str, event: Optional[str] = None):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            if n == len(lines) and not line.endswith("\n"):
+            if until_damaged or (n == len(lines) and not line.endswith("\n")):
                 break
             raise ValueError(f"{path}:{n}: not a JSON record ({e.msg})") from None
         if isinstance(rec, dict) and (event is None or rec.get("event") == event):

@@ -537,10 +537,7 @@ class Trainer:
         path = os.path.join(self.cfg.out, "metrics.jsonl")
         if self.c.rank != 0 or not os.path.isfile(path):
             return []
-        try:
-            return read_metrics(path)
-        except ValueError:
-            return []
+        return read_metrics(path, until_damaged=True)
 
     def start_epoch(self, start_round: int) -> float:
         """The epoch at the start of round start_round of this world."""
@@ -604,6 +601,8 @@ class Trainer:
         epoch = float(state["epoch"]) if state is not None else None
         log = RunLog(cfg.out, c.rank == 0, cfg.progress, num_rounds - start, cfg.tensorboard, resume_round=start,
                      resume_epoch=epoch, resumed_as=(self.start_epoch(start), c.size))
+        if log.damaged:
+            log.info(f"resume: {log.damaged}")
         log.write_config({"config": cfg.to_dict(), "world_size": c.size, "backend": c.name,
                           "device": str(self.device), "steps_per_epoch": spe, "num_rounds": num_rounds,
                           "dataset": self.info.name, "num_classes": self.info.num_classes,

@@ -260,7 +260,10 @@ def two_rank_checkpoint(tmp_path_factory):
     (dict(outer_optimizer="nesterov"), "--outer-optimizer average, this run has --outer-optimizer nesterov"),
     (dict(wire_dtype="int8"), "--wire-dtype float32, this run has --wire-dtype int8"),
     (dict(partition_stages="2,3"), "--partition-stages 3, this run has --partition-stages 2,3"),
-], ids=["local_steps", "batch_size", "overlap", "outer_optimizer", "wire_dtype", "partition_stages"])
+    (dict(seed=5), "--seed 0, this run has --seed 5"),
+    (dict(dataset="digits"), "--dataset synthetic, this run has --dataset digits"),
+], ids=["local_steps", "batch_size", "overlap", "outer_optimizer", "wire_dtype", "partition_stages", "seed",
+        "dataset"])
 def test_resume_with_settings_the_checkpoint_cannot_continue_is_refused(two_rank_checkpoint, tmp_path, capsys,
                                                                       settings, said):
     """One line from one rank, exit 2 on every rank, before training, the checkpoint untouched."""

@@ -72,6 +72,26 @@ def test_a_record_cut_short_at_the_end_of_the_metrics_does_not_stop_a_resume(tmp
     (tmp_path / "bad.jsonl").write_text('{"event": "round", "round": 0}\n{"event": \n{"event": "eval"}')
     with pytest.raises(ValueError, match="bad.jsonl:2: not a JSON record"):
         read_metrics(str(tmp_path / "bad.jsonl"))
+    assert read_metrics(str(tmp_path / "bad.jsonl"), until_damaged=True) == [{"event": "round", "round": 0}]
+
+
+def test_a_damaged_record_in_the_metrics_is_kept_aside_and_the_resume_goes_on(tmp_path, capsys):
+    """A line in the middle that is not JSON (a disk's damage, an edit gone wrong) stopped every
+    resume with a traceback. The records before it go on; the whole file is copied aside first."""
+    out = tmp_path / "run"
+    _run(out, epochs=1)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    damaged = "".join(lines[:2] + ["{not json\n"] + lines[2:])
+    (out / "metrics.jsonl").write_text(damaged)
+    capsys.readouterr()
+    result, recs = _run(out, epochs=2, resume="auto")
+    said = capsys.readouterr().out
+    (aside,) = [p for p in os.listdir(out) if p.startswith("metrics.jsonl.damaged-")]
+    assert (out / aside).read_text() == damaged
+    assert f"resume: {out / 'metrics.jsonl'}:3: not a JSON record" in said and str(out / aside) in said
+    assert recs[:2] == [json.loads(line) for line in lines[:2]] and result["epoch"] == 2.0
+    assert [r["round"] for r in recs if r["event"] == "round"] == [r["round"] for r in map(json.loads, lines[:2])
+                                                                   if r["event"] == "round"] + list(range(3, 6))
 
 
 def test_the_round_at_a_checkpoints_epoch_is_not_lost_to_rounding():
