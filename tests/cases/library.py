@@ -418,65 +418,59 @@ def tied_rounds(c, model, strategy, fresh=None, **kw):
 
 
 # -- a warm-up's checkpoints ---------------------------------------------------------------------------------
+def _warmup(c, m, o, switch, **kw):
+    """Local SGD until round switch, then ResIST."""
+    return rm.Warmup(rm.LocalSGD(m, c, optimizer=o, **kw),
+                     lambda: rm.ResIST(m, c, optimizer=o, synchronized=True, seed=7, **kw), switch)
+
+
+def _train_until(c, job, m, o, until, saved_round, state=None):
+    """Rounds on the shared batches until job.round == until; job.state_dict() taken once
+    saved_round rounds ended (or state, when that never comes)."""
+    while job.round < until:
+        job.begin_round()
+        for s in range(STEPS):
+            step(m, o, c, job.round * STEPS + s)
+        job.end_round()
+        if job.round == saved_round:
+            state = job.state_dict()
+    return state
+
+
 def warmup_reload(c, model, fresh, saved_round, **kw):
     """A Warmup (local SGD for rounds 0-1, then ResIST) through round 3, with state_dict() taken
     once saved_round rounds ended (saved_round 2: by local SGD, at the end of the warm-up). Then
     the state goes back into the same job (switched by then: a roll-back), and into a new Warmup
     on fresh; each goes on through round 3 on the same batches. Returns (the uninterrupted full
     state, the rolled-back one or the exception raised, the new job's)."""
-    def warmup(m, o):
-        return rm.Warmup(rm.LocalSGD(m, c, optimizer=o, **kw),
-                         lambda: rm.ResIST(m, c, optimizer=o, synchronized=True, seed=7, **kw), 2)
-
-    def train(job, m, o, state=None):
-        while job.round < 4:
-            job.begin_round()
-            for s in range(STEPS):
-                step(m, o, c, job.round * STEPS + s)
-            job.end_round()
-            if job.round == saved_round:
-                state = job.state_dict()
-        return state, full_state(job)
-
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    job = warmup(model, opt)
-    state, straight = train(job, model, opt)
+    job = _warmup(c, model, opt, 2, **kw)
+    state = _train_until(c, job, model, opt, 4, saved_round)
+    straight = full_state(job)
     try:
         job.load_state_dict(state)
-        rolled_back = train(job, model, opt, state)[1]
+        _train_until(c, job, model, opt, 4, saved_round, state)
+        rolled_back = full_state(job)
     except rm.UsageError as e:
         rolled_back = e
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=LR, momentum=0.9)
-    job = warmup(fresh, fresh_opt)
+    job = _warmup(c, fresh, fresh_opt, 2, **kw)
     job.load_state_dict(state)
-    return straight, rolled_back, train(job, fresh, fresh_opt, state)[1]
+    _train_until(c, job, fresh, fresh_opt, 4, saved_round, state)
+    return straight, rolled_back, full_state(job)
 
 
 def warmup_later_switch(c, model, fresh):
     """A Warmup switching at round 2 saves its state after round 4 (ResIST's); a new Warmup on fresh
     whose switch comes at round 6 (a longer warm-up) loads it. Both go on through round 5 on the
     same batches. Returns (the first's full state, the new job's strategy name, its full state)."""
-    def warmup(m, o, switch):
-        return rm.Warmup(rm.LocalSGD(m, c, optimizer=o),
-                         lambda: rm.ResIST(m, c, optimizer=o, synchronized=True, seed=7), switch)
-
-    def train(job, m, o, state=None):
-        while job.round < 6:
-            job.begin_round()
-            for s in range(STEPS):
-                step(m, o, c, job.round * STEPS + s)
-            job.end_round()
-            if job.round == 4:
-                state = job.state_dict()
-        return state
-
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    job = warmup(model, opt, 2)
-    state = train(job, model, opt)
+    job = _warmup(c, model, opt, 2)
+    state = _train_until(c, job, model, opt, 6, 4)
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=LR, momentum=0.9)
-    later = warmup(fresh, fresh_opt, 6)
+    later = _warmup(c, fresh, fresh_opt, 6)
     later.load_state_dict(state)
-    train(later, fresh, fresh_opt)
+    _train_until(c, later, fresh, fresh_opt, 6, 4)
     return full_state(job), later.name, full_state(later)
 
 
