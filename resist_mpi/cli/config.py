@@ -241,6 +241,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if cfg.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.momentum >= 1:
+        raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if not -2 ** 63 <= cfg.seed < 2 ** 63:  # torch.manual_seed takes a 64-bit integer
+        raise ConfigError(f"--seed must fit in 64 bits, got {cfg.seed}")
     if cfg.outer_lr <= 0 or not 0 <= cfg.outer_momentum < 1:
         raise ConfigError(f"--outer-lr must be positive and --outer-momentum in [0, 1), got {cfg.outer_lr} and "
                           f"{cfg.outer_momentum}")

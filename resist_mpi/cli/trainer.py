@@ -266,7 +266,9 @@ class Trainer:
                 probe = self.build_net()
             # CIFAR-style models are built for 32x32; ImageNet-style ones take any size >= 32
             cifar = getattr(probe, "arch", {}).get("stem") == "cifar"
-            check_compatible(self.info, 32 if cifar else None, self.info.num_classes)
+            first_conv = next((m for m in probe.modules() if isinstance(m, nn.Conv2d)), None)
+            check_compatible(self.info, 32 if cifar else None, self.info.num_classes,
+                             None if first_conv is None else first_conv.in_channels)
             self.group_size = resolve_group_size(cfg.group_size, c)
             groups = c.size // self.group_size  # groups that fit the ranks (and nodes)
             if cfg.strategy == "resist":  # enough blocks for the groups
@@ -280,6 +282,7 @@ class Trainer:
             c.barrier()
         try:
             agree(c, error)
+            agree(c, self.same_data_everywhere())
         except SystemExit:
             if self.lock is not None:
                 self.lock.release()
@@ -288,6 +291,21 @@ class Trainer:
         if cfg.overwrite and c.rank == 0:  # only once every rank is ready to start
             ckpt.clear_out_dir(cfg)
         self.set_aside = None  # rank 0: the line saying which checkpoints of another line were moved aside
+
+    def same_data_everywhere(self) -> Optional[DataError]:
+        """A DataError on every rank when the ranks loaded different data (one collective): each
+        node reading its own copy of --data-dir, one copy short of some files, would give its ranks
+        other steps per epoch and rounds, and the ranks would meet in different collectives."""
+        info = self.info
+        mine = [len(self.train_set), len(self.test_set), info.num_classes, info.image_size, info.channels]
+        both = self.c.reduce_stats([float(v) for v in mine] + [-float(v) for v in mine], "max")
+        hi, lo = [int(v) for v in both[:5]], [-int(v) for v in both[5:]]
+        if hi == lo:
+            return None
+        what = ", ".join(f"{name} {a}..{b}" for name, a, b in zip(
+            ("training images", "test images", "classes", "image size", "channels"), lo, hi) if a != b)
+        where = f" (--data-dir {self.cfg.data_dir})" if self.cfg.data_dir else ""
+        return DataError(f"the ranks loaded different data ({what}): every node must see the same dataset{where}")
 
     def set_aside_other_lines(self) -> None:
         """Rank 0, once every rank has loaded the checkpoint (a rank that could not read its files

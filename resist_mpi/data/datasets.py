@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -355,6 +355,23 @@ def _imagefolder(data_dir: Optional[str], image_size: Optional[int], augment: bo
     return train, test, _info("imagefolder", train, test, size, 3, train.folder.classes, IMAGENET_MEAN, IMAGENET_STD)
 
 
+def _class_names(path: str, raw) -> List[str]:
+    """An HDF5 file's class_names attribute: a JSON list (what pack writes) or an array of strings
+    (what h5py stores for `attrs["class_names"] = [...]`)."""
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    if isinstance(raw, str):
+        try:
+            names = json.loads(raw)
+        except ValueError:
+            names = None
+        if not isinstance(names, list):
+            raise DataError(f"{path}: attribute class_names must be a JSON list of names or an array of strings, "
+                            f"got {raw[:60]!r}")
+        return [str(n) for n in names]
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in np.asarray(raw).ravel().tolist()]
+
+
 def _hdf5(path: Optional[str], augment: bool):
     if not path:
         raise DataError("hdf5 needs --data-dir pointing to a .h5 file made by `python -m resist_mpi.data pack`")
@@ -368,6 +385,8 @@ def _hdf5(path: Optional[str], augment: bool):
                 if f"{split}/{key}" not in f:
                     raise DataError(f"{path} lacks the dataset '{split}/{key}' (make it with `python -m resist_mpi.data pack`)")
             images = f[split + "/images"]
+            if f[split + "/labels"].dtype.kind not in "iu":  # (floats would be truncated to classes unsaid)
+                raise DataError(f"{path}: {split}/labels must be integers, got {f[split + '/labels'].dtype}")
             labels[split] = torch.from_numpy(np.asarray(f[split + "/labels"][:], dtype=np.int64))
             shapes[split] = images.shape
             if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
@@ -379,7 +398,7 @@ def _hdf5(path: Optional[str], augment: bool):
             raise DataError(f"{path}: train images {shapes['train'][1:]} and test images {shapes['test'][1:]} differ")
         a = f.attrs
         n_cls = int(a.get("num_classes", int(torch.cat(list(labels.values())).max()) + 1))
-        names = json.loads(a["class_names"]) if "class_names" in a else [str(i) for i in range(n_cls)]
+        names = _class_names(path, a["class_names"]) if "class_names" in a else [str(i) for i in range(n_cls)]
         _, size, _, channels = shapes["train"]
         if "mean" in a and "std" in a:
             mean, std = tuple(np.asarray(a["mean"]).tolist()), tuple(np.asarray(a["std"]).tolist())
@@ -438,8 +457,13 @@ def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = Fal
     return out
 
 
-def check_compatible(info: DataInfo, image_size_expected: Optional[int], num_classes: int) -> None:
-    """Raise DataError when a model built for (image size, classes) cannot consume this data."""
+def check_compatible(info: DataInfo, image_size_expected: Optional[int], num_classes: int,
+                     channels: Optional[int] = None) -> None:
+    """Raise DataError when a model built for (image size, classes, input channels) cannot consume
+    this data (None: any size, or channels not known)."""
+    if channels is not None and info.channels != channels:
+        raise DataError(f"dataset {info.name} has {info.channels}-channel images but the model takes {channels} "
+                        f"channels (pack the images as RGB)")
     if info.num_classes != num_classes:
         raise DataError(f"dataset {info.name} has {info.num_classes} classes but the model has {num_classes} "
                         f"outputs; set num_classes to {info.num_classes}")

@@ -35,6 +35,8 @@ def test_flags_map_to_fields_and_file(tmp_path):
     (["--overlap-steps", "2"], r"--overlap-steps 2: needs --overlap and a value from 1 to --local-steps - 1"),
     (["--overlap", "--overlap-steps", "5", "--local-steps", "5"], r"from 1 to --local-steps - 1 \(4\)"),
     (["--overlap", "--overlap-steps", "-1"], "--overlap-steps -1: needs"),
+    (["--momentum", "1.5"], r"--momentum must be in \[0, 1\), got 1.5"),
+    (["--seed", str(2 ** 64)], "--seed must fit in 64 bits"),
 ])
 def test_bad_settings_one_line(argv, msg):
     with pytest.raises(ConfigError, match=msg) as e:

@@ -413,6 +413,85 @@ def test_hdf5_hand_made_file_without_attrs(tmp_path):
     assert x.shape == (4, 1, 8, 8) and bool(torch.isfinite(x).all())
 
 
+def test_hdf5_class_names_as_h5py_stores_a_list_and_labels_that_are_not_integers(tmp_path):
+    """`attrs["class_names"] = [...]` (h5py stores an array of strings) raised TypeError from
+    json.loads; a string that is not JSON said only "Expecting value"; float labels were cut to
+    classes unsaid."""
+    def make(name, names=None, labels=np.array([0, 1, 2, 0])):
+        path = str(tmp_path / name)
+        with h5py.File(path, "w") as f:
+            for split in ("train", "test"):
+                f[f"{split}/images"] = np.zeros((4, 8, 8, 3), np.uint8)
+                f[f"{split}/labels"] = labels
+            if names is not None:
+                f.attrs["class_names"] = names
+        return path
+    assert load_dataset("hdf5", make("list.h5", ["cat", "dog", "eel"]))[2].class_names == ("cat", "dog", "eel")
+    assert load_dataset("hdf5", make("json.h5", '["a", "b", "c"]'))[2].class_names == ("a", "b", "c")
+    with pytest.raises(DataError) as e:
+        load_dataset("hdf5", make("words.h5", "cat dog eel"))
+    assert_one_line_error(e, "words.h5", "class_names", "cat dog eel")
+    with pytest.raises(DataError) as e:
+        load_dataset("hdf5", make("floats.h5", labels=np.array([0.0, 1.5, 2.0, 0.0])))
+    assert_one_line_error(e, "floats.h5", "integers", "float64")
+
+
+def test_a_model_for_rgb_refuses_grayscale_data_with_one_line(tmp_path, capsys):
+    """A 1-channel file loaded, and every rank failed at the first forward (a traceback, exit 1)."""
+    from resist_mpi.cli.config import Config, validate
+    from resist_mpi.cli.trainer import Trainer
+    from resist_mpi.comm import init
+    path = str(tmp_path / "gray.h5")
+    with h5py.File(path, "w") as f:
+        for split in ("train", "test"):
+            f[f"{split}/images"] = np.zeros((8, 32, 32, 1), np.uint8)
+            f[f"{split}/labels"] = np.arange(8) % 2
+    with pytest.raises(DataError) as e:
+        check_compatible(load_dataset("hdf5", path)[2], 32, 2, channels=3)
+    assert_one_line_error(e, "1-channel", "3 channels")
+    cfg = validate(Config(dataset="hdf5", data_dir=path, model="preact_resnet34", width=2, epochs=1,
+                          out=str(tmp_path / "run"), progress="off"))
+    with pytest.raises(SystemExit) as stop:
+        Trainer(cfg, init("self", fail_fast=False))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "resist_mpi: error: dataset hdf5:custom has 1-channel images but the model takes 3 channels (pack the "
+        "images as RGB)"]
+
+
+def test_ranks_that_loaded_different_data_stop_together_with_one_line(tmp_path, monkeypatch, capsys):
+    """A node whose copy of the dataset lacks some files gave its ranks other steps per epoch and
+    rounds: the ranks met in different collectives, and the watchdog (every peer still answering)
+    never ended the job. Rank 1 here loads 10 training images fewer."""
+    import itertools
+    import threading
+
+    from resist_mpi.cli import trainer
+    from resist_mpi.cli.config import Config, validate
+    from resist_mpi.comm.thread import run_ranks
+    load, calls, lock = trainer.load_dataset, itertools.count(), threading.Lock()
+
+    def load_one_short(*args, **kw):
+        train, test, info = load(*args, **kw)
+        with lock:
+            short = next(calls) == 1
+        return (torch.utils.data.Subset(train, range(len(train) - 10)) if short else train), test, info
+    monkeypatch.setattr(trainer, "load_dataset", load_one_short)
+    cfg = validate(Config(dataset="synthetic", model="preact_resnet34", width=2, epochs=1, out=str(tmp_path / "run"),
+                          progress="off"))
+
+    def body(c):
+        try:
+            trainer.Trainer(cfg, c)
+        except SystemExit as e:
+            return e.code
+    capsys.readouterr()
+    assert run_ranks(2, body) == [2, 2]
+    assert capsys.readouterr().err.splitlines() == [
+        "resist_mpi: error: the ranks loaded different data (training images 1014..1024): every node must see "
+        "the same dataset"]
+
+
 # ----------------------------------------------------------------------------- ImageFolder
 
 def _image_tree(root):
