@@ -4,7 +4,7 @@ Parameters then floating-point buffers; slots ((dict, name) pairs) see tensors r
 materialize_ gives a model built on the meta device real storage except for the blocks skipped."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn as nn
@@ -72,6 +72,41 @@ def _outside(model: nn.Module, blocks: Sequence[nn.Module]) -> List[tuple]:
     """(name, module) of every module of model outside the blocks, in model order."""
     inside = {id(m) for b in blocks for m in b.modules()}
     return [(name, m) for name, m in model.named_modules() if id(m) not in inside]
+
+
+def check_block_tensors(model: nn.Module, names: Sequence[str], blocks: Sequence[nn.Module]) -> None:
+    """ValueError (one line) unless every tensor of each block is its own: a block moves between
+    ranks as its parameters and float buffers, apart from the shared layers and the other blocks.
+    So a tensor of a block may not also belong to another block or to the shared layers (tied
+    weights: released with its block, the other place would lose it too), and a block may hold no
+    integer or bool buffer but BN's step counter (it would arrive as zeros)."""
+    owner: Dict[int, str] = {}
+    for name, block in zip(names, blocks):
+        for n, t in list(block.named_parameters(remove_duplicate=False)) + list(block.named_buffers(remove_duplicate=False)):
+            if owner.get(id(t), name) != name:
+                raise ValueError(f"{name}.{n} is also a tensor of {owner[id(t)]} (tied): a block moves between ranks "
+                                 f"alone, so its tensors must be its own; untie them, or leave those modules unpartitioned")
+            owner[id(t)] = name
+            if not t.is_floating_point() and not n.endswith("num_batches_tracked"):
+                raise ValueError(f"block {name} holds the {t.dtype} buffer {n}: a block moves as its parameters and "
+                                 f"float buffers, so it would arrive as zeros; make it a float buffer, or keep it "
+                                 f"outside the partitioned blocks")
+    inside = {id(m) for b in blocks for m in b.modules()}
+    for mname, m in model.named_modules():
+        if id(m) in inside:
+            continue
+        for n, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None and id(t) in owner:
+                where = f"{mname}.{n}" if mname else n
+                raise ValueError(f"{where} is also a tensor of {owner[id(t)]} (tied): a block moves between ranks "
+                                 f"alone, so its tensors must be its own; untie them, or leave those modules unpartitioned")
+
+
+def shared_counters(model: nn.Module, blocks: Sequence[nn.Module]) -> List[tuple]:
+    """(dict, name) of the integer and bool buffers of the shared layers other than BN's step counters
+    (an index, a mask): the float broadcast of the initial model does not carry them."""
+    return [(m._buffers, n) for _, m in _outside(model, blocks) for n, t in m._buffers.items()
+            if t is not None and not t.is_floating_point() and n != "num_batches_tracked"]
 
 
 def module_keys(model: nn.Module) -> List[str]:

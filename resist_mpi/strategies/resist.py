@@ -33,7 +33,7 @@ from ..averaging.tensors import average_tensors_, broadcast_tensors_
 from .store import BlockStore
 from ..blocks.switch import activate, make_switchable, set_scale
 from ..blocks.find import find_blocks
-from ..blocks.tensors import materialize_, shared_slots
+from ..blocks.tensors import check_block_tensors, materialize_, shared_counters, shared_slots
 from ..errors import UsageError
 from .exchange import run_exchange
 from ..plan.groups import Groups, slice_counts
@@ -81,6 +81,10 @@ class ResIST(Strategy):
         named = find_blocks(model, blocks, stages)
         self.block_names = [n for n, _ in named]
         self.blocks = [m for _, m in named]
+        try:
+            check_block_tensors(model, self.block_names, self.blocks)
+        except ValueError as e:
+            raise UsageError(f"ResIST: {e}") from None
         for name, block in named:
             make_switchable(block, name)
         self.groups = Groups(comm, group_size)
@@ -112,6 +116,13 @@ class ResIST(Strategy):
         materialize_(model, self.device, skip=self.blocks)
         # ---- distributed step: shared layers from rank 0 (its blocks follow in the first exchange) ----
         broadcast_tensors_(comm, self.shared_tensors())
+        counters = shared_counters(model, self.blocks)
+        if counters:  # (a model built on the meta device has zeros there)
+            with comm.as_control():
+                # ---- distributed step: the shared layers' integer buffers from rank 0 ----
+                values = comm.bcast_object([d[n].cpu() for d, n in counters] if comm.rank == 0 else None)
+            for (d, n), v in zip(counters, values):
+                d[n].copy_(v)
         if self.groups.index == 0 and self.groups.inner is not None:
             # ---- distributed step: group 0 holds rank 0's blocks, every member the same copy ----
             for b in range(P):

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import resist_mpi as rm
 from resist_mpi.blocks.kinds import BlockError
 from resist_mpi.strategies.store import BlockStore
 from resist_mpi.blocks.switch import activate, make_switchable, set_scale
@@ -338,3 +339,70 @@ def test_a_users_registration_of_a_torchvision_block_is_kept():
         kinds._KINDS.clear()
         kinds._KINDS.update(saved)
         kinds._BUILTIN.update(resist_mpi=True, torchvision=True)
+
+
+class _Step(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.lin(x)
+
+
+class _Chain(torch.nn.Module):
+    """Four residual blocks between two shared layers; `case` adds what a block cannot carry."""
+
+    def __init__(self, case=None, d=4):
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(d, d), torch.nn.Linear(d, 2)
+        self.blocks = torch.nn.ModuleList(_Step(d) for _ in range(4))
+        self.register_buffer("order", torch.tensor([3, 1, 2, 0]))  # shared: an integer buffer
+        if case == "tied_shared":
+            self.inp.weight = self.blocks[0].lin.weight
+        elif case == "tied_blocks":
+            self.blocks[1].lin.weight = self.blocks[0].lin.weight
+        elif case == "int_buffer":
+            self.blocks[2].register_buffer("perm", torch.arange(3, -1, -1))
+
+    def forward(self, x):
+        x = self.inp(x)[:, self.order]
+        for b in self.blocks:
+            x = b(x)
+        return self.out(x)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("tied_shared", "ResIST: inp.weight is also a tensor of blocks.0 (tied)"),
+    ("tied_blocks", "ResIST: blocks.1.lin.weight is also a tensor of blocks.0 (tied)"),
+    ("int_buffer", "ResIST: block blocks.2 holds the torch.int64 buffer perm: a block moves as its parameters and "
+                   "float buffers, so it would arrive as zeros"),
+], ids=["tied_shared", "tied_blocks", "int_buffer"])
+def test_a_block_whose_tensors_are_not_its_own_is_refused_on_every_rank(case, message):
+    """A weight tied between a block and a shared layer (or two blocks) became an empty placeholder
+    in the other place when its block moved away ("mat2 must be a matrix"), and a block's integer
+    buffer arrived as zeros."""
+    from resist_mpi.comm.thread import run_ranks
+
+    def body(c):
+        torch.manual_seed(0)
+        try:
+            rm.ResIST(_Chain(case), c, blocks=[f"blocks.{i}" for i in range(4)])
+        except rm.UsageError as e:
+            return str(e)
+    assert all(m is not None and m.startswith(message) for m in run_ranks(2, body)), run_ranks(2, body)
+
+
+def test_ranks_that_build_on_the_meta_device_get_the_shared_integer_buffers_of_rank_0():
+    """The initial broadcast carries float tensors: ranks 1-3 had order = [0, 0, 0, 0]."""
+    from resist_mpi.comm.thread import run_ranks
+    torch.manual_seed(0)
+    real = _Chain()
+    with torch.device("meta"):
+        metas = [_Chain() for _ in range(3)]
+
+    def body(c):
+        model = real if c.rank == 0 else metas[c.rank - 1]
+        rm.ResIST(model, c, blocks=[f"blocks.{i}" for i in range(4)], device="cpu")
+        return model.order.tolist()
+    assert run_ranks(4, body) == [[3, 1, 2, 0]] * 4
