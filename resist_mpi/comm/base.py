@@ -37,9 +37,13 @@ class Comm(Accounting):
         bytes_sent_cross, bytes_recv_cross: the part of them exchanged with other nodes.
         control_bytes: cumulative bytes of bookkeeping messages (sent + received).
         name: backend name ("mpi", "horovod", "torch" or "self").
+        dups_subcommunicators: whether dup() works on a communicator that split() made (False:
+            only the world's, e.g. torch's process groups, which every rank must create: dup() the
+            world, then split the copy).
     """
 
     name = "base"
+    dups_subcommunicators = True
 
     def __init__(self, rank: int, size: int, local_rank: int, local_size: int,
                  counters: Optional[Counters] = None):

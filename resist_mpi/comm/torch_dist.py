@@ -135,6 +135,8 @@ class TorchComm(Comm):
         timeout_s: how long a collective may wait before torch.distributed gives up.
     """
 
+    dups_subcommunicators = False  # every rank creates every group (_dup)
+
     name = "torch"
 
     def __init__(self, device: str = "auto", timeout_s: float = 1800.0):

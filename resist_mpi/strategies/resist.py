@@ -321,8 +321,14 @@ class ResIST(Strategy):
         store = BlockStore(blocks, self.device, like=self.store)
         P, g = len(self.blocks), self.groups
         plan = self.holdings.plan(everyone(P, g.count), self.store.sizes())
-        across = self._background("across", g.across)
-        inner = self._background("inner", g.inner) if g.inner is not None else None
+        if g.inner is not None and not self.comm.dups_subcommunicators:
+            if "_background_groups" not in self.__dict__:
+                # ---- distributed step (once): the groups again, split from a background world ----
+                self._background_groups = Groups(self._background("world", self.comm), g.size)
+            across, inner = self._background_groups.across, self._background_groups.inner
+        else:
+            across = self._background("across", g.across)
+            inner = self._background("inner", g.inner) if g.inner is not None else None
         scale = self.eval_scale()
 
         def complete():

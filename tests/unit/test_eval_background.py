@@ -40,6 +40,27 @@ def test_background_evaluation_sees_the_full_model_and_changes_nothing(size, kw)
     assert [x[2] for x in bg] == [x[2] for x in plain]
 
 
+def test_with_groups_on_a_backend_that_dups_only_the_world_the_evaluation_splits_a_copy_of_it(monkeypatch):
+    """The torch backend dups only the world (every rank creates every process group): the copy's
+    gather dup()ed the groups' communicators and raised at the first evaluation of a run with
+    --group-size over several nodes (or with --overlap). Here the thread world refuses the same."""
+    from resist_mpi.comm.thread import ThreadComm
+    dup = ThreadComm._dup
+
+    def world_only(self):
+        if self.size != 4:
+            raise ValueError("the torch backend duplicates only the world communicator")
+        return dup(self)
+    monkeypatch.setattr(ThreadComm, "_dup", world_only)
+    monkeypatch.setattr(ThreadComm, "dups_subcommunicators", False)
+    bg = _run(4, background=True, group_size=2)
+    monkeypatch.undo()
+    sync = _run(4, background=False, group_size=2)
+    for r in range(4):
+        assert all(_looks_equal(x, y) for x, y in zip(bg[r][0], sync[r][0])) and len(bg[r][0]) == L.ROUNDS - 1
+        assert L.states_equal(bg[r][1], sync[r][1])
+
+
 def test_the_copy_is_the_ranks_own():
     """Training after evaluation_copy() does not change the copy, and the copy's completion does
     not touch the training model: its released blocks stay released."""
