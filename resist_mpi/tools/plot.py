@@ -53,15 +53,19 @@ def _read_records(path: str) -> List[Dict]:
 
 def _continuous_wallclock(recs: List[Dict]) -> List[Dict]:
     """A resumed run's clock starts again at 0: add the time before each restart so that
-    wall-clock only grows (records are copied, not changed)."""
-    out, offset, last = [], 0.0, None
+    wall-clock only grows (records are copied, not changed). A restart is a `resume` record, or a
+    round whose clock is behind the last one's; not an evaluation's record, whose clock can be a
+    round behind (one that ran in the background is written after the round it ran beside)."""
+    out, offset, last, restarted = [], 0.0, 0.0, False
     for rec in recs:
+        if rec.get("event") == "resume":
+            restarted = True
         wc = rec.get("wallclock")
         if isinstance(wc, (int, float)):
-            if last is not None and wc + offset < last:
-                offset = last
+            if restarted or (rec.get("event") == "round" and wc + offset < last):
+                offset, restarted = last, False
             rec = {**rec, "wallclock": wc + offset}
-            last = rec["wallclock"]
+            last = max(last, rec["wallclock"])
         out.append(rec)
     return out
 

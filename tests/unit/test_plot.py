@@ -65,6 +65,19 @@ def test_resumed_run_clock_keeps_growing(tmp_path):
     assert clocks == sorted(clocks) and clocks[-1] == pytest.approx(8 * 1.5 + 4 * 0.2)
 
 
+def test_an_evaluation_written_after_the_round_it_ran_beside_is_no_restart():
+    """A background evaluation's record comes after the next round's with the clock of its start:
+    each one was taken for a restart and the whole time so far added again (round 5 of 6 x 10 s
+    drawn at 120 s). A resume record is one."""
+    recs = [{"event": "round", "round": 0, "wallclock": 10.0}, {"event": "round", "round": 1, "wallclock": 20.0},
+            {"event": "eval", "round": 0, "wallclock": 12.0}, {"event": "round", "round": 2, "wallclock": 30.0},
+            {"event": "eval", "round": 1, "wallclock": 22.0}, {"event": "round", "round": 3, "wallclock": 40.0},
+            {"event": "resume", "round": 4}, {"event": "round", "round": 4, "wallclock": 45.0},
+            {"event": "eval", "round": 4, "wallclock": 46.0}]
+    clocks = [r["wallclock"] for r in plot._continuous_wallclock(recs) if "wallclock" in r]
+    assert clocks == [10.0, 20.0, 12.0, 30.0, 22.0, 40.0, 85.0, 86.0]
+
+
 def test_a_lost_node_is_marked_where_the_world_changed(tmp_path, monkeypatch):
     run = plot.load_run(str(_fake_run(tmp_path / "m", "resist", 4, rounds=8, lost_at=4)))
     # rounds 0-3 took 4 x 1.5 s plus 2 evals of 0.2 s; epoch 2.0 is round 3's
