@@ -126,18 +126,21 @@ resist_launch() {
             if [ -n "${RESIST_HOSTS:-}" ]; then cmd+=(--nodelist="$RESIST_HOSTS" --overlap); fi ;;
         mpirun)
             cmd=(mpirun -np "$RESIST_NP")
-            if [ -n "${RESIST_HOSTS:-}" ]; then  # a relaunch on the nodes still alive
-                local h spec=""
-                for h in ${RESIST_HOSTS//,/ }; do spec+="${spec:+,}$h:$RESIST_RANKS_PER_NODE"; done
-                cmd+=(-H "$spec")
-            fi
             if [[ $(mpirun --version 2>&1) == *"Open MPI"* ]]; then  # (no pipe: grep -q + pipefail misfires)
+                if [ -n "${RESIST_HOSTS:-}" ]; then  # a relaunch on the nodes still alive
+                    local h spec=""
+                    for h in ${RESIST_HOSTS//,/ }; do spec+="${spec:+,}$h:$RESIST_RANKS_PER_NODE"; done
+                    cmd+=(-H "$spec")
+                fi
                 cmd+=(--map-by "ppr:$RESIST_RANKS_PER_NODE:node")
                 # Open MPI reads SLURM allocations itself; a PBS one only when built with tm.
                 if [ -z "${SLURM_JOB_ID:-}" ] && [ -n "${PBS_NODEFILE:-}" ]; then cmd+=(--hostfile "$PBS_NODEFILE"); fi
             else                                              # MPICH / Intel MPI (hydra)
                 cmd+=(-ppn "$RESIST_RANKS_PER_NODE")
-                if [ -n "${PBS_NODEFILE:-}" ]; then cmd+=(-f "$PBS_NODEFILE"); fi
+                # hydra takes a host list or a host file, not both (and has no -H): a relaunch
+                # names the nodes still alive, a first launch reads the allocation's file
+                if [ -n "${RESIST_HOSTS:-}" ]; then cmd+=(-hosts "$RESIST_HOSTS")
+                elif [ -n "${PBS_NODEFILE:-}" ]; then cmd+=(-f "$PBS_NODEFILE"); fi
             fi ;;
         horovodrun)
             local hosts h spec=""

@@ -103,6 +103,20 @@ def test_pbs_relaunches_on_the_nodes_that_answer(tmp_path):
             "from the newest checkpoint") in out, out
 
 
+def test_pbs_with_mpich_relaunches_with_a_host_list_hydra_reads(tmp_path):
+    """Hydra (MPICH, Intel MPI) has no -H and refuses a host list beside a host file: the relaunch
+    was `mpirun -np 3 -H ... -ppn 1 -f $PBS_NODEFILE`, refused every time."""
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("".join(f"node{k}\n" for k in range(4)))
+    hydra = MPIRUN.replace('echo "mpirun (Open MPI) 4.1.4"', 'echo "HYDRA build details:"')
+    bin_dir = _stubs(tmp_path, mpirun=hydra, ping=PING)
+    rc, out, launches = _run(tmp_path, "jobs/pbs/train.pbs", bin_dir, "3 0", "node3", PBS_NODEFILE=str(nodefile),
+                             PBS_JOBID="42.server", RESIST_LAUNCHER="mpirun")
+    assert rc == 0 and len(launches) == 2, (out, launches)
+    assert launches[0].startswith(f"-np 4 -ppn 1 -f {nodefile} "), launches[0]
+    assert launches[1].startswith("-np 3 -ppn 1 -hosts node0,node1,node2 ") and " -f " not in launches[1], launches[1]
+
+
 def test_pbs_relaunches_up_to_the_limit_then_says_why(tmp_path):
     rc, out, launches = _pbs(tmp_path, "3", dead="node2 node3", RESIST_MAX_RESTARTS="1")
     assert rc == 3 and len(launches) == 2, (out, launches)
