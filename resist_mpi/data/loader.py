@@ -24,7 +24,26 @@ class _BatchView(torch.utils.data.Dataset):
     def __getitem__(self, key):
         e, b, idx = key
         gen = _generator(self.seed, e, self.rank, b, _AUG) if self.train else None
-        return self.dataset.get_batch(idx, gen)
+        try:
+            return self.dataset.get_batch(idx, gen)
+        except DataError as e:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            return _Failed(str(e))  # (raised by the main process: a worker's exception comes with its traceback)
+
+
+class _Failed:
+    """A worker's DataError, carried back as a value so that the main process says its one line."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _raising(batches):
+    for batch in batches:
+        if isinstance(batch, _Failed):
+            raise DataError(batch.message)
+        yield batch
 
 
 class ShardLoader:
@@ -33,9 +52,10 @@ class ShardLoader:
     train=True: the epoch-e permutation of all N samples (seeded by (seed, e)), padded by
     wrap-around to size * ceil(N / size), rank r takes every size-th element from r (as
     torch's DistributedSampler). Every rank has ceil(N / size) samples and steps_per_epoch
-    batches; every sample appears at least once per epoch across ranks. A last batch of a single
-    sample is dropped (BatchNorm cannot normalise one sample in training; torchvision's models
-    fail on it): the drop_last rule applied only where it matters, the same on every rank.
+    batches; every sample appears once per epoch across ranks, and the padding repeats up to
+    size - 1 of them. A last batch of a single sample is dropped, up to size samples an epoch
+    (BatchNorm cannot normalise one sample in training; torchvision's models fail on it): the
+    drop_last rule applied only where it matters, the same on every rank.
 
     train=False: no shuffle, no padding, no augmentation: rank r gets r, r + size, ... so the
     shards cover the set exactly once and accuracy summed over ranks is exact. A rank may then
@@ -92,4 +112,4 @@ class ShardLoader:
         # (One persistent loader, re-aimed at each call's keys, handed training the wrong batches
         # after every evaluation.) Workers start once per epoch: a fork, small next to an epoch.
         loader = torch.utils.data.DataLoader(self._view, batch_size=None, sampler=keys, num_workers=self.workers)
-        return iter(loader)
+        return _raising(loader)
