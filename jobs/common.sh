@@ -168,8 +168,17 @@ resist_launch() {
     while kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends `wait` early: wait for the launcher itself
         rc=0; wait "$pid" || rc=$?
     done
-    trap - USR1 TERM
+    _resist_catch_stop
     return "$rc"
+}
+
+# A stop signal while no launch runs (resist_train probing the nodes after a failure, the time
+# between two runs of a job) sets _RESIST_STOP instead of ending the batch shell (USR1's own
+# action), and resist_train then ends with $RESIST_REQUEUE_EXIT instead of launching: the job is
+# requeued and goes on from its newest checkpoint.
+_RESIST_STOP=0
+_resist_catch_stop() {
+    trap '_RESIST_STOP=1; echo "resist: stop signal while no launch runs: the job requeues instead of launching"' USR1 TERM
 }
 
 RESIST_REQUEUE_EXIT=99  # resist_mpi.cli.preempt.REQUEUE_EXIT: stopped on a signal, checkpoint written
@@ -202,7 +211,9 @@ resist_train() {
     local out=$1; shift
     local common rc restarts=0 hosts alive lost before
     mapfile -t common < <(resist_train_args)
+    _resist_catch_stop
     while :; do
+        if [ "$_RESIST_STOP" = 1 ]; then return "$RESIST_REQUEUE_EXIT"; fi
         rc=0
         before=$(_resist_newest_checkpoint "$out")
         # shellcheck disable=SC2086  # RESIST_EXTRA_ARGS is a list of flags

@@ -117,6 +117,22 @@ def test_pbs_with_mpich_relaunches_with_a_host_list_hydra_reads(tmp_path):
     assert launches[1].startswith("-np 3 -ppn 1 -hosts node0,node1,node2 ") and " -f " not in launches[1], launches[1]
 
 
+def test_a_stop_signal_while_the_nodes_are_probed_requeues_instead_of_killing_the_batch_shell(tmp_path):
+    """The launch fails on a lost node and the time-limit warning (USR1) comes while the script
+    asks the nodes: USR1's own action ended the batch shell (exit 138), and the job was not
+    requeued. Now the script ends with the requeue status instead of launching again."""
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("".join(f"node{k}\n" for k in range(4)))
+    signalling = MPIRUN.replace(LAUNCH, '(sleep 0.3; kill -USR1 "$PPID") &\n' + LAUNCH)
+    slow_ping = PING.replace('host=${@: -1}', 'host=${@: -1}\nsleep 2')
+    bin_dir = _stubs(tmp_path, mpirun=signalling, ping=slow_ping)
+    rc, out, launches = _run(tmp_path, "jobs/pbs/train.pbs", bin_dir, "3 0", "node3", PBS_NODEFILE=str(nodefile),
+                             PBS_JOBID="42.server", RESIST_LAUNCHER="mpirun")
+    assert (rc, len(launches)) == (99, 1), (rc, out, launches)
+    assert "resist: stop signal while no launch runs: the job requeues instead of launching" in out
+    assert "resist: stopped with a checkpoint; exit 99 asks the scheduler for a requeue" in out
+
+
 def test_pbs_relaunches_up_to_the_limit_then_says_why(tmp_path):
     rc, out, launches = _pbs(tmp_path, "3", dead="node2 node3", RESIST_MAX_RESTARTS="1")
     assert rc == 3 and len(launches) == 2, (out, launches)
