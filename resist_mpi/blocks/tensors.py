@@ -91,10 +91,7 @@ def check_block_tensors(model: nn.Module, names: Sequence[str], blocks: Sequence
                 raise ValueError(f"block {name} holds the {t.dtype} buffer {n}: a block moves as its parameters and "
                                  f"float buffers, so it would arrive as zeros; make it a float buffer, or keep it "
                                  f"outside the partitioned blocks")
-    inside = {id(m) for b in blocks for m in b.modules()}
-    for mname, m in model.named_modules():
-        if id(m) in inside:
-            continue
+    for mname, m in _outside(model, blocks):
         for n, t in list(m._parameters.items()) + list(m._buffers.items()):
             if t is not None and id(t) in owner:
                 where = f"{mname}.{n}" if mname else n
