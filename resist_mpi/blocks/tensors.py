@@ -84,8 +84,7 @@ def check_block_tensors(model: nn.Module, names: Sequence[str], blocks: Sequence
     for name, block in zip(names, blocks):
         for n, t in list(block.named_parameters(remove_duplicate=False)) + list(block.named_buffers(remove_duplicate=False)):
             if owner.get(id(t), name) != name:
-                raise ValueError(f"{name}.{n} is also a tensor of {owner[id(t)]} (tied): a block moves between ranks "
-                                 f"alone, so its tensors must be its own; untie them, or leave those modules unpartitioned")
+                raise _tied(f"{name}.{n}", owner[id(t)])
             owner[id(t)] = name
             if not t.is_floating_point() and not n.endswith("num_batches_tracked"):
                 raise ValueError(f"block {name} holds the {t.dtype} buffer {n}: a block moves as its parameters and "
@@ -94,9 +93,12 @@ def check_block_tensors(model: nn.Module, names: Sequence[str], blocks: Sequence
     for mname, m in _outside(model, blocks):
         for n, t in list(m._parameters.items()) + list(m._buffers.items()):
             if t is not None and id(t) in owner:
-                where = f"{mname}.{n}" if mname else n
-                raise ValueError(f"{where} is also a tensor of {owner[id(t)]} (tied): a block moves between ranks "
-                                 f"alone, so its tensors must be its own; untie them, or leave those modules unpartitioned")
+                raise _tied(f"{mname}.{n}" if mname else n, owner[id(t)])
+
+
+def _tied(where: str, block: str) -> ValueError:
+    return ValueError(f"{where} is also a tensor of {block} (tied): a block moves between ranks alone, so its "
+                      f"tensors must be its own; untie them, or leave those modules unpartitioned")
 
 
 def shared_counters(model: nn.Module, blocks: Sequence[nn.Module]) -> List[tuple]:

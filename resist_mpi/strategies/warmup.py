@@ -52,13 +52,15 @@ class Warmup(Strategy):
     def bn_to_recalibrate(self):
         return self.current.bn_to_recalibrate()
 
+    def _due(self, written: Optional[str] = None) -> bool:
+        """Whether to switch now: at the switch round, or at once when a state being loaded was
+        written by the next strategy (written: its name): the run that wrote it had switched, on a
+        schedule that can put its round before this job's switch round (a larger --warmup-epochs, or
+        another world size and so other rounds per epoch): the warm-up is over."""
+        return self.first is not None and (self.round >= self.switch_round or written not in (None, self.first.name))
+
     def _switch_if_due(self, written: Optional[str] = None) -> None:
-        """Switch at the switch round, or at once when a state being loaded was written by the next
-        strategy (written: its name): the run that wrote it had switched, on a schedule that can put
-        its round before this job's switch round (a larger --warmup-epochs, or another world size and
-        so other rounds per epoch): the warm-up is over."""
-        after = written is not None and self.first is not None and written != self.first.name
-        if self.first is not None and (self.round >= self.switch_round or after):
+        if self._due(written):
             self.first.flush()  # an overlapped average must land before the model is handed over
             self.first.close()
             self._warmup_time = self.first.comm_time
@@ -152,7 +154,7 @@ class Warmup(Strategy):
         round_index, written = int(state.get("round", 0)), state.get("strategy")
         self._check_loadable("load_state_dict()", round_index, written)
         self.round = round_index
-        if self.first is not None and (self.round >= self.switch_round or written not in (None, self.first.name)):
+        if self._due(written):
             # the checkpoint's full model goes to the first strategy's model (every rank the
             # same), from which the second one takes over
             self.first._load_model(state["model"])
