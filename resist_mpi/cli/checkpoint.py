@@ -680,6 +680,7 @@ def clear_out_dir(cfg) -> None:
     for name in ("metrics.jsonl", "config.json"):
         if os.path.isfile(os.path.join(cfg.out, name)):
             os.remove(os.path.join(cfg.out, name))
+    shutil.rmtree(os.path.join(cfg.out, "tb"), ignore_errors=True)  # the old run's TensorBoard events
 
 
 ABANDONED = "abandoned-"  # OUT/checkpoints/abandoned-*/: checkpoints of a line a resumed run left

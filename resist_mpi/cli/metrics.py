@@ -96,7 +96,10 @@ class RunLog:
             self._bar = tqdm(total=total_rounds, unit="round", dynamic_ncols=True, leave=False)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(out, "tb"))
+            # TensorBoard follows metrics.jsonl: events from the first round this run logs on, which
+            # an earlier attempt wrote (a resume from an older checkpoint, a run started afresh), are
+            # purged from its view instead of showing beside this run's
+            self._tb = SummaryWriter(os.path.join(out, "tb"), purge_step=resume_round)
 
     def wallclock(self) -> float:
         return time.perf_counter() - self.start

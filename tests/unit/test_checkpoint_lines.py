@@ -433,3 +433,46 @@ def test_a_resume_on_more_ranks_numbers_the_checkpoints_by_the_new_worlds_rounds
     assert [(r["epoch"], r["world_size"]) for r in records(out, "resume")] == resumes
     assert [(m["previous_world_size"], m["world_size"]) for m in records(out, "membership")] == [(1, 2), (2, 4)]
     assert [r["epoch"] for r in records(out, "round")] == final
+
+
+class _Writer:
+    """torch.utils.tensorboard.SummaryWriter as RunLog calls it (tensorboard is an optional extra)."""
+    made = []
+
+    def __init__(self, logdir, purge_step=None):
+        self.logdir, self.purge_step, self.scalars = logdir, purge_step, []
+        _Writer.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        pass
+
+
+def test_tensorboard_events_follow_the_record_at_a_resume_and_go_with_overwrite(tmp_path, monkeypatch):
+    """The records after a resumed checkpoint are dropped from metrics.jsonl, and TensorBoard purges
+    its events from the first round the resumed run logs (they used to show beside the new ones);
+    --overwrite deletes the old run's tb/ with its records (it used to stay, mixing two runs)."""
+    import types
+
+    from resist_mpi.cli.metrics import RunLog
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=_Writer))
+    out = tmp_path / "run"
+    log = RunLog(str(out), True, "off", 6, tensorboard=True)
+    for r in range(6):
+        log.record("round", round=r, epoch=r / 2, train_loss=1.0 / (r + 1))
+    log.close()
+    log = RunLog(str(out), True, "off", 2, tensorboard=True, resume_round=4, resume_epoch=1.5)
+    log.record("round", round=4, epoch=2.0, train_loss=0.5)
+    log.close()
+    first, resumed = _Writer.made[-2:]
+    assert (first.purge_step, resumed.purge_step) == (0, 4)  # a fresh run: any older events purged too
+    assert resumed.logdir == str(out / "tb") and resumed.scalars == [("round/epoch", 2.0, 4), ("round/train_loss", 0.5, 4)]
+    assert [r["round"] for r in map(json.loads, open(out / "metrics.jsonl"))] == [0, 1, 2, 3, 4]
+
+    (out / "tb").mkdir()
+    (out / "tb" / "events.out.tfevents.1.host").write_bytes(b"old run")
+    ckpt.clear_out_dir(validate(Config(**{**TINY, "out": str(out), "overwrite": True})))
+    assert sorted(os.listdir(out)) == []
