@@ -81,8 +81,8 @@ def run_job(cl: Cluster, jargs: SimpleNamespace, strategy: str, seed: int) -> Di
     launch = compare.run_one(jargs, strategy, seed, prefix=cl.on("node0"), env=cl.env(compare.mpi_env()),
                              tag="cluster_bench")
     after = cl.counters()
-    if launch["returncode"] is None:
-        cl.kill()  # a timed-out job's ranks on other nodes, should any outlive mpirun
+    if launch["returncode"] != 0:
+        cl.kill()  # a failed or timed-out job's ranks on other nodes, should any outlive mpirun
     kernel = {"rate": cl.rate, "shaping": cl.shaping(),
               "tx_bytes": {h: after[h]["tx_bytes"] - before[h]["tx_bytes"] for h in cl.hosts},
               "rx_bytes": {h: after[h]["rx_bytes"] - before[h]["rx_bytes"] for h in cl.hosts}}
@@ -333,12 +333,16 @@ def main(argv=None) -> int:
             print(f"cluster_bench: error: {reason}", file=sys.stderr)
             return 2
         profile = {k: v for k, v in compare.mpi_env().items() if k in ("OMP_NUM_THREADS", "PYTHONUNBUFFERED")}
-        with Cluster(nodes=args.nodes, prefix=args.prefix, subnet=args.subnet, profile=profile) as cl:
-            if any(r.startswith("auto") for r in args.rates):
-                fit = find_half_rate(cl, args, args.seeds[0])
-                with open(os.path.join(args.out, AUTO_FILE), "w") as fh:
-                    json.dump(fit, fh, indent=2)  # --report-only reads the rate the runs used
-            run_sweep(cl, args, [r["label"] for r in resolve_rates(args.rates, fit)])
+        try:
+            with Cluster(nodes=args.nodes, prefix=args.prefix, subnet=args.subnet, profile=profile) as cl:
+                if any(r.startswith("auto") for r in args.rates):
+                    fit = find_half_rate(cl, args, args.seeds[0])
+                    with open(os.path.join(args.out, AUTO_FILE), "w") as fh:
+                        json.dump(fit, fh, indent=2)  # --report-only reads the rate the runs used
+                run_sweep(cl, args, [r["label"] for r in resolve_rates(args.rates, fit)])
+        except ClusterError as e:  # e.g. a cluster of this prefix left by a killed run: one line, the way out
+            print(f"cluster_bench: error: {e}", file=sys.stderr)
+            return 2
     elif any(r.startswith("auto") for r in args.rates):
         saved = os.path.join(args.out, AUTO_FILE)
         fit = json.load(open(saved)) if os.path.exists(saved) else find_half_rate(None, args, args.seeds[0])

@@ -37,6 +37,7 @@ daemon of a node that was cut off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -193,19 +194,28 @@ class Cluster:
             raise ClusterError(f"namespaces {', '.join(stale)} exist (a cluster is up or was left half-made): "
                                f"run `python -m resist_mpi.cluster down --prefix {self.prefix}` or `up --force-clean`")
         if stale:
-            teardown(self.prefix, self.state_dir)
+            with _signals_held():
+                teardown(self.prefix, self.state_dir)
+        self._made = []
+        wrote_state = False
         try:
             self._make_network()
             self.set_rate(self.rate)
+            wrote_state = True  # from here on the state files may be partly this call's
             self._write_state()
         except BaseException:
-            teardown(self.prefix, self.state_dir)  # never leave a half-made cluster behind
+            # never leave a half-made cluster behind, and remove only what this call made: a namespace
+            # that was already there when `ip netns add` failed is another cluster's, started with the
+            # same prefix between the check above and here, and stays up
+            with _signals_held():
+                teardown(self.prefix, self.state_dir if wrote_state else None, names=self._made)
             raise
         return self
 
     def _make_network(self) -> None:
         sw = self.ns("sw")
         _sh(["ip", "netns", "add", sw])
+        self._made.append(sw)
         _sh(["ip", "-n", sw, "link", "add", BRIDGE, "type", "bridge"])
         _quiet(sw, BRIDGE)
         _sh(["ip", "-n", sw, "link", "set", BRIDGE, "up"])
@@ -213,6 +223,7 @@ class Cluster:
         for k, host in enumerate(self.hosts):
             ns = self.ns(host)
             _sh(["ip", "netns", "add", ns])
+            self._made.append(ns)
             # Both ends are created inside their namespaces: nothing appears in the root namespace.
             _sh(["ip", "-n", sw, "link", "add", f"p{k}", "type", "veth", "peer", "name", IFACE, "netns", ns])
             _quiet(sw, f"p{k}")
@@ -230,8 +241,10 @@ class Cluster:
                 f.write(hosts)
 
     def down(self) -> None:
-        """Kill every process on the nodes, remove the namespaces, hosts files and state dir."""
-        teardown(self.prefix, self.state_dir)
+        """Kill every process on the nodes, remove the namespaces, hosts files and state dir. Stop
+        signals wait until it is done (a second Ctrl-C used to leave the cluster half-removed)."""
+        with _signals_held():
+            teardown(self.prefix, self.state_dir)
 
     def __enter__(self) -> "Cluster":
         # SIGTERM/SIGHUP become SystemExit, so that __exit__ tears the cluster down (SIGINT already
@@ -372,13 +385,15 @@ def existing_namespaces(prefix: str) -> List[str]:
     return sorted(n.split()[0] for n in names if n.strip() and pattern.fullmatch(n.split()[0]))
 
 
-def teardown(prefix: str, state_dir: Optional[str] = None) -> List[str]:
+def teardown(prefix: str, state_dir: Optional[str] = None, names: Optional[List[str]] = None) -> List[str]:
     """Remove everything a cluster with this prefix made, running or half-made; returns the namespaces.
+    names: only these of its namespaces (and their hosts files), e.g. those a failed `up` made.
 
     Processes inside its namespaces (orted, ranks, slurmd, ...) get SIGTERM, then SIGKILL after 3 s:
     a namespace outlives its `ip netns del` while a process is still in it.
     """
-    names = existing_namespaces(prefix)
+    chosen = names
+    names = [n for n in existing_namespaces(prefix) if chosen is None or n in chosen]
     pids = {int(p) for ns in names for p in _sh(["ip", "netns", "pids", ns], check=False).stdout.split()}
     pids.discard(os.getpid())
     _signal_all(pids, signal.SIGTERM)
@@ -391,7 +406,8 @@ def teardown(prefix: str, state_dir: Optional[str] = None) -> List[str]:
         _sh(["ip", "netns", "del", ns], check=False)
     pattern = re.compile(re.escape(prefix) + r"(sw|node\d+)")
     for ns in os.listdir("/etc/netns") if os.path.isdir("/etc/netns") else []:
-        if pattern.fullmatch(ns):  # also those of namespaces that a failed `up` never made
+        # also those of namespaces that a failed `up` never made
+        if pattern.fullmatch(ns) and (chosen is None or ns in chosen):
             shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
     try:
         os.rmdir("/etc/netns")  # only when empty: other namespaces' files stay
@@ -400,6 +416,25 @@ def teardown(prefix: str, state_dir: Optional[str] = None) -> List[str]:
     if state_dir:
         _remove_state(state_dir)
     return names
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends (main thread only: elsewhere nothing is
+    held): one that arrives meanwhile is noted and raised again, to its own handler, at the end."""
+    if not _in_main_thread():
+        yield
+        return
+    arrived = []
+    saved = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum))
+             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(arrived):
+            signal.raise_signal(sig)
 
 
 def _remove_state(state_dir: str) -> None:

@@ -100,3 +100,58 @@ def test_profile_points_launchers_at_the_standin(standin):
     assert profile["PATH"].startswith(cl.bin_dir + ":")
     assert profile["PYTHONPATH"].split(":")[0] == os.path.dirname(os.path.dirname(os.path.dirname(C.__file__)))
     assert json.load(open(os.path.join(cl.state_dir, "cluster.json")))["nodes"] == 3
+
+
+class _FakeIp:
+    """`ip` as up/teardown call it, on a table of namespaces; `other` are made by another cluster
+    of the same prefix just after `up` looked (the race of two runs started at once)."""
+
+    def __init__(self, monkeypatch, other=()):
+        self.namespaces, self.other, self.deleted = set(), list(other), []
+        monkeypatch.setattr(C, "_sh", self)
+        monkeypatch.setattr(C, "why_unavailable", lambda: None)
+        monkeypatch.setattr(C.os, "makedirs", lambda *a, **k: None)  # the hosts files under /etc/netns
+        monkeypatch.setattr(C, "open", lambda *a, **k: open(os.devnull, "w"), raising=False)
+
+    def __call__(self, cmd, check=True):
+        out = ""
+        if cmd[:3] == ["ip", "netns", "list"]:
+            out = "\n".join(sorted(self.namespaces))
+            self.namespaces.update(self.other)  # made between the check and our first add
+            self.other = []
+        elif cmd[:3] == ["ip", "netns", "add"]:
+            if cmd[3] in self.namespaces:
+                raise C.ClusterError(f"ip netns add {cmd[3]}: Cannot create namespace file: File exists")
+            self.namespaces.add(cmd[3])
+        elif cmd[:3] == ["ip", "netns", "del"]:
+            self.namespaces.discard(cmd[3])
+            self.deleted.append(cmd[3])
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+
+
+@pytest.mark.parametrize("other", [["rcr-sw", "rcr-node0", "rcr-node1"], ["rcr-node1"]])
+def test_a_failed_up_removes_only_what_it_made_not_another_clusters_namespaces(monkeypatch, tmp_path, other):
+    """Two runs with one prefix: the second's `ip netns add` fails on a namespace the first made
+    after the second checked. Its teardown used to remove every namespace of the prefix, the
+    running cluster's too; now only its own (none, or the switch and node0 it made first)."""
+    ip = _FakeIp(monkeypatch, other)
+    with pytest.raises(C.ClusterError, match="File exists"):
+        C.Cluster(nodes=3, prefix="rcr-", state_dir=str(tmp_path / "state")).up()
+    assert sorted(ip.namespaces) == sorted(other)
+    assert sorted(ip.deleted) == sorted({"rcr-sw", "rcr-node0"} - set(other))
+
+
+def test_a_stop_signal_during_teardown_waits_until_the_cluster_is_gone(monkeypatch, tmp_path):
+    """A second Ctrl-C (or SIGTERM) while `down` removed the namespaces used to stop it half-way,
+    leaving namespaces that the next `up` refuses; it is delivered once teardown is done."""
+    import signal
+    done = []
+
+    def teardown(prefix, state_dir=None, names=None):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the namespaces are being removed
+        done.append(prefix)
+        return []
+    monkeypatch.setattr(C, "teardown", teardown)
+    with pytest.raises(KeyboardInterrupt):
+        C.Cluster(nodes=2, prefix="rcs-", state_dir=str(tmp_path / "state")).down()
+    assert done == ["rcs-"]

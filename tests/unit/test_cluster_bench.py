@@ -221,3 +221,23 @@ def test_run_logged_ends_the_whole_job_on_timeout(tmp_path):
     assert rc is None and time.perf_counter() - t0 < 5
     time.sleep(0.2)
     assert subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 1  # no child left
+
+
+def test_a_cluster_left_by_a_killed_run_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """`with Cluster(...)` refusing (the namespaces of a killed run still there) used to end the
+    bench in a traceback that hid the `down --prefix` hint; now it is one line and exit 2."""
+    class Stale:
+        def __init__(self, **kw):
+            pass
+
+        def __enter__(self):
+            raise cluster_bench.ClusterError("namespaces rcb-sw exist (a cluster is up or was left half-made): "
+                                             "run `python -m resist_mpi.cluster down --prefix rcb-`")
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(cluster_bench, "Cluster", Stale)
+    monkeypatch.setattr(cluster_bench, "why_unavailable", lambda: None)
+    assert cluster_bench.main(["--out", str(tmp_path / "out"), "--rates", "24mbit", "--seeds", "0"]) == 2
+    assert capsys.readouterr().err == ("cluster_bench: error: namespaces rcb-sw exist (a cluster is up or was "
+                                       "left half-made): run `python -m resist_mpi.cluster down --prefix rcb-`\n")
