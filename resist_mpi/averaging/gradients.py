@@ -8,6 +8,7 @@ import torch
 
 from ..comm import Comm, pack, unpack_
 from .compression import Codec, compressed_mean
+from ..errors import NonFiniteError
 from .tensors import _check_finite
 
 
@@ -37,6 +38,7 @@ class GradientAverager:
         self.comm, self.check_finite = comm, check_finite
         self.codec = Codec(wire_dtype) if wire_dtype != "float32" else None
         self.comm_time = 0.0
+        self.failed = False  # an average was not finite (NonFiniteError raised) since the strategy's round began
         self._queued_in: Optional[int] = None  # the backward pass (graph task) whose average is queued
         self.params: List[torch.nn.Parameter] = []
         self._handles: List = []
@@ -70,7 +72,11 @@ class GradientAverager:
         unpack_(flat, grads)
         self.comm_time += time.perf_counter() - t0
         if self.check_finite:
-            _check_finite(flat, "the gradient average")
+            try:
+                _check_finite(flat, "the gradient average")
+            except NonFiniteError:
+                self.failed = True
+                raise
 
     def remove(self) -> None:
         """Take the hooks off (the parameters then train alone again)."""

@@ -39,7 +39,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from ..averaging.tensors import all_finite, broadcast_tensors_
+from ..averaging.tensors import _cpu_copy, all_finite, broadcast_tensors_
 from ..blocks.tensors import materialize_, module_tensors
 from ..errors import NonFiniteError, UsageError
 
@@ -121,8 +121,11 @@ class Strategy:
             try:
                 yield r
             except GeneratorExit:
-                self._close_round()
-                self._verify()
+                if self._group_gradient_failed():  # (the loop was left by its NonFiniteError)
+                    self._fail_round_everywhere()
+                    raise
+                if self._close_round():
+                    self._verify()
                 raise
             self.end_round()
             self._verify()
@@ -136,6 +139,8 @@ class Strategy:
         self._timed += time.perf_counter() - t0
         for averager in self._model_averagers:  # updates (compressed wire, overlap, outer step) count from here
             averager.mark()
+        for averager in self._gradient_averagers:
+            averager.failed = False
         self._open, self._steps = True, 0
         if self.optimizer is not None:
             self._prepare_optimizer()
@@ -155,19 +160,54 @@ class Strategy:
             self._open = False
             self.round += 1
 
-    def _close_round(self) -> None:
+    def _close_round(self) -> bool:
         """Leave an open round: end it when anything was trained in it, else just close it (its
-        exchange already put every block where the round needs it; beginning it again moves nothing)."""
+        exchange already put every block where the round needs it; beginning it again moves nothing).
+        Whether it ended a round."""
         if not self._open:
-            return
+            return False
         if self._steps > 0 or self.optimizer is None:
             self.end_round()
-        else:
-            self._abandon_round()  # (nothing trained: closing it without an average loses nothing)
+            return True
+        self._abandon_round()  # (nothing trained: closing it without an average loses nothing)
+        return False
 
     def _abandon_round(self) -> None:
         """Close an open round without ending it: nothing is averaged, the round stays self.round."""
         self._open = False
+
+    def _group_gradient_failed(self) -> bool:
+        """Whether a per-step gradient average inside a group (fewer ranks than the world) was not
+        finite in the open round: it raised in this group only."""
+        return self._open and any(g.failed and g.comm.size < self.comm.size for g in self._gradient_averagers)
+
+    def _average_pending(self) -> bool:
+        return any(a.pending for a in self._model_averagers)
+
+    def _fail_round_everywhere(self) -> None:
+        """Close the open round after a gradient average inside this rank's group was not finite.
+
+        That raised in this group only; the other groups train on to the round's average across the
+        groups. This rank enters it as the training loop would (the same collectives: the round's
+        end, and with an overlapped average the next round's start and the wait for it), with a
+        model made not finite, so that the average raises NonFiniteError on every rank and every
+        rank leaves the same round: load_state_dict() then takes the last good state everywhere.
+        (Without this the group left and the others waited in their average, or met the group's
+        next collectives in it.)"""
+        with torch.no_grad():
+            for t in module_tensors(self.model):
+                if t.is_floating_point():
+                    t.fill_(float("nan"))
+        try:
+            self.end_round()
+            self._verify()
+            if self._average_pending():  # overlapped: it lands in the next round
+                self.begin_round()
+                self.flush()
+        except NonFiniteError:
+            pass
+        if self._open:
+            self._abandon_round()
 
     @property
     def comm_time(self) -> float:
@@ -305,7 +345,9 @@ class Strategy:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._round_hook.remove()
         self._round_hook = None
-        if exc_type is not None and issubclass(exc_type, NonFiniteError):
+        if exc_type is not None and issubclass(exc_type, NonFiniteError) and self._group_gradient_failed():
+            self._fail_round_everywhere()  # only this group raised: the others learn of it in the round's average
+        elif exc_type is not None and issubclass(exc_type, NonFiniteError):
             # a broken model is not averaged again: every rank of the average that raised did raise
             # (they saw the same values), and each closes the round where it stands, so that
             # load_state_dict() takes the last good state (a round's average closed its round already)
@@ -313,8 +355,8 @@ class Strategy:
         elif exc_type is None or issubclass(exc_type, (Exception, KeyboardInterrupt)):
             # any other exception (raised on every rank, or the others meet this one in the round's
             # average) still leaves the ranks consistent
-            self._close_round()
-            self._verify()
+            if self._close_round():
+                self._verify()  # (a round closed before any step ends nothing: the last end verified)
             self.flush()
         return False
 
@@ -449,7 +491,9 @@ class Strategy:
             # lr the groups hold, which loading its own state does not set
             state["param_groups"] = _hyper_parameters(self.optimizer)
         if self.optimizer is not None and self.replicated_optimizer_state:
-            state["optimizer"] = self.optimizer.state_dict()
+            # a snapshot: torch's optimizer.state_dict() holds the live state tensors (momentum, exp_avg),
+            # which the next steps change in place, so a state kept in memory to roll back to did not stay
+            state["optimizer"] = _cpu_copy(self.optimizer.state_dict())
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None:  # (this rank's; a resume on another world size gives it every rank)
@@ -469,7 +513,7 @@ class Strategy:
         flight), or None."""
         state = {}
         if self.optimizer is not None and not self.replicated_optimizer_state and self.optimizer_state != "reset":
-            state["optimizer"] = self.optimizer.state_dict()
+            state["optimizer"] = _cpu_copy(self.optimizer.state_dict())  # a snapshot (state_dict() says why)
         if self.scaler is not None and not self.replicated_optimizer_state:
             state["scaler"] = self.scaler.state_dict()
         own = [a.rank_state_dict() for a in self._model_averagers]
@@ -525,7 +569,6 @@ class Strategy:
         (shard.deal) and each writes its part; rank 0 writes the rest (counters, the averagers'
         and the optimizer's state) in shared.pt. With an overlapped average or an outer step the
         ranks' values differ until it is applied, and rank 0 writes everything."""
-        from ..averaging.tensors import _cpu_copy
         from .shard import deal
         owner: Dict[str, int] = {}
         if self.comm.size > 1 and all(a.plain for a in self._model_averagers):
@@ -544,7 +587,6 @@ class Strategy:
         shard.shared = state
 
     def _rank_shard(self) -> Dict:
-        from ..averaging.tensors import _cpu_copy
         return _cpu_copy(self.rank_state_dict() or {})
 
     def _load_shared_parts(self, reader, same_layout: bool) -> None:

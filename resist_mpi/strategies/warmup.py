@@ -72,6 +72,7 @@ class Warmup(Strategy):
             # that ended a round into the next: the Warmup counts for it
             self.current._drop_step_hooks()
             self.current.round = self.round
+            self.local_steps = self.current.local_steps  # its rounds' length from now on (it was the warm-up's)
             self.first = None  # its flat buffer (a whole model) goes with it
 
     def begin_round(self) -> None:
@@ -100,6 +101,12 @@ class Warmup(Strategy):
     def _abandon_round(self) -> None:
         self.current._abandon_round()
         self._open = False
+
+    def _group_gradient_failed(self) -> bool:
+        return self._open and self.current._group_gradient_failed()
+
+    def _average_pending(self) -> bool:
+        return self.current._average_pending()
 
     def poll(self) -> None:
         self.current.poll()

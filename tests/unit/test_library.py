@@ -154,6 +154,26 @@ def test_a_warmup_whose_switch_comes_later_goes_on_from_the_next_strategys_state
         assert name == "resist" and L.states_equal(later, straight)
 
 
+def test_a_warmups_rounds_take_the_length_of_the_strategy_it_runs():
+    """After the switch the rounds ended every first.local_steps steps: ResIST built with
+    local_steps=5 after a local SGD of 2 ran rounds of 2."""
+    def body(c, model):
+        opt = torch.optim.SGD(model.parameters(), lr=L.LR)
+        job = rm.Warmup(rm.LocalSGD(model, c, optimizer=opt, local_steps=2),
+                        lambda: rm.ResIST(model, c, optimizer=opt, local_steps=5, seed=7), 1)
+        rounds = []
+        with job:
+            for k in range(2 + 5 * 2):
+                L.step(model, opt, c, k)
+                rounds.append((job.name, job.round))
+        return rounds
+    models = [L.make_model() for _ in range(2)]
+    torch.set_num_threads(1)
+    for rounds in run_ranks(2, lambda c: body(c, models[c.rank])):
+        # the step that ends a round begins the next: round 1 (ResIST's first) after 2 steps, round 3 after 12
+        assert rounds == [("local_sgd", 0), ("resist", 1)] + [("resist", 1)] * 4 + [("resist", 2)] * 5 + [("resist", 3)]
+
+
 def test_a_warmup_in_the_hook_form_can_look_at_the_full_model_after_the_switch():
     """After the switch, the second strategy's step hook ran after the Warmup's round-ending one and
     counted the step that ended a round into the next: full_model() right after it said "in the

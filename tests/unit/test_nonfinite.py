@@ -163,12 +163,22 @@ def test_gradient_averager_recovers_after_a_backward_that_raised():
     assert run_ranks(2, body) == [[1.5, 1.5], [1.5, 1.5]]  # the average of 1 and 2
 
 
-@pytest.mark.parametrize("strategy, size, group_size, overlap", [
-    ("data_parallel", 2, None, False), ("data_parallel", 4, None, False), ("local_sgd", 2, 2, False),
-    ("local_sgd", 4, 2, False), ("resist", 4, 2, False), ("local_sgd", 2, None, False), ("resist", 2, None, False),
-    ("warmup", 4, 2, False), ("local_sgd", 4, 2, True), ("resist", 4, 2, True)])
+def DILOCO(params):  # DiLoCo's outer step
+    return torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
+
+
+@pytest.mark.parametrize("strategy, size, group_size, overlap, poison, kw", [
+    ("data_parallel", 2, None, False, "all", {}), ("data_parallel", 4, None, False, "all", {}),
+    ("local_sgd", 2, 2, False, "all", {}), ("local_sgd", 4, 2, False, "all", {}), ("resist", 4, 2, False, "all", {}),
+    ("local_sgd", 2, None, False, "all", {}), ("resist", 2, None, False, "all", {}), ("warmup", 4, 2, False, "all", {}),
+    ("local_sgd", 4, 2, True, "all", {}), ("resist", 4, 2, True, "all", {}),
+    ("local_sgd", 4, None, False, "all", {"optimizer_state": "keep"}),
+    ("local_sgd", 4, 2, False, "one", {}), ("resist", 4, 2, False, "one", {}), ("warmup", 4, 2, False, "one", {}),
+    ("local_sgd", 4, 2, True, "one", {}), ("resist", 4, 2, True, "one", {}),
+    ("resist", 4, 2, False, "one", {"wire_dtype": "int8"}), ("resist", 4, 2, True, "one", {"wire_dtype": "int8"}),
+    ("local_sgd", 4, 2, False, "one", {"outer_optimizer": DILOCO})])
 def test_after_a_non_finite_average_the_last_good_state_reloads_and_training_goes_on(strategy, size, group_size,
-                                                                                      overlap):
+                                                                                      overlap, poison, kw):
     """A per-step average (data-parallel; inside each group) that is not finite raises from
     backward() in the middle of a round: `with job:` left that round open, and load_state_dict()
     refused ("in the middle of a round"). Reloaded, the job trains what a job that never met the
@@ -177,19 +187,26 @@ def test_after_a_non_finite_average_the_last_good_state_reloads_and_training_goe
     then ResIST from round 1) closed only its own round, not its strategy's: its last good state
     is taken after the switch (the warm-up's own no longer loads there). With --overlap the first
     round's average was still pending when the second raised, and the reload applied it on top of
-    the good state at the next round's end."""
+    the good state at the next round's end.
+
+    poison "one": the NaN in one group only (rank 0). That group raised alone and left the round,
+    the others waited in the average across the groups (or met the group's next round in it);
+    now every rank raises and leaves the same round. The good state is taken after a trained round,
+    so it holds the optimizer's momentum: state_dict() handed out the live state tensors, which the
+    steps after it changed, and the reload took the NaN's momentum (the keep policy, data-parallel)."""
     G = group_size or size
     averaged = "gradient" if strategy == "data_parallel" or group_size else "round's"
-    start = 2 if strategy == "warmup" else 0  # rounds before the last good state
+    start = 2 if strategy == "warmup" else 1  # rounds before the last good state
 
     def body(c, model, poisoned):
         opt = torch.optim.SGD(model.parameters(), lr=L.LR, momentum=0.9)
         job = L._strategy(strategy, model, c, optimizer=opt, local_steps=L.STEPS,
-                          **({"group_size": group_size} if group_size else {}), **({"overlap": True} if overlap else {}))
-        if start:
-            with job:
-                for k in range(start * L.STEPS):
-                    L.step(model, opt, c, k)
+                          **({"group_size": group_size} if group_size else {}), **({"overlap": True} if overlap else {}),
+                          **kw)
+        with job:
+            for k in range(start * L.STEPS):
+                L.step(model, opt, c, k)
+        job.flush()
         good, raised, steps = job.state_dict(), None, range(start * L.STEPS, (start + 2) * L.STEPS)
         if poisoned:
             try:
@@ -198,7 +215,8 @@ def test_after_a_non_finite_average_the_last_good_state_reloads_and_training_goe
                         opt.zero_grad()
                         x, y = L.batch(c.rank, k)
                         loss = F.cross_entropy(model(x), y)
-                        if k == (start + 1) * L.STEPS + 1 and c.rank % G == 0:  # 2nd round, first rank of each group (or of all)
+                        # 2nd round: the first rank of each group (or of all), or rank 0 only
+                        if k == (start + 1) * L.STEPS + 1 and (c.rank % G == 0 if poison == "all" else c.rank == 0):
                             loss = loss * math.nan
                         loss.backward()
                         opt.step()
@@ -215,8 +233,12 @@ def test_after_a_non_finite_average_the_last_good_state_reloads_and_training_goe
         torch.set_num_threads(1)
         return run_ranks(size, lambda c: body(c, models[c.rank], poisoned))
     clean = run(False)
-    for (raised, name, r, state), (_, _, r_clean, state_clean) in zip(run(True), clean):
-        assert raised == f"the {averaged} average is not finite" and r == r_clean == start + 2
+    for rank, ((raised, name, r, state), (_, _, r_clean, state_clean)) in enumerate(zip(run(True), clean)):
+        if poison == "all" or rank < G:
+            assert raised == f"the {averaged} average is not finite"
+        else:  # the groups without the NaN learn of it in the round's average
+            assert raised is not None and raised.endswith("is not finite"), raised
+        assert r == r_clean == start + 2
         assert name == ("resist" if strategy == "warmup" else strategy)
         assert L.states_equal(state, state_clean)
 
