@@ -432,11 +432,19 @@ class Strategy:
 
     def _check_foreign(self, optimizer: torch.optim.Optimizer) -> None:
         mine = set(self.model.parameters())
-        foreign = [p for g in optimizer.param_groups for p in g["params"] if p not in mine]
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        foreign = [p for p in held if p not in mine]
         if foreign:
             raise UsageError(f"the optimizer holds {len(foreign)} tensor(s) that are not parameters of the model "
                              f"given to the strategy (the first has shape {tuple(foreign[0].shape)}): build it "
                              f"over that model's parameters(), e.g. SGD(model.parameters(), ...)")
+        # every rank, now: a round's check below finds it only where a block left out first arrives
+        held = set(held)
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and p not in held]
+        if missing:
+            raise UsageError(f"the optimizer does not hold {len(missing)} trainable parameter(s) of the model (the "
+                             f"first: {missing[0]}): build it over model.parameters() (frozen ones, "
+                             f"requires_grad=False, may be left out)")
 
     def _prepare_optimizer(self) -> None:
         """At a round's start: check the optimizer covers this round's trainable parameters (frozen
@@ -449,7 +457,12 @@ class Strategy:
                              f"trains (the first: {self._names.get(missing[0], '?')}): build it over "
                              f"model.parameters() so that every block it may receive is in it")
         if self._resumed_optimizer is not None:  # from a checkpoint: the state as the run left it
+            # its hyper-parameters as they are now: load_state_dict() set the saved ones already, and
+            # the loop may have changed them since (a lower lr after a roll-back), which torch's
+            # load_state_dict() would undo with the saved copy's
+            hyper = _hyper_parameters(opt)
             opt.load_state_dict(self._resumed_optimizer)
+            _load_hyper_parameters(opt, hyper)
             self._resumed_optimizer = None
         if self.optimizer_state == "reset":
             opt.state.clear()

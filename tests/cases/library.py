@@ -481,8 +481,8 @@ def misuse(c, model, case):
         other = make_model()
         opt = torch.optim.SGD(other.parameters(), lr=LR)
         rm.ResIST(model, c, optimizer=opt)
-    elif case == "missing":
-        blocks = [n + "." for n, _ in rm.find_blocks(model)]
+    elif case in ("missing", "missing_one_block"):
+        blocks = [n + "." for n, _ in rm.find_blocks(model)][-1 if case == "missing_one_block" else 0:]
         shared = [p for n, p in model.named_parameters() if not any(n.startswith(b) for b in blocks)]
         opt = torch.optim.SGD(shared, lr=LR)
         with rm.ResIST(model, c, optimizer=opt, local_steps=STEPS):
