@@ -60,7 +60,7 @@ def test_a_loss_scaler_skips_the_overflowing_steps_and_rounds_stay_aligned(c, st
 
 @pytest.mark.parametrize("case, message", [
     ("foreign", "not parameters of the model"),
-    ("missing", r"does not hold \d+ parameter"),
+    ("missing", r"does not hold \d+ trainable parameter"),
     ("parameters_first", "before the first round"),
     ("full_model_mid_round", r"full_model\(\) in the middle of round 0"),
 ])
