@@ -41,13 +41,16 @@ class GradientAverager:
         self.failed = False  # an average was not finite (NonFiniteError raised) since the strategy's round began
         self._queued_in: Optional[int] = None  # the backward pass (graph task) whose average is queued
         self.params: List[torch.nn.Parameter] = []
+        self._all: List[torch.nn.Parameter] = []
         self._handles: List = []
         self.attach(params)
 
     def attach(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Average the gradients of params from now on (ResIST's round parameters change)."""
+        """Average the gradients of params from now on (ResIST's round parameters change). A
+        parameter frozen now (requires_grad=False) and unfrozen later is averaged from then on."""
         self.remove()
-        self.params = [p for p in params if p.requires_grad]
+        self._all = list(params)
+        self.params = [p for p in self._all if p.requires_grad]
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
     def _on_grad(self, _param) -> None:
@@ -58,8 +61,11 @@ class GradientAverager:
 
     def _average(self) -> None:
         self._queued_in = None
+        if [id(p) for p in self._all if p.requires_grad] != [id(p) for p in self.params]:
+            self.attach(self._all)  # a parameter was unfrozen (or frozen): hooks on the trainable ones now
         t0 = time.perf_counter()
-        grads = [p.grad for p in self.params if p.grad is not None]
+        # every gradient, also of a parameter unfrozen since the hooks were put on (all ranks alike)
+        grads = [p.grad for p in self._all if p.grad is not None]
         if not grads:
             return
         flat = pack(grads)

@@ -383,3 +383,27 @@ def test_an_lr_set_after_load_state_dict_holds_in_the_rounds_after(strategy, kw)
     torch.set_num_threads(1)
     for lrs, same in run_ranks(2, lambda c: body(c, models[c.rank])):
         assert lrs == [L.LR / 10] * len(lrs) and same
+
+
+@pytest.mark.parametrize("strategy", ["data_parallel", "local_sgd"])
+def test_a_parameter_unfrozen_after_the_strategy_was_built_is_averaged_like_the_others(strategy):
+    """Gradient hooks went only on the parameters trainable when the strategy was built: a layer
+    unfrozen later (fine-tuning) trained alone on each rank, and data-parallel replicas, whose
+    weights are never averaged, drifted apart for good (inside each group of local SGD: until the
+    round's average)."""
+    def body(c, model):
+        first = next(model.parameters())
+        first.requires_grad_(False)
+        opt = torch.optim.SGD(model.parameters(), lr=L.LR)
+        job = L._strategy(strategy, model, c, optimizer=opt, local_steps=4,
+                          **({"group_size": 2} if strategy == "local_sgd" else {}))
+        with job:
+            for k in range(3):
+                if k == 1:
+                    first.requires_grad_(True)
+                L.step(model, opt, c, k)
+            return first.detach().clone()
+    models = [L.make_model() for _ in range(2)]
+    torch.set_num_threads(1)
+    a, b = run_ranks(2, lambda c: body(c, models[c.rank]))
+    assert torch.equal(a, b) and not torch.equal(a, next(L.make_model().parameters()))  # trained, alike
