@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -60,12 +60,18 @@ class recalibrate_bn:
         try:
             for x, _ in itertools.islice(batches, num_batches):
                 model(x.to(device) if device is not None else x)
-        finally:
-            for m, *_, momentum in self.saved:
-                m.momentum = momentum
-            model.train(was_training)
+        except BaseException:
+            self._put_back(was_training, model)
+            self.restore()  # a failed calibration (a bad batch, a stop) leaves the model's statistics as they were
+            raise
+        self._put_back(was_training, model)
         # ---- distributed step: average the re-estimated statistics ----
         average_tensors_(c, [t for m in bns for t in (m.running_mean, m.running_var)])
+
+    def _put_back(self, was_training: bool, model: nn.Module) -> None:
+        for m, *_, momentum in self.saved:
+            m.momentum = momentum
+        model.train(was_training)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -96,7 +102,7 @@ def evaluate(model: nn.Module, c, batches: Iterable, device=None, batch_stats: b
     model.train(batch_stats)
     loss_sum, correct, count = 0.0, 0, 0
     try:
-        for x, y in batches:
+        for x, y in (_no_lone_sample(batches) if batch_stats else batches):
             if device is not None:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = model(x)
@@ -111,3 +117,20 @@ def evaluate(model: nn.Module, c, batches: Iterable, device=None, batch_stats: b
         model.train(was_training)
     loss_sum, correct, count = c.reduce_stats([loss_sum, correct, count], "sum")
     return loss_sum / max(count, 1), correct / max(count, 1)
+
+
+def _no_lone_sample(batches: Iterable) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The batches, with a last batch of one sample joined to the one before it: BN normalising with
+    a batch's own statistics cannot take one sample (torch refuses it where a map is 1x1, as in
+    torchvision's ResNets on 32x32 images, and elsewhere it normalises every value to about 0).
+    A rank's shard can end so (e.g. 769 test images in batches of 256)."""
+    held = None
+    for x, y in batches:
+        if held is not None and len(y) == 1:
+            held = (torch.cat([held[0], x.to(held[0].device)]), torch.cat([held[1], y.to(held[1].device)]))
+            continue
+        if held is not None:
+            yield held
+        held = (x, y)
+    if held is not None:
+        yield held

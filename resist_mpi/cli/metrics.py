@@ -70,7 +70,7 @@ class RunLog:
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "metrics.jsonl")
         kept = []
-        if resume_round and os.path.exists(path):
+        if (resume_round or resume_epoch is not None) and os.path.exists(path):
             # a resumed run continues the record: keep what happened before the checkpoint only (by
             # epoch where given: after a world-size change a round is another length and the record
             # holds rounds of two numberings)

@@ -476,3 +476,16 @@ def test_tensorboard_events_follow_the_record_at_a_resume_and_go_with_overwrite(
     (out / "tb" / "events.out.tfevents.1.host").write_bytes(b"old run")
     ckpt.clear_out_dir(validate(Config(**{**TINY, "out": str(out), "overwrite": True})))
     assert sorted(os.listdir(out)) == []
+
+
+def test_a_resume_that_starts_at_round_0_of_a_larger_world_keeps_the_records_before_its_epoch(tmp_path):
+    """A checkpoint early in epoch 0 resumed on more ranks starts at the new world's round 0
+    (round_at_epoch), and the record was then read as a fresh run's: every record was deleted."""
+    from resist_mpi.cli.metrics import RunLog
+    out = tmp_path / "run"
+    log = RunLog(str(out), True, "off", 6)
+    for r in range(3):
+        log.record("round", round=r, epoch=r / 20, train_loss=1.0)
+    log.close()
+    RunLog(str(out), True, "off", 6, resume_round=0, resume_epoch=0.05, resumed_as=(0.0, 8)).close()
+    assert [(r["round"], r["epoch"]) for r in map(json.loads, open(out / "metrics.jsonl"))] == [(0, 0.0), (1, 0.05)]

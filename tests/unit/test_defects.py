@@ -68,6 +68,13 @@ def test_bn_helpers_leave_the_models_statistics_as_they_found_them():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
+    def failing():  # a calibration whose second batch fails (a damaged image, a stop)
+        yield batches[0]
+        raise OSError("damaged")
+    with pytest.raises(OSError):
+        rm.recalibrate_bn(model, c, failing(), 2)
+    assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)  # they were left re-estimated
+
 
 def test_a_last_batch_of_one_is_dropped_and_torchvision_trains_through_the_epoch():
     """129 samples on one rank with batch 128: the second batch had one sample, and torchvision's
@@ -84,6 +91,14 @@ def test_a_last_batch_of_one_is_dropped_and_torchvision_trains_through_the_epoch
         F.cross_entropy(model(x), y).backward()
     test = ShardLoader(data, 0, 1, 128, train=False)  # evaluation keeps every sample
     assert [len(y) for _, y in test.epoch(0)] == [128, 1]
+    # --eval-bn batch (BN with each test batch's own statistics) raised on that batch of one after
+    # the whole training; it joins the batch before it, every sample counted
+    c = rm.init("self", fail_fast=False)
+    loss, acc = rm.evaluate(model, c, test.epoch(0), batch_stats=True)
+    x, y = (torch.cat(t) for t in zip(*test.epoch(0)))
+    model.train()
+    out = model(x)
+    assert acc == (out.argmax(1) == y).sum().item() / 129 and loss == pytest.approx(F.cross_entropy(out, y).item())
 
 
 def test_checkpoint_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
