@@ -382,6 +382,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="what the averages move as, as --wire-dtype in training (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
+    for flag, value, least in (("--world-size", args.world_size, 1), ("--group-size", args.group_size, 1),
+                               ("--local-steps", args.local_steps, 1), ("--rounds", args.rounds, 1),
+                               ("--ranks-per-node", args.ranks_per_node, 1), ("--min-depth", args.min_depth, 0),
+                               ("--seed", args.seed, 0), ("--width", args.width, 1),
+                               ("--num-classes", args.num_classes, 1)):
+        if value is not None and value < least:
+            p.error(f"{flag} {value}: must be at least {least}")
     try:
         stages = [int(s) for s in args.partition_stages.split(",") if s.strip()]
         sizes = build_sizes(args.model, args.num_classes, args.width, stages)

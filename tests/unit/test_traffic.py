@@ -175,6 +175,18 @@ def test_cli_impossible_partition_is_one_line(capsys):
     assert err.startswith("resist_mpi.traffic: error:") and "\n" not in err
 
 
+
+@pytest.mark.parametrize("flag, value", [("--group-size", "0"), ("--local-steps", "-3"), ("--ranks-per-node", "-1"),
+                                         ("--ranks-per-node", "0"), ("--group-size", "-2"), ("--seed", "-1")])
+def test_cli_numbers_out_of_range_are_one_line_naming_the_flag(capsys, flag, value):
+    """--group-size 0 ended in a ZeroDivisionError traceback; --local-steps -3 printed negative
+    megabytes; --ranks-per-node -1 "-2 node(s)", 0 one node; others named no flag."""
+    with pytest.raises(SystemExit) as e:
+        T.main(["--model", "preact_resnet18", "--width", "2", "--world-size", "2", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.endswith(f"error: {flag} {value}: must be at least {0 if flag == '--seed' else 1}")
+
+
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 OPTIONS = ("model", "num_classes", "width", "partition_stages", "world_size", "group_size", "ranks_per_node",
            "wire_dtype", "min_depth", "local_steps", "rounds", "seed")
