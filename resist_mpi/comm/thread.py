@@ -32,6 +32,10 @@ class WorldAborted(RuntimeError):
     """Another rank of this thread world failed or aborted; this rank stops too."""
 
 
+class CollectiveMismatch(RuntimeError):
+    """Ranks of a thread world called different collectives, or sizes that do not match."""
+
+
 class ThreadWorld:
     """The shared state of S thread ranks: slots, a barrier, and the sub-worlds split from it.
 
@@ -54,13 +58,19 @@ class ThreadWorld:
         self._children: Dict[tuple, "ThreadWorld"] = {}
         self.failure: Optional[BaseException] = None
 
-    def meet(self, rank: int, value: Any) -> List[Any]:
-        """Every rank's value, in rank order (a collective of this world)."""
-        self._slots[rank] = value
+    def meet(self, rank: int, value: Any, call: Optional[tuple] = None) -> List[Any]:
+        """Every rank's value, in rank order (a collective of this world). call: what this rank calls
+        (the collective and the sizes that must agree): ranks that call different ones raise
+        CollectiveMismatch, all of them, where real ranks would wait for each other for good or
+        move garbage."""
+        self._slots[rank] = (call, value)
         self._wait()
-        values = list(self._slots)
+        calls, values = zip(*self._slots)
         self._wait()
-        return values
+        if any(c != calls[0] for c in calls):
+            raise CollectiveMismatch("ranks called different collectives: " +
+                                     ", ".join(f"rank {r} {c}" for r, c in enumerate(calls)))
+        return list(values)
 
     def _wait(self) -> None:
         try:
@@ -103,18 +113,18 @@ class ThreadComm(Comm):
         self._calls = 0  # how many splits/dups this rank made: names the sub-worlds
 
     # -- the primitives ------------------------------------------------------------------------
-    def _meet(self, value: Any) -> List[Any]:
-        return self.world.meet(self.rank, value)
+    def _meet(self, value: Any, *call) -> List[Any]:
+        return self.world.meet(self.rank, value, call)
 
     def _allreduce_(self, t: torch.Tensor, op: str) -> None:
-        parts = self._meet(t)
+        parts = self._meet(t, "allreduce", op, t.numel(), t.dtype)
         total = _ordered_sum(parts)
-        self._meet(None)  # everyone summed before anyone writes into its own tensor
+        self._meet(None, "allreduce (written)")  # everyone summed before anyone writes into its own tensor
         with torch.no_grad():
             t.copy_(total.div_(self.size) if op == "mean" else total)
 
     def _reduce_stats_(self, t: torch.Tensor, op: str) -> None:
-        parts = self._meet(t.clone())
+        parts = self._meet(t.clone(), "reduce_stats", op, t.numel())
         if op == "sum":
             out = _ordered_sum(parts)
         else:
@@ -122,27 +132,27 @@ class ThreadComm(Comm):
         t.copy_(out)
 
     def _alltoallv_tensors(self, sends, recvs) -> None:
-        table = self._meet(sends)
+        table = self._meet((sends, [[t.numel() for t in ts] for ts in recvs]), "alltoallv_tensors")
+        _check_pairs([[[t.numel() for t in ts] for ts in sent] for sent, _ in table], [r for _, r in table])
+        table = [sent for sent, _ in table]
         with torch.no_grad():
             for src, ts in enumerate(recvs):
                 for t, piece in zip(ts, table[src][self.rank] if src != self.rank else ()):
                     t.copy_(piece.reshape(t.shape))
-        self._meet(None)
+        self._meet(None, "alltoallv_tensors (written)")
 
     def _alltoallv(self, send, send_counts, recv_counts) -> torch.Tensor:
         out = torch.empty(sum(recv_counts), dtype=send.dtype, device=send.device)
         return self._alltoallv_into(send, send_counts, recv_counts, out)
 
     def _alltoallv_into(self, send, send_counts, recv_counts, out) -> torch.Tensor:
-        table = self._meet((send, list(send_counts)))
+        table = self._meet((send, list(send_counts), list(recv_counts)), "alltoallv")
+        _check_pairs([counts for _, counts, _ in table], [expected for _, _, expected in table])
         pieces = []
-        for src, (buf, counts) in enumerate(table):
+        for src, (buf, counts, _) in enumerate(table):
             start = sum(counts[:self.rank])
-            if counts[self.rank] != recv_counts[src]:
-                raise ValueError(f"alltoallv on rank {self.rank}: expected {recv_counts[src]} elements from rank "
-                                 f"{src}, it sends {counts[self.rank]}")
             pieces.append(buf[start:start + counts[self.rank]].clone())
-        self._meet(None)
+        self._meet(None, "alltoallv (written)")
         if pieces:
             with torch.no_grad():
                 torch.cat(pieces, out=out)
@@ -150,30 +160,30 @@ class ThreadComm(Comm):
 
     def _allgather_(self, flat: torch.Tensor, counts: List[int]) -> None:
         starts = [sum(counts[:r]) for r in range(self.size)]
-        table = self._meet(flat)
+        table = self._meet(flat, "allgather", tuple(counts))
         pieces = [table[r][starts[r]:starts[r] + counts[r]].clone() for r in range(self.size)]
-        self._meet(None)
+        self._meet(None, "allgather (written)")
         with torch.no_grad():
             for r, piece in enumerate(pieces):
                 flat[starts[r]:starts[r] + counts[r]].copy_(piece)
 
     def _exchange_counts(self, send_counts: List[int]) -> List[int]:
-        table = self._meet(list(send_counts))
+        table = self._meet(list(send_counts), "exchange_counts", len(send_counts))
         return [table[src][self.rank] for src in range(self.size)]
 
     def _bcast_(self, t: torch.Tensor, root: int) -> None:
-        table = self._meet(t if self.rank == root else None)
+        table = self._meet(t if self.rank == root else None, "bcast", root, t.numel(), t.dtype)
         value = table[root].clone() if self.rank != root else None
-        self._meet(None)
+        self._meet(None, "bcast (written)")
         if value is not None:
             with torch.no_grad():
                 t.copy_(value)
 
     def _bcast_bytes(self, payload: Optional[bytes], root: int) -> bytes:
-        return self._meet(payload)[root]
+        return self._meet(payload, "bcast_object", root)[root]
 
     def _barrier(self) -> None:
-        self._meet(None)
+        self._meet(None, "barrier")
 
     def _abort(self, code: int) -> None:
         error = SystemExit(code)
@@ -188,9 +198,19 @@ class ThreadComm(Comm):
 
     def _dup(self) -> "ThreadComm":
         self._calls += 1
-        self._meet(None)
+        self._meet(None, "dup")
         world = self.world.child(("dup", self._calls), self.size, self.nodes)
         return ThreadComm(world, self.rank, Counters())
+
+
+def _check_pairs(sent: Sequence[Sequence[Any]], expected: Sequence[Sequence[Any]]) -> None:
+    """sent[s][d] (what rank s sends rank d) against expected[d][s] (what d receives from s), on
+    every rank alike: a mismatch raises CollectiveMismatch everywhere (real ranks would wait for a
+    message never sent, or read past one)."""
+    for s, row in enumerate(sent):
+        for d, what in enumerate(row):
+            if s != d and what != expected[d][s]:
+                raise CollectiveMismatch(f"rank {s} sends rank {d} {what} element(s), rank {d} expects {expected[d][s]}")
 
 
 def _ordered_sum(parts: Sequence[torch.Tensor]) -> torch.Tensor:

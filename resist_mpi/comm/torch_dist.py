@@ -302,7 +302,9 @@ class _TorchWork(Work):
         self.work, self.staged, self.target, self.size = work, staged, target, size
 
     def _finished(self) -> bool:
-        return self.work.is_completed()
+        if self.work is not None and self.work.is_completed():
+            self._complete()  # done means the mean is there, as on the other backends (not the sum yet)
+        return self.work is None
 
     @_peer_errors
     def _complete(self) -> None:

@@ -236,3 +236,50 @@ def test_the_torch_backend_turns_a_lost_peer_into_one_line_also_when_a_group_is_
     with pytest.raises(RuntimeError, match="a bug") as e:
         world._dup()
     assert not isinstance(e.value, PeerLost)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("barrier_vs_bcast", r"ranks called different collectives: rank 0 \('barrier',\), rank 1 \('bcast_object', 1\)"),
+    ("bcast_sizes", r"rank 0 \('bcast', 0, 1, torch.float32\), rank 1 \('bcast', 0, 3, torch.float32\)"),
+    ("unmatched_recv", r"rank 0 sends rank 1 \[2\] element\(s\), rank 1 expects \[2, 3\]"),
+    ("alltoallv_counts", r"rank 1 sends rank 0 2 element\(s\), rank 0 expects 3"),
+    ("allreduce_sizes", r"rank 0 \('allreduce', 'mean', 4, torch.float32\), rank 1 \('allreduce', 'mean', 1,"),
+])
+def test_thread_ranks_refuse_collectives_that_real_ranks_could_not_match(case, message):
+    """The thread world let ranks meet in different collectives, or with sizes that do not match
+    (a barrier against a broadcast, a receive nobody sends, a 1-element broadcast into 3), and
+    went on: a strategy's mismatch passed the unit tier and hung under mpirun. Every rank raises."""
+    from resist_mpi.comm.thread import CollectiveMismatch, run_ranks
+
+    def body(c):
+        try:
+            if case == "barrier_vs_bcast":
+                c.barrier() if c.rank == 0 else c.bcast_object("payload", root=1)
+            elif case == "bcast_sizes":
+                c.bcast_(torch.ones(1 if c.rank == 0 else 3), root=0)
+            elif case == "unmatched_recv":
+                sends = [[], [torch.ones(2)]] if c.rank == 0 else [[], []]
+                recvs = [[], []] if c.rank == 0 else [[torch.zeros(2), torch.zeros(3)], []]
+                c.alltoallv_tensors(sends, recvs)
+            elif case == "alltoallv_counts":
+                c.alltoallv(torch.ones(5), [2, 3], [2, 3] if c.rank == 0 else [3, 3])
+            else:
+                c.allreduce_mean_(torch.ones(4 if c.rank == 0 else 1))
+        except CollectiveMismatch as e:
+            return str(e)
+        return None
+    said = run_ranks(2, body, timeout=20)
+    assert said[0] == said[1] and __import__("re").search(message, said[0]), said
+
+
+def test_a_torch_work_seen_done_holds_the_mean_not_the_sum():
+    """done() said True while the buffer held the sum: the division ran only in wait() (the mpi
+    backend's work divides as soon as it sees the sum arrive)."""
+    from types import SimpleNamespace
+
+    from resist_mpi.comm.torch_dist import _TorchWork
+    staged, target = torch.full((3,), 8.0), torch.zeros(3)
+    work = _TorchWork(SimpleNamespace(is_completed=lambda: True, wait=lambda: True), staged, target, 4)
+    assert work.done() and target.tolist() == [2.0, 2.0, 2.0]
+    work.wait()
+    assert target.tolist() == [2.0, 2.0, 2.0]  # divided once
