@@ -141,7 +141,7 @@ def aggregate_rate(runs: Dict[str, Dict[int, Optional[Dict]]], targets: List[flo
     bytes per round, and each strategy's time to target relative to the baseline's (local SGD's)."""
     summary = compare.aggregate(runs, targets)
     for strategy, by_seed in runs.items():
-        done = [r for r in by_seed.values() if r is not None]
+        done = list(compare.finished_runs(by_seed).values())
         if not done:
             continue
         s = summary[strategy]

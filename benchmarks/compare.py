@@ -173,7 +173,10 @@ def summarise_run(path: str, targets: List[float]) -> Optional[Dict]:
         taken = sum(map(time_taken_from_training, evals[:k])) + own
         reached[str(t)] = {"wallclock": hit["wallclock"], "epoch": hit["epoch"], "train_wallclock": hit["wallclock"] - taken}
     launch = os.path.join(path, "launch.json")
+    launched = json.load(open(launch)) if os.path.exists(launch) else None
     return {
+        # a run that did not exit 0 (a crash, a timeout: returncode None) is not a finished run
+        "failed": launched is not None and launched.get("returncode") != 0,
         "final_acc": evals[-1]["test_acc"], "final_epoch": evals[-1]["epoch"],
         "time_to_target": reached,
         "bytes": sum(r["bytes_sent"] + r["bytes_recv"] for r in rounds),
@@ -184,7 +187,7 @@ def summarise_run(path: str, targets: List[float]) -> Optional[Dict]:
         "eval_time": sum(e.get("t_eval", 0.0) for e in evals),
         "evals": len(evals),
         "wallclock": evals[-1]["wallclock"],
-        "launch": json.load(open(launch)) if os.path.exists(launch) else None,
+        "launch": launched,
         "curve": [(e["wallclock"], e["test_acc"]) for e in evals],
     }
 
@@ -195,12 +198,19 @@ def mean_std(values: List[float]):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def finished_runs(by_seed: Dict[int, Optional[Dict]]) -> Dict[int, Dict]:
+    """The runs that finished (exited 0, left evaluations): the only ones means are taken over; the
+    others count in "of" (a seed that crashed is a seed that did not reach a target)."""
+    return {s: r for s, r in by_seed.items() if r is not None and not r.get("failed")}
+
+
 def aggregate(runs: Dict[str, Dict[int, Dict]], targets: List[float]) -> Dict:
     summary = {}
     for strategy, by_seed in runs.items():
-        done = {s: r for s, r in by_seed.items() if r is not None}
+        done = finished_runs(by_seed)
+        failed = sorted(s for s in by_seed if s not in done)  # no evaluation, or exited other than 0
         if not done:
-            summary[strategy] = {"seeds": []}
+            summary[strategy] = {"seeds": [], "failed_seeds": failed}
             continue
         acc_mean, acc_std = mean_std([r["final_acc"] for r in done.values()])
         ttt = {}
@@ -209,9 +219,9 @@ def aggregate(runs: Dict[str, Dict[int, Dict]], targets: List[float]) -> Dict:
             walls = [h["wallclock"] for h in hits]
             train = [h.get("train_wallclock", h["wallclock"]) for h in hits]
             ttt[str(t)] = {"mean_s": mean_std(walls)[0], "std_s": mean_std(walls)[1],
-                           "train_mean_s": mean_std(train)[0], "reached": len(hits), "of": len(done)}
+                           "train_mean_s": mean_std(train)[0], "reached": len(hits), "of": len(by_seed)}
         summary[strategy] = {
-            "seeds": sorted(done), "final_acc_mean": acc_mean, "final_acc_std": acc_std,
+            "seeds": sorted(done), "failed_seeds": failed, "final_acc_mean": acc_mean, "final_acc_std": acc_std,
             "time_to_target": ttt,
             "bytes_mean": statistics.fmean(r["bytes"] for r in done.values()),
             "eval_bytes_mean": statistics.fmean(r["eval_bytes"] for r in done.values()),
