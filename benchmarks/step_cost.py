@@ -7,13 +7,13 @@ One process, one thread, interleaved repetitions (so a slow phase of the machine
 variant alike), median time of an SGD step (zero_grad, forward, backward, step) of:
 
   full     the whole model (what local SGD trains)
-  resist   the same model wrapped by ResIST, this rank's sub-network active (P/S blocks, every
+  resist   the same model wrapped by ResIST, this rank's sub-network active (ceil(P/S) blocks, every
            other block switched off: skipped by its patched forward, released, no gradient)
   lean     the sub-network built without the other blocks at all (what a switched-off block would
            cost if it cost nothing)
   shared   the model with no partitionable block at all (the shared layers alone)
 
-resist / lean shows what switched-off blocks cost; (shared + P/S x block) / (shared + P x block),
+resist / lean shows what switched-off blocks cost; (shared + ceil(P/S) x block) / (shared + P x block),
 with block = (full - shared) / P, is the ratio the model's own layout allows; resist / full is what
 ResIST's compute per round is against local SGD's. Writes --json when given.
 """
@@ -42,7 +42,7 @@ def variants(width: int, ranks: int, seed: int = 0):
     model = create_model("preact_resnet101", 10, width)
     job = rm.ResIST(model, rm.init("self", fail_fast=False), seed=seed)
     P = len(job.blocks)
-    mine = list(range(0, P, ranks))  # a rank's share: P/S blocks
+    mine = list(range(0, P, ranks))  # rank 0's share: ceil(P/S) blocks, the most any rank trains
     activate(job.blocks, mine)
     for b in range(P):
         if b not in mine:
