@@ -193,9 +193,9 @@ def training_rounds(records: List[Dict]) -> List[Dict]:
 
     An evaluation that a round follows runs that round's block exchange first (ResIST,
     Strategy.prepare_round): the eval record holds its seconds and bytes (t_next_exchange,
-    bytes_next_exchange, summed over ranks like a round's bytes), the round record what was left
-    (nothing). Here they go back to the round: t_comm and the bytes are what the round cost,
-    wherever it was paid."""
+    bytes_next_exchange, bytes_cross_next_exchange, summed over ranks like a round's bytes), the
+    round record what was left (nothing). Here they go back to the round: t_comm and the bytes
+    (those across nodes too) are what the round cost, wherever it was paid."""
     early = {e["round"] + 1: e for e in records if e.get("event") == "eval" and e.get("bytes_next_exchange")}
     out = []
     for r in records:
@@ -205,6 +205,8 @@ def training_rounds(records: List[Dict]) -> List[Dict]:
         if e is not None:
             r = dict(r, t_comm=r["t_comm"] + e.get("t_next_exchange", 0.0),
                      bytes_sent=r["bytes_sent"] + e["bytes_next_exchange"],
-                     bytes_recv=r["bytes_recv"] + e["bytes_next_exchange"])
+                     bytes_recv=r["bytes_recv"] + e["bytes_next_exchange"],
+                     **({"bytes_cross_node": r["bytes_cross_node"] + e.get("bytes_cross_next_exchange", 0)}
+                        if "bytes_cross_node" in r else {}))
         out.append(r)
     return out

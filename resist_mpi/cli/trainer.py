@@ -768,7 +768,7 @@ class Trainer:
 
     def log_eval(self, job, log, m: RoundMeter, meter: "EvalMeter") -> Dict[str, float]:
         c, epoch, test_loss, test_acc = self.c, (m.step0 + m.steps) / self.spe, meter.loss, meter.acc
-        sent, recv, cross, t, total, early_sent, t_early = meter.totals()
+        sent, recv, cross, t, total, early_sent, t_early, early_cross = meter.totals()
         wallclock = log.wallclock() if meter.wallclock is None else meter.wallclock
         extra = {} if meter.t_wait is None else {"background": True, "t_eval_wait": c.reduce_stats([meter.t_wait], "max")[0]}
         if meter.delayed:
@@ -776,7 +776,8 @@ class Trainer:
         log.record("eval", round=m.round, epoch=epoch, strategy=job.name, world_size=c.size, test_loss=test_loss,
                    test_acc=test_acc, bytes_sent=int(sent), bytes_recv=int(recv), bytes_cross_node=int(cross),
                    t_eval=total, **{f"t_{k}": v for k, v in t.items()},
-                   t_next_exchange=t_early, bytes_next_exchange=int(early_sent), **extra, wallclock=wallclock)
+                   t_next_exchange=t_early, bytes_next_exchange=int(early_sent),
+                   bytes_cross_next_exchange=int(early_cross), **extra, wallclock=wallclock)
         log.info(f"epoch {epoch:6.2f} | round {m.round:5d} | train loss {m.loss_sum / m.seen:.4f} | "
                  f"test loss {test_loss:.4f} | test acc {100 * test_acc:6.2f}% | {wallclock:7.1f}s")
         return {"test_loss": test_loss, "test_acc": test_acc, "epoch": epoch}
@@ -811,13 +812,14 @@ class EvalMeter:
         self.wallclock: Optional[float] = None  # a background evaluation: the run's clock when it started
         self.t_wait: Optional[float] = None  # a background evaluation: seconds training waited for it
         self.delayed = False  # (--overlap) evaluated when its round's average landed, a round later
-        self.early_sent, self.t_early = 0, 0.0
+        self.early_sent, self.early_cross, self.t_early = 0, 0, 0.0
         self._last = time.perf_counter()
 
     def mark_next_exchange(self) -> None:
         """What happened since the creation was the next round's exchange: count it apart."""
         c, now = self.c, time.perf_counter()
         self.early_sent, self.t_early = c.bytes_sent - self.start[0], now - self._last
+        self.early_cross = c.bytes_sent_cross - self.start[2]
         self.start = (c.bytes_sent, c.bytes_recv, c.bytes_sent_cross)
         self._last = now
 
@@ -828,17 +830,17 @@ class EvalMeter:
             self.t[phase] += now - self._last
         self._last = now
 
-    def totals(self) -> Tuple[float, float, float, Dict[str, float], float, float, float]:
+    def totals(self) -> Tuple[float, float, float, Dict[str, float], float, float, float, float]:
         """(bytes sent, received, sent across nodes) summed over ranks, seconds per phase as the
         slowest rank spent them, the slowest rank's whole evaluation (at most the sum of the phases:
         a rank that finished its gather early waits for the others in the calibration's average),
-        then the next round's early exchange: bytes sent (summed) and seconds (the slowest rank's).
-        Two reductions: control traffic."""
+        then the next round's early exchange: bytes sent (summed), seconds (the slowest rank's) and
+        bytes sent across nodes (summed). Two reductions: control traffic."""
         c, (s0, r0, x0) = self.c, self.start
-        sent, recv, cross, early_sent = c.reduce_stats(
-            [c.bytes_sent - s0, c.bytes_recv - r0, c.bytes_sent_cross - x0, self.early_sent], "sum")
+        sent, recv, cross, early_sent, early_cross = c.reduce_stats(
+            [c.bytes_sent - s0, c.bytes_recv - r0, c.bytes_sent_cross - x0, self.early_sent, self.early_cross], "sum")
         *times, total, t_early = c.reduce_stats([*self.t.values(), sum(self.t.values()), self.t_early], "max")
-        return sent, recv, cross, dict(zip(self.t, times)), total, early_sent, t_early
+        return sent, recv, cross, dict(zip(self.t, times)), total, early_sent, t_early, early_cross
 
 
 def round_at_epoch(epoch: float, steps_per_epoch: int, local_steps: int) -> int:

@@ -44,6 +44,29 @@ def test_training_rounds_fold_an_evaluations_early_exchange_back_into_its_round(
     assert [(r["round"], r["t_comm"], r["bytes_sent"], r["bytes_recv"]) for r in out] == \
         [(0, 1.0, 10, 10), (1, 0.75, 10, 10), (2, 1.0, 10, 10)]
     assert recs[2]["bytes_sent"] == 3  # the records themselves are left as they were
+    # across nodes too (those bytes were in neither record)
+    recs[1].update(bytes_cross_next_exchange=4)
+    for r, cross in zip(recs[::2], (6, 1, 6)):
+        r["bytes_cross_node"] = cross
+    assert [r["bytes_cross_node"] for r in training_rounds(recs)] == [6, 5, 6]
+
+
+def test_the_early_exchanges_bytes_across_nodes_are_counted_apart():
+    """EvalMeter counted the next round's early exchange's bytes sent, not those across nodes,
+    and started the evaluation's own counts after it: they were in no record."""
+    import torch
+
+    from resist_mpi.cli.trainer import EvalMeter
+    from resist_mpi.comm.thread import run_ranks
+
+    def body(c):
+        meter = EvalMeter(c)
+        c.allreduce_mean_(torch.ones(1000))  # the exchange, between the two nodes
+        meter.mark_next_exchange()
+        sent, _, cross, *_, early_sent, _, early_cross = meter.totals()
+        return sent, cross, early_sent, early_cross
+    for sent, cross, early_sent, early_cross in run_ranks(2, body, nodes=[0, 1]):
+        assert (sent, cross) == (0, 0) and early_sent == early_cross == 2 * 4000  # 4000 bytes a rank, 2 ranks
 
 
 def test_eval_cost_net_cost_from_runs_with_and_without_evaluations(tmp_path, capsys):
