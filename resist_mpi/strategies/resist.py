@@ -29,7 +29,7 @@ import torch
 from ..plan import partition
 from ..averaging.rounds import Averager
 from ..averaging.gradients import GradientAverager
-from ..averaging.tensors import average_tensors_, broadcast_tensors_
+from ..averaging.tensors import all_finite, average_tensors_, broadcast_tensors_
 from .store import BlockStore
 from ..blocks.switch import activate, make_switchable, set_scale
 from ..blocks.find import find_blocks
@@ -261,6 +261,13 @@ class ResIST(Strategy):
         if self.groups.inner is not None:
             # ---- distributed step: the group's copies of its blocks made identical (BN statistics) ----
             average_tensors_(self.groups.inner, [self.store.slab(b) for b in self.mine()])
+        if not all(all_finite(self.store.slab(b)) for b in self.mine()):
+            # a block that a round's last steps made non-finite is averaged with no other rank's here,
+            # and would reach the next rounds (and a state_dict() taken now) unnoticed: the shared
+            # layers carry it into the average, which then raises NonFiniteError on every rank
+            with torch.no_grad():
+                for p in self.shared_parameters():
+                    p.fill_(float("nan"))
         # ---- distributed step: one fused allreduce of the shared layers (hierarchical with groups) ----
         self._average.average()
         self.holdings.trained()  # blocks several ranks trained now differ: averaged in the next exchange

@@ -336,3 +336,30 @@ def _one(c):
     m.reduce(c)
     return m.divergence()
 
+
+
+@pytest.mark.parametrize("size, group_size, overlap", [(2, None, False), (4, 2, False), (2, None, True)])
+def test_a_block_made_non_finite_by_a_rounds_last_step_stops_every_rank_at_its_end(size, group_size, overlap):
+    """Only the shared layers' average was checked: a block that went non-finite in a round's last
+    steps (its trainer alone holds it) passed the round's end, and a state_dict() taken then held
+    it. Now the round's average raises on every rank (with --overlap: where it lands)."""
+    def body(c, model):
+        job = rm.ResIST(model, c, seed=7, **({"group_size": group_size} if group_size else {}),
+                        **({"overlap": True} if overlap else {}))
+        try:
+            for r in job.rounds(1):
+                opt = torch.optim.SGD(job.parameters(), lr=L.LR)
+                for k in range(L.STEPS):
+                    L.step(model, opt, c, k)
+                if c.rank == 0:
+                    with torch.no_grad():
+                        job.param_groups()[1]["params"][0].fill_(math.inf)  # one of its blocks, after the steps
+            job.flush()  # (with --overlap the average lands here)
+        except rm.NonFiniteError as e:
+            return str(e)
+        state = job.state_dict()["model"]
+        return f"no error; the state finite: {all(torch.isfinite(v).all() for v in state.values())}"
+    models = [L.make_model() for _ in range(size)]
+    torch.set_num_threads(1)
+    said = run_ranks(size, lambda c: body(c, models[c.rank]))
+    assert all(s is not None and s.endswith("is not finite") for s in said), said
