@@ -47,6 +47,8 @@ class recalibrate_bn:
         everything = _bns(model)
         chosen = {id(m) for m in only} if only is not None else {id(m) for m in everything}
         bns = [m for m in everything if id(m) in chosen]
+        if not bns:  # nothing to re-estimate (no BN, or none chosen): no batch is read (the same on every rank)
+            return
         self.saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
                       for m in bns]
         for m in bns:

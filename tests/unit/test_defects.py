@@ -74,6 +74,9 @@ def test_bn_helpers_leave_the_models_statistics_as_they_found_them():
     with pytest.raises(OSError):
         rm.recalibrate_bn(model, c, failing(), 2)
     assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)  # they were left re-estimated
+    read = []
+    rm.recalibrate_bn(model, c, (read.append(b) or b for b in batches), 2, only=[])  # nothing to re-estimate
+    assert read == []  # it read and ran the batches all the same (DataLoader workers started for nothing)
 
 
 def test_a_last_batch_of_one_is_dropped_and_torchvision_trains_through_the_epoch():
