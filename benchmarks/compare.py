@@ -98,7 +98,8 @@ def run_one(args, strategy: str, seed: int, prefix: Sequence[str] = (), env: Opt
         env: the launcher's environment (default mpi_env()).
         tag: what the progress lines start with.
     """
-    out = os.path.join(args.out, f"{strategy}-{seed}")
+    # absolute: the job runs from the repo root, the bench's own files are written from where it started
+    out = os.path.abspath(os.path.join(args.out, f"{strategy}-{seed}"))
     cmd = train_command(args, strategy, seed, out)
     os.makedirs(out, exist_ok=True)
     print(f"{tag}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)

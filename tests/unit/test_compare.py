@@ -117,3 +117,24 @@ def test_time_to_target_without_evaluations_counts_only_what_background_ones_mad
     run = compare.summarise_run(str(tmp_path / "resist-1"), [0.95, 0.97])
     assert run["time_to_target"] == {"0.95": {"wallclock": 5.0, "epoch": 1.0, "train_wallclock": 4.75},
                                      "0.97": {"wallclock": 9.0, "epoch": 2.0, "train_wallclock": 5.75}}
+
+
+def test_a_run_started_outside_the_repo_root_writes_its_metrics_beside_its_launch_record(tmp_path, monkeypatch):
+    """The job ran from the repo root with the relative --out, the bench wrote train.log and
+    launch.json relative to where it was started: two folders, and the report found no metrics."""
+    from types import SimpleNamespace
+    ran = []
+
+    def fake_run(cmd, log, env, timeout):
+        ran.append(cmd)
+        # the job runs from the repo root (its folder there would be missing: the write fails)
+        open(os.path.join(compare.ROOT, cmd[cmd.index("--out") + 1], "metrics.jsonl"), "w").close()
+        return 0
+    monkeypatch.setattr(compare, "run_logged", fake_run)
+    monkeypatch.chdir(tmp_path)
+    args = SimpleNamespace(out="bench", mpirun="mpirun", np=2, config="configs/demo.yaml", epochs=0, extra_args="",
+                           timeout=10)
+    compare.run_one(args, "local_sgd", 0)
+    out = ran[0][ran[0].index("--out") + 1]
+    assert out == str(tmp_path / "bench" / "local_sgd-0")
+    assert sorted(os.listdir(out)) == ["launch.json", "metrics.jsonl", "train.log"]
