@@ -394,14 +394,24 @@ def teardown(prefix: str, state_dir: Optional[str] = None, names: Optional[List[
     """
     chosen = names
     names = [n for n in existing_namespaces(prefix) if chosen is None or n in chosen]
-    pids = {int(p) for ns in names for p in _sh(["ip", "netns", "pids", ns], check=False).stdout.split()}
-    pids.discard(os.getpid())
+
+    def inside() -> set:
+        pids = {int(p) for ns in names for p in _sh(["ip", "netns", "pids", ns], check=False).stdout.split()}
+        return pids - {os.getpid()}
+    pids = inside()
     _signal_all(pids, signal.SIGTERM)
     deadline = time.time() + 3
     while pids and time.time() < deadline:
         pids = {p for p in pids if _alive(p)}
         time.sleep(0.05)
-    _signal_all(pids, signal.SIGKILL)
+    # then SIGKILL, asking again until none is left: what was forked meanwhile (a rank that a daemon
+    # started during the grace time) would otherwise run on in a namespace without a name
+    for _ in range(10):
+        pids = inside()
+        if not pids:
+            break
+        _signal_all(pids, signal.SIGKILL)
+        time.sleep(0.05)
     for ns in names:
         _sh(["ip", "netns", "del", ns], check=False)
     pattern = re.compile(re.escape(prefix) + r"(sw|node\d+)")

@@ -155,3 +155,23 @@ def test_a_stop_signal_during_teardown_waits_until_the_cluster_is_gone(monkeypat
     with pytest.raises(KeyboardInterrupt):
         C.Cluster(nodes=2, prefix="rcs-", state_dir=str(tmp_path / "state")).down()
     assert done == ["rcs-"]
+
+
+def test_teardown_kills_what_was_forked_during_its_grace_time(monkeypatch):
+    """The pids were listed once: a process started in a namespace after that escaped the SIGKILL
+    and ran on once the namespace's name was gone."""
+    import signal
+    inside = [{101}, {202}, set()]  # 101 ends at the SIGTERM; 202 was forked in the grace time
+    killed = []
+    monkeypatch.setattr(C, "existing_namespaces", lambda prefix: ["rct-node0"])
+    monkeypatch.setattr(C, "_alive", lambda pid: False)
+
+    def sh(cmd, check=True):
+        out = ""
+        if cmd[:3] == ["ip", "netns", "pids"]:
+            out = " ".join(map(str, inside.pop(0) if inside else set()))
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+    monkeypatch.setattr(C, "_sh", sh)
+    monkeypatch.setattr(C, "_signal_all", lambda pids, sig: killed.append((sorted(pids), sig)))
+    C.teardown("rct-", names=["rct-node0"])
+    assert killed == [([101], signal.SIGTERM), ([202], signal.SIGKILL)]
