@@ -152,8 +152,13 @@ def test_a_stop_signal_during_teardown_waits_until_the_cluster_is_gone(monkeypat
         done.append(prefix)
         return []
     monkeypatch.setattr(C, "teardown", teardown)
-    with pytest.raises(KeyboardInterrupt):
-        C.Cluster(nodes=2, prefix="rcs-", state_dir=str(tmp_path / "state")).down()
+    # Python's own handler (a shell starts background jobs, CI's runs among them, with SIGINT ignored)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            C.Cluster(nodes=2, prefix="rcs-", state_dir=str(tmp_path / "state")).down()
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert done == ["rcs-"]
 
 
