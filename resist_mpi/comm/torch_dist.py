@@ -260,6 +260,29 @@ class TorchComm(Comm):
                 req.wait()
 
     @_peer_errors
+    def _allgather_(self, flat, counts):
+        """The ring the counters tally (every segment but its successor's sent to the successor,
+        every segment but its own received from the predecessor), in S-1 steps of one send and one
+        receive; the base class's fallback, one alltoallv, sent each segment to every rank."""
+        starts = [sum(counts[:r]) for r in range(self.size)]
+        succ, pred = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+
+        def ring(w):
+            for k in range(self.size - 1):
+                out, into = (self.rank - k) % self.size, (self.rank - k - 1) % self.size
+                ops = []
+                if counts[into]:
+                    ops.append(dist.P2POp(dist.irecv, w[starts[into]:starts[into] + counts[into]],
+                                          self.global_ranks[pred], self.group, tag=k))
+                if counts[out]:
+                    ops.append(dist.P2POp(dist.isend, w[starts[out]:starts[out] + counts[out]],
+                                          self.global_ranks[succ], self.group, tag=k))
+                if ops:
+                    for req in dist.batch_isend_irecv(ops):
+                        req.wait()
+        self._inplace(flat, ring)
+
+    @_peer_errors
     def _exchange_counts(self, send_counts):
         send = torch.tensor(send_counts, dtype=torch.int64, device=self.device)
         recv = torch.empty_like(send)

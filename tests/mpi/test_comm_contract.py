@@ -200,6 +200,28 @@ def test_allgather_in_place(c, empty):
     assert delta(c, before) == (*want, 0)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch backend's own allgather")
+def test_torch_allgather_sends_what_its_counters_count(c, monkeypatch):
+    """The torch backend had no allgather of its own: the base class's fallback, one alltoallv,
+    sent each rank's segment to every rank while the counters tallied the ring. Now it runs the
+    ring: every message goes to the successor, and their bytes are the ones counted."""
+    import torch.distributed as dist
+    S, r = c.size, c.rank
+    sent = []
+    real = dist.batch_isend_irecv
+
+    def spy(ops):
+        sent.extend((op.peer, op.tensor.numel()) for op in ops if op.op is dist.isend)
+        return real(ops)
+    monkeypatch.setattr(dist, "batch_isend_irecv", spy)
+    counts = [s % 3 + 1 for s in range(S)]
+    flat = torch.zeros(sum(counts))
+    before = snapshot(c)
+    c.allgather_(flat, counts)
+    assert {peer for peer, _ in sent} <= {(r + 1) % S}
+    assert delta(c, before)[0] == 4 * sum(n for _, n in sent)
+
+
 @pytest.mark.parametrize("how", ["blocks", "strided"])
 def test_split_sub_communicators(c, how):
     """Groups of consecutive ranks (how --group-size makes them) and of every other rank (the
