@@ -33,7 +33,7 @@ from ..averaging.tensors import all_finite, average_tensors_, broadcast_tensors_
 from .store import BlockStore
 from ..blocks.switch import activate, make_switchable, set_scale
 from ..blocks.find import find_blocks
-from ..blocks.tensors import check_block_tensors, materialize_, shared_counters, shared_slots
+from ..blocks.tensors import check_block_tensors, materialize_, module_tensors, shared_counters, shared_slots
 from ..errors import UsageError
 from .exchange import run_exchange
 from ..plan.groups import Groups, slice_counts
@@ -261,7 +261,7 @@ class ResIST(Strategy):
         if self.groups.inner is not None:
             # ---- distributed step: the group's copies of its blocks made identical (BN statistics) ----
             average_tensors_(self.groups.inner, [self.store.slab(b) for b in self.mine()])
-        if not all(all_finite(self.store.slab(b)) for b in self.mine()):
+        if not all(all_finite(t) for b in self.mine() for t in module_tensors(self.blocks[b])):
             # a block that a round's last steps made non-finite is averaged with no other rank's here,
             # and would reach the next rounds (and a state_dict() taken now) unnoticed: the shared
             # layers carry it into the average, which then raises NonFiniteError on every rank

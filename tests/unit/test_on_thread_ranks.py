@@ -4,8 +4,9 @@ compressed averages. Each test function runs on every rank thread with a ThreadC
 fixture, every parametrized case of it; the same files also run on real ranks (mpi and torch at 2
 and 4 ranks, tests/e2e/test_mpi_suites.py; horovod under horovodrun, tests/e2e/test_horovod_launch.py).
 
-Left to real ranks, by name below: what asks the launcher (test_world_matches_launcher) and what
-patches a module for every rank at once (monkeypatch would be shared by the threads).
+Left to real ranks, by name below: what asks the launcher (test_world_matches_launcher), what
+patches a module for every rank at once (monkeypatch would be shared by the threads), and the torch
+backend's own allgather.
 """
 import importlib.util
 import inspect
@@ -19,7 +20,7 @@ from resist_mpi.comm.thread import run_ranks
 
 MPI_DIR = Path(__file__).resolve().parents[1] / "mpi"
 FILES = {  # file -> tests that stay on real ranks only
-    "test_comm_contract.py": {"test_world_matches_launcher"},
+    "test_comm_contract.py": {"test_world_matches_launcher", "test_torch_allgather_sends_what_its_counters_count"},
     "test_resist_exchange.py": {"test_assignments_come_from_rank_0_a_batch_per_broadcast"},
     "test_groups.py": set(),
     "test_compression.py": set(),
