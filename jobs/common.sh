@@ -209,7 +209,17 @@ resist_finish() {
 # Open MPI 4.1.4 under srun --mpi=pmix) runs again on the same nodes, within the same limit.
 resist_train() {
     local out=$1; shift
-    local common rc restarts=0 hosts alive lost before
+    local common rc restarts=0 hosts alive lost before word prev=""
+    # shellcheck disable=SC2086  # RESIST_EXTRA_ARGS is a list of flags
+    for word in $RESIST_EXTRA_ARGS; do  # a --resume PATH there would restart every requeue and relaunch from PATH
+        if { [ "$prev" = --resume ] && [ "$word" != auto ]; } || { [[ $word == --resume=* ]] && [ "$word" != --resume=auto ]; }; then
+            echo "resist: error: RESIST_EXTRA_ARGS holds --resume ${word#--resume=}: the job resumes with --resume auto" \
+                 "itself, so that a requeue continues from the run's newest checkpoint, where a PATH would take it" \
+                 "back to PATH every time; to start from another run's checkpoint, copy its folder into $out/checkpoints/" >&2
+            return 2
+        fi
+        prev=$word
+    done
     mapfile -t common < <(resist_train_args)
     _resist_catch_stop
     while :; do

@@ -227,3 +227,17 @@ def test_a_crash_after_a_checkpoint_or_one_that_repeats_ends_the_job(tmp_path):
     assert rc == 139 and len(launches) == 4, (out, launches)
     assert out.rstrip().endswith("resist: the run failed (exit 139) and the restarts are used up "
                                  "(3 of RESIST_MAX_RESTARTS=3)"), out
+
+
+def test_a_resume_path_in_the_extra_args_is_refused_before_any_launch(tmp_path):
+    """RESIST_EXTRA_ARGS="--resume PATH" came after the job's own --resume auto and won: every
+    requeue and relaunch restarted from PATH (what the run did since was set aside, and trained
+    again). One line, exit 2, nothing launched; --resume auto there is what the job does anyway."""
+    for extra in ("--resume /runs/a/checkpoints/ckpt-000003", "--width 8 --resume=/runs/a/checkpoints/ckpt-000003"):
+        job = _fresh(tmp_path, str(len(extra)))
+        rc, out, launches = _pbs(job, "0", RESIST_EXTRA_ARGS=extra, RESIST_OUT=str(job / "out"))
+        assert (rc, launches) == (2, []), out
+        assert "resist: error: RESIST_EXTRA_ARGS holds --resume /runs/a/checkpoints/ckpt-000003: the job resumes" in out
+        assert out.rstrip().endswith(f"copy its folder into {job}/out/checkpoints/"), out
+    rc, out, launches = _pbs(_fresh(tmp_path, "auto"), "0", RESIST_EXTRA_ARGS="--resume auto")
+    assert (rc, len(launches)) == (0, 1), out
