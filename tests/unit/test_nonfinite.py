@@ -363,3 +363,38 @@ def test_a_block_made_non_finite_by_a_rounds_last_step_stops_every_rank_at_its_e
     torch.set_num_threads(1)
     said = run_ranks(size, lambda c: body(c, models[c.rank]))
     assert all(s is not None and s.endswith("is not finite") for s in said), said
+
+
+@pytest.mark.parametrize("strategy", ["local_sgd", "resist"])
+def test_a_nan_in_one_groups_gradient_average_stops_every_rank_in_the_rounds_loop_too(strategy):
+    """The explicit loop (`for r in job.rounds(n)`): the group whose gradient average raised left the
+    loop, closing the generator, which ended the round with a finite model: the other groups' average
+    passed and they trained on alone. Now every rank raises, and the reload trains as a clean run."""
+    def body(c, model, poisoned):
+        opt = torch.optim.SGD(model.parameters(), lr=L.LR)
+        job = L._strategy(strategy, model, c, optimizer=opt, group_size=2)
+        good, raised = job.state_dict(), None
+        if poisoned:
+            try:
+                for r in job.rounds(2):
+                    for k in range(L.STEPS):
+                        opt.zero_grad()
+                        x, y = L.batch(c.rank, r * L.STEPS + k)
+                        loss = F.cross_entropy(model(x), y) * (math.nan if (r, k, c.rank) == (1, 1, 0) else 1.0)
+                        loss.backward()
+                        opt.step()
+            except rm.NonFiniteError as e:
+                raised = str(e)
+            job.load_state_dict(good)
+        for r in job.rounds(2):
+            for k in range(L.STEPS):
+                L.step(model, opt, c, r * L.STEPS + k)
+        return raised, L.full_state(job)
+    runs = {}
+    for poisoned in (False, True):
+        models = [L.make_model() for _ in range(4)]
+        torch.set_num_threads(1)
+        runs[poisoned] = run_ranks(4, lambda c: body(c, models[c.rank], poisoned), timeout=60)
+    for rank, ((raised, state), (_, clean)) in enumerate(zip(runs[True], runs[False])):
+        assert raised is not None and raised.endswith("is not finite"), (rank, raised)
+        assert L.states_equal(state, clean)
