@@ -498,7 +498,8 @@ class Strategy:
         self._check_boundary("state_dict()")
         with self.full_model() as full:
             model = {k: v.detach().cpu().clone() for k, v in full.state_dict().items()}
-        state = {"strategy": self.name, "round": self.round, "model": model, "world_size": self.comm.size}
+        state = {"strategy": self.name, "round": self.round, "model": model, "world_size": self.comm.size,
+                 "group_size": self._group_size()}
         if self.optimizer is not None:
             # whatever the state policy: a chainable scheduler (StepLR, MultiStepLR) goes on from the
             # lr the groups hold, which loading its own state does not set
@@ -534,15 +535,24 @@ class Strategy:
             state["averagers"] = own
         return state or None
 
+    def _group_size(self) -> int:
+        groups = getattr(self, "groups", None)
+        return groups.size if groups is not None else 1
+
     def load_state_dict(self, state: Dict, rank_state: Optional[Dict] = None) -> None:
         """Continue from a state_dict() (every rank the same state). rank_state: this rank's own
-        part, when not in state["rank_states"] (it is used only on the world size it was written on)."""
+        part, when not in state["rank_states"]; it is used only on the world and group sizes it was
+        written on (another layout pairs a rank with other peers: the keep policies' optimizer
+        state and a compressed wire's error feedback would belong to another average)."""
         if self._open:
             raise UsageError("load_state_dict() in the middle of a round: load before the first round")
         self._load_model(state["model"])
         self.round = int(state.get("round", 0))
-        same_world = int(state.get("world_size", self.comm.size)) == self.comm.size
-        if rank_state is None and same_world and state.get("rank_states"):
+        same_layout = (int(state.get("world_size", self.comm.size)) == self.comm.size
+                       and int(state.get("group_size", self._group_size())) == self._group_size())
+        if not same_layout:
+            rank_state = None
+        elif rank_state is None and state.get("rank_states"):
             rank_state = state["rank_states"][self.comm.rank]
         self._resumed_optimizer = state.get("optimizer") or (rank_state or {}).get("optimizer")
         if self.optimizer is not None and state.get("param_groups") is not None:  # (older states have none)

@@ -168,6 +168,7 @@ class Warmup(Strategy):
             self._switch_if_due(written)
             if written != self.current.name:  # the first strategy's, at the end of its last round
                 state, rank_state = _as_switched(state), _as_switched(rank_state)
+                state["group_size"] = self.current._group_size()  # the switch hands a rank's own state on
         self.current.load_state_dict(state, rank_state)
 
     def _check_loadable(self, what: str, round_index: int, written: Optional[str]) -> None:

@@ -407,3 +407,36 @@ def test_a_parameter_unfrozen_after_the_strategy_was_built_is_averaged_like_the_
     torch.set_num_threads(1)
     a, b = run_ranks(2, lambda c: body(c, models[c.rank]))
     assert torch.equal(a, b) and not torch.equal(a, next(L.make_model().parameters()))  # trained, alike
+
+
+@pytest.mark.parametrize("strategy", ["local_sgd", "resist"])
+def test_a_ranks_own_state_loads_only_on_the_group_size_it_was_saved_with(strategy):
+    """A state saved in groups of 2 and loaded with another group size on the same world size:
+    each rank's own part (the keep policy's optimizer state, the int8 wire's error feedback) was
+    taken anyway, though it belongs to other peers' averages. It now starts afresh there, as from
+    a state without rank_states; with the group size it was saved with it is still taken."""
+    kw = dict(wire_dtype="int8", optimizer_state="keep", local_steps=L.STEPS)
+
+    def train(c, model, saved, group_size):
+        opt = torch.optim.SGD(model.parameters(), lr=L.LR, momentum=0.9)
+        job = L._strategy(strategy, model, c, optimizer=opt, group_size=group_size, **kw)
+        if saved is not None:
+            job.load_state_dict(saved)
+        with job:
+            for k in range(L.STEPS):
+                L.step(model, opt, c, k)
+        state = job.state_dict()
+        job.close()
+        return state
+
+    def body(c):
+        saved = train(c, L.make_model(), None, 2)
+        bare = {k: v for k, v in saved.items() if k != "rank_states"}
+        return {g: (train(c, L.make_model(), saved, g)["model"], train(c, L.make_model(), bare, g)["model"])
+                for g in (1, 2)}
+    torch.set_num_threads(1)
+    for per_rank in run_ranks(4, body):
+        other, bare_other = per_rank[1]
+        assert L.states_equal(other, bare_other)  # another group size: afresh
+        same, bare_same = per_rank[2]
+        assert not L.states_equal(same, bare_same)  # the same layout: the rank's own state counts
