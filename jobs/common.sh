@@ -209,7 +209,7 @@ resist_finish() {
 # Open MPI 4.1.4 under srun --mpi=pmix) runs again on the same nodes, within the same limit.
 resist_train() {
     local out=$1; shift
-    local common rc restarts=0 hosts alive lost before word prev=""
+    local common rc restarts=0 hosts alive lost before word prev="" unfinished
     # shellcheck disable=SC2086  # RESIST_EXTRA_ARGS is a list of flags
     for word in $RESIST_EXTRA_ARGS; do  # a --resume PATH there would restart every requeue and relaunch from PATH
         if { [ "$prev" = --resume ] && [ "$word" != auto ]; } || { [[ $word == --resume=* ]] && [ "$word" != --resume=auto ]; }; then
@@ -228,6 +228,14 @@ resist_train() {
         before=$(_resist_newest_checkpoint "$out")
         # shellcheck disable=SC2086  # RESIST_EXTRA_ARGS is a list of flags
         resist_launch -m resist_mpi.train "${common[@]}" --out "$out" "$@" $RESIST_EXTRA_ARGS || rc=$?
+        unfinished=0
+        if [ "$rc" -eq 0 ] && [ "${RESIST_DRY_RUN:-0}" != 1 ] && ! _resist_finished "$out"; then
+            # srun has exited 0 for a step whose tasks failed to launch ("task 0 launch failed", seen
+            # right after a requeue while slurmd still ended the old run): not a finished run
+            echo "resist: the launch exited 0 but $out/metrics.jsonl does not end with the run's" \
+                 "\"done\" record: the run did not train to its end" >&2
+            rc=1 unfinished=1
+        fi
         case $rc in  # done, bad input, diverged, stopped to be requeued: nothing a relaunch would fix
             0|2|4|"$RESIST_REQUEUE_EXIT") return "$rc" ;;
         esac
@@ -243,6 +251,12 @@ resist_train() {
                 echo "resist: a rank was killed by signal $((rc - 128)) before the launch wrote a checkpoint" \
                      "(exit $rc) and every node still answers: launching again on the same nodes, restart" \
                      "$restarts of $RESIST_MAX_RESTARTS" >&2
+                continue
+            fi
+            if [ "$unfinished" = 1 ]; then
+                restarts=$((restarts + 1))
+                echo "resist: every node still answers: launching again on the same nodes (from the newest" \
+                     "checkpoint), restart $restarts of $RESIST_MAX_RESTARTS" >&2
                 continue
             fi
             echo "resist: the run failed (exit $rc) and every node still answers: not a lost node, no relaunch" >&2
@@ -262,6 +276,12 @@ resist_train() {
     done
 }
 
+# Whether run directory $1 holds a finished run: its metrics.jsonl ends with the "done" record
+# (resist_mpi.cli.metrics.finished).
+_resist_finished() {
+    [ -r "$1/metrics.jsonl" ] && [[ $(grep -v '^[[:space:]]*$' "$1/metrics.jsonl" | tail -n 1) == '{"event": "done"'* ]]
+}
+
 # The newest complete checkpoint of run directory $1 (its manifest is written last), or nothing.
 _resist_newest_checkpoint() {
     local m newest=""
@@ -279,7 +299,13 @@ _resist_newest_checkpoint() {
 # without waiting for SLURM's SlurmdTimeout (300 s by default) to mark it.
 _resist_probe() {
     if [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
-        timeout "$RESIST_NODE_WAIT" srun --overlap --nodes=1 --ntasks=1 --nodelist="$1" --quiet true >/dev/null 2>&1
+        local end=$((SECONDS + RESIST_NODE_WAIT)) left=$RESIST_NODE_WAIT
+        # a step refused at once (slurmd still ending the job's last one) is asked again until then
+        until timeout "$left" srun --overlap --nodes=1 --ntasks=1 --nodelist="$1" --quiet true >/dev/null 2>&1; do
+            if [ $((end - SECONDS)) -lt 2 ]; then return 1; fi
+            sleep 1
+            left=$((end - SECONDS > 0 ? end - SECONDS : 1))
+        done
     else
         ping -c 1 -W 2 "$1" >/dev/null 2>&1
     fi

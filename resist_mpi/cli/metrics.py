@@ -145,6 +145,32 @@ class RunLog:
             self._tb.close()
 
 
+def finished(out: str) -> bool:
+    """Whether run directory out holds a finished run: its metrics.jsonl ends with the `done` record
+    (the job scripts read it the same way: a launcher's exit 0 alone does not say the run trained)."""
+    try:
+        with open(os.path.join(out, "metrics.jsonl"), "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return False
+    last = next((line for line in reversed(lines) if line.strip()), b"")
+    return last.startswith(b'{"event": "done"')
+
+
+def mark_done(out: str, **fields: Any) -> None:
+    """Rank 0 of a run with nothing left to train: the `done` record, unless the record ends with it
+    already (a run killed between its last checkpoint and its record gets it here)."""
+    if finished(out):
+        return
+    with open(os.path.join(out, "metrics.jsonl"), "ab+") as fh:
+        fh.seek(0)
+        data = fh.read()
+        fh.truncate(data.rfind(b"\n") + 1)  # a last line cut short (no newline: never read) goes
+        fh.seek(0, os.SEEK_END)
+        rec = finite_json({"event": "done", **fields, "time": round(time.time(), 3)})
+        fh.write((json.dumps(rec, allow_nan=False) + "\n").encode())
+
+
 def _before(rec: Dict, resume_round: int, resume_epoch: Optional[float],
             resumed_as: Optional[Tuple[float, int]] = None) -> bool:
     """Whether a record of the run being resumed stays: it came before the checkpoint's epoch

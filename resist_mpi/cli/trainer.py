@@ -36,7 +36,7 @@ from ..plan.groups import resolve_group_size
 from ..strategies import DataParallel, LocalSGD, ResIST, Strategy, Warmup
 from . import checkpoint as ckpt
 from .config import Config
-from .metrics import RunLog
+from .metrics import RunLog, mark_done
 from .preempt import REQUEUE_EXIT, StopRequest
 from .watchdog import LOST_PEER_EXIT, Watchdog
 
@@ -412,6 +412,7 @@ class Trainer:
             stop_request.close()
             self.watchdog.close()
             if c.rank == 0:
+                mark_done(cfg.out, round=num_rounds - 1, epoch=total_steps / spe)  # (one killed before its record)
                 print(f"resist_mpi: {self.resume_state['path']} ends the run's {cfg.epochs} epochs: nothing to "
                       f"train (a larger --epochs trains on; --overwrite starts afresh)", flush=True)
             return {}
@@ -484,6 +485,8 @@ class Trainer:
             self.finish_background_eval(log)
         if self.take_landed_eval(log):
             self.finish_background_eval(log)
+        if not self.exit_code:  # every round trained (not stopped, not diverged): the run is finished
+            log.record("done", round=num_rounds - 1, epoch=total_steps / spe)
         log.close()
         stop_request.close()
         self.watchdog.close()

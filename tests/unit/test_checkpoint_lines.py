@@ -12,6 +12,7 @@ import torch
 
 from resist_mpi import comm
 from resist_mpi.cli import checkpoint as ckpt
+from resist_mpi.cli import metrics
 from resist_mpi.cli.config import Config, validate
 from resist_mpi.cli.trainer import Trainer
 from resist_mpi.comm.thread import run_ranks
@@ -368,6 +369,19 @@ def test_resume_auto_of_a_finished_run_says_so_and_leaves_its_records(tmp_path, 
     assert said.strip().splitlines()[-1] == (f"resist_mpi: {newest} ends the run's 1 epochs: nothing to train (a larger "
                                              "--epochs trains on; --overwrite starts afresh)")
     assert (out / "metrics.jsonl").read_text() == records
+    # the finished run's last record says so (what the job scripts read after a launcher's exit 0)
+    lines = records.splitlines()
+    done = json.loads(lines[-1])
+    rounds = [json.loads(line) for line in lines if '"event": "round"' in line]
+    assert (done["event"], done["round"], done["epoch"]) == ("done", rounds[-1]["round"], 1.0), done
+    assert [json.loads(line)["event"] for line in lines[-3:-1]] == ["eval", "checkpoint"] and metrics.finished(str(out))
+    # a run killed after its last checkpoint, before that record (here with a record cut short):
+    # the requeue with nothing to train adds it, after the records that were whole
+    (out / "metrics.jsonl").write_text("\n".join(lines[:-1]) + '\n{"event": "eva')
+    assert not metrics.finished(str(out))
+    _run(out, capsys, epochs=1, resume="auto")
+    again = (out / "metrics.jsonl").read_text().splitlines()
+    assert again[:-1] == lines[:-1] and json.loads(again[-1])["event"] == "done" and metrics.finished(str(out))
 
 
 def test_a_resume_on_more_ranks_numbers_the_checkpoints_by_the_new_worlds_rounds(tmp_path, capsys):

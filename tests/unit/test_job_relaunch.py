@@ -12,7 +12,9 @@ from helpers import ROOT
 
 # Each call appends its arguments to $STUB_LOG; the exit codes of the launches come from $EXITS
 # (one per launch, the last repeated); the launches numbered in $PROGRESS write a checkpoint of the
-# run first; `ping -c 1 -W 2 HOST` fails for the hosts in $DEAD.
+# run first; a launch that exits 0 ends the run's metrics.jsonl with its "done" record, except
+# those numbered in $UNLAUNCHED (srun's exit 0 for a step it failed to start); `ping -c 1 -W 2 HOST`
+# fails for the hosts in $DEAD.
 LAUNCH = """echo "launch $*" >> "$STUB_LOG"
 n=$(grep -c '^launch ' "$STUB_LOG")
 for k in $PROGRESS; do
@@ -22,6 +24,9 @@ for k in $PROGRESS; do
 done
 read -ra codes <<<"$EXITS"
 i=$(( n <= ${#codes[@]} ? n - 1 : ${#codes[@]} - 1 ))
+if [ "${codes[$i]}" = 0 ] && [[ " $UNLAUNCHED " != *" $n "* ]]; then
+    mkdir -p "$RESIST_OUT"; echo '{"event": "done", "round": 9, "epoch": 3.0}' >> "$RESIST_OUT/metrics.jsonl"
+fi
 exit "${codes[$i]}"
 """
 MPIRUN = """#!/bin/bash
@@ -35,7 +40,7 @@ exit 0
 """
 # SLURM: scontrol expands the node list, sinfo says "idle*" (not responding) for the hosts in
 # $MARKED (default: the dead ones); srun's probe of one node (a step running `true`) fails on the
-# hosts in $DEAD and outlasts any timeout on those in $HANG.
+# hosts in $DEAD, outlasts any timeout on those in $HANG, and is refused the first $REFUSED times.
 SCONTROL = """#!/bin/bash
 [ "$1 $2" = "show hostnames" ] && tr , '\\n' <<<"$3"
 """
@@ -49,6 +54,7 @@ if [ "$1" = --mpi=list ]; then echo "MPI plugin types are... pmix"; exit 0; fi
 if [ "${@: -1}" = true ]; then
     for a in "$@"; do case $a in --nodelist=*) host=${a#--nodelist=} ;; esac; done
     echo "probe $* " >> "$STUB_LOG"
+    [ "$(grep -c -- "--nodelist=$host --quiet true" "$STUB_LOG")" -le "${REFUSED:-0}" ] && exit 1
     for d in $HANG; do [ "$d" = "$host" ] && exec sleep 60; done
     for d in $DEAD; do [ "$d" = "$host" ] && exit 1; done
     exit 0
@@ -75,7 +81,7 @@ def _run(tmp_path, script, bin_dir, exits, dead="", **env):
     log = tmp_path / "stub.log"
     log.touch()
     base = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "STUB_LOG": str(log),
-            "EXITS": exits, "DEAD": dead, "PROGRESS": "", "RESIST_NODE_WAIT": "0", "RESIST_DATASET": "digits",
+            "EXITS": exits, "DEAD": dead, "PROGRESS": "", "UNLAUNCHED": "", "RESIST_NODE_WAIT": "0", "RESIST_DATASET": "digits",
             "RESIST_PYTHON": "python3", "RESIST_OUT": str(tmp_path / "out")}
     proc = subprocess.run(["bash", script], cwd=ROOT, env={**base, **env}, capture_output=True, text=True,
                           timeout=60)
@@ -241,3 +247,29 @@ def test_a_resume_path_in_the_extra_args_is_refused_before_any_launch(tmp_path):
         assert out.rstrip().endswith(f"copy its folder into {job}/out/checkpoints/"), out
     rc, out, launches = _pbs(_fresh(tmp_path, "auto"), "0", RESIST_EXTRA_ARGS="--resume auto")
     assert (rc, len(launches)) == (0, 1), out
+
+
+def test_a_launch_that_exits_0_without_finishing_the_run_is_not_taken_for_done(tmp_path):
+    """A CI run's requeued job: srun printed "task 0 launch failed" (slurmd still ended the old
+    run) and exited 0, and the job ended COMPLETED 0:0 without training. Exit 0 now counts only
+    with the run's "done" record at the end of its metrics.jsonl; without it the script launches
+    again on the same nodes once they answer. Its probes are refused at first, as that step was:
+    a node has RESIST_NODE_WAIT seconds to answer, not one try."""
+    rc, out, launches = _slurm(_fresh(tmp_path, "refused"), "0", UNLAUNCHED="1", REFUSED="1", RESIST_NODE_WAIT="5")
+    assert rc == 0 and len(launches) == 2 and launches[1] == launches[0], (out, launches)
+    assert "resist: the launch exited 0 but " in out and 'does not end with the run\'s "done" record' in out, out
+    assert "every node still answers: launching again on the same nodes (from the newest checkpoint), " \
+        "restart 1 of 3" in out, out
+    log = (tmp_path / "refused" / "stub.log").read_text()
+    assert log.count("--nodelist=node0 --quiet true") == 2, log  # refused once, asked again
+    # a launcher that never starts the run: the restarts run out and the job fails, never exit 0
+    rc, out, launches = _slurm(_fresh(tmp_path, "never"), "0", UNLAUNCHED="1 2 3 4")
+    assert rc == 1 and len(launches) == 4, (out, launches)
+    assert out.rstrip().endswith("resist: the run failed (exit 1) and the restarts are used up "
+                                 "(3 of RESIST_MAX_RESTARTS=3)"), out
+    # PBS (mpirun) too; a record that merely mentions done is not the end of a run
+    job = _fresh(tmp_path, "pbs")
+    (job / "out").mkdir()
+    (job / "out" / "metrics.jsonl").write_text('{"event": "round", "round": 0, "note": "done"}\n')
+    rc, out, launches = _pbs(job, "0", UNLAUNCHED="1", RESIST_OUT=str(job / "out"))
+    assert rc == 0 and len(launches) == 2, (out, launches)
