@@ -198,6 +198,15 @@ def _seeds_at_97(by_strategy: Dict, label: str) -> Tuple[int, int]:
     return t.get("reached", 0), t.get("of", 0)
 
 
+def _ratio(rel: float, ratio: float) -> str:
+    """rel with 2 decimals, or as many more as it takes to show it on the verdict's side of ratio
+    (0.5004 against 0.5: "0.5004x", not a "0.50x" beside "NOT met")."""
+    for digits in range(2, 7):
+        if (float(f"{rel:.{digits}f}") <= ratio) == (rel <= ratio):
+            break
+    return f"{rel:.{digits}f}x"
+
+
 def _judged(by: Dict, label: str, other: str, rel: float, ratio: float) -> str:
     """"met" or "NOT met", with each side's seeds; judged only where every seed of both reached 97%
     (a mean over the seeds that did would favour the side that rarely gets there)."""
@@ -233,7 +242,7 @@ def verdicts(summary: Dict, mapping: Dict, targets: List[float], baseline: str =
         for label, ratio in goals.items():
             rel = by.get(label, {}).get("relative_time_to_target", {}).get("0.97")
             verdict = ("no run reached 97%" if rel is None
-                       else f"{rel:.2f}x {baseline}'s ({_judged(by, label, baseline, rel, ratio)})")
+                       else f"{_ratio(rel, ratio)} {baseline}'s ({_judged(by, label, baseline, rel, ratio)})")
             lines.append(f"{where}: {label}'s time to 97% <= {ratio:g}x {baseline}'s: {verdict}")
         # the best baseline: the fastest of those that reached 97% on every seed
         reached = {b: t for b in best_of if (t := _time_to_97(by, b)) is not None
@@ -245,12 +254,12 @@ def verdicts(summary: Dict, mapping: Dict, targets: List[float], baseline: str =
                 verdict = ("no baseline reached 97% on every seed" if best is None
                            else f"no run of {label} reached 97%")
             else:
-                verdict = f"{rel:.2f}x {best}'s ({_judged(by, label, best, rel, ratio)})"
+                verdict = f"{_ratio(rel, ratio)} {best}'s ({_judged(by, label, best, rel, ratio)})"
             lines.append(f"{where}: {label}'s time to 97% <= {ratio:g}x the best of {', '.join(best_of)}: {verdict}")
         for label, ratio in (round_goals or {}).items():
             rel = by.get(label, {}).get("round_over_compute")
             verdict = ("no round" if rel is None
-                       else f"{rel:.2f}x ({'met' if rel <= ratio else 'NOT met'})")
+                       else f"{_ratio(rel, ratio)} ({'met' if rel <= ratio else 'NOT met'})")
             lines.append(f"{where}: {label}'s round <= {ratio:g}x its compute: {verdict}")
     return lines
 

@@ -267,3 +267,19 @@ def test_crashed_seeds_count_as_not_reaching_and_verdicts_need_every_seed():
                              "(not judged: 97% on 1/3 seeds, local_sgd 3/3)",
                      where + "resist's time to 97% <= 0.8x the best of local_sgd, diloco: 0.38x local_sgd's "
                              "(not judged: 97% on 1/3 seeds, local_sgd 3/3)"]
+
+
+def test_a_ratio_just_over_its_goal_is_printed_on_its_side_of_it():
+    """A verdict judged 0.5004 against 0.5 "NOT met" and printed "0.50x" beside it; the printed
+    ratio now shows as many decimals as the verdict needs, two where they agree with it."""
+    runs = {"local_sgd": {s: _run(0.98, 40.0) for s in range(3)},
+            "resist": {s: _run(0.98, 20.016) for s in range(3)}}
+    summary = {"20mbit": report.aggregate_rate(runs, [0.97])}
+    summary["20mbit"]["local_sgd"]["comm_fraction"] = 0.6
+    summary["20mbit"]["resist"]["round_over_compute"] = 1.2
+    lines = cluster_bench.verdicts(summary, {}, [0.97], goals={"resist": 0.5}, round_goals={"resist": 1.2})
+    where = "target at 20mbit (local_sgd 60% communicating): "
+    assert lines == [where + "resist's time to 97% <= 0.5x local_sgd's: 0.5004x local_sgd's (NOT met)",
+                     where + "resist's round <= 1.2x its compute: 1.20x (met)"]
+    assert [cluster_bench._ratio(r, g) for r, g in [(0.4996, 0.5), (0.5049, 0.5), (1.23, 1.2)]] == \
+        ["0.50x", "0.505x", "1.23x"]  # (0.50 is met, as 0.4996 is)
