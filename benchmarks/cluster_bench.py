@@ -97,12 +97,20 @@ def probe_args(args, rate: str) -> SimpleNamespace:
     return job_args(args, os.path.join(args.out, "probes", rate), extra)
 
 
-def read_probes(out: str, seed: int, baseline: str = report.BASELINE) -> List[Dict]:
-    """Every probe in out/probes/<rate>/<baseline>-<seed>, slowest rate first."""
+def read_probes(out: str, seed: int, baseline: str = report.BASELINE, args=None) -> List[Dict]:
+    """Every probe in out/probes/<rate>/<baseline>-<seed>, slowest rate first; with args, those
+    that ran the command these args give (a probe of other settings, an earlier bench into the same
+    OUT, would join the fit otherwise)."""
     root = os.path.join(out, "probes")
     found = []
     for rate in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        p = report.probe_summary(os.path.join(root, rate, f"{baseline}-{seed}"), rate)
+        path = os.path.join(root, rate, f"{baseline}-{seed}")
+        launch = _launch(path)
+        if args is not None and launch is not None and launch.get("cmd") != compare.planned(probe_args(args, rate),
+                                                                                          baseline, seed)[1]:
+            print(f"cluster_bench: probe {rate} left out of the fit: it ran other settings ({path})", flush=True)
+            continue
+        p = report.probe_summary(path, rate)
         if p is not None:
             found.append(p)
     return sorted(found, key=lambda p: p["rate_bits"] or float("inf"))
@@ -114,11 +122,12 @@ def find_half_rate(cl: Optional[Cluster], args, seed: int) -> Dict:
     if cl is not None:
         for rate in args.probe_rates:
             _probe(cl, args, rate, seed)
-        first = report.fit_half_rate(read_probes(args.out, seed, args.baseline))
+        first = report.fit_half_rate(read_probes(args.out, seed, args.baseline, args))
         if first["label"] and args.probe_confirm:
             _probe(cl, args, first["label"], seed)
-    fit = report.fit_half_rate(read_probes(args.out, seed, args.baseline))
-    fit["probes"] = read_probes(args.out, seed, args.baseline)
+    probes = read_probes(args.out, seed, args.baseline, args)
+    fit = report.fit_half_rate(probes)
+    fit["probes"] = probes
     for p in fit["probes"]:
         print(f"cluster_bench: probe {p['rate']:>9}: {args.baseline} t_comm {p['t_comm_s']:.2f} s, t_compute "
               f"{p['t_compute_s']:.2f} s, comm fraction {p['comm_fraction']:.2f} ({p['rounds']} rounds)", flush=True)
@@ -128,7 +137,7 @@ def find_half_rate(cl: Optional[Cluster], args, seed: int) -> Dict:
 
 def _probe(cl: Cluster, args, rate: str, seed: int) -> None:
     jargs = probe_args(args, rate)
-    if args.skip_existing and compare.finished(os.path.join(jargs.out, f"{args.baseline}-{seed}")):
+    if args.skip_existing and compare.finished(*compare.planned(jargs, args.baseline, seed)):
         return
     cl.set_rate(rate)
     run_job(cl, jargs, args.baseline, seed)
@@ -143,7 +152,7 @@ def run_sweep(cl: Cluster, args, rates: List[str]) -> None:
         jargs = job_args(args, os.path.join(args.out, rate), args.extra_args)
         for seed in args.seeds:
             for strategy in args.strategies:
-                if args.skip_existing and compare.finished(os.path.join(jargs.out, f"{strategy}-{seed}")):
+                if args.skip_existing and compare.finished(*compare.planned(jargs, strategy, seed)):
                     continue
                 run_job(cl, jargs, strategy, seed)
 

@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
@@ -89,6 +89,13 @@ def train_command(args, strategy: str, seed: int, out: str) -> List[str]:
     return cmd + shlex.split(args.extra_args) + flags
 
 
+def planned(args, strategy: str, seed: int) -> Tuple[str, List[str]]:
+    """(run directory, command) of a run: OUT/strategy-seed, absolute (the job runs from the repo
+    root, the bench's own files are written from where it started)."""
+    out = os.path.abspath(os.path.join(args.out, f"{strategy}-{seed}"))
+    return out, train_command(args, strategy, seed, out)
+
+
 def run_one(args, strategy: str, seed: int, prefix: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
             tag: str = "compare") -> Dict:
     """Train one run into OUT/strategy-seed, its output in train.log; writes and returns launch.json's dict.
@@ -98,9 +105,7 @@ def run_one(args, strategy: str, seed: int, prefix: Sequence[str] = (), env: Opt
         env: the launcher's environment (default mpi_env()).
         tag: what the progress lines start with.
     """
-    # absolute: the job runs from the repo root, the bench's own files are written from where it started
-    out = os.path.abspath(os.path.join(args.out, f"{strategy}-{seed}"))
-    cmd = train_command(args, strategy, seed, out)
+    out, cmd = planned(args, strategy, seed)
     os.makedirs(out, exist_ok=True)
     print(f"{tag}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.perf_counter()
@@ -138,10 +143,21 @@ def run_logged(cmd: List[str], log, env: Dict[str, str], timeout: float) -> Opti
         return None
 
 
-def finished(run_dir: str) -> bool:
-    """Whether run_dir holds a run whose launch.json says it exited 0 (for --skip-existing)."""
+def finished(run_dir: str, cmd: Optional[Sequence[str]] = None) -> bool:
+    """Whether run_dir holds a run whose launch.json says it exited 0 (for --skip-existing); with
+    cmd, one that ran that command too: a run of other settings in the folder (another --extra-args,
+    --epochs, config, np) is not the one asked for, and runs again."""
     launch = os.path.join(run_dir, "launch.json")
-    return os.path.exists(launch) and json.load(open(launch))["returncode"] == 0
+    if not os.path.exists(launch):
+        return False
+    with open(launch) as fh:
+        rec = json.load(fh)
+    if rec["returncode"] != 0:
+        return False
+    if cmd is not None and rec.get("cmd") != list(cmd):
+        print(f"{os.path.basename(run_dir)}: the run in {run_dir} had other settings: running it again", flush=True)
+        return False
+    return True
 
 
 def time_taken_from_training(e: Dict) -> float:
@@ -285,7 +301,8 @@ def plot(runs: Dict[str, Dict[int, Dict]], path: str, title: str) -> None:
 def add_run_arguments(p: argparse.ArgumentParser, name: str) -> None:
     """--timeout, --skip-existing, --report-only, --json, --plot: shared with cluster_bench.py."""
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run (default: %(default)s)")
-    p.add_argument("--skip-existing", action="store_true", help="do not rerun runs whose launch.json says exit 0")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="do not rerun runs whose launch.json says they ran the same command and exited 0")
     p.add_argument("--report-only", action="store_true", help="only read the runs already in --out")
     p.add_argument("--json", help=f"results file (default: OUT/{name}.json)")
     p.add_argument("--plot", help=f"figure (default: OUT/{name}.png)")
@@ -318,7 +335,7 @@ def main(argv=None) -> int:
     if not args.report_only:
         for seed in seeds:
             for strategy in strategies:
-                if args.skip_existing and finished(os.path.join(args.out, f"{strategy}-{seed}")):
+                if args.skip_existing and finished(*planned(args, strategy, seed)):
                     continue
                 run_one(args, strategy, seed)
 

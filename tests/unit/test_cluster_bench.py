@@ -283,3 +283,27 @@ def test_a_ratio_just_over_its_goal_is_printed_on_its_side_of_it():
                      where + "resist's round <= 1.2x its compute: 1.20x (met)"]
     assert [cluster_bench._ratio(r, g) for r, g in [(0.4996, 0.5), (0.5049, 0.5), (1.23, 1.2)]] == \
         ["0.50x", "0.505x", "1.23x"]  # (0.50 is met, as 0.4996 is)
+
+
+def test_skip_existing_and_the_fit_take_only_runs_of_the_settings_asked_for(tmp_path, capsys):
+    """--skip-existing took any run in OUT that had exited 0, and the fit of `auto` every probe in
+    OUT/probes: a bench run again into the same OUT with other settings (--extra-args, a config)
+    reported the earlier runs as its own, and fitted its rate through their probes."""
+    args = cluster_bench.parse_args(["--out", str(tmp_path), "--extra-args", "--width 16"])
+    jargs = cluster_bench.probe_args(args, "25mbit")
+    out, cmd = compare.planned(jargs, "local_sgd", 0)
+    for rate, t_comm, extra in [("25mbit", 1.0, "--width 16"), ("10mbit", 2.5, "--width 16"), ("5mbit", 9.0, "--width 8")]:
+        path = tmp_path / "probes" / rate / "local_sgd-0"
+        _fake_run(path, [t_comm] * 5, [1.0] * 5, [(60, 0.9)])
+        then = cluster_bench.parse_args(["--out", str(tmp_path), "--extra-args", extra])
+        with open(path / "launch.json", "w") as fh:
+            json.dump({"cmd": compare.planned(cluster_bench.probe_args(then, rate), "local_sgd", 0)[1],
+                       "returncode": 0}, fh)
+    assert compare.finished(out, cmd) and compare.finished(out)
+    other = cluster_bench.parse_args(["--out", str(tmp_path), "--extra-args", "--width 8"])
+    assert not compare.finished(*compare.planned(cluster_bench.probe_args(other, "25mbit"), "local_sgd", 0))
+    assert "had other settings: running it again" in capsys.readouterr().out
+    probes = cluster_bench.read_probes(str(tmp_path), 0, "local_sgd", args)
+    assert [p["rate"] for p in probes] == ["10mbit", "25mbit"]
+    assert "probe 5mbit left out of the fit: it ran other settings" in capsys.readouterr().out
+    assert [p["rate"] for p in cluster_bench.read_probes(str(tmp_path), 0, "local_sgd")] == ["5mbit", "10mbit", "25mbit"]
