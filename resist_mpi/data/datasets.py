@@ -7,6 +7,7 @@ Every dataset answers ``get_batch(indices, generator)``: one vectorised call per
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -189,7 +190,7 @@ class ImageFolderDataset(ImageDataset):
         super().__init__(torch.tensor(self.folder.targets), IMAGENET_MEAN, IMAGENET_STD, None)
         self.image_size, self.randomised = image_size, train and augment
         if self.randomised:
-            self.transform = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()])
+            self.transform = None  # _augmented: drawn from a generator of the sample's own
         else:
             self.transform = T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size),
                                         T.ToTensor()])
@@ -208,16 +209,41 @@ class ImageFolderDataset(ImageDataset):
     def get_batch(self, indices, generator=None):
         idx = torch.as_tensor(indices, dtype=torch.int64)
         xs = []
-        if generator is not None and self.randomised:
-            # torchvision transforms draw from the global RNG: fork it and seed it per sample.
+        if self.randomised:
+            # per sample, a generator of its own seeded from the batch's: never the global RNG,
+            # which torchvision's random transforms draw from and which a background evaluation's
+            # batches (another thread) would draw from at the same time
             seeds = torch.randint(0, 2**62, (len(idx),), generator=generator).tolist()
-            for i, s in zip(idx.tolist(), seeds):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(s)
-                    xs.append(self.transform(self._load(i)))
+            xs = [self._augmented(self._load(i), torch.Generator().manual_seed(s)) for i, s in zip(idx.tolist(), seeds)]
         else:
             xs = [self.transform(self._load(i)) for i in idx.tolist()]
         return (torch.stack(xs) - self._mean) / self._std, self.labels[idx]
+
+    def _augmented(self, image, g: torch.Generator) -> torch.Tensor:
+        """A random crop of 8-100% of the image's area, aspect ratio 3/4 to 4/3 (log-uniform), resized
+        to image_size, flipped with probability 1/2 (the usual ImageNet augmentation), from g alone;
+        after 10 draws that do not fit, the centre crop of the largest such box."""
+        from torchvision.transforms import functional as TF
+        width, height = image.size
+        area, box = width * height, None
+        for _ in range(10):
+            target = area * (0.08 + 0.92 * torch.rand((), generator=g).item())
+            aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand((), generator=g).item())
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (), generator=g))
+                left = int(torch.randint(0, width - w + 1, (), generator=g))
+                box = (top, left, h, w)
+                break
+        if box is None:
+            ratio = width / height  # the box's aspect ratio brought into [3/4, 4/3]
+            w, h = (round(height * 4 / 3), height) if ratio > 4 / 3 else \
+                ((width, round(width * 4 / 3)) if ratio < 3 / 4 else (width, height))
+            box = ((height - h) // 2, (width - w) // 2, h, w)
+        image = TF.resized_crop(image, *box, [self.image_size, self.image_size], antialias=True)
+        if torch.rand((), generator=g).item() < 0.5:
+            image = TF.hflip(image)
+        return TF.to_tensor(image)
 
 
 # ----------------------------------------------------------------------------- loaders per dataset
