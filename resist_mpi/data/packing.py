@@ -38,15 +38,18 @@ def pack(name: str, out: str, data_dir: Optional[str] = None, image_size: Option
         raise DataError(f"{out} exists; pass --force to overwrite it")
     if name == "imagefolder":
         image_size = image_size or 224
-    train, test, info = load_dataset(name, data_dir, download=download, seed=seed, augment=False,
+    # (augment=True: the dataset's own augmentation, which the file keeps: digits are never flipped,
+    # and a packed file packed again keeps its own; the images written are never augmented)
+    train, test, info = load_dataset(name, data_dir, download=download, seed=seed, augment=True,
                                      image_size=image_size)
-    pad, flip = {"digits": (2, False), "synthetic": (2, False)}.get(name, (info.image_size // 8, True))
+    aug = train.augment
+    pad, flip = (aug.pad, aug.flip) if aug is not None else (info.image_size // 8, True)
     tmp = out + ".tmp"
     try:
         with h5py.File(tmp, "w") as f:
             _write_split(f, "train", train, compress)
             _write_split(f, "test", test, compress)
-            f.attrs.update(name=info.name, num_classes=info.num_classes, image_size=info.image_size,
+            f.attrs.update(name=info.name.removeprefix("hdf5:"), num_classes=info.num_classes, image_size=info.image_size,
                            class_names=json.dumps(list(info.class_names)), mean=np.array(info.mean),
                            std=np.array(info.std), aug_pad=pad, aug_flip=flip)
         os.replace(tmp, out)

@@ -341,6 +341,14 @@ def test_pack_digits_roundtrip(tmp_path, digits, capsys):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(la, lb))
     lc = list(ShardLoader(train_h, 1, 4, 32, seed=3, workers=1).epoch(1, start_batch=3))   # own handle per worker
     assert len(lc) == len(la) and all(torch.equal(a[0], c[0]) for a, c in zip(la, lc))
+    # packed again (to compress it): the file kept its name and the digits' augmentation; it was
+    # "hdf5:hdf5:digits" with flips, which digits must never get
+    again = str(tmp_path / "digits-gz.h5")
+    assert P.main(["pack", out, again, "--dataset", "hdf5", "--compress"]) == 0
+    train_a, _, info_a = load_dataset("hdf5", again)
+    assert info_a.name == "hdf5:digits" and train_a.augment == train_h.augment == D.Augment(pad=2, flip=False)
+    xa, xh = train_a.get_batch(idx, D._generator(0, 1))[0], train_h.get_batch(idx, D._generator(0, 1))[0]
+    assert torch.equal(xa, xh)
 
 
 def test_pack_refuses_overwrite_and_cleans_up(tmp_path, capsys, monkeypatch):
