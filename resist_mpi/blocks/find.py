@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-from .kinds import BlockError, block_kind
+from .kinds import BlockError, block_kind, overridden_kind
 
 
 # -- finding blocks ------------------------------------------------------------------------------------------
@@ -80,5 +80,12 @@ def _auto_blocks(model: nn.Module, stages: Tuple[int, ...]) -> List[nn.Module]:
             # its nested-tensor fast path (eval with a padding mask) bypasses the layers' forward
             enc.use_nested_tensor = False
         return [layer for enc in encoders for layer in enc.layers]
+    for name, m in model.named_modules():
+        base = overridden_kind(m)
+        if base is not None:
+            raise BlockError(f"blocks='auto': {name} ({type(m).__name__}) derives from {base} but has a forward "
+                             f"of its own, whose scaled form the package does not know: register it with "
+                             f"resist_mpi.register_block({type(m).__name__}, scaled_forward), or pass "
+                             f"blocks=[modules or module names] (then each is taken as out = x + f(x))")
     raise BlockError(f"blocks='auto' found no residual stack in {type(model).__name__} (pre-activation or "
                      f"torchvision ResNet, nn.TransformerEncoder): pass blocks=[modules or module names]")

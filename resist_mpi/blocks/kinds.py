@@ -113,11 +113,23 @@ def _register_builtin() -> None:
 
 
 def block_kind(block: nn.Module) -> Optional[BlockKind]:
-    """The registered kind of block (by class, subclasses included), or None."""
+    """The registered kind of block (by class, subclasses included unless they override forward),
+    or None."""
+    cls = _registered_ancestor(block)
+    # a subclass with a forward of its own (a squeeze-excitation gate, dropout, stochastic depth)
+    # computes otherwise: the ancestor's scaled form would leave that out of the evaluated model
+    return _KINDS[cls] if cls is not None and type(block).forward is cls.forward else None
+
+
+def _registered_ancestor(block: nn.Module) -> Optional[type]:
     _register_builtin()
-    for cls in type(block).__mro__:
-        if cls in _KINDS:
-            return _KINDS[cls]
-    return None
+    return next((cls for cls in type(block).__mro__ if cls in _KINDS), None)
+
+
+def overridden_kind(block: nn.Module) -> Optional[str]:
+    """The name of the registered kind block's class derives from but whose forward it overrides
+    (so it is not of that kind: block_kind is None), or None."""
+    cls = _registered_ancestor(block)
+    return _KINDS[cls].name if cls is not None and type(block).forward is not cls.forward else None
 
 

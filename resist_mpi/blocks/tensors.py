@@ -82,7 +82,11 @@ def check_block_tensors(model: nn.Module, names: Sequence[str], blocks: Sequence
     integer or bool buffer but BN's step counter (it would arrive as zeros)."""
     owner: Dict[int, str] = {}
     for name, block in zip(names, blocks):
-        for n, t in list(block.named_parameters(remove_duplicate=False)) + list(block.named_buffers(remove_duplicate=False)):
+        tensors = list(block.named_parameters(remove_duplicate=False)) + list(block.named_buffers(remove_duplicate=False))
+        if not any(t.is_floating_point() for _, t in tensors):
+            raise ValueError(f"block {name} holds no parameter or float buffer: there is nothing of it to move or "
+                             f"train; leave it out of the partitioned blocks")
+        for n, t in tensors:
             if owner.get(id(t), name) != name:
                 raise _tied(f"{name}.{n}", owner[id(t)])
             owner[id(t)] = name
@@ -90,9 +94,23 @@ def check_block_tensors(model: nn.Module, names: Sequence[str], blocks: Sequence
                 raise ValueError(f"block {name} holds the {t.dtype} buffer {n}: a block moves as its parameters and "
                                  f"float buffers, so it would arrive as zeros; make it a float buffer, or keep it "
                                  f"outside the partitioned blocks")
+        for mname, m in block.named_modules(prefix=name, remove_duplicate=False):
+            for n in sorted(m._non_persistent_buffers_set):
+                if m._buffers.get(n) is not None:
+                    raise ValueError(f"block {name} holds the non-persistent buffer {mname}.{n}: a state_dict() leaves it "
+                                     f"out, so a resume would leave it unset on the ranks that did not hold the block; "
+                                     f"register it with persistent=True, or keep it outside the partitioned blocks")
     for mname, m in _outside(model, blocks):
         for n, t in list(m._parameters.items()) + list(m._buffers.items()):
             if t is not None and id(t) in owner:
+                raise _tied(f"{mname}.{n}" if mname else n, owner[id(t)])
+    # a module of a block that the model also holds outside it (self.final = self.blocks[0].norm):
+    # model.named_modules() lists it once, inside the block, so the loop above never sees it
+    for mname, m in model.named_modules(remove_duplicate=False):
+        if any(mname == b or mname.startswith(b + ".") for b in names):
+            continue
+        for n, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if id(t) in owner:
                 raise _tied(f"{mname}.{n}" if mname else n, owner[id(t)])
 
 

@@ -364,11 +364,20 @@ class _Chain(torch.nn.Module):
             self.blocks[1].lin.weight = self.blocks[0].lin.weight
         elif case == "int_buffer":
             self.blocks[2].register_buffer("perm", torch.arange(3, -1, -1))
+        elif case == "tied_module":  # a whole module of a block, used outside it too
+            self.last = self.blocks[3].lin
+        elif case == "non_persistent":
+            self.blocks[1].lin.register_buffer("gain", torch.full((d,), 0.5), persistent=False)
+        elif case == "no_tensors":
+            self.blocks[2] = torch.nn.Tanh()
+        self.case = case
 
     def forward(self, x):
         x = self.inp(x)[:, self.order]
         for b in self.blocks:
             x = b(x)
+        if self.case == "tied_module":
+            x = self.last(x)
         return self.out(x)
 
 
@@ -377,11 +386,18 @@ class _Chain(torch.nn.Module):
     ("tied_blocks", "ResIST: blocks.1.lin.weight is also a tensor of blocks.0 (tied)"),
     ("int_buffer", "ResIST: block blocks.2 holds the torch.int64 buffer perm: a block moves as its parameters and "
                    "float buffers, so it would arrive as zeros"),
-], ids=["tied_shared", "tied_blocks", "int_buffer"])
+    ("tied_module", "ResIST: last.weight is also a tensor of blocks.3 (tied)"),
+    ("non_persistent", "ResIST: block blocks.1 holds the non-persistent buffer blocks.1.lin.gain: a state_dict() "
+                       "leaves it out, so a resume would leave it unset"),
+    ("no_tensors", "ResIST: block blocks.2 holds no parameter or float buffer"),
+], ids=["tied_shared", "tied_blocks", "int_buffer", "tied_module", "non_persistent", "no_tensors"])
 def test_a_block_whose_tensors_are_not_its_own_is_refused_on_every_rank(case, message):
     """A weight tied between a block and a shared layer (or two blocks) became an empty placeholder
     in the other place when its block moved away ("mat2 must be a matrix"), and a block's integer
-    buffer arrived as zeros."""
+    buffer arrived as zeros. A whole module of a block used outside it passed the check (the ranks
+    without the block then ran it on empty tensors: "Expected weight to be of same shape"); a
+    non-persistent buffer came back from a resume as whatever memory the block's slab held (zeros,
+    which the next exchange carried on); a block without tensors ended in an IndexError."""
     from resist_mpi.comm.thread import run_ranks
 
     def body(c):
@@ -406,3 +422,46 @@ def test_ranks_that_build_on_the_meta_device_get_the_shared_integer_buffers_of_r
         rm.ResIST(model, c, blocks=[f"blocks.{i}" for i in range(4)], device="cpu")
         return model.order.tolist()
     assert run_ranks(4, body) == [[3, 1, 2, 0]] * 4
+
+
+class _SEBlock(torchvision.models.resnet.BasicBlock):
+    """A user's block on torchvision's, with a squeeze-excitation gate in its own forward."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        c = self.conv2.out_channels
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1), nn.Sigmoid())
+
+    def branch(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return out * self.se(out)
+
+    def forward(self, x):
+        return self.relu(self.branch(x) + x)
+
+
+def test_a_subclass_with_a_forward_of_its_own_is_not_taken_for_its_parents_kind():
+    """A block derived from torchvision's BasicBlock with a forward of its own (an SE gate) got the
+    parent's scaled form: trained with its own forward, evaluated (scale 1/S) without its gate.
+    Now it is not of that kind: `auto` says so in one line, and passed explicitly it is a generic
+    residual block, whose scaled form keeps the gate (at scale 1 it is the block's own output)."""
+    from resist_mpi.blocks import kinds
+    torch.manual_seed(0)
+    block = _SEBlock(8, 8).eval()
+    x = torch.randn(2, 8, 6, 6)
+    assert kinds.block_kind(block) is None and kinds.overridden_kind(block) == "torchvision BasicBlock"
+    assert kinds.block_kind(torchvision.models.resnet.BasicBlock(8, 8)).name == "torchvision BasicBlock"
+    assert kinds.block_kind(_thin([1, 2, 2, 1]).stages[2][1]).name == "PreActBlock"  # no forward of its own
+    model = torchvision.models.resnet.ResNet(_SEBlock, [1, 2, 2, 1])
+    with pytest.raises(BlockError) as e:
+        find_blocks(model)
+    assert str(e.value).startswith("blocks='auto': layer1.0 (_SEBlock) derives from torchvision BasicBlock but has "
+                                   "a forward of its own") and "register_block(_SEBlock, scaled_forward)" in str(e.value)
+    assert [n for n, _ in find_blocks(model, ["layer3.1"])] == ["layer3.1"]
+    with torch.no_grad():
+        own = block(x)
+        make_switchable(block)
+        set_scale([block], 1.0 + 1e-12)  # through the scaled form: the gate is in it
+        assert torch.allclose(block(x), own, atol=1e-6)
+        set_scale([block], 0.25)
+        assert torch.allclose(block(x), x + 0.25 * (own - x), atol=1e-6)  # the generic form: x + s(f(x)... )
