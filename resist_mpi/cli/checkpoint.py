@@ -223,6 +223,8 @@ class ShardWriter:
 
     def __init__(self):
         self._queue: "queue.Queue" = queue.Queue()
+        self._writes = 0  # snapshots handed over and not yet written (or failed)
+        self._room = threading.Condition()
         self.done = -1
         self.error: Optional[BaseException] = None
         self.t_written = 0.0  # seconds the thread spent writing (the cost hidden from training)
@@ -230,7 +232,18 @@ class ShardWriter:
         threading.Thread(target=self._run, name="resist-checkpoint", daemon=True).start()
 
     def submit(self, round_index: int, directory: str, files: Dict[str, Any]) -> None:
+        with self._room:
+            self._writes += 1
         self._queue.put(lambda: self._write(round_index, directory, files))
+
+    def wait_for_room(self, backlog: int = 1) -> float:
+        """Block while more than backlog snapshots wait to be written; the seconds waited. A disk
+        slower than the rounds would otherwise queue a CPU copy of the state every round (memory
+        without bound), and a kill or a failed write would lose every round queued."""
+        t0 = time.perf_counter()
+        with self._room:
+            self._room.wait_for(lambda: self._writes <= backlog)
+        return time.perf_counter() - t0
 
     def submit_task(self, task) -> None:
         """Run task() on the writer thread after what was submitted before, its errors ignored
@@ -246,6 +259,14 @@ class ShardWriter:
                 self._queue.task_done()
 
     def _write(self, round_index: int, directory: str, files: Dict[str, Any]) -> None:
+        try:
+            self._write_files(round_index, directory, files)
+        finally:
+            with self._room:
+                self._writes -= 1
+                self._room.notify_all()
+
+    def _write_files(self, round_index: int, directory: str, files: Dict[str, Any]) -> None:
         if self.error is not None:
             return
         try:
@@ -306,6 +327,7 @@ class Checkpointer:
         self.cfg, self.c, self.meta = cfg, c, meta
         self.writer = ShardWriter()
         self.t_snapshot = 0.0  # seconds the training thread spent taking snapshots
+        self.t_backlog = 0.0  # of which waiting for the writer to catch up (a disk slower than the rounds)
         self._snap: Dict[int, float] = {}
         self._pending: List[Tuple[int, Dict]] = []  # rank 0: rounds waiting for their manifest
         self.written: List[int] = []  # rank 0: rounds whose manifest exists (this run)
@@ -314,6 +336,7 @@ class Checkpointer:
         """Hand this rank's shard of the state at round job.round to the writer (no communication;
         the copy is synchronous, the disk is not)."""
         t0 = time.perf_counter()
+        self.t_backlog += self.writer.wait_for_room()  # at most one snapshot waiting behind the one being written
         shard = job.shard()
         check_finite({"shared": shard.shared or {}, "dealt": shard.dealt, "blocks": shard.blocks},
                      f"rank {self.c.rank}'s model")
@@ -376,12 +399,13 @@ class Checkpointer:
         self.writer.wait()
         error = self.writer.error
         failed, done_neg = self.c.reduce_stats([1.0 if error else 0.0, -float(self.writer.done)], "max")
+        # the rounds every rank wrote whole get their manifest also when a later one failed
+        self.commit(int(-done_neg), log)
+        self.writer.wait()  # the rotation it started
         if error is not None:
             raise error
         if failed:
             raise PeerWriteFailed("another rank could not write its checkpoint files")
-        self.commit(int(-done_neg), log)
-        self.writer.wait()  # the rotation it started
 
 
 def gather_sums(directory: str, world_size: int) -> Optional[Dict[str, int]]:

@@ -457,9 +457,9 @@ class Trainer:
             m.ckpt_done, m.ckpt_failed = self.checkpointer.done, self.checkpointer.failed() is not None
             m.reduce(c)
             job.verify_consistent(*m.consistent)  # a compressed wire: every rank the same values
-            if m.ckpt_failed_rank is not None:  # a rank's background write failed (a full disk)
-                self.stop_failed_write(m.ckpt_failed_rank)
             self.checkpointer.commit(m.ckpt_done_everywhere, log)  # rank 0: manifests of finished rounds
+            if m.ckpt_failed_rank is not None:  # a rank's background write failed (a full disk)
+                self.stop_failed_write(m.ckpt_failed_rank)  # (the rounds every rank wrote whole: committed)
             epoch = (m.step0 + m.steps) / spe
             log.record("round", round=r, epoch=epoch, step=m.step0 + m.steps, strategy=job.name, world_size=c.size,
                        train_loss=m.loss_sum / m.seen, train_acc=m.correct / m.seen, lr=m.lr, bytes_sent=int(m.sent),

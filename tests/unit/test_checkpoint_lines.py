@@ -5,6 +5,7 @@ cannot be continued with is refused with one line. In one process (the self back
 import json
 import os
 import shutil
+import time
 import zipfile
 
 import pytest
@@ -503,3 +504,48 @@ def test_a_resume_that_starts_at_round_0_of_a_larger_world_keeps_the_records_bef
     log.close()
     RunLog(str(out), True, "off", 6, resume_round=0, resume_epoch=0.05, resumed_as=(0.0, 8)).close()
     assert [(r["round"], r["epoch"]) for r in map(json.loads, open(out / "metrics.jsonl"))] == [(0, 0.0), (1, 0.05)]
+
+
+def test_a_disk_slower_than_the_rounds_holds_training_back_and_a_failed_write_keeps_the_rounds_before(
+        tmp_path, monkeypatch):
+    """The writer's queue had no bound: with files slower to write than a round, every round queued
+    a CPU copy of the state (4-6 rounds behind in an audit), and when a write then failed (a full
+    disk) every rank ended before rank 0 committed, so the rounds whose files were all written got
+    no manifest and --resume auto went back to the last one committed. Now a snapshot waits while
+    one is queued behind the one being written, and the rounds written whole are committed before
+    the run ends."""
+    out = tmp_path / "run"
+    real, failing = ckpt.atomic_save, "ckpt-000006"
+
+    def slow(obj, path, crc32=True):
+        if failing in path:
+            raise OSError(f"cannot write checkpoint {path}: [Errno 28] No space left on device")
+        time.sleep(0.25)
+        return real(obj, path, crc32)
+    monkeypatch.setattr(ckpt, "atomic_save", slow)
+    queued, most, submit, write = [0], [0], ckpt.ShardWriter.submit, ckpt.ShardWriter._write
+
+    def counting(self, *args):
+        queued[0] += 1
+        most[0] = max(most[0], queued[0])
+        submit(self, *args)
+
+    def written(self, *args):
+        try:
+            write(self, *args)
+        finally:
+            queued[0] -= 1
+    monkeypatch.setattr(ckpt.ShardWriter, "submit", counting)
+    monkeypatch.setattr(ckpt.ShardWriter, "_write", written)
+    cfg = validate(Config(**{**TINY, "out": str(out), "epochs": 4, "keep_checkpoints": 20}))
+    c = comm.init("self", fail_fast=False)
+
+    def abort(code):
+        raise SystemExit(code)
+    c.abort = abort
+    torch.set_num_threads(1)
+    with pytest.raises(SystemExit):
+        Trainer(cfg, c).run()
+    assert most[0] <= 2  # one being written, one waiting
+    newest, _ = ckpt.newest_verified(str(out))
+    assert os.path.basename(newest) == "ckpt-000005", _names(out)  # every round before the failed one
