@@ -35,7 +35,7 @@ from ..plan import partition
 from ..plan.groups import resolve_group_size
 from ..strategies import DataParallel, LocalSGD, ResIST, Strategy, Warmup
 from . import checkpoint as ckpt
-from .config import Config
+from .config import Config, ConfigError
 from .metrics import RunLog, mark_done
 from .preempt import REQUEUE_EXIT, StopRequest
 from .watchdog import LOST_PEER_EXIT, Watchdog
@@ -269,6 +269,7 @@ class Trainer:
             first_conv = next((m for m in probe.modules() if isinstance(m, nn.Conv2d)), None)
             check_compatible(self.info, 32 if cifar else None, self.info.num_classes,
                              None if first_conv is None else first_conv.in_channels)
+            self.check_warmup_ends(ShardLoader(self.train_set, c.rank, c.size, cfg.batch_size).steps_per_epoch)
             self.group_size = resolve_group_size(cfg.group_size, c)
             groups = c.size // self.group_size  # groups that fit the ranks (and nodes)
             if cfg.strategy == "resist":  # enough blocks for the groups
@@ -291,6 +292,19 @@ class Trainer:
         if cfg.overwrite and c.rank == 0:  # only once every rank is ready to start
             ckpt.clear_out_dir(cfg)
         self.set_aside = None  # rank 0: the line saying which checkpoints of another line were moved aside
+
+    def check_warmup_ends(self, spe: int) -> None:
+        """ConfigError when --warmup-epochs hands over at or after the last round (the warm-up's
+        rounds start at round boundaries, so K of N epochs can take them all): a "resist" run that
+        would train local SGD only, without a word."""
+        cfg = self.cfg
+        if cfg.strategy != "resist" or not cfg.warmup_epochs:
+            return
+        rounds, switch = -(-cfg.epochs * spe // cfg.local_steps), -(-cfg.warmup_epochs * spe // cfg.local_steps)
+        if switch >= rounds:
+            raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} of {cfg.epochs} takes all {rounds} rounds of "
+                              f"{cfg.local_steps} steps ({spe} steps an epoch here): ResIST would never run; "
+                              f"use fewer warm-up epochs or shorter rounds")
 
     def same_data_everywhere(self) -> Optional[DataError]:
         """A DataError on every rank when the ranks loaded different data (one collective): each

@@ -74,6 +74,9 @@ class ShardLoader:
         self.dataset, self.rank, self.size, self.batch_size = dataset, rank, size, batch_size
         self.seed, self.train, self.workers = seed, train, workers
         per_rank = math.ceil(n / size)
+        if train and per_rank == 1 and batch_size > 1:
+            raise DataError(f"the training set's {n} images give each of the {size} ranks one: every step would be a "
+                            f"batch of one (BatchNorm cannot normalise one sample); use fewer ranks or more data")
         if train and per_rank % batch_size == 1 and per_rank > 1:
             per_rank -= 1  # the lone last sample would be a batch of one
         self.num_samples = per_rank if train else len(range(rank, n, size))

@@ -70,8 +70,10 @@ def draw_assignment(num_blocks: int, world_size: int, min_depth: int = 0,
 
 
 def round_rng(seed: int, round_index: int) -> np.random.Generator:
-    """The generator rank 0 draws round round_index's assignment from (reproducible, resumable)."""
-    return np.random.default_rng([int(seed), int(round_index)])
+    """The generator rank 0 draws round round_index's assignment from (reproducible, resumable).
+    Any integer seed (numpy takes non-negative ones: a negative seed crashed rank 0 alone, in the
+    first round, while the others waited for its broadcast), as the data's generators take it."""
+    return np.random.default_rng([int(seed) % 2**64, int(round_index)])
 
 
 def eval_residual_scale(num_blocks: int, world_size: int, min_depth: int = 0) -> float:

@@ -64,12 +64,18 @@ CASES = [
     (1, dict(device="cuda"), "no GPU is visible"),
     (4, dict(group_size="3"), "--group-size 3: the 4 ranks do not split into groups of 3"),
     (2, dict(resume="/nonexistent/ckpt-000003"), "checkpoint /nonexistent/ckpt-000003 not found"),
+    # a "resist" run that would have trained local SGD only (no switch record, exit 0)
+    (2, dict(epochs=2, warmup_epochs=1, local_steps=12, batch_size=128), "--warmup-epochs 1 of 2 takes all 1 rounds"),
+    # 4 images on 4 ranks: batches of one (a BatchNorm traceback on a 1x1 map, on every rank)
+    (4, dict(dataset="imagefolder", data_dir="FOLDER32", image_size=32, model="preact_resnet34"),
+     "the training set's 4 images give each of the 4 ranks one"),
 ]
 
 
 @pytest.mark.parametrize("size, settings, message", CASES, ids=[m[:30] for _, _, m in CASES])
 def test_bad_input_stops_every_rank_with_one_line(tmp_path, capsys, size, settings, message):
     made = {"TRUNCATED_H5": lambda: _truncated_h5(tmp_path), "FOLDER64": lambda: _image_folder(tmp_path, 64),
+            "FOLDER32": lambda: _image_folder(tmp_path, 32),
             "CORRUPT": lambda: _checkpoint(tmp_path, "corrupt"), "OTHER": lambda: _checkpoint(tmp_path, "other")}
     settings = {k: made[v]() if isinstance(v, str) and v in made else v for k, v in settings.items()}
     message = settings["data_dir"] if message in made else message

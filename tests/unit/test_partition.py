@@ -64,3 +64,23 @@ def test_eval_scale():
     assert eval_residual_scale(22, 8, 4) == pytest.approx(4 / 22)
     assert eval_residual_scale(22, 2, 4) == 0.5
     assert eval_residual_scale(22, 1) == 1.0
+
+
+def test_a_negative_seed_draws_like_its_64_bit_twin_and_a_resist_run_takes_it():
+    """numpy's generators refuse negative seeds, which --seed accepts (torch's takes them): rank 0
+    crashed drawing the first round's assignment while the other ranks waited for its broadcast."""
+    import torch
+    import resist_mpi as rm
+    from cases import library as L
+    from resist_mpi.comm.thread import run_ranks
+    assert draw_assignment(22, 4, 0, round_rng(-1, 3)) == draw_assignment(22, 4, 0, round_rng(2 ** 64 - 1, 3))
+
+    def body(c, model):
+        job = rm.ResIST(model, c, seed=-1)
+        for _ in job.rounds(2):
+            pass
+        return job.assignment
+    models = [L.make_model() for _ in range(2)]
+    torch.set_num_threads(1)
+    a, b = run_ranks(2, lambda c: body(c, models[c.rank]))
+    assert a == b and a is not None
