@@ -158,8 +158,9 @@ def coerce_setting(key: str, value: Any, tp: Any, optional: bool = False,
     string 'false' is refused, not read as true); an int from an integer, or from a string the flag
     would read ('5'), never from a boolean or a float (3.0 too); a float from a number or such a
     string (PyYAML reads 1e-3 as a string); a string from a string, or an integer written as it
-    (group_size: 2 is '2', as --group-size 2); never a list or a mapping; null only where the
-    field is Optional; and a field with choices takes one of them."""
+    (group_size: 2 is '2', as --group-size 2), or a boolean where on and off are the choices (YAML
+    reads an unquoted off as false); never a list or a mapping; null only where the field is
+    Optional; and a field with choices takes one of them."""
     given = value  # as the file wrote it, for the message
 
     def bad() -> ConfigError:
@@ -173,6 +174,8 @@ def coerce_setting(key: str, value: Any, tp: Any, optional: bool = False,
     if tp is bool:
         if not isinstance(value, bool):
             raise bad()
+    elif tp is str and isinstance(value, bool) and choices and {"on", "off"} <= set(choices):
+        value = "on" if value else "off"  # YAML 1.1 reads `progress: off` as false
     elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise bad()  # a boolean, list or mapping where a number or a string belongs
     elif tp is int:
@@ -259,7 +262,7 @@ def validate(cfg: Config) -> Config:
     if cfg.warmup_epochs >= cfg.epochs:
         if cfg.warmup_epochs:
             raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} leaves no ResIST epochs out of {cfg.epochs}")
-    if not (str(cfg.group_size) == "node" or (str(cfg.group_size).isdigit() and int(cfg.group_size) >= 1)):
+    if not (str(cfg.group_size) == "node" or (re.fullmatch(r"[0-9]+", str(cfg.group_size)) and int(cfg.group_size) >= 1)):
         raise ConfigError(f"--group-size {cfg.group_size!r}: give a number of ranks per group, or 'node'")
     if str(cfg.group_size) != "1" and cfg.strategy == "data_parallel":
         raise ConfigError("--group-size applies to resist and local_sgd (data_parallel averages over every rank already)")
@@ -279,8 +282,11 @@ def load_config_file(path: str) -> Dict[str, Any]:
     """Read a YAML or JSON config whose keys are Config fields (dashes or underscores)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} not found")
-    with open(path) as fh:
-        text = fh.read()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:  # unreadable, or not UTF-8 text
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
     try:
         if path.endswith(".json"):
             data = json.loads(text)

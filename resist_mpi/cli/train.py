@@ -10,7 +10,7 @@ Every flag is a field of resist_mpi.cli.config.Config; --config FILE (YAML/JSON)
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from .config import ConfigError, parse_config, validate
 
@@ -24,10 +24,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         faulthandler.enable(all_threads=True)
     # Settings are checked before anything is loaded: every rank fails alike, one line (printed by
     # rank 0 only), exit 2 (bad_settings: how the ranks end together).
+    parsed = None
     try:
-        cfg = validate(parse_config(argv))
+        parsed = parse_config(argv)
+        cfg = validate(parsed)
     except ConfigError as e:
-        return bad_settings(e)
+        return bad_settings(e, _launch_settings(parsed, argv))
 
     # A stop signal (SIGTERM, SIGUSR1) from here on sets the flag the training loop acts on, also
     # one that comes while torch loads, the ranks connect or the data is read: the run then stops
@@ -52,7 +54,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def bad_settings(error: ConfigError) -> int:
+def _launch_settings(parsed, argv: Optional[Sequence[str]]) -> Tuple[str, str, bool]:
+    """(backend, device, download) the ranks that accepted their settings start with: from the
+    parsed settings, or (a flag or file that did not parse) from the flags as given."""
+    if parsed is not None:
+        return str(parsed.backend), str(parsed.device), bool(parsed.download)
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def flag(name: str, default: str) -> str:
+        value = default
+        for k, word in enumerate(argv):
+            if word == name and k + 1 < len(argv):
+                value = argv[k + 1]
+            elif word.startswith(name + "="):
+                value = word.split("=", 1)[1]
+        return value
+    return flag("--backend", "auto"), flag("--device", "auto"), "--download" in argv
+
+
+def bad_settings(error: ConfigError, launch: Tuple[str, str, bool] = ("auto", "auto", False)) -> int:
     """One line from rank 0 and exit 2, on every rank, for a setting that every rank rejected.
 
     The ranks do not reject it at the same moment, and the first one to exit makes the launcher end
@@ -60,18 +80,25 @@ def bad_settings(error: ConfigError) -> int:
     several ranks run, they first join the agreement that ends the trainer's set-up (trainer.agree:
     the failing rank prints, then every rank waits for every other, then all exit); a rank that
     accepted its settings (a file that only some nodes see) joins it from the trainer. If the
-    communication cannot start, rank 0 prints without waiting."""
+    communication cannot start, rank 0 prints without waiting.
+
+    launch: (backend, device, download) as the accepting ranks start: the same backend (an
+    accepting rank on a GPU starts NCCL, which an MPI or gloo world would never meet), and with
+    --download the barrier the trainer's ranks pass before that agreement."""
     from ..comm import world_info_from_env
     info = world_info_from_env()
     if info.size > 1:
+        backend, device, download = launch
         try:
             from .. import comm
-            c = comm.init("auto", fail_fast=False, device="cpu")
+            c = comm.init(backend, fail_fast=False, device=device)
         except Exception:  # noqa: BLE001 -- the line below is what matters; MPI's own failure is not it
             pass
         else:
             from .trainer import agree
             try:
+                if download:
+                    c.barrier()
                 agree(c, error)
             except SystemExit as stop:
                 return int(stop.code)

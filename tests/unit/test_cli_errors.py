@@ -4,6 +4,7 @@ launch per kind of failure: tests/e2e/test_cli.py::test_bad_input_one_line_nonze
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,6 +112,7 @@ def _error_lines(capsys):
     (["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda"),
     (["--overwrite", "--resume", "auto"], "--overwrite starts afresh and --resume continues"),
     (["--group-size", "two"], "--group-size 'two': give a number of ranks per group, or 'node'"),
+    (["--group-size", "\u00b2"], "--group-size '\u00b2': give a number of ranks per group"),  # isdigit(), not int()
     (["--group-size", "2", "--strategy", "data_parallel"], "--group-size applies to resist and local_sgd"),
 ])
 def test_bad_settings_are_refused_before_any_rank_starts(argv, message):
@@ -146,6 +148,14 @@ BAD_FILE_VALUES = [  # (file name, its text, what the one line says)
     ("c.yaml", "momentum: .nan\n", "--momentum must be a finite number, got nan"),
     ("c.yaml", "weight_decay: -.inf\n", "--weight-decay must be a finite number, got -inf"),
 ]
+
+
+def test_a_config_file_that_is_not_utf8_text_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("out: caf\u00e9\n".encode("latin-1"))
+    code, errors, err = _main_exit_and_errors(["--config", str(path)], capsys)
+    assert code == 2 and len(errors) == 1 and f"cannot read config file {path}: 'utf-8' codec" in errors[0], err
+    assert "Traceback" not in err
 
 
 def _main_exit_and_errors(argv, capsys):
@@ -235,6 +245,11 @@ def test_a_config_file_takes_what_the_flags_would_read(tmp_path):
     assert type(cfg.checkpoint_minutes) is float and type(cfg.lr) is float
     path.write_text("eval_background: null\n")
     assert parse_config(["--config", str(path)]).eval_background is None
+    # `progress: off`, the spelling of the docs and the job scripts, which YAML reads as false: it
+    # was refused ("progress false must be one of auto, on, off")
+    for text, want in (("progress: off\n", "off"), ("progress: on\n", "on"), ("progress: 'auto'\n", "auto")):
+        path.write_text(text)
+        assert validate(parse_config(["--config", str(path)])).progress == want
 
 
 def test_a_rank_that_crashes_in_native_code_prints_where(tmp_path):
@@ -314,3 +329,41 @@ def test_a_second_job_into_the_same_out_is_refused_while_the_first_runs(tmp_path
         assert len(errors) == 1 and f"--out {out} is in use by another run (host" in errors[0], errors
         assert f"pid {holder.pid}," in errors[0]
         assert files == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("argv, launch", [
+    (["--epochs", "0", "--backend", "torch", "--device", "cuda", "--download"], ("torch", "cuda", True)),
+    (["--epochs", "0"], ("auto", "auto", False)),
+    (["--no-such-flag", "--backend=horovod", "--device", "cpu"], ("horovod", "cpu", False)),  # did not parse
+])
+def test_a_rank_that_refuses_its_settings_meets_the_others_on_their_backend(monkeypatch, capsys, argv, launch):
+    """A rank whose settings fail (a file only some nodes see) joins the others' agreement: it
+    started "auto" on the CPU, so beside accepting ranks on GPUs (NCCL, or the torch backend under
+    torchrun) it waited in another world, and with --download it skipped the barrier the others
+    pass first: a hang either way. It now starts what they start."""
+    from resist_mpi import comm as comm_pkg
+    from resist_mpi.cli import train as train_cli
+    from resist_mpi.comm.thread import run_ranks
+    started = []
+
+    def fake_init(backend="auto", fail_fast=True, device="auto"):
+        started.append((backend, device))
+        return world[0]
+    monkeypatch.setattr(comm_pkg, "world_info_from_env", lambda: SimpleNamespace(size=2, rank=0))
+    monkeypatch.setattr(comm_pkg, "init", fake_init)
+    world, seen = [None], []
+
+    def rank(c):
+        if c.rank == 1:  # an accepting rank, as the trainer's set-up meets the others
+            if launch[2]:
+                c.barrier()  # rank 0 downloaded first
+            try:
+                from resist_mpi.cli.trainer import agree
+                agree(c, None)
+            except SystemExit as e:
+                seen.append(e.code)
+            return None
+        world[0] = c  # what init() gives the refusing rank: the same world
+        return train_cli.main(argv)
+    codes = run_ranks(2, rank)
+    assert started == [launch[:2]] and codes[0] == 2 and seen == [2], (started, codes, seen)
