@@ -188,7 +188,9 @@ class ErrorFeedback:
         mean, residual, _ = compressed_mean(c or self.c, update + self.residual, self.codec)
         if not all_finite(mean):
             if check:
-                raise NonFiniteError(f"the {self.codec.name} average of a round's update is not finite")
+                hint = (" (a float16 wire holds magnitudes up to 65504: a larger value overflows to inf; "
+                        "--wire-dtype bfloat16 keeps float32's range)" if self.codec.name == "float16" else "")
+                raise NonFiniteError(f"the {self.codec.name} average of a round's update is not finite{hint}")
             return mean
         self.residual = residual
         return mean

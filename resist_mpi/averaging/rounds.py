@@ -237,11 +237,13 @@ class Averager:
         self._pending = None
         deliveries, self._deliveries = self._deliveries, []  # (also when the wait raises)
         t0 = time.perf_counter()
-        work.wait()
+        try:
+            work.wait()
+        finally:
+            self.comm.absorb(self._bg_world)  # its bytes count now, on this thread (also when it failed)
         waited = time.perf_counter() - t0
         self.exposed += waited
         self.hidden += max(0.0, work.duration - waited)
-        self.comm.absorb(self._bg_world)  # its bytes count now, on this thread
         _check_finite(mean, "the overlapped average of a round's update")  # (raises: no copy gets it)
         self._advance(mean)
         for targets, landed in deliveries:

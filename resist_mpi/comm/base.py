@@ -192,6 +192,8 @@ class Comm(Accounting):
         Attributes of the result: members (this communicator's ranks of its members, in order).
         """
         key = self.rank if key is None else key
+        if int(color) < 0:  # MPI_Comm_split refuses it (or, as MPI_UNDEFINED, gives no communicator)
+            raise ValueError(f"split(color={color}): a color must be >= 0")
         with self.as_control():  # every rank learns every group: some backends create them all
             table = self.allgather_object((int(color), int(key), self.rank))
         groups: Dict[int, List[int]] = {}

@@ -157,9 +157,13 @@ class MPIComm(Comm):
             MPIComm._warned_threads = True
             sys.stderr.write("resist_mpi: note: this MPI gives no MPI_THREAD_MULTIPLE: background averages run "
                              "on the training thread (--overlap hides nothing)\n")
-        t0 = time.perf_counter()
-        fn()
-        return DoneWork(t0)
+        # run here, on the training thread: its time is exposed (no t_start: nothing hidden), and an
+        # error comes out of wait(), as a background job's does on every backend
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- raised again by wait()
+            return DoneWork(error=e)
+        return DoneWork()
 
     def start_allreduce_mean_(self, t):
         """Iallreduce on this (background) communicator; progressed by the background thread or by

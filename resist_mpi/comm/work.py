@@ -43,19 +43,22 @@ class Work:
 
 
 class DoneWork(Work):
-    """Work that ran to completion when it was started (no background to run it in)."""
+    """Work that ran to completion when it was started (no background to run it in). error: what
+    it raised, raised again by wait() (where a background job's error comes out on every backend).
+    Its duration is 0 unless t_start is given: its time was the caller's, nothing hidden."""
 
-    def __init__(self, t_start: Optional[float] = None):
+    def __init__(self, t_start: Optional[float] = None, error: Optional[BaseException] = None):
         super().__init__()
-        if t_start is not None:
-            self.t_start = t_start
         self.t_done = time.perf_counter()
+        self.t_start = self.t_done if t_start is None else t_start
+        self.error = error
 
     def _finished(self) -> bool:
         return True
 
     def _complete(self) -> None:
-        pass
+        if self.error is not None:
+            raise self.error
 
 
 class ThreadWork(Work):

@@ -252,3 +252,7 @@ def test_split_sub_communicators(c, how):
     recv, _ = sub.alltoallv(torch.full((sub.size,), float(r)), [1] * sub.size)
     assert torch.equal(recv, torch.tensor([float(m) for m in members]))
     sub.barrier()
+    # a negative color: MPI refuses it (-1) or gives no communicator (MPI_UNDEFINED); every backend
+    # refuses it the same way, before any rank communicates
+    with pytest.raises(ValueError, match=r"split\(color=-1\): a color must be >= 0"):
+        c.split(-1)

@@ -1,11 +1,13 @@
 """Pure parts of the comm package: fusion, launch detection, device choice, the world of one, thread ranks on one CPU."""
 import os
+import time
 
 import pytest
 import torch
 
 from resist_mpi import comm
 from resist_mpi.comm import pack, ring_allreduce_bytes, select_device, unpack_, world_info_from_env
+from resist_mpi.comm.thread import run_ranks
 
 
 def test_pack_unpack_roundtrip_in_place():
@@ -283,3 +285,59 @@ def test_a_torch_work_seen_done_holds_the_mean_not_the_sum():
     assert work.done() and target.tolist() == [2.0, 2.0, 2.0]
     work.wait()
     assert target.tolist() == [2.0, 2.0, 2.0]  # divided once
+
+
+def test_mpi_without_thread_multiple_runs_a_background_job_inline_its_error_out_of_wait_and_nothing_hidden():
+    """Without MPI_THREAD_MULTIPLE the mpi backend runs a background job at once, on the training
+    thread: its error (a non-finite compressed mean) came out of submit(), inside begin_round(),
+    where no caller handles it (a traceback instead of the diverged path), and its time counted as
+    hidden though training waited for all of it."""
+    from types import SimpleNamespace
+    from resist_mpi.comm.mpi import MPIComm
+    from resist_mpi.errors import NonFiniteError
+    inline = SimpleNamespace(thread_multiple=False, rank=1)
+
+    def slow_fail():
+        time.sleep(0.05)
+        raise NonFiniteError("the float16 average of a round's update is not finite")
+    work = MPIComm.submit(inline, slow_fail)  # returns: the error waits for wait()
+    assert work.done() and work.duration == 0.0
+    with pytest.raises(NonFiniteError, match="not finite"):
+        work.wait()
+    ran = []
+    work = MPIComm.submit(inline, lambda: (time.sleep(0.05), ran.append(1)))
+    work.wait()
+    assert ran == [1] and work.duration == 0.0
+
+
+def test_the_bytes_of_a_failed_background_average_count_in_its_own_round():
+    """A background average that raised at its wait left its bytes in the background counters, and
+    the next average that succeeded counted them as its own."""
+    from resist_mpi.averaging.rounds import Averager
+    from resist_mpi.errors import NonFiniteError
+
+    def body(c):
+        p = torch.nn.Parameter(torch.ones(1000))
+        a = Averager(c, lambda: [p], wire_dtype="float16", overlap=True)
+        a.mark()
+        with torch.no_grad():
+            p.add_(float("nan") if c.rank == 0 else 1.0)
+        a.average()
+        a.mark()
+        sent = c.bytes_sent
+        with pytest.raises(NonFiniteError):
+            a.average()
+        failed = c.bytes_sent - sent
+        a.load_state_dict(None, None)  # the roll-back: the failed average is forgotten
+        with torch.no_grad():
+            p.fill_(1.0)
+        counts = []
+        for _ in range(2):
+            sent = c.bytes_sent
+            a.mark()
+            a.average()
+            a.flush()
+            counts.append(c.bytes_sent - sent)
+        return failed, counts
+    for failed, (first, second) in run_ranks(2, body):
+        assert failed > 0 and first == second, (failed, first, second)

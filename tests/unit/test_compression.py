@@ -63,3 +63,18 @@ def test_compressed_mean_on_one_rank_is_the_rounded_value():
     mean, err, own = compressed_mean(c, u, Codec("float16"))
     assert torch.equal(mean, u.half().float()) and own == (0, 3000)
     assert torch.equal(err, u - u.half().float())  # the mean's own rounding adds nothing on one rank
+
+
+def test_a_finite_update_past_float16s_range_says_why_its_mean_is_not_finite():
+    """A finite update of magnitude 7e4 becomes inf on the float16 wire: the error said only "not
+    finite", as if the training had diverged."""
+    from resist_mpi.errors import NonFiniteError
+    fb = ErrorFeedback(init("self", fail_fast=False), "float16")
+    x = torch.zeros(4)
+    fb.mark(x)
+    x += torch.tensor([7e4, 1.0, -7e4, 2.0])
+    with pytest.raises(NonFiniteError, match="a float16 wire holds magnitudes up to 65504"):
+        fb.average(x)
+    fb = ErrorFeedback(init("self", fail_fast=False), "bfloat16")
+    fb.mark(torch.zeros(4))
+    fb.average(torch.tensor([7e4, 1.0, -7e4, 2.0]))  # bfloat16: float32's range
