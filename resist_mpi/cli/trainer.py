@@ -269,7 +269,8 @@ class Trainer:
             first_conv = next((m for m in probe.modules() if isinstance(m, nn.Conv2d)), None)
             check_compatible(self.info, 32 if cifar else None, self.info.num_classes,
                              None if first_conv is None else first_conv.in_channels)
-            self.check_warmup_ends(ShardLoader(self.train_set, c.rank, c.size, cfg.batch_size).steps_per_epoch)
+            spe = ShardLoader(self.train_set, c.rank, c.size, cfg.batch_size).steps_per_epoch
+            self.check_warmup_ends(spe)
             self.group_size = resolve_group_size(cfg.group_size, c)
             groups = c.size // self.group_size  # groups that fit the ranks (and nodes)
             if cfg.strategy == "resist":  # enough blocks for the groups
@@ -277,6 +278,7 @@ class Trainer:
             # rank 0 picks and checks the checkpoint; the others take its choice (below)
             self.resume_state = (ckpt.resolve_and_load(cfg, probe, c.rank, c.size, self.group_size)
                                 if c.rank == 0 else None)
+            self.check_same_epochs(spe)
         except (ValueError, OSError) as e:  # DataError, PartitionError, CheckpointError are ValueErrors
             error = e
         if cfg.download and c.rank == 0:
@@ -305,6 +307,22 @@ class Trainer:
             raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} of {cfg.epochs} takes all {rounds} rounds of "
                               f"{cfg.local_steps} steps ({spe} steps an epoch here): ResIST would never run; "
                               f"use fewer warm-up epochs or shorter rounds")
+
+    def check_same_epochs(self, spe: int) -> None:
+        """CheckpointError when the checkpoint to resume on the same world size was written with
+        another number of steps an epoch: the run continues at the checkpoint's round number, which
+        with other training data (another --data-dir, a file packed again, a folder that gained
+        images) is another epoch, and the schedule and the data order would jump unsaid."""
+        state = self.resume_state
+        if not state or state.get("path") is None or int(state["world_size"]) != self.c.size:
+            return
+        written = state["reader"].manifest.get("steps_per_epoch")  # (older checkpoints: not recorded)
+        if written is not None and int(written) != spe:
+            raise ckpt.CheckpointError(
+                f"checkpoint {state['path']} was written with {written} steps an epoch on {self.c.size} ranks, this "
+                f"run has {spe} ({self.info.num_train} training images): its training data changed, so its round "
+                f"{state['round']} is another point of training here; resume with the checkpoint's data, or start "
+                f"afresh with --overwrite")
 
     def same_data_everywhere(self) -> Optional[DataError]:
         """A DataError on every rank when the ranks loaded different data (one collective): each
@@ -455,7 +473,7 @@ class Trainer:
             self.log_membership(log, before, start_round)
         self.log_start(job, log, num_rounds, start_round, spe)
         self.checkpointer = ckpt.Checkpointer(cfg, c, {"model_name": cfg.model, "config": cfg.to_dict(),
-                                                        "group_size": str(self.group_size)})
+                                                        "group_size": str(self.group_size), "steps_per_epoch": spe})
         first = start_round * cfg.local_steps
         # the learning rate of every step, from a torch scheduler (epochs continue across restarts)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -549,3 +549,33 @@ def test_a_disk_slower_than_the_rounds_holds_training_back_and_a_failed_write_ke
     assert most[0] <= 2  # one being written, one waiting
     newest, _ = ckpt.newest_verified(str(out))
     assert os.path.basename(newest) == "ckpt-000005", _names(out)  # every round before the failed one
+
+
+def test_a_resume_on_other_training_data_is_refused_where_it_would_land_at_another_epoch(tmp_path, capsys):
+    """On the same world size a resume continues at the checkpoint's round: with another training
+    set (a --data-dir packed again with fewer images) that round was another epoch, and the
+    schedule and the data order jumped without a word."""
+    import h5py
+    from resist_mpi.data.packing import main as data_main
+    full, part = str(tmp_path / "a.h5"), str(tmp_path / "b.h5")
+    assert data_main(["pack", "digits", full]) == 0
+    with h5py.File(full, "r") as src, h5py.File(part, "w") as dst:
+        for key in ("train/images", "train/labels"):
+            dst.create_dataset(key, data=src[key][:1000])
+        for key in ("test/images", "test/labels"):
+            dst.create_dataset(key, data=src[key][:])
+        dst.attrs.update(dict(src.attrs))
+    out = tmp_path / "run"
+    settings = dict(TINY, dataset="hdf5", data_dir=full, epochs=1, checkpoint_every=1, out=str(out))
+    Trainer(validate(Config(**settings)), comm.init("self", fail_fast=False)).run()
+    (newest,) = ckpt.list_checkpoints(str(out))[-1:]
+    assert _manifest(newest)["steps_per_epoch"] == 12  # 1437 images in batches of 128
+    capsys.readouterr()
+    cfg = validate(Config(**{**settings, "data_dir": part, "epochs": 2, "resume": "auto"}))
+    with pytest.raises(SystemExit) as e:
+        Trainer(cfg, comm.init("self", fail_fast=False))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"resist_mpi: error: checkpoint {newest} was written with 12 steps an epoch on 1 ranks, "
+                             f"this run has 8 (1000 training images): its training data changed"), err
+    Trainer(validate(Config(**{**settings, "epochs": 2, "resume": "auto"})), comm.init("self", fail_fast=False)).run()
