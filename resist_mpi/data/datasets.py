@@ -411,6 +411,8 @@ def _hdf5(path: Optional[str], augment: bool):
                 if f"{split}/{key}" not in f:
                     raise DataError(f"{path} lacks the dataset '{split}/{key}' (make it with `python -m resist_mpi.data pack`)")
             images = f[split + "/images"]
+            if not all(hasattr(f[f"{split}/{key}"], "dtype") for key in ("images", "labels")):
+                raise DataError(f"{path}: {split}/images and {split}/labels must be datasets, not groups")
             if f[split + "/labels"].dtype.kind not in "iu":  # (floats would be truncated to classes unsaid)
                 raise DataError(f"{path}: {split}/labels must be integers, got {f[split + '/labels'].dtype}")
             labels[split] = torch.from_numpy(np.asarray(f[split + "/labels"][:], dtype=np.int64))
@@ -423,18 +425,26 @@ def _hdf5(path: Optional[str], augment: bool):
         if shapes["train"][1:] != shapes["test"][1:]:
             raise DataError(f"{path}: train images {shapes['train'][1:]} and test images {shapes['test'][1:]} differ")
         a = f.attrs
-        n_cls = int(a.get("num_classes", int(torch.cat(list(labels.values())).max()) + 1))
-        names = _class_names(path, a["class_names"]) if "class_names" in a else [str(i) for i in range(n_cls)]
+        names = _class_names(path, a["class_names"]) if "class_names" in a else None
+        n_cls = int(a.get("num_classes", len(names) if names is not None else
+                          int(torch.cat(list(labels.values())).max()) + 1))
+        names = names if names is not None else [str(i) for i in range(n_cls)]
         _, size, _, channels = shapes["train"]
         if "mean" in a and "std" in a:
-            mean, std = tuple(np.asarray(a["mean"]).tolist()), tuple(np.asarray(a["std"]).tolist())
+            mean, std = (tuple(np.asarray(a[k], dtype=np.float64).reshape(-1).tolist()) for k in ("mean", "std"))
         else:  # a hand-made file: estimate from an evenly spaced sample of the training images
             sample = f["train/images"][:: max(1, shapes["train"][0] // 4096)]
             mean, std = _stats(torch.from_numpy(sample).permute(0, 3, 1, 2).float() / 255)
         pad, flip = int(a.get("aug_pad", size // 8)), bool(a.get("aug_flip", True))
         source = a.get("name", "custom")
+    except DataError:
+        raise
     except OSError as e:  # truncated or corrupt file: h5py raises OSError on the first read
         raise DataError(f"cannot read HDF5 file {path}: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a hand-made file's attributes of another type
+        why = (str(e).splitlines() or [""])[0]
+        raise DataError(f"{path}: an attribute cannot be read ({type(e).__name__}: {why}); "
+                        f"see `python -m resist_mpi.data pack` for the layout") from None
     finally:
         f.close()   # each reading process opens its own handle lazily
     if len(mean) != channels or len(std) != channels or len(names) != n_cls:

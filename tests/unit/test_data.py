@@ -126,8 +126,13 @@ def test_test_shards_disjoint_and_exact(size, n):
 @pytest.mark.parametrize("n,batch", [(1437, 32), (10, 3), (3, 2)])
 def test_train_shards_cover_and_balance(size, n, batch):
     ds = D.TensorImageDataset(torch.zeros(n, 1, 2, 2), torch.zeros(n, dtype=torch.int64), (0.,), (1.,))
-    loaders = [ShardLoader(ds, r, size, batch, seed=5) for r in range(size)]
     per_rank = -(-n // size)
+    if per_rank == 1:  # one image a rank: every step a batch of one, which BatchNorm cannot train on
+        with pytest.raises(DataError) as e:
+            ShardLoader(ds, 0, size, batch, seed=5)
+        assert_one_line_error(e, f"the training set's {n} images give each of the {size} ranks one")
+        return
+    loaders = [ShardLoader(ds, r, size, batch, seed=5) for r in range(size)]
     lone = per_rank % batch == 1 and per_rank > 1  # a last batch of one sample is dropped
     per_rank -= lone
     assert {ld.steps_per_epoch for ld in loaders} == {-(-per_rank // batch)}
@@ -404,6 +409,43 @@ def test_hdf5_bad_files(tmp_path):
     with pytest.raises(DataError) as e:
         load_dataset("hdf5", mismatched)
     assert_one_line_error(e, "labels")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("images_group", "train/images and train/labels must be datasets, not groups"),
+    ("aug_pad_text", "an attribute cannot be read (ValueError: invalid literal for int()"),
+    ("mean_text", "an attribute cannot be read (ValueError: could not convert string to float"),
+])
+def test_hdf5_hand_made_attributes_of_another_type_are_one_line(tmp_path, case, message):
+    """A group where a dataset belongs, aug_pad "four", mean "abc": tracebacks (AttributeError,
+    ValueError) on every rank, and from pack."""
+    path = str(tmp_path / f"{case}.h5")
+    with h5py.File(path, "w") as f:
+        for split in ("train", "test"):
+            f[split + "/images"] = np.zeros((4, 8, 8, 3), np.uint8)
+            f[split + "/labels"] = np.arange(4) % 2
+        if case == "images_group":
+            del f["train/images"]
+            f.create_group("train/images")
+        elif case == "aug_pad_text":
+            f.attrs["aug_pad"] = "four"
+        else:
+            f.attrs["mean"], f.attrs["std"] = "abc", "abc"
+    with pytest.raises(DataError) as e:
+        load_dataset("hdf5", path)
+    assert_one_line_error(e, message)
+
+
+def test_hdf5_class_names_set_the_classes_where_num_classes_is_not_given(tmp_path):
+    """Three class names and labels 0-1 (no image of the third class yet): refused, as the labels
+    counted 2 classes against 3 names."""
+    path = str(tmp_path / "names.h5")
+    with h5py.File(path, "w") as f:
+        for split in ("train", "test"):
+            f[split + "/images"] = np.zeros((4, 8, 8, 3), np.uint8)
+            f[split + "/labels"] = np.arange(4) % 2
+        f.attrs["class_names"] = ["a", "b", "c"]
+    assert load_dataset("hdf5", path)[2].num_classes == 3
 
 
 def test_hdf5_hand_made_file_without_attrs(tmp_path):
