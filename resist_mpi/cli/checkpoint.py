@@ -750,6 +750,25 @@ def set_aside_after(out: str, round_index: int, keep: Optional[str] = None,
             f"--resume auto and --keep-checkpoints ignore them there")
 
 
+def take_back_line(out: str, path: str) -> Optional[Tuple[str, str]]:
+    """When path is a checkpoint of a line set aside in out (OUT/checkpoints/abandoned-*/ckpt-N,
+    resumed with --resume PATH), that line is this run's now: every folder in OUT/checkpoints goes
+    aside (the line this resume leaves, older folders too, which would sit among this line's and
+    be taken by --resume auto), and path moves back in as OUT/checkpoints/ckpt-N. Returns (a line
+    saying so, the new path), or None for any other path. Rank 0, once every rank has read it."""
+    real, base = os.path.realpath(path), os.path.realpath(checkpoint_dir(out))
+    parent = os.path.dirname(real)
+    m = _DIR.fullmatch(os.path.basename(real))
+    if not m or os.path.dirname(parent) != base or not os.path.basename(parent).startswith(ABANDONED):
+        return None
+    moved = set_aside_after(out, -1, reason="of the line this resume leaves (all")
+    target = os.path.join(base, os.path.basename(real))
+    os.replace(real, target)
+    fsync_dir(base)
+    line = f"took {os.path.basename(real)} back from {os.path.basename(parent)}: its line goes on here"
+    return (f"{line}; {moved}" if moved else line), target
+
+
 def folder_round(out: str, path: str) -> Optional[int]:
     """The number of checkpoint folder path when it is one of out's (OUT/checkpoints/ckpt-NNNNNN),
     else None. It orders out's checkpoints; after a resume on another world size it can differ

@@ -352,7 +352,11 @@ class Trainer:
         number = ckpt.folder_round(self.cfg.out, state["path"]) if state["path"] else None
         since = int(state["round"]) if number is None else number
         try:
-            self.set_aside = ckpt.set_aside_after(self.cfg.out, since, state["path"])
+            back = ckpt.take_back_line(self.cfg.out, state["path"]) if state["path"] else None
+            if back is not None:  # a line set aside earlier goes on: the records name where it is now
+                self.set_aside, state["path"] = back
+            else:
+                self.set_aside = ckpt.set_aside_after(self.cfg.out, since, state["path"])
         except OSError as e:  # rank 0 alone here: a line, not a hang of the others
             self.set_aside = f"could not move the checkpoints newer than round {since} aside: {e}"
 
@@ -605,8 +609,11 @@ class Trainer:
         self.c.barrier()
         if self.c.rank != 0:
             return
+        number = ckpt.folder_round(self.cfg.out, state["path"])
         try:
             line = ckpt.renumber_resumed(self.cfg.out, state["path"], start, int(state["world_size"]))
+            if number is not None and number > start:  # renamed: the records name it where it is
+                state["path"] = ckpt.round_dir(self.cfg.out, start)
         except OSError as e:  # rank 0 alone here: a line, not a hang of the others
             line = f"could not renumber the checkpoints for this world's rounds: {e}"
         if line:
@@ -622,7 +629,8 @@ class Trainer:
             return
         left, joined = _difference(old, new), _difference(new, old)
         rounds = [r for r in before if r.get("event") == "round"]
-        last = max(rounds, key=lambda r: r["round"]) if rounds else None
+        # the last round trained, in the record's order: round numbers of two worlds do not compare
+        last = rounds[-1] if rounds else None
         # rounds of the world before the change that ran after the checkpoint (their work is trained
         # again): counted in that world's rounds, which another world size numbers differently
         repeated = max(0, last["round"] + 1 - int(self.resume_state["round"])) if last else 0

@@ -172,6 +172,30 @@ def test_resume_from_an_older_checkpoint_moves_the_newer_line_aside(tmp_path, ca
         [0.1, 0.1, 0.5, 0.5, 0.5, 0.5]
 
 
+def test_going_back_to_a_line_set_aside_takes_it_back_and_sets_the_other_aside(tmp_path, capsys):
+    """--resume PATH to a checkpoint in abandoned-*/ (what the docs advise to go back to that line)
+    left the line it replaced in checkpoints/, interleaved with the resumed one: a later --resume
+    auto (the resumed run killed before its first commit) went on with the other line, and rotation
+    deleted the other line's checkpoints. Now that line goes aside whole and the checkpoint resumed
+    from comes back, under its own name, where --resume auto and the records find it."""
+    out = tmp_path / "run"
+    _run(out, keep_checkpoints=10)  # line A: ckpt 1-6, lr 0.1
+    _run(out, keep_checkpoints=10, epochs=1, lr=0.5, resume=str(out / "checkpoints" / "ckpt-000002"))  # line B
+    (aside,) = [n for n in _names(out) if n.startswith("abandoned-")]
+    back = out / "checkpoints" / aside / "ckpt-000005"
+    said = _run(out, capsys, keep_checkpoints=10, resume=str(back))  # line A again, from its round 5
+    names = _names(out)
+    assert not back.exists() and [n for n in names if not n.startswith("abandoned-")] == ["ckpt-000005", "ckpt-000006"]
+    assert [_manifest(out / "checkpoints" / n)["config"]["lr"] for n in ("ckpt-000005", "ckpt-000006")] == [0.1, 0.1]
+    (b_aside,) = [n for n in names if n.startswith("abandoned-") and n != aside]
+    assert sorted(os.listdir(out / "checkpoints" / b_aside)) == ["ckpt-000001", "ckpt-000002", "ckpt-000003"]
+    assert f"resumed from {out / 'checkpoints' / 'ckpt-000005'} at round 5" in said.splitlines(), said
+    from helpers import records
+    assert records(out, "resume")[-1]["path"] == str(out / "checkpoints" / "ckpt-000005")
+    newest, _ = ckpt.newest_verified(str(out))
+    assert os.path.basename(newest) == "ckpt-000006" and _manifest(newest)["config"]["lr"] == 0.1
+
+
 def test_a_rank_file_only_one_rank_reads_damaged_stops_every_rank_with_one_line_and_moves_nothing(tmp_path,
                                                                                                  capsys):
     """Rank 0 reads the shared files, rank 1 its own: a damaged rank-00001.pt raised on rank 1
@@ -579,3 +603,23 @@ def test_a_resume_on_other_training_data_is_refused_where_it_would_land_at_anoth
     assert err[0].startswith(f"resist_mpi: error: checkpoint {newest} was written with 12 steps an epoch on 1 ranks, "
                              f"this run has 8 (1000 training images): its training data changed"), err
     Trainer(validate(Config(**{**settings, "epochs": 2, "resume": "auto"})), comm.init("self", fail_fast=False)).run()
+
+
+def test_after_two_changes_of_the_world_the_records_name_the_renamed_folder_and_count_no_round_twice(tmp_path):
+    """1 rank, then 2 (from ckpt-000004, renamed ckpt-000002 for their rounds), then 1 again: the
+    resume record named ckpt-000004, which the renaming had moved (and which the new world later
+    wrote again); the second membership record took the 1-rank world's round 3 for the last one
+    trained (round numbers of two worlds compared) and said 1 round was trained again, where the
+    2-rank world had stopped exactly at its checkpoint."""
+    from helpers import records
+    out = tmp_path / "run"
+    kw = dict(strategy="local_sgd", keep_checkpoints=10)
+    _run(out, **kw)
+    cfg = validate(Config(**{**TINY, **kw, "out": str(out), "resume": str(out / "checkpoints" / "ckpt-000004")}))
+    torch.set_num_threads(1)
+    run_ranks(2, lambda c: Trainer(cfg, c).run())
+    first = records(out, "resume")[-1]
+    assert (first["round"], first["path"]) == (2, str(out / "checkpoints" / "ckpt-000002"))
+    _run(out, **kw, epochs=3, resume="auto")
+    last = records(out, "membership")[-1]
+    assert (last["previous_world_size"], last["world_size"], last["rounds_repeated"]) == (2, 1, 0), last
