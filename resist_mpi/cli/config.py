@@ -29,7 +29,8 @@ class Config:
     # -- what to train ---------------------------------------------------------------------------
     strategy: str = _f("resist", "training strategy", "model", STRATEGY_NAMES)
     model: str = _f("preact_resnet101", "registered model name (see --list-models)", "model")
-    width: int = _f(64, "channels of the first stage (64 in the paper; 8/16 for thin CPU models)", "model")
+    width: int = _f(64, "channels of the first stage of the preact_resnet models (64 in the paper; 8/16 for thin CPU "
+                        "models; torchvision's models have their own)", "model")
     partition_stages: str = _f("3", "1-based stages whose non-strided blocks are partitioned, e.g. '3' or '2,3'", "model")
     # -- data ------------------------------------------------------------------------------------
     dataset: str = _f("digits", "digits (embedded), synthetic, cifar10, cifar100, imagefolder, hdf5", "data")
@@ -228,6 +229,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if cfg.model not in list_models():
         raise ConfigError(f"unknown model {cfg.model!r}; available: {', '.join(list_models())}")
+    if cfg.model.startswith("torchvision.") and cfg.width != 64:
+        raise ConfigError(f"--width {cfg.width}: {cfg.model} has torchvision's own widths (--width applies to the "
+                          f"package's preact_resnet models)")
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "local_steps": cfg.local_steps,
                 "width": cfg.width, "keep_checkpoints": cfg.keep_checkpoints}
     for name, value in positive.items():
@@ -254,7 +258,7 @@ def validate(cfg: Config) -> Config:
     if cfg.strategy == "data_parallel" and (cfg.overlap or cfg.outer_optimizer != "average"):
         raise ConfigError("--overlap and --outer-optimizer apply to resist and local_sgd (data_parallel averages "
                           "gradients at every step)")
-    if cfg.overlap_steps and (not cfg.overlap or not 0 < cfg.overlap_steps < cfg.local_steps):
+    if (cfg.overlap_steps is not None and not cfg.overlap) or (cfg.overlap_steps and not 0 < cfg.overlap_steps < cfg.local_steps):
         raise ConfigError(f"--overlap-steps {cfg.overlap_steps}: needs --overlap and a value from 1 to --local-steps - 1 "
                           f"({cfg.local_steps - 1}); 0 lands the average at the round's end")
     if cfg.warmup_epochs and cfg.strategy != "resist":

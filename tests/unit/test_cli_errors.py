@@ -114,6 +114,10 @@ def _error_lines(capsys):
     (["--group-size", "two"], "--group-size 'two': give a number of ranks per group, or 'node'"),
     (["--group-size", "\u00b2"], "--group-size '\u00b2': give a number of ranks per group"),  # isdigit(), not int()
     (["--group-size", "2", "--strategy", "data_parallel"], "--group-size applies to resist and local_sgd"),
+    # trained at full width while the start line said "width 8"
+    (["--model", "torchvision.resnet18", "--width", "8"], "--width 8: torchvision.resnet18 has torchvision's own"),
+    # --overlap-steps 3 without --overlap was refused, 0 passed
+    (["--overlap-steps", "0"], "--overlap-steps 0: needs --overlap"),
 ])
 def test_bad_settings_are_refused_before_any_rank_starts(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
