@@ -65,6 +65,9 @@ RESIST_MAX_RESTARTS=${RESIST_MAX_RESTARTS:-3}
 # After a failed launch, seconds a node has to answer a probe (SLURM: a step running `true` on it;
 # PBS: a ping) before it counts as lost
 RESIST_NODE_WAIT=${RESIST_NODE_WAIT:-30}
+# After a lost node: seconds the relaunch waits for --out's lock (--lock-wait), which a file system
+# like NFS keeps for the lost node until its lease ends
+RESIST_LOCK_WAIT=${RESIST_LOCK_WAIT:-180}
 RESIST_EXTRA_ARGS=${RESIST_EXTRA_ARGS:-}
 # One thread per rank unless the job asked for more cores per task (ranks share a node's cores).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -209,7 +212,7 @@ resist_finish() {
 # Open MPI 4.1.4 under srun --mpi=pmix) runs again on the same nodes, within the same limit.
 resist_train() {
     local out=$1; shift
-    local common rc restarts=0 hosts alive lost before word prev="" unfinished
+    local common rc restarts=0 hosts alive lost before word prev="" unfinished relaunch=()
     # shellcheck disable=SC2086  # RESIST_EXTRA_ARGS is a list of flags
     for word in $RESIST_EXTRA_ARGS; do  # a --resume PATH there would restart every requeue and relaunch from PATH
         if { [ "$prev" = --resume ] && [ "$word" != auto ]; } || { [[ $word == --resume=* ]] && [ "$word" != --resume=auto ]; }; then
@@ -227,7 +230,7 @@ resist_train() {
         rc=0
         before=$(_resist_newest_checkpoint "$out")
         # shellcheck disable=SC2086  # RESIST_EXTRA_ARGS is a list of flags
-        resist_launch -m resist_mpi.train "${common[@]}" --out "$out" "$@" $RESIST_EXTRA_ARGS || rc=$?
+        resist_launch -m resist_mpi.train "${common[@]}" --out "$out" "$@" ${relaunch[@]+"${relaunch[@]}"} $RESIST_EXTRA_ARGS || rc=$?
         unfinished=0
         if [ "$rc" -eq 0 ] && [ "${RESIST_DRY_RUN:-0}" != 1 ] && ! _resist_finished "$out"; then
             # srun has exited 0 for a step whose tasks failed to launch ("task 0 launch failed", seen
@@ -269,6 +272,8 @@ resist_train() {
         lost=$(comm -23 <(tr , '\n' <<<"$hosts" | sort) <(tr , '\n' <<<"$alive" | sort) | paste -sd, -)
         restarts=$((restarts + 1))
         RESIST_HOSTS=$alive
+        # --out on NFS keeps the lost node's lock on it until its lease ends (~90 s with NFSv4): wait for it
+        relaunch=(--lock-wait "$RESIST_LOCK_WAIT")
         RESIST_NODES=$(tr , '\n' <<<"$alive" | grep -c .)
         RESIST_NP=$((RESIST_NODES * RESIST_RANKS_PER_NODE))
         echo "resist: lost $lost (exit $rc); relaunching on $RESIST_NODES nodes ($alive), restart $restarts of" \

@@ -807,23 +807,37 @@ class OutLock:
 
     An flock on OUT/.lock, which the kernel releases however the process ends (a lock left by a
     dead job is simply free again); the file names the holder (host, pid, start time) for the
-    message. On a file system without locks the run goes on unlocked.
+    message. On a file system without locks the run goes on unlocked, and says so.
+
+    wait (--lock-wait, seconds): how long a lock held elsewhere is waited for before the refusal.
+    The job scripts pass it to a relaunch after a lost node: where --out is on NFS, the lost node's
+    lock stays with the server until its lease ends (about 90 s with NFSv4), and the relaunch would
+    be refused as "in use by another run" by the run it replaces.
     """
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, wait: float = 0.0):
         os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, ".lock")
         self._fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._fh.seek(0)
-            holder = self._fh.read().strip() or "another process"
-            self._fh.close()
-            raise CheckpointError(f"--out {out} is in use by another run ({holder}); wait for it to end or "
-                                  f"choose another --out") from None
-        except OSError:  # no locking here (some network file systems): carry on without it
-            pass
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                self._fh.seek(0)
+                holder = self._fh.read().strip() or "another process"
+                self._fh.close()
+                waited = f" (waited {wait:g} s for it)" if wait > 0 else ""
+                raise CheckpointError(f"--out {out} is in use by another run ({holder}){waited}; wait for it to end "
+                                      f"or choose another --out") from None
+            except OSError as e:  # no locking here (some network file systems): carry on without it
+                sys.stderr.write(f"resist_mpi: note: --out {out} cannot be locked ({e.strerror or e}): nothing "
+                                 f"stops a second run from writing into it at the same time\n")
+                break
         self._fh.seek(0)
         self._fh.truncate()
         self._fh.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

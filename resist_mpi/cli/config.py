@@ -99,6 +99,9 @@ class Config:
     keep_checkpoints: int = _f(2, "how many recent complete checkpoints to keep", "run")
     resume: Optional[str] = _f(None, "checkpoint path, or 'auto' for the newest in --out", "run")
     overwrite: bool = _f(False, "start afresh in an --out that holds a run (its records and checkpoints are deleted)", "run")
+    lock_wait: float = _f(0.0, "seconds to wait for --out's lock while another process holds it, before refusing "
+                                "(the job scripts pass 180 after a lost node: NFS keeps a dead node's lock until "
+                                "its lease ends)", "run")
     comm_timeout: float = _f(300.0, "seconds without progress before peers are probed; an unreachable one "
                              "(lost node or link) aborts the job with one line (0: never)", "run")
     progress: str = _f("auto", "progress bar on rank 0: auto (when a terminal), on, off", "run", ("auto", "on", "off"))
@@ -242,7 +245,7 @@ def validate(cfg: Config) -> Config:
                     "bn_images": cfg.bn_images,
                     "checkpoint_minutes": cfg.checkpoint_minutes,
                     "checkpoint_rounds": cfg.checkpoint_rounds, "weight_decay": cfg.weight_decay,
-                    "momentum": cfg.momentum, "comm_timeout": cfg.comm_timeout}
+                    "momentum": cfg.momentum, "comm_timeout": cfg.comm_timeout, "lock_wait": cfg.lock_wait}
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")

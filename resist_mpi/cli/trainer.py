@@ -258,7 +258,7 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             if c.rank == 0:
-                self.lock = ckpt.OutLock(cfg.out)  # held until the process ends: one run per --out
+                self.lock = ckpt.OutLock(cfg.out, cfg.lock_wait)  # held until the process ends: one run per --out
             ckpt.check_out_dir(cfg)
             self.train_set, self.test_set, self.info = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed,
                                                                     image_size=cfg.image_size)

@@ -1,5 +1,6 @@
 """Defects found reading the code and trying it as a new user, each pinned by a test that failed
 before its fix (issue #20). Multi-rank cases run on thread ranks."""
+import errno
 import os
 import threading
 import time
@@ -198,6 +199,32 @@ def test_an_out_directory_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_i
     lock = ckpt.OutLock(out)  # the dead run's lock file is still there; its lock went with it
     assert f"pid {os.getpid()}" in open(os.path.join(out, ".lock")).read()
     lock.release()
+
+
+def test_a_relaunch_waits_for_the_lock_a_lost_node_held_and_an_unlockable_out_says_so(tmp_path, monkeypatch, capsys):
+    """After a lost node, NFS keeps its lock on --out until its lease ends: the relaunch was
+    refused as "in use by another run" by the run it replaces, and the job script took that exit 2
+    for bad input. --lock-wait waits for it. Where --out cannot be locked at all the run went on
+    without a word."""
+    from helpers import out_lock_held_elsewhere
+    from resist_mpi.cli.config import parse_config, validate
+    out = str(tmp_path / "run")
+    with out_lock_held_elsewhere(out) as holder:
+        with pytest.raises(ckpt.CheckpointError, match=r"in use by another run .*\(waited 1 s for it\)"):
+            ckpt.OutLock(out, wait=1)
+        threading.Timer(1.5, holder.kill).start()  # the lease ends
+        t0 = time.monotonic()
+        lock = ckpt.OutLock(out, wait=30)
+        assert 1.0 < time.monotonic() - t0 < 30
+    lock.release()
+    assert validate(parse_config(["--lock-wait", "180"])).lock_wait == 180.0
+
+    def no_locks(fh, how):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(ckpt.fcntl, "flock", no_locks)
+    capsys.readouterr()
+    ckpt.OutLock(str(tmp_path / "nfs")).release()
+    assert f"--out {tmp_path / 'nfs'} cannot be locked (Function not implemented)" in capsys.readouterr().err
 
 
 def _fake_checkpoint(directory, **over):

@@ -105,6 +105,8 @@ def test_pbs_relaunches_on_the_nodes_that_answer(tmp_path):
     assert launches[1].startswith("-np 3 -H node0:1,node1:1,node2:1 --map-by ppr:1:node --hostfile "), launches[1]
     for cmd in launches:
         assert "--resume auto" in cmd and "-m resist_mpi.train" in cmd and "--strategy resist" in cmd
+    # the relaunch waits for the lock on --out that the lost node may still hold (NFS: until its lease ends)
+    assert "--lock-wait" not in launches[0] and "--strategy resist --lock-wait 180" in launches[1], launches[1]
     assert ("resist: lost node3 (exit 3); relaunching on 3 nodes (node0,node1,node2), restart 1 of 3, "
             "from the newest checkpoint") in out, out
 
