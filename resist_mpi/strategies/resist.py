@@ -92,6 +92,7 @@ class ResIST(Strategy):
         self.min_depth, self.seed = min_depth, seed
         self.device = torch.device(device) if device is not None else _device_of(model)
         self.store = BlockStore(self.blocks, self.device)
+        self._run_order = _RunOrder(model, self.blocks)  # what the model's first forward runs, in order
         self._shared = shared_slots(model, self.blocks)
         self._average = Averager(comm, self.shared_tensors, self.groups, wire_dtype, overlap=overlap,
                                  outer=outer_optimizer)
@@ -274,11 +275,18 @@ class ResIST(Strategy):
 
     # -- evaluation / checkpoints ----------------------------------------------------------------------
     def bn_to_recalibrate(self) -> List[torch.nn.Module]:
-        """The BN layers from the first partitioned block on: before it, the full model computes what
-        every sub-network computes, so those layers' averaged running statistics hold."""
-        order = list(self.model.modules())
-        first = min(order.index(b) for b in self.blocks)
-        return [m for m in order[first:] if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        """The BN layers from the first partitioned block on, in the order the model's forward runs
+        them (before the first forward: the order the model registers them): before that block, the
+        full model computes what every sub-network computes, so those layers' averaged running
+        statistics hold. (A model that registers a BN after the blocks before them, a final BN
+        defined first in __init__, had that BN left out by the registration order.)"""
+        bn = torch.nn.modules.batchnorm._BatchNorm
+        order = self._run_order.order or list(self.model.modules())
+        ids = [id(m) for m in order]
+        first = min(ids.index(id(b)) for b in self.blocks if id(b) in ids)
+        after = {id(m) for m in order[first:]}
+        inside = {id(m) for b in self.blocks for m in b.modules()}
+        return [m for m in self.model.modules() if isinstance(m, bn) and (id(m) in after or id(m) in inside)]
 
     def eval_scale(self) -> float:
         return partition.eval_residual_scale(len(self.blocks), self.groups.count, self.min_depth)
@@ -454,6 +462,47 @@ class ResIST(Strategy):
         self.store.slab(b)
         prefix = self.block_names[b] + "."
         self.blocks[b].load_state_dict({k[len(prefix):]: v for k, v in entries.items()})
+
+
+class _RunOrder:
+    """The order model's first forward runs its blocks and the BN layers outside them (order: None
+    until a forward of the whole model ended; the hooks then go). Hooks of a module-level class,
+    not closures, so that the model still pickles; a copy of the model made before the first
+    forward (an evaluation's) carries them and notes nothing."""
+
+    def __init__(self, model: torch.nn.Module, blocks: Sequence[torch.nn.Module]):
+        bn = torch.nn.modules.batchnorm._BatchNorm
+        inside = {id(m) for b in blocks for m in b.modules()}
+        block_ids = {id(b) for b in blocks}
+        watched = [m for m in model.modules()
+                   if id(m) in block_ids or (isinstance(m, bn) and id(m) not in inside)]
+        self.model, self.ids, self.ran = model, {id(m) for m in watched}, []
+        self.order: Optional[List[torch.nn.Module]] = None
+        self.handles = [m.register_forward_pre_hook(_RunOrderBefore(self)) for m in watched]
+        self.handles.append(model.register_forward_hook(_RunOrderAfter(self)))
+
+
+class _RunOrderBefore:
+    def __init__(self, watch: _RunOrder):
+        self.watch = watch
+
+    def __call__(self, module, args):
+        w = self.watch
+        if w.order is None and id(module) in w.ids and all(module is not m for m in w.ran):
+            w.ran.append(module)
+
+
+class _RunOrderAfter:
+    def __init__(self, watch: _RunOrder):
+        self.watch = watch
+
+    def __call__(self, module, args, output):
+        w = self.watch
+        if module is not w.model or w.order is not None:
+            return
+        for h in w.handles:
+            h.remove()
+        w.order, w.ran = list(w.ran), []
 
 
 def _device_of(model) -> torch.device:

@@ -465,3 +465,47 @@ def test_a_subclass_with_a_forward_of_its_own_is_not_taken_for_its_parents_kind(
         assert torch.allclose(block(x), own, atol=1e-6)
         set_scale([block], 0.25)
         assert torch.allclose(block(x), x + 0.25 * (own - x), atol=1e-6)  # the generic form: x + s(f(x)... )
+
+
+class _FinalNormFirst(torch.nn.Module):
+    """Residual blocks, then a BN: the BN registered first in __init__ (as a user's model may)."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.final = torch.nn.BatchNorm1d(d)
+        self.first = torch.nn.BatchNorm1d(d)  # before the blocks: its input is every sub-network's
+        self.inp, self.out = torch.nn.Linear(d, d), torch.nn.Linear(d, 2)
+        self.blocks = torch.nn.ModuleList(_Step(d) for _ in range(4))
+
+    def forward(self, x):
+        x = self.first(self.inp(x))
+        for b in self.blocks:
+            x = b(x)
+        return self.out(self.final(x))
+
+
+def test_bn_after_the_blocks_is_recalibrated_whatever_order_the_model_registers_it_in():
+    """ResIST re-estimates the BN layers from the first block on, which it took in registration
+    order: a final BN registered before the blocks kept its sub-networks' statistics at evaluation
+    (the docs say those are wrong there). The order is now the one the first forward runs."""
+    from resist_mpi.comm.thread import run_ranks
+
+    def body(c):
+        torch.manual_seed(0)
+        model = _FinalNormFirst()
+        job = rm.ResIST(model, c, blocks=[f"blocks.{i}" for i in range(4)])
+        before = [n for n, m in model.named_modules() if any(m is b for b in job.bn_to_recalibrate())]
+        for _ in job.rounds(1):
+            model(torch.randn(8, 4)).sum().backward()
+        after = [n for n, m in model.named_modules() if any(m is b for b in job.bn_to_recalibrate())]
+        hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+        return before, after, hooks
+    for before, after, hooks in run_ranks(2, body):
+        assert before == [] and after == ["final"] and hooks == 0  # (registration order before any forward)
+    torch.manual_seed(0)
+    model = _thin([1, 2, 2, 1])
+    job = rm.ResIST(model, rm.init("self", fail_fast=False))
+    registered = job.bn_to_recalibrate()
+    for _ in job.rounds(1):
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert [id(m) for m in job.bn_to_recalibrate()] == [id(m) for m in registered] and len(registered) > 1
