@@ -282,7 +282,34 @@ def validate(cfg: Config) -> Config:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard")
     cfg.stages()
+    # ~ in a path: the shell expands it on the command line, a config file's value nobody did
+    # (`out: ~/runs/x` made a folder named "~" in the working directory)
+    for name in ("out", "data_dir", "resume"):
+        value = getattr(cfg, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(cfg, name, os.path.expanduser(value))
     return cfg
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last one without a word)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=_Loader)
 
 
 def load_config_file(path: str) -> Dict[str, Any]:
@@ -298,8 +325,7 @@ def load_config_file(path: str) -> Dict[str, Any]:
         if path.endswith(".json"):
             data = json.loads(text)
         else:
-            import yaml
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
     except Exception as e:  # yaml/json errors are multi-line; keep the first line
         raise ConfigError(f"cannot parse config file {path}: {str(e).splitlines()[0]}")
     data = data or {}
@@ -307,6 +333,12 @@ def load_config_file(path: str) -> Dict[str, Any]:
         raise ConfigError(f"config file {path} must hold a mapping of settings")
     known = {f.name for f in fields(Config)}
     clean = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if len(clean) < len(data):  # local-steps and local_steps: one would win unsaid
+        spelled: Dict[str, List[str]] = {}
+        for k in data:
+            spelled.setdefault(str(k).replace("-", "_"), []).append(str(k))
+        twice = next(v for v in spelled.values() if len(v) > 1)
+        raise ConfigError(f"config file {path} sets {twice[0]} twice ({' and '.join(twice)}): keep one")
     unknown = sorted(set(clean) - known)
     if unknown:
         hints = "".join(f" ({k} is now {RENAMED[k]})" for k in unknown if k in RENAMED)

@@ -154,6 +154,30 @@ BAD_FILE_VALUES = [  # (file name, its text, what the one line says)
 ]
 
 
+@pytest.mark.parametrize("text, message", [
+    ("lr: 0.1\nepochs: 3\nlr: 0.2\n", "the key 'lr' is given twice"),
+    ("local-steps: 5\nlocal_steps: 6\n", "sets local-steps twice (local-steps and local_steps): keep one"),
+])
+def test_a_setting_given_twice_in_a_config_file_is_one_line(tmp_path, text, message):
+    """PyYAML keeps the last of two equal keys, and the two spellings of a key were one after
+    their dashes became underscores: the first value was dropped without a word."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--config", str(path)])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_home_relative_path_in_a_config_file_is_expanded(tmp_path, monkeypatch):
+    """The shell expands ~ on the command line, nothing did in a file: `out: ~/runs/x` made a
+    folder named "~" in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text("out: ~/runs/x\ndata_dir: ~/data\nresume: auto\n")
+    cfg = validate(parse_config(["--config", str(path)]))
+    assert (cfg.out, cfg.data_dir, cfg.resume) == (f"{tmp_path}/runs/x", f"{tmp_path}/data", "auto")
+
+
 def test_a_config_file_that_is_not_utf8_text_is_one_line_exit_2(tmp_path, capsys):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("out: caf\u00e9\n".encode("latin-1"))
