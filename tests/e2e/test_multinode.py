@@ -159,10 +159,10 @@ def test_one_rank_per_node_matches_one_node(train_runs, strategy):
     ref_config, ref_recs = _read(train_runs["base"] / "reference" / strategy)
     assert config["world_size"] == ref_config["world_size"] == 4 and config["config"]["strategy"] == strategy
     keys = ("event", "round", "train_loss", "test_loss", "test_acc", "bytes_sent", "bytes_recv")
-    assert [r["event"] for r in recs] == [r["event"] for r in ref_recs] == ["round", "round", "eval"], recs
+    assert [r["event"] for r in recs] == [r["event"] for r in ref_recs] == ["round", "round", "eval", "done"], recs
     for got, ref in zip(recs, ref_recs):
         assert {k: got.get(k) for k in keys} == {k: ref.get(k) for k in keys}
-    assert all(r["bytes_sent"] > 0 for r in recs)
+    assert all(r["bytes_sent"] > 0 for r in recs[:-1])
     # and it really crossed the network: every node sent (its rank's share) through its interface
     assert min(train_runs["tx"].values()) > 1_000_000, train_runs["tx"]
 
@@ -185,7 +185,8 @@ def test_byte_counters_match_kernel_counters(train_runs):
     assert sorted(c["rank"] for c in counters) == [0, 1, 2, 3], counters
     package = sum(c["sent"] + c["control"] / 2 for c in counters)
     kernel = sum(train_runs["tx"].values())
-    recorded = sum(r["bytes_sent"] for s in STRATEGIES for r in _read(train_runs["base"] / "nodes" / s)[1])
+    recorded = sum(r["bytes_sent"] for s in STRATEGIES for r in _read(train_runs["base"] / "nodes" / s)[1]
+                   if r["event"] != "done")
     # the records are a subset of the counters: the start-up broadcast of each model is in none of them
     assert 0 < recorded <= package
     assert package <= kernel <= OVERHEAD * package + WIREUP, \
@@ -238,8 +239,8 @@ def test_horovodrun_across_nodes(cluster, train_runs, tmp_path, controller):
     config, recs = _read(tmp_path)
     assert config["backend"] == "horovod" and config["world_size"] == 4
     _, ref = _read(train_runs["base"] / "reference" / "resist")
-    assert [r["event"] for r in recs] == [r["event"] for r in ref]
-    for got, want in zip(recs, ref):
+    assert [r["event"] for r in recs] == [r["event"] for r in ref] and recs[-1]["event"] == "done"
+    for got, want in zip(recs[:-1], ref[:-1]):
         assert (got["bytes_sent"], got["bytes_recv"]) == (want["bytes_sent"], want["bytes_recv"]), (got, want)
         loss = "train_loss" if got["event"] == "round" else "test_loss"
         assert math.isclose(got[loss], want[loss], rel_tol=1e-4), (got, want)  # Gloo may add in another order
@@ -285,11 +286,13 @@ def _check_job(slurm, cluster, job, out, log, launcher, before, reference):
     assert info["NodeList"] == "node[0-3]" and info["NumNodes"] == "4", info
     assert f"resist: 4 ranks (4 nodes x 1, 0 GPUs/node) on {','.join(HOSTS)} via {launcher}" in log.read_text()
     config, recs = _read(out)
+    assert recs[-1]["event"] == "done"  # the run's last record
     recs = [r for r in recs if r["event"] in ("round", "eval")]  # the job scripts also checkpoint
     assert config["world_size"] == 4 and [r["event"] for r in recs] == ["round", "round", "eval"]
     assert min(tx.values()) > 200_000, tx  # a rank on every node, each sending its share through net0
     # it trained what the one-node run trained (the job's checkpoint traffic aside)
     keys = ("round", "train_loss", "test_loss", "test_acc")
+    reference = [r for r in reference if r["event"] in ("round", "eval")]
     assert [{k: r.get(k) for k in keys} for r in recs] == [{k: r.get(k) for k in keys} for r in reference]
 
 
