@@ -236,14 +236,12 @@ class ShardWriter:
             self._writes += 1
         self._queue.put(lambda: self._write(round_index, directory, files))
 
-    def wait_for_room(self, backlog: int = 1) -> float:
-        """Block while more than backlog snapshots wait to be written; the seconds waited. A disk
-        slower than the rounds would otherwise queue a CPU copy of the state every round (memory
-        without bound), and a kill or a failed write would lose every round queued."""
-        t0 = time.perf_counter()
+    def wait_for_room(self, backlog: int = 1) -> None:
+        """Block while more than backlog snapshots wait to be written. A disk slower than the rounds
+        would otherwise queue a CPU copy of the state every round (memory without bound), and a
+        kill or a failed write would lose every round queued."""
         with self._room:
             self._room.wait_for(lambda: self._writes <= backlog)
-        return time.perf_counter() - t0
 
     def submit_task(self, task) -> None:
         """Run task() on the writer thread after what was submitted before, its errors ignored
@@ -327,7 +325,6 @@ class Checkpointer:
         self.cfg, self.c, self.meta = cfg, c, meta
         self.writer = ShardWriter()
         self.t_snapshot = 0.0  # seconds the training thread spent taking snapshots
-        self.t_backlog = 0.0  # of which waiting for the writer to catch up (a disk slower than the rounds)
         self._snap: Dict[int, float] = {}
         self._pending: List[Tuple[int, Dict]] = []  # rank 0: rounds waiting for their manifest
         self.written: List[int] = []  # rank 0: rounds whose manifest exists (this run)
@@ -336,7 +333,7 @@ class Checkpointer:
         """Hand this rank's shard of the state at round job.round to the writer (no communication;
         the copy is synchronous, the disk is not)."""
         t0 = time.perf_counter()
-        self.t_backlog += self.writer.wait_for_room()  # at most one snapshot waiting behind the one being written
+        self.writer.wait_for_room()  # at most one snapshot waits behind the one being written (in t_snapshot)
         shard = job.shard()
         check_finite({"shared": shard.shared or {}, "dealt": shard.dealt, "blocks": shard.blocks},
                      f"rank {self.c.rank}'s model")
