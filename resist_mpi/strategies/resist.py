@@ -93,6 +93,7 @@ class ResIST(Strategy):
         self.device = torch.device(device) if device is not None else _device_of(model)
         self.store = BlockStore(self.blocks, self.device)
         self._run_order = _RunOrder(model, self.blocks)  # what the model's first forward runs, in order
+        self._block_ids = {id(b) for b in self.blocks}
         self._shared = shared_slots(model, self.blocks)
         self._average = Averager(comm, self.shared_tensors, self.groups, wire_dtype, overlap=overlap,
                                  outer=outer_optimizer)
@@ -281,7 +282,9 @@ class ResIST(Strategy):
         statistics hold. (A model that registers a BN after the blocks before them, a final BN
         defined first in __init__, had that BN left out by the registration order.)"""
         bn = torch.nn.modules.batchnorm._BatchNorm
-        order = self._run_order.order or list(self.model.modules())
+        order = self._run_order.order or []
+        if not any(id(m) in self._block_ids for m in order):  # no forward yet (or none ran a block)
+            order = list(self.model.modules())
         ids = [id(m) for m in order]
         first = min(ids.index(id(b)) for b in self.blocks if id(b) in ids)
         after = {id(m) for m in order[first:]}
@@ -466,9 +469,8 @@ class ResIST(Strategy):
 
 class _RunOrder:
     """The order model's first forward runs its blocks and the BN layers outside them (order: None
-    until a forward of the whole model ended; the hooks then go). Hooks of a module-level class,
-    not closures, so that the model still pickles; a copy of the model made before the first
-    forward (an evaluation's) carries them and notes nothing."""
+    until a forward of the whole model ended; the hooks then go). A copy of the model made before
+    the first forward (an evaluation's) carries copies of them, which note into the copy's own."""
 
     def __init__(self, model: torch.nn.Module, blocks: Sequence[torch.nn.Module]):
         bn = torch.nn.modules.batchnorm._BatchNorm
