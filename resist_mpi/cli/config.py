@@ -37,7 +37,7 @@ class Config:
     data_dir: Optional[str] = _f(None, "dataset directory (or the .h5 file for hdf5)", "data")
     download: bool = _f(False, "download CIFAR when absent (needs network)", "data")
     workers: int = _f(0, "DataLoader worker processes per rank", "data")
-    image_size: Optional[int] = _f(None, "imagefolder: crop size fed to the model (default 224)", "data")
+    image_size: Optional[int] = _f(None, "imagefolder: crop size fed to the model (none: 224)", "data")
     # -- optimisation --------------------------------------------------------------------------------
     epochs: int = _f(160, "training epochs", "optim")
     batch_size: int = _f(128, "mini-batch size per rank", "optim")
