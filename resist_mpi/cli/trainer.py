@@ -98,9 +98,13 @@ def build_strategy(cfg: Config, model: nn.Module, c: Comm, steps_per_epoch: int,
     resist = dict(averaged, stages=cfg.stages(), min_depth=cfg.min_depth, seed=cfg.seed)
     if not cfg.warmup_epochs:
         return ResIST(model, c, **resist, **common)
-    switch_round = -(-cfg.warmup_epochs * steps_per_epoch // cfg.local_steps)  # first round at or after K epochs
     return Warmup(LocalSGD(model, c, **averaged, **common),
-                  lambda: ResIST(model, c, synchronized=True, **resist, **common), switch_round)
+                  lambda: ResIST(model, c, synchronized=True, **resist, **common), switch_round(cfg, steps_per_epoch))
+
+
+def switch_round(cfg: Config, steps_per_epoch: int) -> int:
+    """The round --warmup-epochs K hands over at: the first round at or after K epochs."""
+    return -(-cfg.warmup_epochs * steps_per_epoch // cfg.local_steps)
 
 
 @torch.no_grad()
@@ -302,8 +306,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.strategy != "resist" or not cfg.warmup_epochs:
             return
-        rounds, switch = -(-cfg.epochs * spe // cfg.local_steps), -(-cfg.warmup_epochs * spe // cfg.local_steps)
-        if switch >= rounds:
+        rounds = -(-cfg.epochs * spe // cfg.local_steps)
+        if switch_round(cfg, spe) >= rounds:
             raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} of {cfg.epochs} takes all {rounds} rounds of "
                               f"{cfg.local_steps} steps ({spe} steps an epoch here): ResIST would never run; "
                               f"use fewer warm-up epochs or shorter rounds")
